@@ -1,0 +1,104 @@
+"""Configuration of SampleAttention: one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Sampler = Literal["auto", "triton", "torch", "reference"]
+SAMPLERS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How SampleAttention chooses the blocks each head computes.
+
+    Every field is checked when the object is made; a bad value raises ``ValueError`` (or
+    ``TypeError`` for a value of the wrong type) that names the field.
+
+    Attributes:
+        alpha: Cumulative residual attention (CRA) threshold in ``(0, 1]``. For every query
+            segment, the kept blocks hold at least this fraction of the sampled rows'
+            attention mass. Higher is more accurate and denser. Paper default 0.95.
+        sample_ratio: Fraction of query rows sampled in stage 1, in ``(0, 1]``. Cost of
+            sampling grows linearly with it. Paper: about 5%.
+        num_segments: The query rows are cut into this many equal segments; the last
+            ``sample_ratio * S / num_segments`` rows of each are sampled, and each segment's
+            alpha-cover is added to the mask. More segments guard more query positions.
+        window_ratio: Local window as a fraction of the sequence length, in ``[0, 1]``.
+            Paper: about 8%.
+        min_window: Smallest local window in tokens (``>= 0``); the window is
+            ``max(min_window, ceil(window_ratio * S))`` tokens, rounded up to whole blocks.
+        sink_blocks: Number of leading key blocks every query keeps (attention sinks).
+        block_size: Side of the square tiles of the block mask, in tokens; a power of two
+            ``>= 16``. 128 is FlexAttention's native tile.
+        min_seq_len: Sequences shorter than this run dense causal attention (reported in
+            the stats), because sampling costs more than it saves at short lengths.
+        sampler: Stage-1 implementation: ``"auto"`` (Triton on CUDA when available, torch
+            otherwise), ``"triton"``, ``"torch"`` or ``"reference"`` (dense oracle, small
+            inputs only).
+    """
+
+    alpha: float = 0.95
+    sample_ratio: float = 0.05
+    num_segments: int = 8
+    window_ratio: float = 0.08
+    min_window: int = 128
+    sink_blocks: int = 1
+    block_size: int = 128
+    min_seq_len: int = 1024
+    sampler: Sampler = "auto"
+
+    def __post_init__(self) -> None:
+        _check_real("alpha", self.alpha, low=0.0, high=1.0, low_open=True)
+        _check_real("sample_ratio", self.sample_ratio, low=0.0, high=1.0, low_open=True)
+        _check_real("window_ratio", self.window_ratio, low=0.0, high=1.0)
+        _check_int("num_segments", self.num_segments, low=1)
+        _check_int("min_window", self.min_window, low=0)
+        _check_int("sink_blocks", self.sink_blocks, low=0)
+        _check_int("min_seq_len", self.min_seq_len, low=0)
+        _check_int("block_size", self.block_size, low=16)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"SampleConfig.block_size must be a power of two, got {self.block_size}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(
+                f"SampleConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}"
+            )
+
+    def replace(self, **changes: object) -> SampleConfig:
+        """Return a copy with some fields changed (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def dense_equivalent(cls, **changes: object) -> SampleConfig:
+        """A config whose mask keeps every causal block: ``alpha=1`` and a full window.
+
+        Useful to check plumbing: the output must equal dense causal attention.
+        """
+        fields = {"alpha": 1.0, "window_ratio": 1.0, "min_seq_len": 0}
+        fields.update(changes)
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+def _check_real(
+    name: str, value: object, *, low: float, high: float, low_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"SampleConfig.{name} must be a real number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"SampleConfig.{name} is NaN")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"SampleConfig.{name} must lie in {bracket}{low}, {high}], got {value}")
+
+
+def _check_int(name: str, value: object, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SampleConfig.{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"SampleConfig.{name} must be >= {low}, got {value}")

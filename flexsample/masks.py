@@ -1,0 +1,137 @@
+"""Mask building: column stripes plus local window and sink -> FlexAttention ``BlockMask``."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from .config import SampleConfig
+from .layout import SampleLayout
+
+
+def tile_mask_mod(keep: torch.Tensor, block_size: int):
+    """FlexAttention ``mask_mod`` equal to the tile layout ``keep`` intersected with causality.
+
+    Compiled kernels call it only on partial (diagonal) tiles, where it reduces to causal
+    masking. It still encodes the whole layout so that any implementation that evaluates the
+    ``mask_mod`` everywhere (eager ``flex_attention``, ``BlockMask.to_dense``, a recompilation
+    limit that falls back to eager) computes the same sparse attention, never dense attention.
+
+    Args:
+        keep: ``(B, H, N, N)`` bool tile layout.
+        block_size: tile side in tokens.
+    """
+
+    _, H, n, _ = keep.shape
+    flat = keep.reshape(-1)
+    # The ints travel as a tensor: torch 2.13 lifts closure ints of a mask_mod into symbolic
+    # inputs, which inductor's CPU template then miscompiles (undeclared variable).
+    geometry = torch.tensor([H, n, block_size], dtype=torch.int64, device=keep.device)
+
+    def sample_attention_mask(b, h, q_idx, kv_idx):
+        heads, tiles, side = geometry[0], geometry[1], geometry[2]
+        tile = ((b * heads + h) * tiles + q_idx // side) * tiles + kv_idx // side
+        return flat[tile] & (q_idx >= kv_idx)
+
+    return sample_attention_mask
+
+
+def block_layout(stripes: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
+    """Which ``(query block, key block)`` tiles each head computes.
+
+    Tile ``(i, j)`` is kept iff ``j <= i`` and (``j`` is a selected stripe, or ``i - j`` is
+    within the window, or ``j`` is a sink block).
+
+    Args:
+        stripes: ``(B, H, num_blocks)`` bool from :func:`~flexsample.selection.select_blocks`.
+        layout: geometry of the prefill.
+
+    Returns:
+        ``(B, H, num_blocks, num_blocks)`` bool, lower-triangular.
+
+    Raises:
+        ValueError: ``stripes`` has the wrong shape for ``layout``.
+    """
+    if stripes.dim() != 3 or stripes.shape[-1] != layout.num_blocks:
+        raise ValueError(
+            f"stripes must be (B, H, {layout.num_blocks}) for seq_len {layout.seq_len}, "
+            f"got shape {tuple(stripes.shape)}"
+        )
+    causal = layout.causal_blocks(stripes.device)
+    local = layout.local_blocks(stripes.device)
+    return (stripes.bool()[..., None, :] & causal) | local
+
+
+def density(keep: torch.Tensor) -> torch.Tensor:
+    """Fraction of causal tiles kept, per ``(B, H)``, from a ``(B, H, N, N)`` tile layout."""
+    n = keep.shape[-1]
+    return keep.sum(dim=(-1, -2)).float() / (n * (n + 1) // 2)
+
+
+# compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
+# after torch 2.6; pass it only where it exists.
+_FROM_KV_BLOCKS_HAS_Q_FLAG = (
+    "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+)
+
+
+def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
+    """Turn a tile layout into a causal FlexAttention ``BlockMask``.
+
+    Tiles strictly below the diagonal are *full* (computed without a ``mask_mod`` call); the
+    diagonal tile is *partial* and masked causally. Built with vectorised ops on ``keep``'s
+    device.
+
+    Args:
+        keep: ``(B, H, N, N)`` bool tile layout, ``N = ceil(seq_len / block_size)``; the
+            diagonal must be kept (every query attends to itself).
+        seq_len: tokens ``S`` (the last block may be partial).
+        block_size: tile side in tokens.
+
+    Returns:
+        A ``BlockMask`` for ``flex_attention`` on ``(B, H, S, D)`` inputs. It carries no
+        transposed indices where the torch version allows skipping them, so it serves the
+        forward pass only.
+    """
+    B, H, n, _ = keep.shape
+    rows = torch.arange(n, device=keep.device)
+    full = keep & (rows[None, :] < rows[:, None])
+    full_num = full.sum(dim=-1, dtype=torch.int32)
+    # Stable sort of "not kept" puts the kept indices first, in ascending order.
+    full_idx = torch.argsort((~full).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    diag_num = torch.ones(B, H, n, dtype=torch.int32, device=keep.device)
+    # Only column 0 is read (one partial block per row), but the CPU lowering takes the KV
+    # extent from the index tensor's last dimension, so it must be N wide.
+    diag_idx = torch.zeros(n, n, dtype=torch.int32, device=keep.device)
+    diag_idx[:, 0] = rows
+    diag_idx = diag_idx.expand(B, H, n, n).contiguous()
+    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
+    return BlockMask.from_kv_blocks(
+        diag_num,
+        diag_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=tile_mask_mod(keep, block_size),
+        seq_lengths=(seq_len, seq_len),
+        **extra,
+    )
+
+
+def build_block_mask(
+    stripes: torch.Tensor, seq_len: int, config: SampleConfig | None = None
+) -> BlockMask:
+    """The SampleAttention ``BlockMask``: selected stripes, local window, sink, causal.
+
+    Args:
+        stripes: ``(B, H, num_blocks)`` bool from :func:`~flexsample.selection.select_blocks`.
+        seq_len: tokens ``S``.
+        config: the settings used for sampling (window, sink, block size).
+
+    Returns:
+        A causal ``BlockMask`` over ``(B, H, S, S)``.
+    """
+    layout = SampleLayout.create(seq_len, config or SampleConfig())
+    return block_mask_from_layout(block_layout(stripes, layout), seq_len, layout.block_size)

@@ -1,0 +1,112 @@
+"""Stage 1 — query-guided sampling: how much attention each key block gets from sampled rows.
+
+Three implementations share one contract and are held together by tests:
+
+* :func:`sample_block_scores_reference` — dense float64 oracle (small inputs only);
+* :func:`sample_block_scores_torch` — chunked torch ops, the CPU path;
+* ``sample_block_scores_triton`` — the Triton kernel, the CUDA path (imported lazily).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..config import SampleConfig
+from ..layout import SampleLayout
+from ..validation import check_qkv, resolve_scale
+from .reference import sample_block_scores_reference
+from .torch_sampler import sample_block_scores_torch
+
+__all__ = [
+    "resolve_sampler",
+    "sample_block_scores",
+    "sample_block_scores_reference",
+    "sample_block_scores_torch",
+    "triton_available",
+]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    import os
+
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_sampler(name: str, device: torch.device) -> str:
+    """Turn a config's ``sampler`` (maybe ``"auto"``) into the implementation that will run.
+
+    Raises:
+        ValueError: ``"triton"`` was asked for where it cannot run.
+    """
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("sampler='triton' needs the triton package: pip install triton")
+        if not _triton_runs_on(device):
+            raise ValueError(
+                f"sampler='triton' needs CUDA tensors (got device {device}); on CPU it runs "
+                "only under TRITON_INTERPRET=1, for tests. Use sampler='torch' or 'auto'."
+            )
+    return name
+
+
+def sample_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sampled attention mass per query segment and key block (stage 1).
+
+    For each segment of the query rows, the last ``rows_per_segment`` rows are sampled; their
+    exact causal softmax probabilities are summed into key blocks, and blocks that the row's
+    local window or the sink already keep are left out (zero), so the result says how much
+    *more* mass each block would add.
+
+    Args:
+        q: ``(B, Hq, S, D)`` queries.
+        k: ``(B, Hkv, S, D)`` keys with ``Hq % Hkv == 0``.
+        config: the method's settings (``SampleConfig()`` if None); ``config.sampler``
+            chooses the implementation.
+        scale: softmax scale, ``1/sqrt(D)`` if None.
+
+    Returns:
+        ``(B, Hq, num_segments, num_blocks)`` float32 where each row sums to at most 1; one
+        minus the row sum is the mass the window and sink already cover.
+
+    Raises:
+        ValueError, TypeError: inputs of the wrong shape, dtype or device (see
+            :func:`flexsample.validation.check_qkv`).
+    """
+    config = config or SampleConfig()
+    check_qkv(q, k, k)
+    scale = resolve_scale(q, scale)
+    layout = SampleLayout.create(q.shape[-2], config)
+    return run_sampler(resolve_sampler(config.sampler, q.device), q, k, layout, scale)
+
+
+def run_sampler(
+    name: str, q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float
+) -> torch.Tensor:
+    """Run an already-resolved sampler on validated inputs."""
+    if name == "triton":
+        from .triton_kernel import sample_block_scores_triton
+
+        return sample_block_scores_triton(q, k, layout, scale)
+    if name == "torch":
+        return sample_block_scores_torch(q, k, layout, scale)
+    return sample_block_scores_reference(q, k, layout, scale)

@@ -1,0 +1,175 @@
+"""Stage 1 as a Triton kernel: two passes over K per tile of sampled query rows.
+
+Imported lazily (only when the Triton sampler runs), so the package works without triton.
+
+Each program takes ``BLOCK_M`` sampled rows of one segment and one query head:
+
+* pass 1 streams the causal key prefix and keeps the running row max and the row sum of
+  ``exp2`` (the log-sum-exp of each row), as FlashAttention does;
+* pass 2 streams the key blocks that lie before the rows' local window (and after the sink),
+  turns logits into normalised probabilities with those statistics, and sums them per key
+  block and over the tile's rows.
+
+It writes one partial sum per (tile, key block); the launcher adds the tiles of a segment in
+a fixed order, so results are deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import SampleLayout
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sample_block_mass_kernel(
+    Q,
+    K,
+    ROWS,
+    OUT,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    num_heads,
+    rows_per_segment,
+    tiles_per_segment,
+    num_blocks,
+    num_segments,
+    window_blocks,
+    sink_blocks,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = pid_tile // tiles_per_segment
+    tile = pid_tile % tiles_per_segment
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // GROUP
+
+    local = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = local < rows_per_segment
+    pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + pos[:, None] * stride_qm + d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # Pass 1: running max and sum of exp2 over each row's causal prefix.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    prefix_end = tl.max(pos, axis=0) + 1
+    for start in range(0, prefix_end, BLOCK_N):
+        n = start + offs_n
+        k = tl.load(
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=(n[:, None] < prefix_end) & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+
+    # Pass 2: normalised mass per key block, for blocks before each row's window. Such a
+    # block ends before the row, so no causal mask is needed here.
+    row_qb = pos // BLOCK_SIZE
+    first_covered = row_qb - window_blocks  # blocks >= this are in the row's window
+    inv_l = 1.0 / l_i
+    out_base = OUT + ((pid_bh * num_segments + seg) * tiles_per_segment + tile) * num_blocks
+    block_end = tl.max(tl.where(row_valid, first_covered, 0), axis=0)
+    for kb in range(sink_blocks, block_end):
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            n = kb * BLOCK_SIZE + sub + offs_n
+            k = tl.load(
+                k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+                mask=d_valid[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            acc += tl.sum(tl.exp2(s - m_i[:, None]), axis=1)
+        counted = row_valid & (kb < first_covered)
+        tl.store(out_base + kb, tl.sum(tl.where(counted, acc * inv_l, 0.0), axis=0))
+
+
+def sample_block_scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    *,
+    block_m: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Per-segment sampled attention mass of each uncovered key block, in one Triton launch.
+
+    Same contract as :func:`~flexsample.sampling.reference.sample_block_scores_reference`:
+    q ``(B, Hq, S, D)``, k ``(B, Hkv, S, D)`` on a CUDA device (or on CPU with
+    ``TRITON_INTERPRET=1``); returns ``(B, Hq, num_segments, num_blocks)`` float32.
+    """
+    B, Hq, _, D = q.shape
+    G, r, nb = layout.num_segments, layout.rows_per_segment, layout.num_blocks
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    tiles = triton.cdiv(r, block_m)
+    rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+    partial = torch.zeros(B, Hq, G, tiles, nb, dtype=torch.float32, device=q.device)
+    _sample_block_mass_kernel[(G * tiles, B * Hq)](
+        q,
+        k,
+        rows,
+        partial,
+        *q.stride(),
+        *k.stride(),
+        Hq,
+        r,
+        tiles,
+        nb,
+        G,
+        layout.window_blocks,
+        layout.sink_blocks,
+        scale * _LOG2E,
+        GROUP=Hq // k.shape[1],
+        BLOCK_SIZE=layout.block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=min(64, layout.block_size),
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=max(16, 1 << math.ceil(math.log2(D))),
+        # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
+        UPCAST=interpreted,
+        # float32 operands get full-precision dots, not TF32: scores must match the oracle.
+        # (The setting is ignored for bf16/fp16 operands.)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+        num_warps=num_warps,
+    )
+    return partial.sum(dim=3).div_(r)

@@ -1,0 +1,93 @@
+"""What one call of :func:`flexsample.flex_sample_attention` did: path, density, mass, time."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .layout import SampleLayout
+
+Path = Literal["sparse", "dense"]
+STAGES = ("sample", "select", "mask", "attention")
+
+
+@dataclass
+class SampleStats:
+    """Statistics of one SampleAttention call.
+
+    Attributes:
+        path: ``"sparse"`` (SampleAttention ran) or ``"dense"`` (dense causal SDPA ran).
+        reason: why the dense path ran; None on the sparse path.
+        seq_len: tokens ``S``.
+        batch_size, num_heads: ``B`` and ``Hq``.
+        sampler: stage-1 implementation that ran (None on the dense path).
+        layout: block geometry (None on the dense path).
+        density: ``(B, Hq)`` fraction of causal tiles computed (all ones on the dense path).
+        stripes: ``(B, Hq)`` number of selected stripe blocks.
+        sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
+            attention mass that the mask keeps (at least ``alpha`` by construction).
+        times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
+            with device synchronisation; on the dense path only ``attention``.
+    """
+
+    path: Path
+    seq_len: int
+    batch_size: int
+    num_heads: int
+    reason: str | None = None
+    sampler: str | None = None
+    layout: SampleLayout | None = None
+    density: torch.Tensor | None = None
+    stripes: torch.Tensor | None = None
+    sampled_mass: torch.Tensor | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_density(self) -> float:
+        """Mean fraction of causal tiles computed over batch and heads (1.0 when dense)."""
+        return 1.0 if self.density is None else float(self.density.float().mean())
+
+    @property
+    def min_sampled_mass(self) -> float:
+        """Smallest kept sampled mass over batch, heads and segments (1.0 when dense)."""
+        return 1.0 if self.sampled_mass is None else float(self.sampled_mass.min())
+
+    def summary(self) -> dict[str, object]:
+        """A flat, JSON-friendly digest."""
+        return {
+            "path": self.path,
+            "reason": self.reason,
+            "seq_len": self.seq_len,
+            "sampler": self.sampler,
+            "mean_density": round(self.mean_density, 4),
+            "min_sampled_mass": round(self.min_sampled_mass, 4),
+            **{f"time_{k}_s": v for k, v in self.times.items()},
+        }
+
+
+class StageTimer:
+    """Wall time per stage, synchronising the device so asynchronous work is counted."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled and not torch.compiler.is_compiling()
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.times[name] = time.perf_counter() - start

@@ -1,0 +1,65 @@
+"""Input checks shared by the public functions: clear errors instead of deep torch failures."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_qkv(q: object, k: object, v: object) -> None:
+    """Check ``q (B, Hq, S, D)``, ``k``/``v (B, Hkv, S, D)`` for causal prefill attention.
+
+    Raises:
+        TypeError: a non-tensor, or a dtype that is not float32/bfloat16/float16, or mixed
+            dtypes.
+        ValueError: wrong rank, mismatched batch/length/head-dim, ``Hq % Hkv != 0``, empty
+            sequence, or tensors on different devices.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    assert isinstance(v, torch.Tensor)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape: {shapes}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size: {shapes}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            "q and k must have the same sequence length (causal prefill; for decode or "
+            f"chunked prefill use dense attention): {shapes}"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim: {shapes}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): "
+            f"{shapes}"
+        )
+    if q.shape[2] == 0 or q.shape[0] == 0:
+        raise ValueError(f"q, k, v must not be empty: {shapes}")
+
+
+def resolve_scale(q: torch.Tensor, scale: object) -> float:
+    """The softmax scale: ``1/sqrt(head_dim)`` when None, else a finite positive number."""
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)

@@ -1,0 +1,53 @@
+"""Bad input raises an error that names the problem, before anything reaches torch internals."""
+
+import pytest
+import torch
+
+from flexsample import SampleConfig, flex_sample_attention
+
+
+def _ok(S=64, Hq=4, Hkv=2, D=16):
+    return torch.randn(1, Hq, S, D), torch.randn(1, Hkv, S, D), torch.randn(1, Hkv, S, D)
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
+        (lambda q, k, v: (q, k[:, :, :10], v[:, :, :10]), ValueError, "same sequence length"),
+        (lambda q, k, v: (q, k, v[:, :, :10]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q[..., :8], k, v), ValueError, "same head_dim"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of key/value heads"),
+        (lambda q, k, v: (torch.cat([q, q]), k, v), ValueError, "same batch size"),
+        (lambda q, k, v: (q.long(), k, v), TypeError, "q must be float32, bfloat16 or float16"),
+        (lambda q, k, v: (q, k.double(), v), TypeError, "k must be float32"),
+        (lambda q, k, v: (q.half(), k, v), TypeError, "share one dtype"),
+        (lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "must not be empty"),
+    ],
+)
+def test_bad_tensors(make, error, words):
+    with pytest.raises(error, match=words):
+        flex_sample_attention(*make(*_ok()))
+
+
+@pytest.mark.parametrize(
+    "scale, error",
+    [(-1.0, ValueError), (float("nan"), ValueError), (0.0, ValueError), ("0.1", TypeError)],
+)
+def test_bad_scale(scale, error):
+    with pytest.raises(error, match="scale"):
+        flex_sample_attention(*_ok(), scale=scale)
+
+
+def test_config_must_be_a_sample_config():
+    with pytest.raises(TypeError, match="config must be a SampleConfig"):
+        flex_sample_attention(*_ok(), config={"alpha": 0.9})
+
+
+def test_triton_sampler_on_cpu_without_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="sampler='triton' needs CUDA"):
+        flex_sample_attention(*_ok(S=300), config=SampleConfig(sampler="triton", min_seq_len=0))

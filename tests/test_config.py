@@ -1,0 +1,79 @@
+import math
+import re
+
+import pytest
+import torch
+
+from flexsample import SampleConfig, SampleLayout
+
+
+def test_defaults_follow_the_paper():
+    c = SampleConfig()
+    assert c.alpha == 0.95 and c.sample_ratio == 0.05 and c.window_ratio == 0.08
+    assert c.block_size == 128 and c.sink_blocks == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, error, words",
+    [
+        ("alpha", 0.0, ValueError, "alpha must lie in (0.0, 1.0]"),
+        ("alpha", 1.5, ValueError, "alpha must lie in"),
+        ("alpha", -0.1, ValueError, "alpha"),
+        ("alpha", math.nan, ValueError, "alpha is NaN"),
+        ("alpha", "0.9", TypeError, "alpha must be a real number"),
+        ("sample_ratio", 0.0, ValueError, "sample_ratio"),
+        ("sample_ratio", math.nan, ValueError, "sample_ratio is NaN"),
+        ("window_ratio", 1.01, ValueError, "window_ratio"),
+        ("window_ratio", math.inf, ValueError, "window_ratio"),
+        ("num_segments", 0, ValueError, "num_segments must be >= 1"),
+        ("num_segments", 2.0, TypeError, "num_segments must be an int"),
+        ("num_segments", True, TypeError, "num_segments must be an int"),
+        ("min_window", -1, ValueError, "min_window"),
+        ("sink_blocks", -1, ValueError, "sink_blocks"),
+        ("block_size", 8, ValueError, "block_size must be >= 16"),
+        ("block_size", 96, ValueError, "block_size must be a power of two"),
+        ("min_seq_len", -5, ValueError, "min_seq_len"),
+        ("sampler", "cuda", ValueError, "sampler must be one of"),
+    ],
+)
+def test_bad_config_names_the_field(field, value, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        SampleConfig(**{field: value})
+
+
+def test_replace_validates():
+    with pytest.raises(ValueError, match="alpha"):
+        SampleConfig().replace(alpha=2.0)
+    assert SampleConfig().replace(alpha=0.9).alpha == 0.9
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        SampleConfig().alpha = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("seq_len", [1, 127, 128, 1000, 4096, 32771])
+def test_layout_geometry(seq_len):
+    c = SampleConfig()
+    lay = SampleLayout.create(seq_len, c)
+    assert lay.num_blocks == math.ceil(seq_len / c.block_size)
+    window = max(c.min_window, math.ceil(c.window_ratio * seq_len))
+    assert lay.window_blocks * c.block_size >= window
+    rows = lay.sampled_rows()
+    assert rows.shape == (lay.num_segments, lay.rows_per_segment)
+    assert int(rows.max()) == seq_len - 1  # the last row is always sampled
+    assert int(rows.min()) >= 0
+    assert bool((rows.diff(dim=1) == 1).all())  # each segment samples a contiguous tail
+    assert len(set(rows.flatten().tolist())) == rows.numel()  # no row sampled twice
+    ends = lay.segment_ends()
+    assert rows[:, -1].tolist() == [e - 1 for e in ends]
+
+
+def test_uncovered_blocks_excludes_window_sink_and_future():
+    lay = SampleLayout.create(1000, SampleConfig(block_size=64, min_window=64, window_ratio=0.0))
+    assert lay.window_blocks == 1 and lay.sink_blocks == 1
+    unc = lay.uncovered_blocks(torch.tensor([999, 130]))
+    # row 999 is in block 15: window keeps blocks 14, 15; sink keeps 0
+    assert unc[0].nonzero().flatten().tolist() == list(range(1, 14))
+    # row 130 is in block 2: window keeps 1, 2; sink 0: nothing left
+    assert not unc[1].any()
