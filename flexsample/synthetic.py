@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .config import SampleConfig
+
 
 def planted_qkv(
     batch: int,
@@ -37,7 +39,8 @@ def planted_qkv(
     positions carry ``u`` too, so their logits stand about ``signal`` above the rest. Queries
     and keys also carry sinusoidal position features whose dot product peaks when the query
     and key are within about ``local_span`` tokens, ``locality`` above the background. The
-    remaining entries are Gaussian noise. Query heads of one group share keys, so they share
+    remaining entries are Gaussian noise, and far from the diagonal the local features add
+    only about ``locality / sqrt(head_dim)`` of logit noise. Query heads of one group share keys, so they share
     stripes, as heads of a GQA group often do.
 
     Args:
@@ -49,7 +52,7 @@ def planted_qkv(
         sink_tokens: leading tokens every query attends to.
         signal: logit boost (after the ``1/sqrt(head_dim)`` scale) of sinks and stripes.
         locality: logit boost of keys close to the query.
-        local_span: rough width in tokens of the local peak.
+        local_span: width in tokens of the local peak (the boost falls linearly to zero).
         dtype, device: of the returned tensors.
         seed: makes the draw reproducible.
 
@@ -60,38 +63,99 @@ def planted_qkv(
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     if head_dim < 8:
         raise ValueError(f"head_dim must be >= 8, got {head_dim}")
-    gen = torch.Generator(device="cpu")
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int(torch.randint(2**31, (1,))))
     B, Hq, Hkv, S, D = batch, q_heads, kv_heads, seq_len, head_dim
     group = Hq // Hkv
     root = math.sqrt(math.sqrt(D))  # q.k is scaled by 1/sqrt(D): split the boost evenly
+    f32 = {"dtype": torch.float32, "device": device}
 
-    # Feature layout: dim 0 carries u; dims 1..2F carry F sinusoid pairs; the rest is noise.
-    n_freq = max(1, min(8, (D - 1) // 4))
-    freqs = torch.logspace(0, 1, n_freq) * (math.pi / (2 * local_span))
-    pos = torch.arange(S, dtype=torch.float64)
-    angles = pos[:, None] * freqs[None, :]
-    pos_feat = torch.cat([angles.cos(), angles.sin()], dim=-1) * math.sqrt(locality / n_freq) * root
+    # Dim 0 carries u. Dims 1.. carry a local feature r(t): boxcar-smoothed noise along the
+    # sequence, so r(i).r(j) / m follows a triangle max(0, 1 - |i - j| / span) and, far away,
+    # fluctuates by only 1 / sqrt(m).
+    m = D - 1
+    span = max(1, min(local_span, S))
+    white = torch.randn(B, Hkv, S + span, m, generator=gen, **f32)
+    csum = white.cumsum(dim=2)
+    local = (csum[:, :, span:] - csum[:, :, :-span]) / math.sqrt(span)  # (B, Hkv, S, m)
+    local *= math.sqrt(locality * math.sqrt(D) / m)
 
-    q = 0.5 * torch.randn(B, Hkv, group, S, D, generator=gen, dtype=torch.float64)
-    k = 0.5 * torch.randn(B, Hkv, S, D, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, D, generator=gen, dtype=torch.float64)
+    q = 0.5 * torch.randn(B, Hkv, group, S, D, generator=gen, **f32)
+    k = 0.5 * torch.randn(B, Hkv, S, D, generator=gen, **f32)
+    v = torch.randn(B, Hkv, S, D, generator=gen, **f32)
+    q[..., 1:] += local[:, :, None]
+    k[..., 1:] += local
     q[..., 0] = root
-    q[..., 1 : 1 + 2 * n_freq] += pos_feat
-    k[..., 1 : 1 + 2 * n_freq] += pos_feat
     k[..., 0] = 0.0
     k[:, :, :sink_tokens, 0] = signal * root
+    # Stripe positions are drawn on the CPU so the same seed gives the same structure anywhere.
+    cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
     for b in range(B):
         for h in range(Hkv):
             count = (
                 stripes
                 if isinstance(stripes, int)
-                else int(torch.randint(stripes[0], stripes[1] + 1, (1,), generator=gen))
+                else int(torch.randint(stripes[0], stripes[1] + 1, (1,), generator=cpu_gen))
             )
-            starts = torch.randint(
-                sink_tokens, max(sink_tokens + 1, S - stripe_width), (count,), generator=gen
-            )
-            for s in starts.tolist():
+            high = max(sink_tokens + 1, S - stripe_width)
+            for s in torch.randint(sink_tokens, high, (count,), generator=cpu_gen).tolist():
                 k[b, h, s : s + stripe_width, 0] = signal * root
     q = q.reshape(B, Hq, S, D)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))  # type: ignore[return-value]
+    return tuple(t.to(dtype) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def planted_case(
+    target_density: float,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    seq_len: int,
+    head_dim: int,
+    *,
+    block_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SampleConfig]:
+    """Planted inputs and a config whose SampleAttention mask has about ``target_density``.
+
+    With ``N = ceil(S / block_size)`` tiles per side, a window of ``w`` tiles keeps about
+    ``2 w / N`` of the causal tiles and each column stripe about ``1 / N``. Half the target
+    goes to the window (``window_ratio = target / 4``), half to stripes
+    (``round(target * N / 2)`` per kv head); the sink adds about ``2 / N``. The planted keys'
+    logit boost grows with ``log S`` so the background holds about 1% of the mass. The density
+    actually reached is what the stats report: near the target when ``N`` is large, above it
+    at short lengths where one tile is a large fraction.
+
+    Returns:
+        ``q, k, v`` as :func:`planted_qkv` and the matching :class:`SampleConfig`.
+    """
+    if not 0 < target_density <= 1:
+        raise ValueError(f"target_density must lie in (0, 1], got {target_density}")
+    n = math.ceil(seq_len / block_size)
+    config = SampleConfig(
+        window_ratio=target_density / 4,
+        block_size=block_size,
+        min_window=block_size,
+    )
+    # Keep the local peak inside the window so the planted structure is window + stripes, and
+    # make the planted keys strong enough that the S background keys hold only about 1% of
+    # the mass, whatever the length (else covering the background sets the density).
+    span = max(16, min(256, int(config.window_ratio * seq_len) // 2))
+    stripes = max(1, round(target_density * n / 2))
+    heavy_tokens = 4 + 4 * stripes  # sink + stripes, at planted_qkv's default widths
+    q, k, v = planted_qkv(
+        batch,
+        q_heads,
+        kv_heads,
+        seq_len,
+        head_dim,
+        stripes=stripes,
+        signal=max(10.0, math.log(100 * seq_len / heavy_tokens)),
+        local_span=span,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+    return q, k, v, config
