@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -11,31 +12,49 @@ from .config import SampleConfig
 from .layout import SampleLayout
 
 
+def causal_mask_mod(b, h, q_idx, kv_idx):
+    """Plain causal ``mask_mod``: what compiled kernels evaluate on diagonal tiles."""
+    return q_idx >= kv_idx
+
+
 def tile_mask_mod(keep: torch.Tensor, block_size: int):
     """FlexAttention ``mask_mod`` equal to the tile layout ``keep`` intersected with causality.
 
-    Compiled kernels call it only on partial (diagonal) tiles, where it reduces to causal
-    masking. It still encodes the whole layout so that any implementation that evaluates the
-    ``mask_mod`` everywhere (eager ``flex_attention``, ``BlockMask.to_dense``, a recompilation
-    limit that falls back to eager) computes the same sparse attention, never dense attention.
+    Compiled kernels evaluate a ``mask_mod`` only on partial tiles; anything that evaluates it
+    everywhere (eager ``flex_attention``, ``BlockMask.to_dense``, ``create_mask``) sees the
+    whole layout here, so the BlockMask means the same sparse attention under every
+    implementation instead of silently meaning dense causal attention.
 
     Args:
-        keep: ``(B, H, N, N)`` bool tile layout.
+        keep: ``(B, H, N, N)`` bool tile layout; its diagonal must be kept.
         block_size: tile side in tokens.
     """
-
     _, H, n, _ = keep.shape
     flat = keep.reshape(-1)
-    # The ints travel as a tensor: torch 2.13 lifts closure ints of a mask_mod into symbolic
-    # inputs, which inductor's CPU template then miscompiles (undeclared variable).
-    geometry = torch.tensor([H, n, block_size], dtype=torch.int64, device=keep.device)
 
     def sample_attention_mask(b, h, q_idx, kv_idx):
-        heads, tiles, side = geometry[0], geometry[1], geometry[2]
-        tile = ((b * heads + h) * tiles + q_idx // side) * tiles + kv_idx // side
+        tile = ((b * H + h) * n + q_idx // block_size) * n + kv_idx // block_size
         return flat[tile] & (q_idx >= kv_idx)
 
+    sample_attention_mask.diagonal_equivalent = causal_mask_mod  # see kernel_block_mask
     return sample_attention_mask
+
+
+def kernel_block_mask(block_mask: BlockMask) -> BlockMask:
+    """The same BlockMask with the cheap ``mask_mod`` a compiled kernel needs.
+
+    A flexsample BlockMask's only partial tiles are diagonal tiles, which every layout keeps,
+    so on them the exact tile lookup equals plain causality. Compiled kernels get the plain
+    causal ``mask_mod``: cheaper, and it avoids tracing a tensor lookup, which inductor's CPU
+    template in torch 2.13 miscompiles (undeclared-variable C++ errors). Other masks are
+    returned unchanged.
+    """
+    simple = getattr(block_mask.mask_mod, "diagonal_equivalent", None)
+    if simple is None:
+        return block_mask
+    kernel_mask = copy.copy(block_mask)
+    kernel_mask.mask_mod = simple
+    return kernel_mask
 
 
 def block_layout(stripes: torch.Tensor, layout: SampleLayout) -> torch.Tensor:

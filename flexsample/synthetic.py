@@ -40,8 +40,8 @@ def planted_qkv(
     and keys also carry sinusoidal position features whose dot product peaks when the query
     and key are within about ``local_span`` tokens, ``locality`` above the background. The
     remaining entries are Gaussian noise, and far from the diagonal the local features add
-    only about ``locality / sqrt(head_dim)`` of logit noise. Query heads of one group share keys, so they share
-    stripes, as heads of a GQA group often do.
+    only about ``locality / sqrt(head_dim)`` of logit noise. Query heads of one group share
+    keys, so they share stripes, as heads of a GQA group often do.
 
     Args:
         batch, q_heads, kv_heads, seq_len, head_dim: shapes; ``q_heads % kv_heads == 0`` and
@@ -90,7 +90,9 @@ def planted_qkv(
     k[..., 0] = 0.0
     k[:, :, :sink_tokens, 0] = signal * root
     # Stripe positions are drawn on the CPU so the same seed gives the same structure anywhere.
-    cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    cpu_gen = torch.Generator().manual_seed(
+        int(torch.randint(2**31, (1,), generator=gen, device=device))
+    )
     for b in range(B):
         for h in range(Hkv):
             count = (

@@ -2,7 +2,8 @@
 
 Imported lazily (only when the Triton sampler runs), so the package works without triton.
 
-Each program takes ``BLOCK_M`` sampled rows of one segment and one query head:
+Each program takes a tile of sampled rows of one segment, for all query heads that share one
+kv head (so K is read once per GQA group):
 
 * pass 1 streams the causal key prefix and keeps the running row max and the row sum of
   ``exp2`` (the log-sum-exp of each row), as FlashAttention does;
@@ -16,7 +17,6 @@ a fixed order, so results are deterministic (no atomics).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -42,7 +42,7 @@ def _sample_block_mass_kernel(
     stride_kh,
     stride_kn,
     stride_kd,
-    num_heads,
+    num_kv_heads,
     rows_per_segment,
     tiles_per_segment,
     num_blocks,
@@ -59,21 +59,33 @@ def _sample_block_mass_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # One program: one kv head, one segment, and a tile of BLOCK_M (row, query head) pairs:
+    # BLOCK_M // GROUP consecutive sampled rows for each of the GROUP query heads that share
+    # this kv head, so every K tile is loaded once for the whole GQA group.
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = pid_tile // tiles_per_segment
     tile = pid_tile % tiles_per_segment
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    h_kv = h // GROUP
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
 
-    local = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = local < rows_per_segment
+    slot = tl.arange(0, BLOCK_M)
+    head_in_group = slot % GROUP
+    local = tile * ROWS_PER_TILE + slot // GROUP
+    row_valid = (slot < ROWS_PER_TILE * GROUP) & (local < rows_per_segment)
     pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + pos[:, None] * stride_qm + d[None, :] * stride_qd
+    q_head = h_kv * GROUP + head_in_group
+    q_ptrs = (
+        Q
+        + b * stride_qb
+        + q_head[:, None] * stride_qh
+        + pos[:, None] * stride_qm
+        + d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -104,7 +116,10 @@ def _sample_block_mass_kernel(
     row_qb = pos // BLOCK_SIZE
     first_covered = row_qb - window_blocks  # blocks >= this are in the row's window
     inv_l = 1.0 / l_i
-    out_base = OUT + ((pid_bh * num_segments + seg) * tiles_per_segment + tile) * num_blocks
+    # partial[b, h_kv, seg, tile, head_in_group, kb]
+    out_base = OUT + ((pid_bh * num_segments + seg) * tiles_per_segment + tile) * (
+        GROUP * num_blocks
+    )
     block_end = tl.max(tl.where(row_valid, first_covered, 0), axis=0)
     for kb in range(sink_blocks, block_end):
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -119,8 +134,12 @@ def _sample_block_mass_kernel(
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             acc += tl.sum(tl.exp2(s - m_i[:, None]), axis=1)
-        counted = row_valid & (kb < first_covered)
-        tl.store(out_base + kb, tl.sum(tl.where(counted, acc * inv_l, 0.0), axis=0))
+        mass = tl.where(row_valid & (kb < first_covered), acc * inv_l, 0.0)
+        for g in tl.static_range(GROUP):
+            tl.store(
+                out_base + g * num_blocks + kb,
+                tl.sum(tl.where(head_in_group == g, mass, 0.0), axis=0),
+            )
 
 
 def sample_block_scores_triton(
@@ -137,21 +156,27 @@ def sample_block_scores_triton(
     Same contract as :func:`~flexsample.sampling.reference.sample_block_scores_reference`:
     q ``(B, Hq, S, D)``, k ``(B, Hkv, S, D)`` on a CUDA device (or on CPU with
     ``TRITON_INTERPRET=1``); returns ``(B, Hq, num_segments, num_blocks)`` float32.
+
+    ``block_m`` (a power of two) is the number of (row, query head) pairs per program; it is
+    raised to the GQA group size when smaller.
     """
     B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
     G, r, nb = layout.num_segments, layout.rows_per_segment, layout.num_blocks
+    block_m = max(block_m, 16, triton.next_power_of_2(group))
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    tiles = triton.cdiv(r, block_m)
+    tiles = triton.cdiv(r, block_m // group)
     rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    partial = torch.zeros(B, Hq, G, tiles, nb, dtype=torch.float32, device=q.device)
-    _sample_block_mass_kernel[(G * tiles, B * Hq)](
+    partial = torch.zeros(B, Hkv, G, tiles, group, nb, dtype=torch.float32, device=q.device)
+    _sample_block_mass_kernel[(G * tiles, B * Hkv)](
         q,
         k,
         rows,
         partial,
         *q.stride(),
         *k.stride(),
-        Hq,
+        Hkv,
         r,
         tiles,
         nb,
@@ -159,12 +184,12 @@ def sample_block_scores_triton(
         layout.window_blocks,
         layout.sink_blocks,
         scale * _LOG2E,
-        GROUP=Hq // k.shape[1],
+        GROUP=group,
         BLOCK_SIZE=layout.block_size,
         BLOCK_M=block_m,
         BLOCK_N=min(64, layout.block_size),
         HEAD_DIM=D,
-        HEAD_DIM_PAD=max(16, 1 << math.ceil(math.log2(D))),
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
         # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
         UPCAST=interpreted,
         # float32 operands get full-precision dots, not TF32: scores must match the oracle.
@@ -172,4 +197,6 @@ def sample_block_scores_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
         num_warps=num_warps,
     )
-    return partial.sum(dim=3).div_(r)
+    # (B, Hkv, G, tiles, group, nb) -> sum tiles -> (B, Hkv, group, G, nb) = (B, Hq, G, nb)
+    scores = partial.sum(dim=3).div_(r).transpose(2, 3)
+    return scores.reshape(B, Hq, G, nb)
