@@ -303,14 +303,31 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=0)
     layout = SampleLayout.create(S, cfg)
     rows = []
-    for block_m, warps in [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]:
+    for block_m, block_n, warps in [
+        (64, 64, 4),
+        (64, 128, 4),
+        (64, 128, 8),
+        (128, 64, 8),
+        (128, 128, 8),
+        (32, 64, 4),
+    ]:
         ms = measure(
-            lambda bm=block_m, w=warps: sample_block_scores_triton(
-                q, k, layout, 128**-0.5, block_m=bm, num_warps=w
+            lambda bm=block_m, bn=block_n, w=warps: sample_block_scores_triton(
+                q, k, layout, 128**-0.5, block_m=bm, block_n=bn, num_warps=w
             )
         )
-        rows.append({"seq_len": S, "block_m": block_m, "num_warps": warps, "sample_ms": ms})
-        print(f"  sampler block_m={block_m} warps={warps}: {ms:.3f} ms", flush=True)
+        rows.append(
+            {
+                "seq_len": S,
+                "block_m": block_m,
+                "block_n": block_n,
+                "num_warps": warps,
+                "sample_ms": ms,
+            }
+        )
+        print(
+            f"  sampler block_m={block_m} block_n={block_n} warps={warps}: {ms:.3f} ms", flush=True
+        )
     return rows
 
 

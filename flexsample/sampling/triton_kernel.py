@@ -92,11 +92,29 @@ def _sample_block_mass_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Pass 1: running max and sum of exp2 over each row's causal prefix.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Pass 1: running max and sum of exp2 over each row's causal prefix. The kernel is bound
+    # by elementwise work, not the dots, so per element it does only: max of the raw logit
+    # (the scale is positive), one FMA (scale and subtract), exp2, add. Key tiles entirely
+    # before the tile's first row need no causal mask; only the last one or two do.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # scaled, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     prefix_end = tl.max(pos, axis=0) + 1
-    for start in range(0, prefix_end, BLOCK_N):
+    first_row = tl.min(tl.where(row_valid, pos, prefix_end), axis=0)
+    unmasked_end = ((first_row + 1) // BLOCK_N) * BLOCK_N
+    for start in range(0, unmasked_end, BLOCK_N):
+        k = tl.load(
+            k_base + (start + offs_n)[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
+        m_i = m_new
+    for start in range(unmasked_end, prefix_end, BLOCK_N):
         n = start + offs_n
         k = tl.load(
             k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
@@ -105,10 +123,11 @@ def _sample_block_mass_kernel(
         )
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
         m_i = m_new
 
     # Pass 2: normalised mass per key block, for blocks before each row's window. Such a
@@ -132,8 +151,8 @@ def _sample_block_mass_kernel(
             )
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            acc += tl.sum(tl.exp2(s - m_i[:, None]), axis=1)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            acc += tl.sum(tl.exp2(tl.fma(s, qk_scale, -m_i[:, None])), axis=1)
         mass = tl.where(row_valid & (kb < first_covered), acc * inv_l, 0.0)
         for g in tl.static_range(GROUP):
             tl.store(
@@ -149,6 +168,7 @@ def sample_block_scores_triton(
     scale: float,
     *,
     block_m: int = 64,
+    block_n: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Per-segment sampled attention mass of each uncovered key block, in one Triton launch.
@@ -158,7 +178,8 @@ def sample_block_scores_triton(
     ``TRITON_INTERPRET=1``); returns ``(B, Hq, num_segments, num_blocks)`` float32.
 
     ``block_m`` (a power of two) is the number of (row, query head) pairs per program; it is
-    raised to the GQA group size when smaller.
+    raised to the GQA group size when smaller. ``block_n`` is the key tile width (a power of
+    two, capped at the block size).
     """
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
@@ -187,7 +208,7 @@ def sample_block_scores_triton(
         GROUP=group,
         BLOCK_SIZE=layout.block_size,
         BLOCK_M=block_m,
-        BLOCK_N=min(64, layout.block_size),
+        BLOCK_N=min(block_n, layout.block_size),
         HEAD_DIM=D,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
         # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
