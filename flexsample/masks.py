@@ -118,8 +118,12 @@ def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) ->
     rows = torch.arange(n, device=keep.device)
     full = keep & (rows[None, :] < rows[:, None])
     full_num = full.sum(dim=-1, dtype=torch.int32)
-    # Stable sort of "not kept" puts the kept indices first, in ascending order.
-    full_idx = torch.argsort((~full).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
+    # Kept tile j of row i goes to slot (number of kept tiles before j): ascending indices
+    # without a sort. Unkept tiles are sent to a spare last slot, dropped afterwards.
+    slot = torch.where(full, full.cumsum(dim=-1) - 1, n)
+    full_idx = torch.zeros(B, H, n, n + 1, dtype=torch.int32, device=keep.device)
+    full_idx.scatter_(-1, slot, rows.to(torch.int32).expand(B, H, n, n))
+    full_idx = full_idx[..., :n].contiguous()
     diag_num = torch.ones(B, H, n, dtype=torch.int32, device=keep.device)
     # Only column 0 is read (one partial block per row), but the CPU lowering takes the KV
     # extent from the index tensor's last dimension, so it must be N wide.

@@ -168,7 +168,7 @@ def sample_block_scores_triton(
     scale: float,
     *,
     block_m: int = 64,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Per-segment sampled attention mass of each uncovered key block, in one Triton launch.
