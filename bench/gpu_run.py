@@ -389,6 +389,8 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         if meta["matmul_tflops"]
         else f"torch {meta['torch']} (dry run)",
         "",
+        f"code at commit {meta.get('commit') or 'unknown'}; command: `{meta['command']}`",
+        "",
         "## Correctness",
         "",
         "| check | dtype | shape | error | bound | ok |",
@@ -423,6 +425,17 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
             f"{f(r.get('speedup_vs_sdpa'))}x | {100 * r.get('overhead_vs_sdpa', 0):.1f}% |"
         )
     return "\n".join(out) + "\n"
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "heads": heads,
         "dry_run": args.dry_run,
+        "commit": _git_commit(),
+        "command": "python3 bench/gpu_run.py " + " ".join(argv or sys.argv[1:]),
     }
     meta["matmul_tflops"] = matmul_tflops(device, measure)
     print(json.dumps(meta), flush=True)
