@@ -52,10 +52,14 @@ def test_torch_sampler_matches_reference(B, Hq, Hkv, S, D, bs, segments, ratio, 
     q, k = _inputs(B, Hq, Hkv, S, D, dtype, planted)
     layout = _layout(S, bs, segments, ratio)
     ref = sample_block_scores_reference(q, k, layout, D**-0.5)
-    # A tiny chunk budget forces many chunks, some straddling segments and heads.
-    got = sample_block_scores_torch(q, k, layout, D**-0.5, max_chunk_elems=3 * S)
-    assert got.shape == (B, Hq, layout.num_segments, layout.num_blocks)
-    assert _rel_max(got, ref) < 1e-5
+    # A tiny chunk budget forces many chunks, some straddling segments and heads. Both the
+    # compiled (CPU default) and the eager per-chunk function must match.
+    for compiled in (True, False):
+        got = sample_block_scores_torch(
+            q, k, layout, D**-0.5, max_chunk_elems=3 * S, compiled=compiled
+        )
+        assert got.shape == (B, Hq, layout.num_segments, layout.num_blocks)
+        assert _rel_max(got, ref) < 1e-5
 
 
 @pytest.mark.triton
