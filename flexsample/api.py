@@ -94,7 +94,8 @@ def flex_sample_attention(
         sampler=sampler,
         layout=layout,
         density=density(keep),
-        stripes=stripes.sum(dim=-1),
+        stripes=stripes,
+        scores=scores,
         sampled_mass=kept_sampled_mass(scores, stripes).amin(dim=-1),
         times=timer.times,
     )

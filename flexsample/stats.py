@@ -26,8 +26,9 @@ class SampleStats:
         batch_size, num_heads: ``B`` and ``Hq``.
         sampler: stage-1 implementation that ran (None on the dense path).
         layout: block geometry (None on the dense path).
-        density: ``(B, Hq)`` fraction of causal tiles computed (all ones on the dense path).
-        stripes: ``(B, Hq)`` number of selected stripe blocks.
+        density: ``(B, Hq)`` fraction of causal tiles computed (None on the dense path).
+        stripes: ``(B, Hq, num_blocks)`` bool, the selected column stripes.
+        scores: ``(B, Hq, num_segments, num_blocks)`` sampled block scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
         times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
@@ -43,6 +44,7 @@ class SampleStats:
     layout: SampleLayout | None = None
     density: torch.Tensor | None = None
     stripes: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
     sampled_mass: torch.Tensor | None = None
     times: dict[str, float] = field(default_factory=dict)
 
@@ -50,6 +52,14 @@ class SampleStats:
     def mean_density(self) -> float:
         """Mean fraction of causal tiles computed over batch and heads (1.0 when dense)."""
         return 1.0 if self.density is None else float(self.density.float().mean())
+
+    def tile_layout(self) -> torch.Tensor | None:
+        """``(B, Hq, N, N)`` bool: the tiles computed (None on the dense path)."""
+        if self.stripes is None or self.layout is None:
+            return None
+        from .masks import block_layout
+
+        return block_layout(self.stripes, self.layout)
 
     @property
     def min_sampled_mass(self) -> float:

