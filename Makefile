@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint docs bench clean
+.PHONY: setup demo test lint docs pictures bench bench-smoke clean
 
 $(BIN)/flexsample: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,29 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+	$(MAKE) bench-smoke
+	$(MAKE) docs
+
+# The documentation site, strict: a broken link or a missing docstring target fails.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir .cache/site
+
+# The pictures the docs show, from one real SmolLM2 prefill (committed under docs/assets).
+pictures: setup
+	$(BIN)/flexsample pictures --out docs/assets
+
+# Full CPU benchmark run (about 25 min on 2 cores; keep the machine otherwise idle), then
+# the tables and plots under bench/results/.
+bench: setup
+	$(BIN)/python -m pytest bench -p no:cacheprovider --benchmark-json=bench/results/cpu.json
+	$(BIN)/python bench/report.py bench/results/cpu.json --out bench/results
+	mkdir -p docs/assets/bench && cp bench/results/cpu_*.png docs/assets/bench/
+
+# Tiny sizes, one round: proves the suites and the report still run (part of `make test`).
+bench-smoke: setup
+	$(BIN)/python -m pytest bench --smoke -p no:cacheprovider -q \
+		--benchmark-json=.cache/bench-smoke.json
+	$(BIN)/python bench/report.py .cache/bench-smoke.json --out .cache/bench-smoke
 
 clean:
 	rm -rf $(VENV) .cache site .pytest_cache

@@ -382,7 +382,7 @@ def speed(
 
 def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
     out = [
-        f"# GPU run on {meta['device']}",
+        f"## GPU run on {meta['device']}",
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, bf16 matmul "
         f"{meta['matmul_tflops']:.0f} TFLOP/s measured"
@@ -391,7 +391,7 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         "",
         f"code at commit {meta.get('commit') or 'unknown'}; command: `{meta['command']}`",
         "",
-        "## Correctness",
+        "### Correctness",
         "",
         "| check | dtype | shape | error | bound | ok |",
         "|---|---|---|---|---|---|",
@@ -404,7 +404,7 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         )
     out += [
         "",
-        "## Speed (ms, median; planted inputs)",
+        "### Speed (ms, median; planted inputs)",
         "",
         "| S | target | density | sample | select | mask | attention | flexsample | "
         "SDPA flash | SDPA cuDNN | flex dense | floor | speedup vs flash | "

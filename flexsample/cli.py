@@ -84,11 +84,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", type=Path, metavar="FILE", help="save all numbers as JSON")
     _add_config_arguments(demo)
+
+    pictures = commands.add_parser(
+        "pictures",
+        help="draw the masks, sampled scores and densities of a real SmolLM2 prefill",
+        description="Run one flexsample prefill of SmolLM2 on a passkey prompt and save "
+        "masks.png, scores.png and density.png (the documentation's pictures).",
+    )
+    pictures.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/assets"),
+        help="folder for the PNG files (default %(default)s)",
+    )
+    pictures.add_argument(
+        "--length", type=int, default=4096, help="prompt length in tokens (default %(default)s)"
+    )
+    _add_config_arguments(pictures)
+
+    commands.add_parser(
+        "eval",
+        add_help=False,
+        help="lm-evaluation-harness's CLI with the flexsample model and tasks (all its flags)",
+        description="Runs lm-eval's command line unchanged, with the `flexsample` model "
+        "registered and flexsample's long-context tasks on the include path. Example: "
+        "flexsample eval --model flexsample --model_args alpha=0.9 --tasks "
+        "flexsample_passkey_2k --limit 10",
+    )
+    compare = commands.add_parser(
+        "compare",
+        help="run lm-eval tasks with dense attention and with flexsample, one table",
+        description="Evaluate the same tasks on one loaded model, first with dense SDPA, then "
+        "with flexsample, and print score, mean density and prefill time per sample side "
+        "by side (saved as JSON and Markdown with --output).",
+    )
+    compare.add_argument(
+        "--tasks", nargs="+", required=True, help="lm-eval task names, e.g. flexsample_passkey_2k"
+    )
+    compare.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
+    compare.add_argument(
+        "--model_args",
+        default="",
+        help="comma-separated k=v for the flexsample lm-eval model: "
+        "pretrained, gguf_file, alpha, sample_ratio, ... "
+        "(default: the offline SmolLM2, default SampleConfig)",
+    )
+    compare.add_argument(
+        "--output", type=Path, default=None, help="folder for comparison.json and comparison.md"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # everything after `eval` belongs to lm-eval's own parser
+        try:
+            from flexsample.integrations.lm_eval.cli import run_lm_eval
+        except ImportError as e:
+            print(
+                f"flexsample eval needs lm-eval: {e}\n  pip install 'flexsample[lm-eval]'",
+                file=sys.stderr,
+            )
+            return 2
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "pictures":
+        from flexsample.integrations.pictures import make_pictures
+
+        for path in make_pictures(args.out, length=args.length, config=_config(args)):
+            print(f"wrote {path}")
+        return 0
+    if args.command == "compare":
+        from flexsample.integrations.lm_eval.cli import compare
+
+        compare(args.tasks, limit=args.limit, model_args=args.model_args, output=args.output)
+        return 0
     if args.command == "demo":
         try:
             from flexsample.integrations.demo import run_demo

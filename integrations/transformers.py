@@ -417,4 +417,52 @@ def stats_table(model: torch.nn.Module) -> str:
     return "\n".join(lines)
 
 
+CAPTURE_NAME = "flexsample_capture"
+
+
+def _capture_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    store = module.__dict__.get("_flexsample_capture")
+    if store is not None and query.shape[2] > 1:
+        store.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def capture_attention_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Run a dense forward pass and return the attention inputs of some layers.
+
+    Useful to study the masks SampleAttention would choose on a real model, or to benchmark
+    the operator on real q/k/v.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: ``(B, S)`` token ids.
+        layers: layer indices to keep (all if None).
+
+    Returns:
+        ``{layer: (q, k, v)}`` with q ``(B, Hq, S, D)`` and k, v ``(B, Hkv, S, D)``, after
+        rotary embeddings: exactly what the attention function receives.
+    """
+    AttentionInterface.register(CAPTURE_NAME, _capture_attention_forward)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    modules = {getattr(m, "layer_idx", -1): m for m in _attention_modules(model)}
+    wanted = sorted(modules) if layers is None else layers
+    missing = [i for i in wanted if i not in modules]
+    if missing:
+        raise ValueError(f"layers {missing} not in the model (it has {sorted(modules)})")
+    for i in wanted:
+        modules[i].__dict__["_flexsample_capture"] = []
+    model.set_attn_implementation(CAPTURE_NAME)
+    try:
+        with torch.no_grad():
+            model(input_ids)
+        return {i: modules[i].__dict__["_flexsample_capture"][0] for i in wanted}
+    finally:
+        model.set_attn_implementation(previous)
+        for i in wanted:
+            modules[i].__dict__.pop("_flexsample_capture", None)
+
+
 register()

@@ -194,3 +194,13 @@ def test_ten_lengths_compile_once():
     )
     assert flex_compiles == 1
     assert sampler_compiles <= 2
+
+
+@pytest.mark.parametrize("S", [1, 2, 17, 31])
+def test_tiny_lengths_run_the_sparse_path(S):
+    """Lengths of one or two tiles: the window covers everything, output equals SDPA."""
+    q, k, v = _qkv(1, 2, 1, S, 16)
+    cfg = SampleConfig(block_size=16, min_window=16, min_seq_len=0)
+    out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
+    assert stats.path == "sparse" and stats.mean_density == 1.0
+    assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-5

@@ -156,3 +156,20 @@ def test_enable_rejects_wrong_arguments():
         fst.enable(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="SampleConfig"):
         fst.enable(tiny_llama(), {"alpha": 0.9})
+
+
+def test_capture_attention_inputs_returns_what_attention_sees():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 90))
+    captured = fst.capture_attention_inputs(model, ids, layers=[1])
+    q, k, v = captured[1]
+    assert q.shape == (1, 4, 90, 16) and k.shape == v.shape == (1, 2, 90, 16)
+    assert model.config._attn_implementation == "sdpa"
+    # Running flex_sample_attention (dense-equivalent) on them reproduces SDPA's output.
+    from flexsample import flex_sample_attention
+
+    out = flex_sample_attention(q, k, v, config=DENSE_EQUIVALENT)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert float((out - ref).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="layers \\[7\\] not in the model"):
+        fst.capture_attention_inputs(model, ids, layers=[7])

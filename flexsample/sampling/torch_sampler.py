@@ -2,7 +2,7 @@
 
 The CPU production path and the fallback where Triton is missing. Logits are computed for a
 chunk of sampled rows at a time against the causal key prefix those rows need, so the largest
-temporary is ``chunk_rows x S`` float32 (about ``max_chunk_elems`` elements), never
+temporary is ``chunk_rows x S`` float32 (at most ``max_chunk_elems`` elements), never
 ``rows x S`` per head. On CPU the per-chunk work is compiled with inductor, which fuses the
 mask, softmax and block sums into two passes over the logits (about 2.5x faster at 16K than
 the same ops run eagerly); elsewhere it runs eagerly.
@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 
 from ..layout import SampleLayout
 
-#: Upper bound on the elements of one float32 logits chunk (4 MiB).
-DEFAULT_MAX_CHUNK_ELEMS = 1 << 20
+#: Upper bound on the elements of one float32 logits chunk (8 MiB).
+DEFAULT_MAX_CHUNK_ELEMS = 1 << 21
 
 
 def chunk_block_mass(
@@ -62,7 +63,26 @@ def _compiled_chunk_block_mass():
 def _chunk_fn(device: torch.device, compiled: bool | None):
     if compiled is None:  # inductor on CUDA needs triton, which this path exists to avoid
         compiled = device.type == "cpu" and not torch.compiler.is_compiling()
-    return _compiled_chunk_block_mass() if compiled else chunk_block_mass
+    if not compiled:
+        return chunk_block_mass
+    kernel = _compiled_chunk_block_mass()
+
+    def call(*args):
+        # No duck sizing: equal sizes by coincidence (rows == head_dim) must not specialise.
+        with (
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(**_RECOMPILE_LIMIT),
+        ):
+            return kernel(*args)
+
+    return call
+
+
+_RECOMPILE_LIMIT = {
+    name: 64
+    for name in ("recompile_limit", "cache_size_limit")
+    if hasattr(torch._dynamo.config, name)
+}
 
 
 def sample_block_scores_torch(

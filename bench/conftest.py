@@ -1,0 +1,93 @@
+"""Shared setup of the benchmark suites (pytest-benchmark).
+
+    pytest bench --benchmark-json=bench/results/cpu.json     # full CPU run (make bench)
+    pytest bench --smoke                                     # tiny sizes: does it still run?
+
+On CUDA each timed call is bracketed by device events and the median device time is stored
+in ``extra_info["device_ms"]``; on CPU the wall time pytest-benchmark measures is the time.
+Warm-up rounds keep compilation out of every number.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("flexsample")
+    group.addoption("--smoke", action="store_true", help="tiny sizes, one round: check only")
+    group.addoption("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+@pytest.fixture(scope="session")
+def smoke(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--smoke"))
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    name = request.config.getoption("--device")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.fixture(scope="session")
+def rounds(smoke: bool, device: torch.device) -> int:
+    return 1 if smoke else (10 if device.type == "cuda" else 3)
+
+
+class Timed:
+    """Wrap ``fn`` so each call records its device time (CUDA events) or nothing on CPU."""
+
+    def __init__(self, fn, device: torch.device) -> None:
+        self.fn, self.device, self.device_ms = fn, device, []
+
+    def __call__(self):
+        if self.device.type != "cuda":
+            return self.fn()
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        out = self.fn()
+        end.record()
+        end.synchronize()
+        self.device_ms.append(start.elapsed_time(end))
+        return out
+
+
+def run(benchmark, fn, device: torch.device, rounds: int, **info):
+    """Benchmark ``fn`` after one warm-up round; store ``info`` and CUDA times with it."""
+    timed = Timed(fn, device)
+    result = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    if timed.device_ms:
+        measured = timed.device_ms[1:] or timed.device_ms  # first call is the warm-up
+        info["device_ms"] = statistics.median(measured)
+    benchmark.extra_info.update(info)
+    return result
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``fn`` after a warm-up (for the per-stage breakdowns)."""
+    timed = Timed(fn, device)
+    timed()
+    wall = []
+    for _ in range(repeats):
+        import time
+
+        start = time.perf_counter()
+        timed()
+        wall.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(timed.device_ms[1:] if timed.device_ms else wall)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M and its tokenizer, loaded once per session (skips if not installed)."""
+    from flexsample.integrations.models import SMOLLM2, ModelNotInstalled, load_model
+
+    try:
+        SMOLLM2.path()
+    except ModelNotInstalled as e:
+        pytest.skip(str(e))
+    return load_model(SMOLLM2)

@@ -1,0 +1,203 @@
+"""Attention operator: flex_sample_attention vs dense causal SDPA vs dense compiled FlexAttention.
+
+Inputs: (a) planted structure at controlled densities (flexsample.synthetic.planted_case),
+(b) q/k/v captured from SmolLM2 on a long passkey prompt. flexsample rows carry the time of
+each stage (sampling, selection, mask build, attention) in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import median_ms, run
+
+import flexsample as fs
+from flexsample.layout import SampleLayout
+from flexsample.sampling import resolve_sampler, run_sampler
+from flexsample.synthetic import planted_case
+
+DENSITIES = [0.1, 0.2, 0.5]
+SMOLLM2_LAYERS = [2, 15, 27]
+
+
+def _lengths(config) -> list[int]:
+    if config.getoption("--smoke"):
+        return [1024, 2048]
+    cuda = config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return [8192, 32768, 65536, 131072] if cuda == "cuda" else [4096, 8192, 16384, 32768]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "seq_len" in metafunc.fixturenames:
+        metafunc.parametrize("seq_len", _lengths(metafunc.config), ids=lambda s: f"S{s}")
+    if "real_len" in metafunc.fixturenames:
+        smoke = metafunc.config.getoption("--smoke")
+        metafunc.parametrize("real_len", [1100] if smoke else [4096, 8192], ids=lambda s: f"S{s}")
+    if "target" in metafunc.fixturenames:
+        smoke = metafunc.config.getoption("--smoke")
+        metafunc.parametrize("target", [0.2] if smoke else DENSITIES, ids=lambda d: f"d{d}")
+    if "layer" in metafunc.fixturenames:
+        smoke = metafunc.config.getoption("--smoke")
+        metafunc.parametrize(
+            "layer", SMOLLM2_LAYERS[1:2] if smoke else SMOLLM2_LAYERS, ids=lambda i: f"L{i}"
+        )
+
+
+def _shape(device: torch.device):
+    """(Hq, Hkv, D, dtype): Llama-3-8B's shape in bf16 on CUDA, a small GQA shape on CPU."""
+    if device.type == "cuda":
+        return 32, 8, 128, torch.bfloat16
+    return 8, 2, 64, torch.float32
+
+
+@functools.cache
+def _planted(seq_len: int, target: float, device: torch.device):
+    Hq, Hkv, D, dtype = _shape(device)
+    return planted_case(target, 1, Hq, Hkv, seq_len, D, dtype=dtype, device=device, seed=0)
+
+
+def _info(q, k, inputs: str, kind: str, **more) -> dict:
+    return {
+        "inputs": inputs,
+        "kind": kind,
+        "seq_len": q.shape[2],
+        "heads": q.shape[1],
+        "kv_heads": k.shape[1],
+        "head_dim": q.shape[3],
+        "dtype": str(q.dtype),
+        **more,
+    }
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def _flex_dense(q, k, v):
+    """Dense causal attention through the same compiled FlexAttention kernel."""
+    S = q.shape[2]
+    lay = SampleLayout.create(S, fs.SampleConfig(window_ratio=1.0))
+    keep = lay.causal_blocks(q.device).expand(1, q.shape[1], -1, -1)
+    mask = fs.block_mask_from_layout(keep, S, lay.block_size)
+    return lambda: fs.sparse_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
+def _flexsample_breakdown(q, k, v, cfg: fs.SampleConfig, device, repeats: int) -> dict:
+    """Density reached, sampled mass kept, and milliseconds of each stage."""
+    S, scale = q.shape[2], q.shape[-1] ** -0.5
+    layout = SampleLayout.create(S, cfg)
+    sampler = resolve_sampler(cfg.sampler, device)
+    scores = run_sampler(sampler, q, k, layout, scale)
+    stripes = fs.select_blocks(scores, cfg.alpha)
+    keep = fs.block_layout(stripes, layout)
+    mask = fs.block_mask_from_layout(keep, S, cfg.block_size)
+    return {
+        "density": float(fs.density(keep).mean()),
+        "min_sampled_mass": float(fs.kept_sampled_mass(scores, stripes).min()),
+        "sampler": sampler,
+        "sample_ms": median_ms(lambda: run_sampler(sampler, q, k, layout, scale), device, repeats),
+        "select_ms": median_ms(lambda: fs.select_blocks(scores, cfg.alpha), device, repeats),
+        "mask_ms": median_ms(
+            lambda: fs.block_mask_from_layout(fs.block_layout(stripes, layout), S, cfg.block_size),
+            device,
+            repeats,
+        ),
+        "attention_ms": median_ms(
+            lambda: fs.sparse_attention(q, k, v, mask, scale), device, repeats
+        ),
+    }
+
+
+# --- planted inputs -------------------------------------------------------------------------
+
+
+def test_sdpa(benchmark, seq_len, device, rounds):
+    q, k, v, _ = _planted(seq_len, 0.2, device)
+    benchmark.group = f"operator planted S={seq_len}"
+    run(benchmark, lambda: _sdpa(q, k, v), device, rounds, **_info(q, k, "planted", "sdpa"))
+
+
+def test_flex_dense(benchmark, seq_len, device, rounds):
+    q, k, v, _ = _planted(seq_len, 0.2, device)
+    benchmark.group = f"operator planted S={seq_len}"
+    run(benchmark, _flex_dense(q, k, v), device, rounds, **_info(q, k, "planted", "flex_dense"))
+
+
+def test_flexsample(benchmark, seq_len, target, device, rounds):
+    q, k, v, cfg = _planted(seq_len, target, device)
+    benchmark.group = f"operator planted S={seq_len}"
+    breakdown = _flexsample_breakdown(q, k, v, cfg, device, rounds)
+    run(
+        benchmark,
+        lambda: fs.flex_sample_attention(q, k, v, config=cfg),
+        device,
+        rounds,
+        **_info(q, k, "planted", "flexsample", target_density=target, **breakdown),
+    )
+
+
+# --- q/k/v captured from SmolLM2 ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_qkv(smollm2, device):
+    """``{(S, layer): (q, k, v)}`` captured on passkey prompts, on the benchmark device."""
+    from flexsample.integrations.haystack import passkey_prompt
+    from flexsample.integrations.transformers import capture_attention_inputs
+
+    model, tokenizer = smollm2
+    cache: dict = {}
+
+    def get(seq_len: int, layer: int):
+        if (seq_len, layer) not in cache:
+            prompt = passkey_prompt(tokenizer, seq_len, 0.5, seed=seq_len)
+            ids = tokenizer(prompt.text, return_tensors="pt").input_ids
+            captured = capture_attention_inputs(model, ids, SMOLLM2_LAYERS)
+            for i, qkv in captured.items():
+                cache[(seq_len, i)] = tuple(t.to(device) for t in qkv)
+        return cache[(seq_len, layer)]
+
+    return get
+
+
+def test_smollm2_sdpa(benchmark, smollm2_qkv, real_len, layer, device, rounds):
+    q, k, v = smollm2_qkv(real_len, layer)
+    benchmark.group = f"operator smollm2 S={real_len} layer={layer}"
+    run(
+        benchmark,
+        lambda: _sdpa(q, k, v),
+        device,
+        rounds,
+        **_info(q, k, "smollm2", "sdpa", layer=layer),
+    )
+
+
+def test_smollm2_flex_dense(benchmark, smollm2_qkv, real_len, layer, device, rounds):
+    q, k, v = smollm2_qkv(real_len, layer)
+    benchmark.group = f"operator smollm2 S={real_len} layer={layer}"
+    run(
+        benchmark,
+        _flex_dense(q, k, v),
+        device,
+        rounds,
+        **_info(q, k, "smollm2", "flex_dense", layer=layer),
+    )
+
+
+def test_smollm2_flexsample(benchmark, smollm2_qkv, real_len, layer, device, rounds):
+    q, k, v = smollm2_qkv(real_len, layer)
+    cfg = fs.SampleConfig()
+    benchmark.group = f"operator smollm2 S={real_len} layer={layer}"
+    breakdown = _flexsample_breakdown(q, k, v, cfg, device, rounds)
+    out = fs.flex_sample_attention(q, k, v, config=cfg)
+    error = float((out - _sdpa(q, k, v)).norm() / _sdpa(q, k, v).norm())
+    run(
+        benchmark,
+        lambda: fs.flex_sample_attention(q, k, v, config=cfg),
+        device,
+        rounds,
+        **_info(q, k, "smollm2", "flexsample", layer=layer, output_rel_error=error, **breakdown),
+    )

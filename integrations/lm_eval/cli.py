@@ -1,0 +1,113 @@
+"""``flexsample eval`` (lm-eval's CLI, unchanged) and ``flexsample compare`` (dense vs sparse)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import TASKS_DIR, FlexSampleLM
+
+SUBCOMMANDS = ("run", "ls", "validate")
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """Run lm-eval's own command line with the ``flexsample`` model and tasks available.
+
+    Every lm-eval flag works unchanged. flexsample's task folder is passed as
+    ``--include_path``; lm-eval takes only one, so giving your own is refused with a hint.
+    """
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        print(
+            "flexsample eval passes its own task folder as --include_path and lm-eval takes "
+            f"only one. Copy your task files into a folder together with {TASKS_DIR}/*, or "
+            "run `lm-eval` directly with your folder.",
+            file=sys.stderr,
+        )
+        return 2
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else ("run" if argv else None)
+    if command is None or argv in (["run"], ["-h"], ["--help"]):
+        sys.argv = ["flexsample eval", *argv]
+    else:
+        rest = argv[1:] if argv[0] in SUBCOMMANDS else argv
+        sys.argv = ["flexsample eval", command, *rest, "--include_path", str(TASKS_DIR)]
+    setup_logging()
+    parser = HarnessCLI()
+    parser.execute(parser.parse_args())
+    return 0
+
+
+def compare(
+    tasks: list[str],
+    *,
+    limit: int | None,
+    model_args: str = "",
+    output: Path | None = None,
+    console=None,
+) -> dict:
+    """Run ``tasks`` with dense attention and with flexsample on one loaded model.
+
+    Returns (and writes to ``output/comparison.json`` and ``.md``) one row per task: score
+    of each, mean density, mean prefill time per request, and the speedup of prefill.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import simple_parse_args_string
+    from rich.console import Console
+
+    console = console or Console()
+    args = simple_parse_args_string(model_args) if model_args else {}
+    lm = FlexSampleLM(attention="dense", **args)
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata=args)
+    runs = {}
+    for attention in ("dense", "flexsample"):
+        lm.set_attention(attention)
+        lm.report.clear()
+        console.rule(f"{attention} attention")
+        results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager)
+        runs[attention] = (results["results"], lm.summary())
+
+    rows = []
+    for task in tasks:
+        row = {"task": task}
+        for attention, (results, timing) in runs.items():
+            scores = results.get(task, {})
+            row[f"{attention}_score"] = scores.get("exact_match,none")
+            row[f"{attention}_stderr"] = scores.get("exact_match_stderr,none")
+            row[f"{attention}_prefill_s"] = timing.get(task, {}).get("prefill_s_mean")
+            row[f"{attention}_density"] = timing.get(task, {}).get("density_mean")
+            row["samples"] = timing.get(task, {}).get("prefills")
+        dense_t, sparse_t = row["dense_prefill_s"], row["flexsample_prefill_s"]
+        row["prefill_speedup"] = dense_t / sparse_t if dense_t and sparse_t else None
+        rows.append(row)
+    report = {"model_args": args, "limit": limit, "config": lm.sample_config.__dict__, "rows": rows}
+    markdown = comparison_markdown(report)
+    console.print(markdown)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "comparison.json").write_text(json.dumps(report, indent=1, default=str))
+        (output / "comparison.md").write_text(markdown)
+        console.print(f"wrote {output / 'comparison.json'} and {output / 'comparison.md'}")
+    return report
+
+
+def comparison_markdown(report: dict) -> str:
+    def num(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
+    lines = [
+        "| task | samples | dense score | flexsample score | flexsample mean density | "
+        "dense prefill s/sample | flexsample prefill s/sample | prefill speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['task']} | {r['samples']} | {num(r['dense_score'], '.2f')} | "
+            f"{num(r['flexsample_score'], '.2f')} | {num(r['flexsample_density'], '.3f')} | "
+            f"{num(r['dense_prefill_s'], '.2f')} | {num(r['flexsample_prefill_s'], '.2f')} | "
+            f"{num(r['prefill_speedup'], '.2f')}x |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""lm-evaluation-harness integration: registered model, shipped tasks, comparison report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from flexsample.integrations.lm_eval import TASKS_DIR, resolve_pretrained
+from flexsample.integrations.models import ModelNotInstalled, OfflineModel
+
+
+def test_model_is_registered():
+    from lm_eval.api.registry import get_model
+
+    from flexsample.integrations.lm_eval import FlexSampleLM
+
+    assert get_model("flexsample") is FlexSampleLM
+
+
+def test_shipped_tasks_are_found_by_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    names = set(TaskManager(include_path=str(TASKS_DIR), include_defaults=False).all_tasks)
+    for family in ("passkey", "niah_single", "niah_multi"):
+        for length in ("1k", "2k", "4k", "8k", "16k", "32k"):
+            assert f"flexsample_{family}_{length}" in names
+        assert f"flexsample_{family}" in names  # the tag that groups the lengths
+    assert "flexsample_longctx" in names
+
+
+def test_missing_model_and_offline_hub_give_clear_errors(monkeypatch):
+    missing = OfflineModel("ghost", "no_such_package_xyz", "x.gguf", "pip install ghost", 1)
+    with pytest.raises(ModelNotInstalled, match="install it with: pip install ghost"):
+        missing.path()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="hub is offline"):
+        resolve_pretrained("some-org/some-model", None)
+
+
+@pytest.mark.slow
+def test_generated_prompts_fit_their_length():
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(TASKS_DIR))
+    import haystack_tasks
+
+    for make in (haystack_tasks.passkey, haystack_tasks.niah_single, haystack_tasks.niah_multi):
+        docs = make(length=1024, num_samples=3)["test"]
+        assert len(docs) == 3
+        assert [d["depth"] for d in docs] == [0.0, 0.5, 1.0]
+        for doc in docs:
+            assert 900 < doc["num_tokens"] <= 1024
+            assert doc["answer"] in doc["input"]
+    # Deterministic: the same arguments give the same prompts.
+    assert (
+        haystack_tasks.passkey(length=1024, num_samples=2)["test"]["input"]
+        == haystack_tasks.passkey(length=1024, num_samples=2)["test"]["input"]
+    )
+    assert haystack_tasks.process_results({"answer": "12345"}, [" 12345. Remember"]) == {
+        "exact_match": 1.0
+    }
+
+
+@pytest.mark.slow
+def test_compare_runs_the_real_evaluator_dense_and_flexsample(tmp_path):
+    """The shipped passkey task through lm-eval's evaluator, both ways, on SmolLM2."""
+    pytest.importorskip("gguf")
+    from flexsample.integrations.lm_eval.cli import compare
+
+    report = compare(
+        ["flexsample_passkey_1k"], limit=3, model_args="min_seq_len=256", output=tmp_path
+    )
+    (row,) = report["rows"]
+    assert row["task"] == "flexsample_passkey_1k" and row["samples"] == 3
+    assert row["dense_score"] >= 2 / 3  # dense SmolLM2 is reliable at 1K tokens
+    assert row["flexsample_score"] == row["dense_score"]
+    assert row["dense_density"] == 1.0 and 0 < row["flexsample_density"] < 1
+    assert row["dense_prefill_s"] > 0 and row["flexsample_prefill_s"] > 0
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    assert saved["config"]["min_seq_len"] == 256
+    assert "| flexsample_passkey_1k | 3 |" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_flexsample_eval_is_lm_evals_cli(tmp_path):
+    """`flexsample eval` accepts lm-eval's flags unchanged and finds the shipped tasks."""
+    pytest.importorskip("gguf")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexsample.cli",
+            "eval",
+            "--model",
+            "flexsample",
+            "--model_args",
+            "min_seq_len=256",
+            "--tasks",
+            "flexsample_passkey_1k",
+            "--limit",
+            "1",
+            "--output_path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "flexsample_passkey_1k" in result.stdout
+    assert "exact_match" in result.stdout
+    assert list(tmp_path.rglob("results_*.json"))
+
+
+def test_eval_refuses_a_second_include_path(capsys):
+    from flexsample.integrations.lm_eval.cli import run_lm_eval
+
+    assert run_lm_eval(["--tasks", "x", "--include_path", "/tmp"]) == 2
+    assert "lm-eval takes only one" in capsys.readouterr().err
