@@ -35,7 +35,7 @@ test: lint
 
 # The documentation site, strict: a broken link or a missing docstring target fails.
 docs: setup
-	$(BIN)/mkdocs build --strict --site-dir .cache/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir .cache/site
 
 # The pictures the docs show, from one real SmolLM2 prefill (committed under docs/assets).
 pictures: setup

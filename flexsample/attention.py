@@ -32,7 +32,9 @@ def sparse_attention(
     """Block-sparse causal attention through compiled FlexAttention.
 
     Args:
-        q: ``(B, Hq, S, D)``; k, v: ``(B, Hkv, S, D)`` with ``Hq % Hkv == 0``.
+        q: ``(B, Hq, S, D)``.
+        k: ``(B, Hkv, S, D)`` with ``Hq % Hkv == 0``.
+        v: ``(B, Hkv, S, D)``.
         block_mask: a causal ``BlockMask`` over ``(B, Hq, S, S)``.
         scale: softmax scale.
 
@@ -89,7 +91,9 @@ def sparse_attention_reference(
     """Eager float64 oracle of :func:`sparse_attention`: materialises the element mask.
 
     Args:
-        q, k, v: as for :func:`sparse_attention`.
+        q: ``(B, Hq, S, D)``.
+        k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
+        v: ``(B, Hkv, S, D)``.
         keep: ``(B, Hq, N, N)`` bool tile layout (see :func:`flexsample.masks.block_layout`).
         block_size: tile side in tokens.
         scale: softmax scale.

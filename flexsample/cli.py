@@ -38,6 +38,7 @@ def _config(args: argparse.Namespace) -> SampleConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``flexsample`` argument parser: ``demo``, ``pictures``, ``eval``, ``compare``."""
     parser = argparse.ArgumentParser(
         prog="flexsample",
         description="SampleAttention (adaptive structured sparse attention) on FlexAttention.",
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``flexsample`` command; returns the exit status.
+
+    ``flexsample eval ...`` hands everything after ``eval`` to lm-eval's own parser. Missing
+    optional dependencies or the offline model give a message and status 2.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # everything after `eval` belongs to lm-eval's own parser
         try:

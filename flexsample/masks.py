@@ -113,7 +113,19 @@ def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) ->
         A ``BlockMask`` for ``flex_attention`` on ``(B, H, S, D)`` inputs. It carries no
         transposed indices where the torch version allows skipping them, so it serves the
         forward pass only.
+
+    Raises:
+        ValueError: ``keep`` is not a bool ``(B, H, N, N)`` tensor with
+            ``N = ceil(seq_len / block_size)``, or its diagonal is not kept.
     """
+    n_expected = -(-seq_len // block_size)
+    if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[-2:] != (n_expected,) * 2:
+        raise ValueError(
+            f"keep must be a bool (B, H, {n_expected}, {n_expected}) tile layout for seq_len "
+            f"{seq_len} and block_size {block_size}, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    if not bool(keep.diagonal(dim1=-2, dim2=-1).all()):
+        raise ValueError("keep must keep every diagonal tile (each query attends to itself)")
     B, H, n, _ = keep.shape
     rows = torch.arange(n, device=keep.device)
     full = keep & (rows[None, :] < rows[:, None])

@@ -44,8 +44,11 @@ def planted_qkv(
     keys, so they share stripes, as heads of a GQA group often do.
 
     Args:
-        batch, q_heads, kv_heads, seq_len, head_dim: shapes; ``q_heads % kv_heads == 0`` and
-            ``head_dim >= 8``.
+        batch: ``B``.
+        q_heads: ``Hq``, a multiple of ``kv_heads``.
+        kv_heads: ``Hkv``.
+        seq_len: ``S``.
+        head_dim: ``D``, at least 8.
         stripes: number of stripes per kv head, or an inclusive ``(low, high)`` range drawn
             per head (so heads differ, as in real models).
         stripe_width: tokens per stripe.
@@ -53,11 +56,15 @@ def planted_qkv(
         signal: logit boost (after the ``1/sqrt(head_dim)`` scale) of sinks and stripes.
         locality: logit boost of keys close to the query.
         local_span: width in tokens of the local peak (the boost falls linearly to zero).
-        dtype, device: of the returned tensors.
+        dtype: of the returned tensors.
+        device: where the tensors are made (drawn there directly).
         seed: makes the draw reproducible.
 
     Returns:
         ``q (B, Hq, S, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, D)``.
+
+    Raises:
+        ValueError: ``q_heads`` not a multiple of ``kv_heads``, or ``head_dim < 8``.
     """
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -130,8 +137,23 @@ def planted_case(
     actually reached is what the stats report: near the target when ``N`` is large, above it
     at short lengths where one tile is a large fraction.
 
+    Args:
+        target_density: wanted fraction of causal tiles, in ``(0, 1]``.
+        batch: ``B``.
+        q_heads: ``Hq``.
+        kv_heads: ``Hkv``.
+        seq_len: ``S``.
+        head_dim: ``D``.
+        block_size: tile side of the returned config.
+        dtype: of the returned tensors.
+        device: where the tensors are made.
+        seed: makes the draw reproducible.
+
     Returns:
         ``q, k, v`` as :func:`planted_qkv` and the matching :class:`SampleConfig`.
+
+    Raises:
+        ValueError: ``target_density`` outside ``(0, 1]``.
     """
     if not 0 < target_density <= 1:
         raise ValueError(f"target_density must lie in (0, 1], got {target_density}")

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # matplotlib is optional and imported only when a picture is drawn
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -30,7 +34,7 @@ def plot_tile_layouts(
     *,
     columns: int = 4,
     path: str | Path | None = None,
-):
+) -> Figure:
     """A grid of tile layouts (which ``(query block, key block)`` tiles were computed).
 
     Args:
@@ -40,7 +44,7 @@ def plot_tile_layouts(
         path: save the figure there (PNG) if given.
 
     Returns:
-        The matplotlib Figure.
+        matplotlib.figure.Figure: the figure.
 
     Raises:
         ValueError: ``layouts`` and ``titles`` differ in length, or a layout is not square.
@@ -67,13 +71,21 @@ def plot_tile_layouts(
     return _save(fig, path)
 
 
-def plot_block_scores(scores: torch.Tensor, title: str = "", *, path: str | Path | None = None):
+def plot_block_scores(
+    scores: torch.Tensor, title: str = "", *, path: str | Path | None = None
+) -> Figure:
     """Sampled mass per key block for each query segment of one head (stage 1 output).
 
     Args:
         scores: ``(num_segments, num_blocks)``, e.g. ``stats.scores[b, h]``.
         title: figure title.
         path: save the figure there (PNG) if given.
+
+    Returns:
+        matplotlib.figure.Figure: the figure.
+
+    Raises:
+        ValueError: ``scores`` is not 2-D.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (num_segments, num_blocks), got {tuple(scores.shape)}")
@@ -88,13 +100,21 @@ def plot_block_scores(scores: torch.Tensor, title: str = "", *, path: str | Path
     return _save(fig, path)
 
 
-def plot_density_heatmap(density: torch.Tensor, title: str = "", *, path: str | Path | None = None):
+def plot_density_heatmap(
+    density: torch.Tensor, title: str = "", *, path: str | Path | None = None
+) -> Figure:
     """Density (fraction of causal tiles computed) per layer and head.
 
     Args:
         density: ``(layers, heads)`` in ``[0, 1]``.
         title: figure title.
         path: save the figure there (PNG) if given.
+
+    Returns:
+        matplotlib.figure.Figure: the figure.
+
+    Raises:
+        ValueError: ``density`` is not 2-D.
     """
     if density.dim() != 2:
         raise ValueError(f"density must be (layers, heads), got {tuple(density.shape)}")
@@ -111,7 +131,7 @@ def plot_density_heatmap(density: torch.Tensor, title: str = "", *, path: str | 
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path | None):
+def _save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

@@ -28,6 +28,7 @@ def timed_prefill(model, input_ids: torch.Tensor, repeats: int) -> tuple[float, 
 
 
 def answer(model, tokenizer, input_ids: torch.Tensor, new_tokens: int) -> str:
+    """Greedy continuation of ``input_ids`` (``(1, S)``), decoded."""
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
     return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)

@@ -33,6 +33,8 @@ NAMES = (
 
 
 class Tokenizer(Protocol):
+    """What the prompt builders need of a tokenizer: a Hugging Face style ``__call__``."""
+
     def __call__(self, text: str, add_special_tokens: bool = ...) -> dict: ...
 
 

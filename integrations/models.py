@@ -11,8 +11,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # transformers is an optional dependency
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class ModelNotInstalled(RuntimeError):
@@ -67,7 +71,7 @@ def load_model(
     *,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an offline model and its tokenizer (dequantised to ``dtype``, eval mode).
 
     Returns:

