@@ -35,7 +35,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 
 @pytest.fixture(scope="session")
 def rounds(smoke: bool, device: torch.device) -> int:
-    return 1 if smoke else (10 if device.type == "cuda" else 3)
+    return 1 if smoke else (10 if device.type == "cuda" else 5)
 
 
 class Timed:
@@ -67,18 +67,31 @@ def run(benchmark, fn, device: torch.device, rounds: int, **info):
     return result
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn`` after a warm-up (for the per-stage breakdowns)."""
-    timed = Timed(fn, device)
-    timed()
-    wall = []
-    for _ in range(repeats):
-        import time
+def interleaved_ms(fns: dict, device: torch.device, rounds: int) -> dict[str, float]:
+    """Median milliseconds of each function, timed in interleaved rounds.
 
-        start = time.perf_counter()
-        timed()
-        wall.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(timed.device_ms[1:] if timed.device_ms else wall)
+    One round calls every function once, in order; ``rounds`` rounds follow one warm-up call
+    of each. Ratios between functions then compare measurements taken under the same machine
+    conditions (on a shared 2-core machine, the same call varies by 10-20% over minutes).
+
+    Returns:
+        ``{f"{name}_ms": median}`` for each entry of ``fns``.
+    """
+    import time
+
+    timed = {name: Timed(fn, device) for name, fn in fns.items()}
+    for fn in timed.values():
+        fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in timed.items():
+            start = time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        f"{name}_ms": statistics.median(fn.device_ms[1:] if fn.device_ms else wall[name])
+        for name, fn in timed.items()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
-"""Turn a pytest-benchmark JSON of the suites in bench/ into Markdown tables and PNG plots.
+"""Turn pytest-benchmark JSON of the suites in bench/ into Markdown tables and PNG plots.
 
-    python bench/report.py bench/results/cpu.json --out bench/results
+    python bench/report.py bench/results/cpu_operator.json bench/results/cpu_models.json \
+        --name cpu --out bench/results
 
-writes ``<name>.md`` (tables, and each performance target with its measured value) and
-``<name>_latency.png``, ``<name>_speedup.png``, ``<name>_alpha.png``. Times are medians: the
-device time (CUDA events) where the run recorded one, else the wall time.
+joins the benchmarks of all files and writes ``<name>.md`` (tables, and each performance
+target with its measured value) and ``<name>_latency.png``, ``<name>_speedup.png``,
+``<name>_alpha.png``. Times are medians: the device time (CUDA events) where the run recorded
+one, else the wall time.
 """
 
 from __future__ import annotations
@@ -17,56 +19,41 @@ from pathlib import Path
 
 
 def ms(bench: dict) -> float:
-    """Median milliseconds of one benchmark entry."""
+    """Median milliseconds of one benchmark entry (device time where recorded)."""
     info = bench.get("extra_info", {})
     return info["device_ms"] if "device_ms" in info else bench["stats"]["median"] * 1e3
 
 
-def load(path: Path) -> tuple[dict, list[dict]]:
-    data = json.loads(path.read_text())
-    return data, data["benchmarks"]
-
-
-def _by_kind(benches: list[dict], inputs: str) -> dict:
-    rows: dict = defaultdict(dict)
-    for b in benches:
-        info = b.get("extra_info", {})
-        if info.get("inputs") != inputs:
-            continue
-        key = (info["seq_len"], info.get("layer"))
-        if info["kind"] == "flexsample":
-            rows[key].setdefault("flexsample", []).append(b)
-        else:
-            rows[key][info["kind"]] = b
-    return rows
+def load(paths: list[Path]) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """Each file's name and run information, and the benchmarks of all files."""
+    runs = [(p.name, json.loads(p.read_text())) for p in paths]
+    return runs, [b for _, run in runs for b in run["benchmarks"]]
 
 
 def operator_rows(benches: list[dict], inputs: str) -> list[dict]:
-    """One row per flexsample case, joined with the dense baselines of the same shape."""
+    """One row per flexsample case; every time in it comes from one interleaved measurement."""
     out = []
-    for (seq_len, layer), group in sorted(
-        _by_kind(benches, inputs).items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)
+    cases = [
+        b["extra_info"]
+        for b in benches
+        if b.get("extra_info", {}).get("inputs") == inputs
+        and b["extra_info"].get("kind") == "flexsample"
+    ]
+    for info in sorted(
+        cases, key=lambda i: (i["seq_len"], i.get("layer") or 0, i.get("target_density") or 0)
     ):
-        sdpa = ms(group["sdpa"]) if "sdpa" in group else None
-        flex_dense = ms(group["flex_dense"]) if "flex_dense" in group else None
-        for b in sorted(
-            group.get("flexsample", []), key=lambda b: b["extra_info"].get("target_density", 0)
-        ):
-            info = b["extra_info"]
-            total = ms(b)
-            overhead = info["sample_ms"] + info["select_ms"] + info["mask_ms"]
-            out.append({
-                "seq_len": seq_len, "layer": layer, "target": info.get("target_density"),
-                "density": info["density"], "sample_ms": info["sample_ms"],
-                "select_ms": info["select_ms"], "mask_ms": info["mask_ms"],
-                "attention_ms": info["attention_ms"], "total_ms": total, "sdpa_ms": sdpa,
-                "flex_dense_ms": flex_dense,
-                "speedup": sdpa / total if sdpa else None,
-                "overhead_vs_sdpa": overhead / sdpa if sdpa else None,
-                "attention_vs_density": (info["attention_ms"] / (info["density"] * flex_dense)
-                                         if flex_dense else None),
-                "output_rel_error": info.get("output_rel_error"),
-            })  # fmt: skip
+        sdpa, flex_dense, total = info["sdpa_ms"], info["flex_dense_ms"], info["total_ms"]
+        overhead = info["sample_ms"] + info["select_ms"] + info["mask_ms"]
+        out.append({
+            "seq_len": info["seq_len"], "layer": info.get("layer"),
+            "target": info.get("target_density"), "density": info["density"],
+            "sample_ms": info["sample_ms"], "select_ms": info["select_ms"],
+            "mask_ms": info["mask_ms"], "attention_ms": info["attention_ms"],
+            "total_ms": total, "sdpa_ms": sdpa, "flex_dense_ms": flex_dense,
+            "speedup": sdpa / total, "overhead_vs_sdpa": overhead / sdpa,
+            "attention_vs_density": info["attention_ms"] / (info["density"] * flex_dense),
+            "output_rel_error": info.get("output_rel_error"),
+        })  # fmt: skip
     return out
 
 
@@ -108,19 +95,35 @@ def _f(x, spec=".2f", suffix="") -> str:
 
 
 def markdown(
-    data: dict, op: list[dict], real: list[dict], prefill: list[dict], alphas: list[dict], name: str
+    runs: list[tuple[str, dict]],
+    op: list[dict],
+    real: list[dict],
+    prefill: list[dict],
+    alphas: list[dict],
+    name: str,
 ) -> str:
-    machine = data.get("machine_info", {})
-    commit = data.get("commit_info", {})
+    machine = runs[0][1].get("machine_info", {})
     lines = [
         f"## Benchmark results: {name}",
         "",
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"{machine.get('cpu', {}).get('count', '?')} logical CPUs; Python "
-        f"{machine.get('python_version', '?')}; commit {commit.get('id', '?')[:10]}"
-        f"{' (dirty)' if commit.get('dirty') else ''}; {data.get('datetime', '')[:19]}.",
+        f"{machine.get('python_version', '?')}.",
         "",
-        "Times are medians after a warm-up round (compilation excluded).",
+    ]
+    for file, data in runs:
+        commit = data.get("commit_info", {})
+        lines.append(
+            f"- `{file}`: commit {commit.get('id', '?')[:10]}"
+            f"{' (with uncommitted changes)' if commit.get('dirty') else ''}, "
+            f"{data.get('datetime', '')[:19]}"
+        )
+    lines += [
+        "",
+        "Times are medians after a warm-up round (compilation excluded). In the operator "
+        "tables every time of a row comes from the same interleaved rounds (each stage, the "
+        "whole call, SDPA, dense flex, one after the other), so its ratios compare like "
+        "with like.",
         "",
     ]
     if op:
@@ -327,7 +330,12 @@ def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument(
+        "json",
+        type=Path,
+        nargs="+",
+        help="pytest-benchmark JSON files (--benchmark-json); their benchmarks are joined",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -336,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default=None, help="file stem (default: the JSON's stem)")
     args = parser.parse_args(argv)
-    name = args.name or args.json.stem
-    data, benches = load(args.json)
+    name = args.name or args.json[0].stem
+    runs, benches = load(args.json)
     op = operator_rows(benches, "planted")
     real = operator_rows(benches, "smollm2")
     prefill, alphas = prefill_rows(benches), alpha_rows(benches)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.md").write_text(markdown(data, op, real, prefill, alphas, name))
+    (args.out / f"{name}.md").write_text(markdown(runs, op, real, prefill, alphas, name))
     written = plots(op, alphas, args.out, name)
     print(f"wrote {args.out / (name + '.md')} and {len(written)} plots")
     return 0
