@@ -94,7 +94,7 @@ def plot_block_scores(
     image = ax.imshow(scores.cpu().float(), aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("key block")
     ax.set_ylabel("query segment")
-    ax.set_title(title or "sampled attention mass outside window and sink")
+    ax.set_title(title or "sampled attention mass outside window and sink", fontsize=10)
     fig.colorbar(image, ax=ax, label="mass")
     fig.tight_layout()
     return _save(fig, path)

@@ -55,8 +55,8 @@ def make_pictures(
     written.append(out / "scores.png")
     plot_block_scores(
         stats.scores[0, score_head],
-        f"SmolLM2 layer {score_layer} head {score_head}, {tokens} tokens: sampled mass per "
-        f"key block outside window and sink",
+        f"SmolLM2 layer {score_layer} head {score_head}, {tokens} tokens:\n"
+        "sampled mass per key block outside window and sink",
         path=written[-1],
     )
 
