@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -476,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "heads": heads,
         "dry_run": args.dry_run,
-        "commit": _git_commit(),
+        # A device machine may get the working tree without .git: FLEXSAMPLE_COMMIT names it.
+        "commit": _git_commit() or os.environ.get("FLEXSAMPLE_COMMIT"),
         "command": "python3 bench/gpu_run.py " + " ".join(argv or sys.argv[1:]),
     }
     meta["matmul_tflops"] = matmul_tflops(device, measure)
