@@ -127,6 +127,12 @@ def run_demo(
         f"Inside attention: sampling+selection+mask {sample:.2f} s, "
         f"block-sparse attention {attention:.2f} s (one prefill, all layers)"
     )
+    if flex_ttft >= dense_ttft:
+        console.print(
+            "[dim]A 135M model on a CPU spends most of a short prefill outside attention, "
+            "so sampling does not pay here yet: try --length 8000. Operator speed-ups at "
+            "long lengths (CPU and H100) are in the docs' Benchmarks page.[/dim]"
+        )
 
     if save_masks is not None:
         from flexsample.viz import plot_tile_layouts
