@@ -9,7 +9,7 @@ import torch
 from .attention import dense_causal_attention, sparse_attention
 from .config import SampleConfig
 from .layout import SampleLayout
-from .masks import block_layout, block_mask_from_layout, density
+from .masks import _block_mask, block_layout, density
 from .sampling import resolve_sampler, run_sampler
 from .selection import kept_sampled_mass, select_blocks
 from .stats import SampleStats, StageTimer
@@ -81,7 +81,7 @@ def flex_sample_attention(
         stripes = select_blocks(scores, config.alpha)
     with timer.stage("mask"):
         keep = block_layout(stripes, layout)
-        block_mask = block_mask_from_layout(keep, S, layout.block_size)
+        block_mask = _block_mask(keep, S, layout.block_size)
     with timer.stage("attention"):
         out = sparse_attention(q, k, v, block_mask, scale)
     if not return_stats:

@@ -126,6 +126,16 @@ def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) ->
         )
     if not bool(keep.diagonal(dim1=-2, dim2=-1).all()):
         raise ValueError("keep must keep every diagonal tile (each query attends to itself)")
+    return _block_mask(keep, seq_len, block_size)
+
+
+def _block_mask(keep: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
+    """:func:`block_mask_from_layout` without its checks, for layouts from :func:`block_layout`.
+
+    Those are valid by construction (the window always holds the diagonal tile), and the
+    diagonal check reads the tensor on the host: on CUDA it would stall the pipeline on every
+    call between selection and attention.
+    """
     B, H, n, _ = keep.shape
     rows = torch.arange(n, device=keep.device)
     full = keep & (rows[None, :] < rows[:, None])
@@ -169,4 +179,4 @@ def build_block_mask(
         A causal ``BlockMask`` over ``(B, H, S, S)``.
     """
     layout = SampleLayout.create(seq_len, config or SampleConfig())
-    return block_mask_from_layout(block_layout(stripes, layout), seq_len, layout.block_size)
+    return _block_mask(block_layout(stripes, layout), seq_len, layout.block_size)
