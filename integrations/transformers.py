@@ -92,6 +92,11 @@ class CallRecord:
     times: dict[str, float]
     details: list[SampleStats] = field(default_factory=list)
 
+    @property
+    def mean_density(self) -> float:
+        """Density averaged over the query heads."""
+        return sum(self.density) / len(self.density)
+
 
 @dataclass
 class LayerState:
@@ -376,6 +381,16 @@ def layer_stats(model: torch.nn.Module) -> list[CallRecord]:
     return sorted(records, key=lambda r: r.layer)
 
 
+def prefill_density(model: torch.nn.Module) -> float | None:
+    """Mean density of the recorded prefill calls (``q_len > 1``), None if there were none.
+
+    Dense fallbacks count with density 1: this is the fraction of attention tiles the
+    prefills actually computed.
+    """
+    prefill = [r.mean_density for r in layer_stats(model) if r.q_len > 1]
+    return sum(prefill) / len(prefill) if prefill else None
+
+
 def reset_stats(model: torch.nn.Module) -> None:
     """Forget the recorded calls (keeps the configs)."""
     for module in _attention_modules(model):
@@ -395,7 +410,7 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
         row["calls"] += 1
         if r.path == "sparse":
             row["sparse"] += 1
-            row["density"].append(sum(r.density) / len(r.density))
+            row["density"].append(r.mean_density)
         else:
             row["fallbacks"][r.reason] = row["fallbacks"].get(r.reason, 0) + 1
         for stage, seconds in r.times.items():

@@ -57,8 +57,7 @@ def test_passkey_answers_match_dense(smollm2, length):
         dense = extract_number(tokenizer.decode(greedy(model, ids)[0]))
         fst.enable(model, SampleConfig())
         sparse = extract_number(tokenizer.decode(greedy(model, ids)[0]))
-        prefill = [r for r in fst.layer_stats(model) if r.q_len > 1]
-        density = sum(sum(r.density) / len(r.density) for r in prefill) / len(prefill)
+        density = fst.prefill_density(model)
         rows.append((depth, prompt.answer, dense, sparse, density))
         print(
             f"{ids.shape[1]} tokens, depth {depth}: key {prompt.answer}, dense {dense}, "

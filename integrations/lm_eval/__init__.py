@@ -128,11 +128,9 @@ class FlexSampleLM(HFLM):
                 results[i] = output
             entry = self.report[task]
             entry["prefill_s"].extend(self._prefill_times)
-            prefill = [r for r in fst.layer_stats(self.model) if r.q_len > 1]
-            if prefill:
-                entry["density"].append(
-                    sum(sum(r.density) / len(r.density) for r in prefill) / len(prefill)
-                )
+            density = fst.prefill_density(self.model)
+            if density is not None:
+                entry["density"].append(density)
             elif self.attention == "dense":
                 entry["density"].append(1.0)
         return results
