@@ -1,16 +1,18 @@
 """Shared setup of the benchmark suites (pytest-benchmark).
 
-    pytest bench --benchmark-json=bench/results/cpu.json     # full CPU run (make bench)
-    pytest bench --smoke                                     # tiny sizes: does it still run?
+    make bench                                   # full CPU run: two JSON files, then report.py
+    pytest bench --smoke --benchmark-json=x.json # tiny sizes: does it still run?
 
 On CUDA each timed call is bracketed by device events and the median device time is stored
-in ``extra_info["device_ms"]``; on CPU the wall time pytest-benchmark measures is the time.
-Warm-up rounds keep compilation out of every number.
+in ``extra_info["device_ms"]``; on CPU the time is wall time (pytest-benchmark's, or for the
+operator cases that of :func:`interleaved_ms`). Warm-up rounds keep compilation out of every
+number.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import pytest
 import torch
@@ -77,8 +79,6 @@ def interleaved_ms(fns: dict, device: torch.device, rounds: int) -> dict[str, fl
     Returns:
         ``{f"{name}_ms": median}`` for each entry of ``fns``.
     """
-    import time
-
     timed = {name: Timed(fn, device) for name, fn in fns.items()}
     for fn in timed.values():
         fn()

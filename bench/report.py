@@ -290,13 +290,11 @@ def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
         ax.set_ylabel("milliseconds (median)")
-        ax.set_title("Causal attention latency vs length")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / f"{name}_latency.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(
+            _finish(fig, ax, "sequence length", "Causal attention latency vs length",
+                    out / f"{name}_latency.png")
+        )  # fmt: skip
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in lengths:
@@ -305,13 +303,11 @@ def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path
                 [r["density"] for r in rows], [r["speedup"] for r in rows], "-o", label=f"S={s}"
             )
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("density (fraction of causal tiles computed)")
         ax.set_ylabel("speedup over dense SDPA (end to end)")
-        ax.set_title("Speedup vs density")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / f"{name}_speedup.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(
+            _finish(fig, ax, "density (fraction of causal tiles computed)", "Speedup vs density",
+                    out / f"{name}_speedup.png")
+        )  # fmt: skip
     if alphas:
         fig, ax = plt.subplots(figsize=(6, 4))
         a = [r["alpha"] for r in alphas]
@@ -319,13 +315,21 @@ def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path
         ax.plot(a, [r["kept_mass_mean"] for r in alphas], "-s", label="attention mass kept")
         ax.plot(a, [r["passkey_accuracy"] for r in alphas], "-^", label="passkey accuracy")
         ax.plot(a, [r["output_rel_error"] for r in alphas], "-x", label="output rel. error")
-        ax.set_xlabel("alpha (CRA threshold)")
-        ax.set_title("alpha frontier on SmolLM2")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / f"{name}_alpha.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(
+            _finish(fig, ax, "alpha (CRA threshold)", "alpha frontier on SmolLM2",
+                    out / f"{name}_alpha.png")
+        )  # fmt: skip
     return written
+
+
+def _finish(fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """Label, add the legend, lay out and save as PNG; returns ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
