@@ -29,10 +29,11 @@ def make_pictures(
     (sampled block scores of one head) and ``density.png`` (density per layer and head) into
     ``out``, and returns their paths.
     """
+    config = config or SampleConfig()
     model, tokenizer = load_model(SMOLLM2)
     prompt = passkey_prompt(tokenizer, length, depth, seed=0)
     ids = tokenizer(prompt.text, return_tensors="pt").input_ids
-    fst.enable(model, config or SampleConfig())
+    fst.enable(model, config)
     with torch.no_grad():
         model(ids)
     records = {r.layer: r for r in fst.layer_stats(model) if r.path == "sparse"}
@@ -64,7 +65,7 @@ def make_pictures(
     written.append(out / "density.png")
     plot_density_heatmap(
         density,
-        f"SmolLM2-135M, {tokens}-token passkey prompt, alpha {(config or SampleConfig()).alpha}",
+        f"SmolLM2-135M, {tokens}-token passkey prompt, alpha {config.alpha}",
         path=written[-1],
     )
     return written

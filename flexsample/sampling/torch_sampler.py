@@ -55,6 +55,14 @@ def chunk_block_mass(
     return mass * uncovered
 
 
+#: Room for the chunk kernel's shape variants before Dynamo gives up and runs it eagerly.
+_RECOMPILE_LIMIT = {
+    name: 64
+    for name in ("recompile_limit", "cache_size_limit")
+    if hasattr(torch._dynamo.config, name)
+}
+
+
 @functools.cache
 def _compiled_chunk_block_mass():
     return torch.compile(chunk_block_mass, dynamic=True)
@@ -76,13 +84,6 @@ def _chunk_fn(device: torch.device, compiled: bool | None):
             return kernel(*args)
 
     return call
-
-
-_RECOMPILE_LIMIT = {
-    name: 64
-    for name in ("recompile_limit", "cache_size_limit")
-    if hasattr(torch._dynamo.config, name)
-}
 
 
 def sample_block_scores_torch(
