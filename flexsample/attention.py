@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .compilation import recompile_policy
 from .masks import kernel_block_mask
 
 
@@ -41,6 +41,10 @@ def sparse_attention(
     Returns:
         ``(B, Hq, S, D)`` in q's dtype.
     """
+    if not torch.is_grad_enabled():
+        # FlexAttention refuses CPU inputs that require grad even under no_grad; with autograd
+        # off, detaching changes nothing else.
+        q, k, v = q.detach(), k.detach(), v.detach()
     kwargs = {
         "block_mask": kernel_block_mask(block_mask),
         "scale": scale,
@@ -48,27 +52,9 @@ def sparse_attention(
     }
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return flex_attention(q, k, v, **kwargs)
-    with _no_silent_eager_fallback():
+    # Past the recompile limit Dynamo would run eager flex_attention: dense and slow.
+    with recompile_policy(fail_on_limit=True):
         return compiled_flex_attention()(q, k, v, **kwargs)
-
-
-@contextmanager
-def _no_silent_eager_fallback():
-    """Raise the recompile limit, and make hitting it an error instead of eager execution.
-
-    Each new dtype, head dim or block size compiles once; past Dynamo's limit (8) it would
-    run eager ``flex_attention``, which is dense and slow. An error says what happened.
-    """
-    config = torch._dynamo.config
-    changes: dict[str, object] = {}
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
-        if hasattr(config, name):
-            changes[name] = max(getattr(config, name), 64)
-            break
-    if hasattr(config, "fail_on_recompile_limit_hit"):
-        changes["fail_on_recompile_limit_hit"] = True
-    with config.patch(**changes):
-        yield
 
 
 def dense_causal_attention(

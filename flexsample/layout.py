@@ -102,6 +102,24 @@ class SampleLayout:
         n = self.num_blocks
         return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
-    @property
-    def num_causal_blocks(self) -> int:
-        return self.num_blocks * (self.num_blocks + 1) // 2
+    def notes(self) -> dict[str, str]:
+        """Why this geometry cannot give a sparse mask: ``{config field: explanation}``.
+
+        A config can be valid and still leave nothing to skip at a given length: a single
+        tile, or query segments shorter than a tile (each segment's cover adds its own
+        stripes, so the union approaches every block). Plans and stats carry these notes.
+        Empty when the geometry allows sparsity.
+        """
+        notes = {}
+        if self.num_blocks == 1:
+            notes["block_size"] = (
+                f"block_size {self.block_size} >= seq_len {self.seq_len}: one tile, "
+                "nothing to skip (density 1.0)"
+            )
+        elif self.seq_len // self.num_segments < self.block_size:
+            notes["num_segments"] = (
+                f"num_segments {self.num_segments} at seq_len {self.seq_len}: segments are "
+                f"shorter than one {self.block_size}-token tile, so their covers add up to a "
+                "nearly dense mask; use fewer segments"
+            )
+        return notes

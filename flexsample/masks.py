@@ -96,7 +96,9 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 )
 
 
-def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
+def block_mask_from_layout(
+    keep: torch.Tensor, seq_len: int, block_size: int, *, check: bool = True
+) -> BlockMask:
     """Turn a tile layout into a causal FlexAttention ``BlockMask``.
 
     Tiles strictly below the diagonal are *full* (computed without a ``mask_mod`` call); the
@@ -108,6 +110,10 @@ def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) ->
             diagonal must be kept (every query attends to itself).
         seq_len: tokens ``S`` (the last block may be partial).
         block_size: tile side in tokens.
+        check: validate ``keep`` first. The diagonal check reads the tensor on the host (a
+            device stall on CUDA); layouts made by :func:`block_layout` are valid by
+            construction (the window always holds the diagonal), so the pipeline passes
+            False.
 
     Returns:
         A ``BlockMask`` for ``flex_attention`` on ``(B, H, S, D)`` inputs. It carries no
@@ -118,24 +124,8 @@ def block_mask_from_layout(keep: torch.Tensor, seq_len: int, block_size: int) ->
         ValueError: ``keep`` is not a bool ``(B, H, N, N)`` tensor with
             ``N = ceil(seq_len / block_size)``, or its diagonal is not kept.
     """
-    n_expected = -(-seq_len // block_size)
-    if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[-2:] != (n_expected,) * 2:
-        raise ValueError(
-            f"keep must be a bool (B, H, {n_expected}, {n_expected}) tile layout for seq_len "
-            f"{seq_len} and block_size {block_size}, got {keep.dtype} {tuple(keep.shape)}"
-        )
-    if not bool(keep.diagonal(dim1=-2, dim2=-1).all()):
-        raise ValueError("keep must keep every diagonal tile (each query attends to itself)")
-    return _block_mask(keep, seq_len, block_size)
-
-
-def _block_mask(keep: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
-    """:func:`block_mask_from_layout` without its checks, for layouts from :func:`block_layout`.
-
-    Those are valid by construction (the window always holds the diagonal tile), and the
-    diagonal check reads the tensor on the host: on CUDA it would stall the pipeline on every
-    call between selection and attention.
-    """
+    if check:
+        _check_layout(keep, seq_len, block_size)
     B, H, n, _ = keep.shape
     rows = torch.arange(n, device=keep.device)
     full = keep & (rows[None, :] < rows[:, None])
@@ -165,6 +155,17 @@ def _block_mask(keep: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
     )
 
 
+def _check_layout(keep: torch.Tensor, seq_len: int, block_size: int) -> None:
+    n_expected = -(-seq_len // block_size)
+    if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[-2:] != (n_expected,) * 2:
+        raise ValueError(
+            f"keep must be a bool (B, H, {n_expected}, {n_expected}) tile layout for seq_len "
+            f"{seq_len} and block_size {block_size}, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    if not bool(keep.diagonal(dim1=-2, dim2=-1).all()):
+        raise ValueError("keep must keep every diagonal tile (each query attends to itself)")
+
+
 def build_block_mask(
     stripes: torch.Tensor, seq_len: int, config: SampleConfig | None = None
 ) -> BlockMask:
@@ -179,4 +180,5 @@ def build_block_mask(
         A causal ``BlockMask`` over ``(B, H, S, S)``.
     """
     layout = SampleLayout.create(seq_len, config or SampleConfig())
-    return _block_mask(block_layout(stripes, layout), seq_len, layout.block_size)
+    keep = block_layout(stripes, layout)
+    return block_mask_from_layout(keep, seq_len, layout.block_size, check=False)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .layout import SampleLayout
 
+if TYPE_CHECKING:  # plan.py imports this module
+    from .plan import PrefillPlan
+
 Path = Literal["sparse", "dense"]
-STAGES = ("sample", "select", "mask", "attention")
 
 
 @dataclass
@@ -31,6 +33,8 @@ class SampleStats:
         scores: ``(B, Hq, num_segments, num_blocks)`` sampled block scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
+        notes: what about the length and config limited sparsity (e.g. a single tile); empty
+            when nothing did.
         times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
             with device synchronisation; on the dense path only ``attention``.
     """
@@ -46,7 +50,27 @@ class SampleStats:
     stripes: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     sampled_mass: torch.Tensor | None = None
+    notes: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: PrefillPlan, times: dict[str, float]) -> SampleStats:
+        """The statistics of a call that ran ``plan``, with the seconds of its stages."""
+        return cls(
+            path=plan.path,
+            reason=plan.reason,
+            seq_len=plan.seq_len,
+            batch_size=plan.batch_size,
+            num_heads=plan.num_heads,
+            sampler=plan.sampler,
+            layout=plan.layout,
+            density=plan.density,
+            stripes=plan.stripes,
+            scores=plan.scores,
+            sampled_mass=plan.kept_sampled_mass(),
+            notes=plan.notes,
+            times=dict(times),
+        )
 
     @property
     def mean_density(self) -> float:
@@ -75,6 +99,7 @@ class SampleStats:
             "sampler": self.sampler,
             "mean_density": round(self.mean_density, 4),
             "min_sampled_mass": round(self.min_sampled_mass, 4),
+            "notes": list(self.notes),
             **{f"time_{k}_s": v for k, v in self.times.items()},
         }
 

@@ -15,8 +15,11 @@ def check_qkv(q: object, k: object, v: object) -> None:
     Raises:
         TypeError: a non-tensor, or a dtype that is not float32/bfloat16/float16, or mixed
             dtypes.
-        ValueError: wrong rank, mismatched batch/length/head-dim, ``Hq % Hkv != 0``, empty
-            sequence, or tensors on different devices.
+        ValueError: wrong rank, mismatched batch/length/head-dim, ``Hq % Hkv != 0``, an
+            empty batch, sequence or head dim, or tensors on different devices.
+        NotImplementedError: an input requires grad while autograd is on: flexsample
+            computes the forward pass of inference prefill only (the same at every length,
+            also where the dense path would run).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -50,8 +53,19 @@ def check_qkv(q: object, k: object, v: object) -> None:
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): "
             f"{shapes}"
         )
-    if q.shape[2] == 0 or q.shape[0] == 0:
-        raise ValueError(f"q, k, v must not be empty: {shapes}")
+    if q.shape[2] == 0 or q.shape[0] == 0 or q.shape[3] == 0:
+        raise ValueError(f"q, k, v must not be empty (batch, seq_len and head_dim >= 1): {shapes}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError(
+            "flexsample computes inference prefill only (no backward pass), but q, k or v "
+            "requires grad: call it under torch.no_grad() or torch.inference_mode(), or use "
+            "dense attention for training"
+        )
+
+
+def check_qk(q: object, k: object) -> None:
+    """:func:`check_qkv` for the stages that read only queries and keys."""
+    check_qkv(q, k, k)
 
 
 def resolve_scale(q: torch.Tensor, scale: object) -> float:

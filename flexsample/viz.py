@@ -16,6 +16,8 @@ import torch
 if TYPE_CHECKING:  # matplotlib is optional and imported only when a picture is drawn
     from matplotlib.figure import Figure
 
+    from .stats import SampleStats
+
 
 def _pyplot():
     try:
@@ -69,6 +71,38 @@ def plot_tile_layouts(
         ax.set_yticks([])
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_layer_masks(
+    stats_by_layer: dict[int, SampleStats],
+    *,
+    heads: int = 3,
+    path: str | Path | None = None,
+) -> Figure:
+    """The tile layouts of the first ``heads`` heads of some layers, one row per layer.
+
+    Args:
+        stats_by_layer: ``{layer: stats}`` of sparse calls (batch row 0 is drawn).
+        heads: heads per layer.
+        path: save the figure there (PNG) if given.
+
+    Returns:
+        matplotlib.figure.Figure: the figure.
+
+    Raises:
+        ValueError: no layers, or a stats object of a dense call (it has no tile layout).
+    """
+    layouts, titles = [], []
+    for layer, stats in stats_by_layer.items():
+        tiles = stats.tile_layout()
+        if tiles is None or stats.density is None:
+            raise ValueError(f"layer {layer} ran dense: it has no tile layout to draw")
+        for head in range(min(heads, tiles.shape[1])):
+            layouts.append(tiles[0, head])
+            titles.append(f"layer {layer} head {head}: density {float(stats.density[0, head]):.2f}")
+    if not layouts:
+        raise ValueError("stats_by_layer is empty: nothing to draw")
+    return plot_tile_layouts(layouts, titles, columns=heads, path=path)
 
 
 def plot_block_scores(

@@ -15,7 +15,7 @@ import torch
 
 from ..config import SampleConfig
 from ..layout import SampleLayout
-from ..validation import check_qkv, resolve_scale
+from ..validation import check_qk, resolve_scale
 from .reference import sample_block_scores_reference
 from .torch_sampler import sample_block_scores_torch
 
@@ -93,7 +93,7 @@ def sample_block_scores(
             :func:`flexsample.validation.check_qkv`).
     """
     config = config or SampleConfig()
-    check_qkv(q, k, k)
+    check_qk(q, k)
     scale = resolve_scale(q, scale)
     layout = SampleLayout.create(q.shape[-2], config)
     return run_sampler(resolve_sampler(config.sampler, q.device), q, k, layout, scale)

@@ -16,6 +16,7 @@ import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 
+from ..compilation import recompile_policy
 from ..layout import SampleLayout
 
 #: Upper bound on the elements of one float32 logits chunk (8 MiB).
@@ -55,14 +56,6 @@ def chunk_block_mass(
     return mass * uncovered
 
 
-#: Room for the chunk kernel's shape variants before Dynamo gives up and runs it eagerly.
-_RECOMPILE_LIMIT = {
-    name: 64
-    for name in ("recompile_limit", "cache_size_limit")
-    if hasattr(torch._dynamo.config, name)
-}
-
-
 @functools.cache
 def _compiled_chunk_block_mass():
     return torch.compile(chunk_block_mass, dynamic=True)
@@ -77,9 +70,10 @@ def _chunk_fn(device: torch.device, compiled: bool | None):
 
     def call(*args):
         # No duck sizing: equal sizes by coincidence (rows == head_dim) must not specialise.
+        # Past the recompile limit the eager chunk function is the same computation.
         with (
             torch.fx.experimental._config.patch(use_duck_shape=False),
-            torch._dynamo.config.patch(**_RECOMPILE_LIMIT),
+            recompile_policy(fail_on_limit=False),
         ):
             return kernel(*args)
 

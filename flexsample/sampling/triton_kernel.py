@@ -27,6 +27,22 @@ from ..layout import SampleLayout
 
 _LOG2E = 1.4426950408889634
 
+#: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability, the
+#: fastest measured by ``bench/gpu_run.py --tune-sampler``. H100 (9, 0), S=64K, 32/8 heads,
+#: D=128, bf16: (64, 128, 4) 5.81 ms; (64, 64, 4) 6.57; (64, 128, 8) 6.97; (128, 64, 8) 7.42;
+#: (128, 128, 8) 7.48; (32, 64, 4) 12.4 (bench/results/gpu_NVIDIA_H100_80GB_HBM3.json).
+LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(9, 0): (64, 128, 4)}
+#: For devices not in the table (and the interpreter): the H100's choice.
+DEFAULT_LAUNCH_CONFIG = (64, 128, 4)
+
+
+def launch_config(device: torch.device) -> tuple[int, int, int]:
+    """``(block_m, block_n, num_warps)`` for the sampler on ``device``."""
+    if device.type != "cuda":
+        return DEFAULT_LAUNCH_CONFIG
+    capability = torch.cuda.get_device_capability(device)
+    return LAUNCH_CONFIGS.get(capability, DEFAULT_LAUNCH_CONFIG)
+
 
 @triton.jit
 def _sample_block_mass_kernel(
@@ -167,9 +183,9 @@ def sample_block_scores_triton(
     layout: SampleLayout,
     scale: float,
     *,
-    block_m: int = 64,
-    block_n: int = 128,
-    num_warps: int = 4,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Per-segment sampled attention mass of each uncovered key block, in one Triton launch.
 
@@ -179,8 +195,12 @@ def sample_block_scores_triton(
 
     ``block_m`` (a power of two) is the number of (row, query head) pairs per program; it is
     raised to the GQA group size when smaller. ``block_n`` is the key tile width (a power of
-    two, capped at the block size).
+    two, capped at the block size). Each left at None comes from :func:`launch_config`.
     """
+    tuned = launch_config(q.device)
+    block_m = tuned[0] if block_m is None else block_m
+    block_n = tuned[1] if block_n is None else block_n
+    num_warps = tuned[2] if num_warps is None else num_warps
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
