@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from flexsample import SampleConfig
-from flexsample.viz import plot_block_scores, plot_density_heatmap, plot_tile_layouts
+from flexsample.viz import plot_block_scores, plot_density_heatmap, plot_layer_masks
 
 from . import transformers as fst
 from .haystack import passkey_prompt
@@ -19,15 +19,19 @@ def make_pictures(
     length: int = 4096,
     depth: float = 0.5,
     config: SampleConfig | None = None,
-    layers: tuple[int, ...] = (0, 15, 29),
-    score_layer: int = 29,
+    layers: tuple[int, ...] | None = None,
+    score_layer: int | None = None,
     score_head: int = 1,
 ) -> list[Path]:
     """Run one flexsample prefill of SmolLM2 on a passkey prompt and draw what it chose.
 
-    Writes ``masks.png`` (tile layouts of three heads in each of ``layers``), ``scores.png``
-    (sampled block scores of one head) and ``density.png`` (density per layer and head) into
-    ``out``, and returns their paths.
+    Writes ``masks.png`` (tile layouts of three heads in each of ``layers``; default the
+    first, middle and last layer that ran sparse), ``scores.png`` (sampled block scores of
+    one head of ``score_layer``, default the last sparse layer) and ``density.png`` (density
+    per layer and head) into ``out``, and returns their paths.
+
+    Raises:
+        ValueError: a requested layer did not run sparse (or does not exist).
     """
     config = config or SampleConfig()
     model, tokenizer = load_model(SMOLLM2)
@@ -42,15 +46,17 @@ def make_pictures(
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
-    layouts, titles = [], []
-    for layer in layers:
-        stats = records[layer].details[0]
-        tiles = stats.tile_layout()[0]
-        for head in range(min(3, tiles.shape[0])):
-            layouts.append(tiles[head])
-            titles.append(f"layer {layer} head {head}: density {float(stats.density[0, head]):.2f}")
+    sparse = sorted(records)
+    if not sparse:
+        raise ValueError(f"no layer ran sparse at {tokens} tokens: nothing to draw")
+    if layers is None:
+        layers = tuple(sorted({sparse[0], sparse[len(sparse) // 2], sparse[-1]}))
+    score_layer = sparse[-1] if score_layer is None else score_layer
+    missing = [i for i in (*layers, score_layer) if i not in records]
+    if missing:
+        raise ValueError(f"layers {missing} did not run sparse; sparse layers: {sparse}")
     written.append(out / "masks.png")
-    plot_tile_layouts(layouts, titles, columns=3, path=written[-1])
+    plot_layer_masks({i: records[i].details[0] for i in layers}, path=written[-1])
 
     stats = records[score_layer].details[0]
     written.append(out / "scores.png")

@@ -121,6 +121,7 @@ class FlexSampleLM(HFLM):
         for i, request in enumerate(requests):
             groups[request.task_name or "unknown"].append(i)
         for task, indices in groups.items():
+            self._check_context(task, [requests[i] for i in indices])
             self._prefill_times.clear()
             fst.reset_stats(self.model)
             outputs = method([requests[i] for i in indices], *args)
@@ -134,6 +135,21 @@ class FlexSampleLM(HFLM):
             elif self.attention == "dense":
                 entry["density"].append(1.0)
         return results
+
+    def _check_context(self, task: str, requests) -> None:
+        """Refuse a task whose prompts do not fit the model's context.
+
+        HFLM would silently keep only the last ``max_length`` tokens of each prompt (losing
+        the needle with the start), and score the model on a task it never saw.
+        """
+        lengths = [(r.doc or {}).get("num_tokens", 0) for r in requests]
+        longest = max(lengths, default=0)
+        if longest > self.max_length:
+            raise ValueError(
+                f"task {task}: its prompts have up to {longest} tokens, more than this model's "
+                f"context of {self.max_length}; choose a shorter task or a model with a "
+                "longer context"
+            )
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self._by_task(super().generate_until, requests, disable_tqdm)

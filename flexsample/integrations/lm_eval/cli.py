@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
-from . import TASKS_DIR, FlexSampleLM
+from . import CONFIG_FIELDS, TASKS_DIR, FlexSampleLM
 
 SUBCOMMANDS = ("run", "ls", "validate")
 
@@ -29,7 +30,8 @@ def run_lm_eval(argv: list[str]) -> int:
         )
         return 2
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ("run" if argv else None)
-    if command is None or argv in (["run"], ["-h"], ["--help"]):
+    if command is None or argv in (["run"], ["-h"], ["--help"]) or "--help" in argv[:2]:
+        print(eval_help())
         sys.argv = ["flexsample eval", *argv]
     else:
         rest = argv[1:] if argv[0] in SUBCOMMANDS else argv
@@ -38,6 +40,46 @@ def run_lm_eval(argv: list[str]) -> int:
     parser = HarnessCLI()
     parser.execute(parser.parse_args())
     return 0
+
+
+def task_names() -> list[str]:
+    """The task names flexsample ships (from the task folder)."""
+    return sorted(p.stem for p in TASKS_DIR.glob("flexsample_*.yaml") if not p.stem.startswith("_"))
+
+
+def eval_help() -> str:
+    """What ``flexsample eval`` adds to lm-eval's CLI; printed before lm-eval's own help."""
+    indent = " " * 23
+
+    def wrapped(text: str) -> str:
+        return textwrap.fill(text, 96, initial_indent=indent, subsequent_indent=indent)
+
+    tasks = task_names()
+    return "\n".join(
+        [
+            "flexsample eval: lm-eval's command line with flexsample's model and tasks.",
+            "",
+            "  --model flexsample   lm-eval's HF model with SampleAttention enabled",
+            "  --model_args k=v,... pretrained=<model folder, or smollm2: the offline default>,",
+            wrapped(
+                "gguf_file=..., attention=flexsample|dense, any SampleConfig field ("
+                + ", ".join(CONFIG_FIELDS)
+                + "), and any argument of --model hf"
+            ),
+            f"  --tasks              flexsample's {len(tasks)} offline tasks:",
+            wrapped(", ".join(tasks)),
+            wrapped(
+                "A task whose prompts are longer than the model's context (SmolLM2: 8192 "
+                "tokens) is refused with an error, not silently truncated."
+            ),
+            "",
+            "Example: flexsample eval --model flexsample --model_args alpha=0.9 "
+            "--tasks flexsample_passkey_2k --limit 10",
+            "",
+            "lm-eval's own options follow.",
+            "",
+        ]
+    )
 
 
 def compare(

@@ -1,0 +1,213 @@
+"""What the layers did: one record per attention call, and the per-layer report.
+
+Density has one meaning everywhere here, the core's: the fraction of causal tiles computed,
+1 for a call that ran dense. A prefill's density is the mean over its prefill calls
+(``q_len > 1``), dense ones included: the share of attention work the prefill really did.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flexsample import SampleStats
+
+from .state import known_layer_states
+
+STAGES = ("sample", "select", "mask", "attention")
+
+
+@dataclass
+class CallRecord:
+    """One attention call of one layer.
+
+    Attributes:
+        layer: the layer index (``module.layer_idx``), or -1 if the module has none.
+        path: ``"sparse"`` or ``"dense"``.
+        reason: why the dense path ran (None on the sparse path).
+        q_len, kv_len, batch: shapes of the call.
+        density: per query head, fraction of causal tiles computed (mean over the batch);
+            all ones on the dense path.
+        times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``) of this
+            call; the first call of a shape includes compilation.
+        details: the :class:`~flexsample.SampleStats` of each ``flex_sample_attention`` call
+            behind this record (one per batch row when rows were left-padded), with the
+            selected stripes and sampled scores; empty on the dense path.
+    """
+
+    layer: int
+    path: str
+    reason: str | None
+    q_len: int
+    kv_len: int
+    batch: int
+    density: list[float]
+    times: dict[str, float]
+    details: list[SampleStats] = field(default_factory=list)
+
+    @property
+    def mean_density(self) -> float:
+        """Density averaged over the query heads."""
+        return sum(self.density) / len(self.density)
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one query token: a prefill (or a prefill chunk), not a decode step."""
+        return self.q_len > 1
+
+
+def head_densities(calls: Sequence[SampleStats], heads: int, device: torch.device) -> torch.Tensor:
+    """``(heads,)`` density per query head over the per-row calls of one layer call.
+
+    Dense calls count as 1. The result is on ``device`` (the attention inputs' device),
+    whatever mix of paths the calls took.
+    """
+    per_call = [
+        torch.ones(heads, device=device)
+        if s.density is None
+        else s.density.to(device=device, dtype=torch.float32).mean(dim=0)
+        for s in calls
+    ]
+    return torch.stack(per_call).mean(dim=0)
+
+
+def record_calls(
+    records: list[CallRecord],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    calls: Sequence[SampleStats],
+) -> None:
+    """Append one record for the (possibly per-row) ``flex_sample_attention`` calls of one
+    layer call."""
+    times: dict[str, float] = {}
+    for s in calls:
+        for stage, seconds in s.times.items():
+            times[stage] = times.get(stage, 0.0) + seconds
+    path = "sparse" if any(s.path == "sparse" for s in calls) else "dense"
+    reasons = sorted({s.reason for s in calls if s.reason})
+    records.append(
+        CallRecord(
+            layer=getattr(module, "layer_idx", -1),
+            path=path,
+            reason="; ".join(reasons) or None,
+            q_len=query.shape[2],
+            kv_len=key.shape[2],
+            batch=query.shape[0],
+            density=head_densities(calls, query.shape[1], query.device).tolist(),
+            times=times,
+            details=[s for s in calls if s.path == "sparse"],
+        )
+    )
+
+
+def record_dense(
+    records: list[CallRecord],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    reason: str,
+    seconds: float,
+) -> None:
+    """Append the record of a call that transformers' SDPA ran (a routed fallback)."""
+    records.append(
+        CallRecord(
+            layer=getattr(module, "layer_idx", -1),
+            path="dense",
+            reason=reason,
+            q_len=query.shape[2],
+            kv_len=key.shape[2],
+            batch=query.shape[0],
+            density=[1.0] * query.shape[1],
+            times={"attention": seconds},
+        )
+    )
+
+
+def layer_stats(model: torch.nn.Module) -> list[CallRecord]:
+    """Every recorded attention call of the model, in layer order."""
+    records = [r for state in known_layer_states(model) for r in state.records]
+    return sorted(records, key=lambda r: r.layer)
+
+
+def mean_prefill_density(records: Sequence[CallRecord]) -> float | None:
+    """Mean density of the prefill records (dense ones count 1); None if there are none."""
+    prefill = [r.mean_density for r in records if r.is_prefill]
+    return sum(prefill) / len(prefill) if prefill else None
+
+
+def prefill_density(model: torch.nn.Module) -> float | None:
+    """Mean density of the model's recorded prefill calls, None if there were none.
+
+    Dense fallbacks count with density 1: this is the fraction of attention tiles the
+    prefills actually computed.
+    """
+    return mean_prefill_density(layer_stats(model))
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    """Forget the recorded calls (keeps the configs)."""
+    for state in known_layer_states(model):
+        state.records.clear()
+
+
+def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
+    """Per layer: calls, sparse calls, prefill density, and times per call.
+
+    Each row has ``calls``, ``sparse``, ``density`` (:func:`mean_prefill_density` of the
+    layer, None without prefill calls), ``first_call_s`` (all stages of the layer's first
+    call, compilation included), ``<stage>_s`` (median seconds per call of each stage over
+    the later calls, or of the first call when there is only one) and ``fallbacks``
+    (reason → count).
+    """
+    by_layer: dict[int, list[CallRecord]] = {}
+    for r in layer_stats(model):
+        by_layer.setdefault(r.layer, []).append(r)
+    rows = []
+    for layer, records in sorted(by_layer.items()):
+        later = records[1:] or records
+        fallbacks: dict[str, int] = {}
+        for r in records:
+            if r.path == "dense":
+                fallbacks[str(r.reason)] = fallbacks.get(str(r.reason), 0) + 1
+        rows.append(
+            {
+                "layer": layer,
+                "calls": len(records),
+                "sparse": sum(r.path == "sparse" for r in records),
+                "density": mean_prefill_density(records),
+                "first_call_s": sum(records[0].times.values()),
+                **{
+                    f"{stage}_s": statistics.median(r.times.get(stage, 0.0) for r in later)
+                    for stage in STAGES
+                },
+                "fallbacks": fallbacks,
+            }
+        )
+    return rows
+
+
+def stats_table(model: torch.nn.Module) -> str:
+    """:func:`summarize` as a fixed-width text table, with a line saying what the times are."""
+    header = (
+        f"{'layer':>5} {'calls':>5} {'sparse':>6} {'density':>8} {'1st call':>9} "
+        f"{'sample':>8} {'select':>8} {'mask':>8} {'attn':>8}  fallbacks"
+    )
+    lines = [
+        "seconds: '1st call' = all stages of the layer's first call (compilation included);",
+        "stage columns = median per call over the later calls (the first, if it is the only one)",
+        header,
+        "-" * len(header),
+    ]
+    for row in summarize(model):
+        density = "-" if row["density"] is None else f"{row['density']:.3f}"
+        fallbacks = ", ".join(f"{k} x{v}" for k, v in row["fallbacks"].items())
+        lines.append(
+            f"{row['layer']:>5} {row['calls']:>5} {row['sparse']:>6} {density:>8} "
+            f"{row['first_call_s']:>9.4f} {row['sample_s']:>8.4f} {row['select_s']:>8.4f} "
+            f"{row['mask_s']:>8.4f} {row['attention_s']:>8.4f}  {fallbacks}"
+        )
+    return "\n".join(lines)

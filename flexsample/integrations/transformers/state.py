@@ -1,0 +1,125 @@
+"""Which models and layers run SampleAttention, with which config: per-module state.
+
+State lives in weak dictionaries keyed by the modules themselves, not in their ``__dict__``:
+enabling flexsample leaves the model's objects untouched, and the state goes with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from flexsample import SampleConfig
+
+if TYPE_CHECKING:
+    from .records import CallRecord
+
+#: The attention implementation name registered with transformers.
+NAME = "flexsample"
+
+
+@dataclass
+class LayerState:
+    """flexsample's settings and records for one attention module.
+
+    Attributes:
+        config: the SampleConfig this layer runs with.
+        collect_stats: record one :class:`~flexsample.integrations.transformers.CallRecord`
+            per attention call (times each stage, synchronising the device).
+        records: the recorded calls.
+    """
+
+    config: SampleConfig
+    collect_stats: bool = True
+    records: list[CallRecord] = field(default_factory=list)
+
+
+_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
+_PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def layer_state(module: torch.nn.Module) -> LayerState:
+    """The state of an attention module (default config if the model was loaded with
+    ``attn_implementation="flexsample"`` and never :func:`enable`\\ d)."""
+    state = _LAYERS.get(module)
+    if state is None:
+        state = _LAYERS[module] = LayerState(SampleConfig())
+    return state
+
+
+def known_layer_states(model: torch.nn.Module) -> Iterator[LayerState]:
+    """States of the model's attention modules that have one, in module order."""
+    for module in attention_modules(model):
+        state = _LAYERS.get(module)
+        if state is not None:
+            yield state
+
+
+def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Modules that transformers passes to attention functions (they carry ``layer_idx``)."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and any(
+            isinstance(p, torch.nn.Linear) for p in module.children()
+        ):
+            yield module
+
+
+def enable(
+    model: torch.nn.Module, config: SampleConfig | None = None, *, collect_stats: bool = True
+) -> torch.nn.Module:
+    """Switch a loaded transformers model to SampleAttention with its own config.
+
+    Two models in one process can carry different configs. Statistics collect per layer
+    (see :func:`~flexsample.integrations.transformers.layer_stats`) unless
+    ``collect_stats`` is False; collecting times each stage and synchronises the device
+    between stages.
+
+    Args:
+        model: a ``PreTrainedModel``.
+        config: settings for every layer of this model; ``SampleConfig()`` if None.
+        collect_stats: record one call record per attention call.
+
+    Returns:
+        The model (switched in place).
+
+    Raises:
+        TypeError: ``model`` is not a transformers model or ``config`` not a SampleConfig.
+    """
+    from .routing import register
+
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    config = SampleConfig() if config is None else config
+    if not isinstance(config, SampleConfig):
+        raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
+    register()
+    current = model.config._attn_implementation
+    if current != NAME:
+        _PREVIOUS[model] = current
+    for module in attention_modules(model):
+        _LAYERS[module] = LayerState(config, collect_stats=collect_stats)
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def disable(model: torch.nn.Module) -> torch.nn.Module:
+    """Return a model to the attention implementation it had before :func:`enable`."""
+    model.set_attn_implementation(_PREVIOUS.pop(model, "sdpa"))
+    for module in attention_modules(model):
+        _LAYERS.pop(module, None)
+    return model
+
+
+@contextlib.contextmanager
+def enabled(model: torch.nn.Module, config: SampleConfig | None = None, **kwargs):
+    """``with enabled(model, config): ...`` runs the block with SampleAttention."""
+    enable(model, config, **kwargs)
+    try:
+        yield model
+    finally:
+        disable(model)
