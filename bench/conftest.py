@@ -92,15 +92,3 @@ def interleaved_ms(fns: dict, device: torch.device, rounds: int) -> dict[str, fl
         f"{name}_ms": statistics.median(fn.device_ms[1:] if fn.device_ms else wall[name])
         for name, fn in timed.items()
     }
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """SmolLM2-135M and its tokenizer, loaded once per session (skips if not installed)."""
-    from flexsample.integrations.models import SMOLLM2, ModelNotInstalled, load_model
-
-    try:
-        SMOLLM2.path()
-    except ModelNotInstalled as e:
-        pytest.skip(str(e))
-    return load_model(SMOLLM2)

@@ -23,24 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask
 
 import flexsample as fs
-from flexsample.attention import compiled_flex_attention
-from flexsample.layout import SampleLayout
-from flexsample.sampling import resolve_sampler, run_sampler
 from flexsample.synthetic import planted_case
+from flexsample.testing import rel_max, rel_rmse
 
 
 def timer(device: torch.device, warmup: int = 2, reps: int = 5, min_total_s: float = 0.2):
@@ -73,135 +71,128 @@ def timer(device: torch.device, warmup: int = 2, reps: int = 5, min_total_s: flo
     return measure
 
 
-def rel_max(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref.double()).abs().max() / ref.double().abs().max())
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref.double()).norm() / ref.double().norm())
-
-
 # ---------------------------------------------------------------------------------------------
-# correctness
+# correctness: each check computes one Check; check_correctness composes them
+
+
+@dataclass
+class Check:
+    """One correctness check: an error against a reference, and the bound it must meet."""
+
+    check: str
+    dtype: str
+    shape: str
+    error: float
+    metric: str
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    def row(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _randn_qkv(B, Hq, Hkv, S, D, device, dtype):
+    return (
+        torch.randn(B, Hq, S, D, device=device, dtype=dtype),
+        torch.randn(B, Hkv, S, D, device=device, dtype=dtype),
+        torch.randn(B, Hkv, S, D, device=device, dtype=dtype),
+    )
+
+
+def check_sampler_vs_oracle(shape, dtype, device, sampler: str) -> Check:
+    """The stage-1 sampler against the float64 oracle on random inputs."""
+    B, Hq, Hkv, S, D, bs = shape
+    cfg = fs.SampleConfig(
+        block_size=bs, min_window=bs, window_ratio=0.05, num_segments=5, sample_ratio=0.1
+    )
+    layout = fs.SampleLayout.create(S, cfg)
+    q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    ref = fs.sample_block_scores_reference(q, k, layout, D**-0.5)
+    got = fs.sample_block_scores(q, k, cfg.replace(sampler=sampler), scale=D**-0.5)
+    return Check(
+        f"{sampler} sampler vs float64 oracle",
+        str(dtype),
+        f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
+        rel_max(got, ref),
+        "rel max",
+        1e-4,
+    )
+
+
+def check_sampler_vs_torch(S: int, device, sampler: str) -> Check:
+    """At a long length: the sampler against the chunked torch path (both exact float32)."""
+    q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=1)
+    layout = fs.SampleLayout.create(S, cfg)
+    got = fs.sample_block_scores(q, k, cfg.replace(sampler=sampler), scale=128**-0.5)
+    ref = fs.sample_block_scores_torch(q, k, layout, 128**-0.5)
+    shape = f"B1 H32/8 S{S} D128 bs128"
+    return Check(
+        f"{sampler} sampler vs torch sampler", "torch.bfloat16", shape, rel_max(got, ref),
+        "rel max", 1e-4,
+    )  # fmt: skip
+
+
+def check_sparse_flex(dtype, device) -> Check:
+    """Compiled block-sparse FlexAttention against its eager float64 oracle, random layout.
+
+    Bound: twice the error of PyTorch's own computation of the same masked attention in
+    ``dtype`` (FlashAttention's rule), fp32 included.
+    """
+    B, Hq, Hkv, S, D, bs = 2, 8, 2, 1000, 128, 128
+    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    lay = fs.SampleLayout.create(S, fs.SampleConfig(block_size=bs, min_window=bs, window_ratio=0))
+    keep = fs.block_layout(torch.rand(B, Hq, lay.num_blocks, device=device) < 0.4, lay)
+    got = fs.sparse_attention(q, k, v, fs.block_mask_from_layout(keep, S, bs), D**-0.5)
+    ref = fs.sparse_attention_reference(q.double(), k.double(), v.double(), keep, bs, D**-0.5)
+    tile = torch.arange(S, device=device) // bs
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    allowed = keep[:, :, tile][:, :, :, tile] & causal
+    group = Hq // Hkv
+    base = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=allowed,
+        scale=D**-0.5,
+    )  # fmt: skip
+    return Check(
+        "compiled sparse flex vs float64 oracle", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
+        rel_rmse(got, ref), "rel rmse", 2 * rel_rmse(base, ref) + 1e-6,
+    )  # fmt: skip
+
+
+def check_dense_equivalent(dtype, S: int, device) -> Check:
+    """The whole call with a dense-equivalent config against SDPA."""
+    B, Hq, Hkv, D = 1, 32, 8, 128
+    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    out = fs.flex_sample_attention(q, k, v, config=fs.SampleConfig.dense_equivalent())
+    ref = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    bound = 1e-4 if dtype == torch.float32 else 2 * rel_rmse(base, ref) + 1e-6
+    return Check(
+        "flex_sample_attention(dense-equivalent) vs SDPA", str(dtype),
+        f"B{B} H{Hq}/{Hkv} S{S} D{D}", rel_rmse(out, ref), "rel rmse", bound,
+    )  # fmt: skip
 
 
 def check_correctness(device: torch.device, dry: bool) -> list[dict]:
-    rows: list[dict] = []
-    sampler = resolve_sampler("auto", device)
+    """Every correctness check of the GPU run (fewer shapes with ``dry``)."""
+    sampler = "triton" if device.type == "cuda" else "torch"
     shapes = [
         (1, 4, 2, 1000, 64, 64),
         (2, 6, 2, 777, 128, 128),
         (1, 32, 8, 2053, 128, 128),
         (1, 3, 3, 517, 80, 32),
-    ]
-    if dry:
-        shapes = shapes[:2]
-    for B, Hq, Hkv, S, D, bs in shapes:
-        cfg = fs.SampleConfig(
-            block_size=bs, min_window=bs, window_ratio=0.05, num_segments=5, sample_ratio=0.1
-        )
-        layout = SampleLayout.create(S, cfg)
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
-            k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-            ref = fs.sample_block_scores_reference(q, k, layout, D**-0.5)
-            got = run_sampler(sampler, q, k, layout, D**-0.5)
-            err = rel_max(got, ref)
-            rows.append(
-                {
-                    "check": f"{sampler} sampler vs float64 oracle",
-                    "dtype": str(dtype),
-                    "shape": f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
-                    "error": err,
-                    "metric": "rel max",
-                    "bound": 1e-4,
-                    "ok": err < 1e-4,
-                }
-            )
-
-    # Long length: the kernel against the chunked torch path (both exact float32 arithmetic).
-    S_long = 4096 if dry else 32768
-    q, k, _, cfg = planted_case(
-        0.1, 1, 32, 8, S_long, 128, dtype=torch.bfloat16, device=device, seed=1
-    )
-    layout = SampleLayout.create(S_long, cfg)
-    got = run_sampler(sampler, q, k, layout, 128**-0.5)
-    ref = fs.sample_block_scores_torch(q, k, layout, 128**-0.5)
-    err = rel_max(got, ref)
-    rows.append(
-        {
-            "check": f"{sampler} sampler vs torch sampler",
-            "dtype": "torch.bfloat16",
-            "shape": f"B1 H32/8 S{S_long} D128 bs128",
-            "error": err,
-            "metric": "rel max",
-            "bound": 1e-4,
-            "ok": err < 1e-4,
-        }
-    )
-
-    # Compiled sparse flex against its eager float64 oracle, random layouts.
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        B, Hq, Hkv, S, D, bs = 2, 8, 2, 1000, 128, 128
-        q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
-        k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-        v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-        lay = SampleLayout.create(
-            S, fs.SampleConfig(block_size=bs, min_window=bs, window_ratio=0.0)
-        )
-        keep = fs.block_layout(torch.rand(B, Hq, lay.num_blocks, device=device) < 0.4, lay)
-        got = fs.sparse_attention(q, k, v, fs.block_mask_from_layout(keep, S, bs), D**-0.5)
-        ref = fs.sparse_attention_reference(q.double(), k.double(), v.double(), keep, bs, D**-0.5)
-        tile = torch.arange(S, device=device) // bs
-        allowed = (
-            keep[:, :, tile][:, :, :, tile]
-            & torch.ones(S, S, dtype=torch.bool, device=device).tril()
-        )
-        base = F.scaled_dot_product_attention(
-            q,
-            k.repeat_interleave(4, 1),
-            v.repeat_interleave(4, 1),
-            attn_mask=allowed,
-            scale=D**-0.5,
-        )
-        err, bound = rel_rmse(got, ref), 2 * rel_rmse(base, ref) + 1e-6
-        rows.append(
-            {
-                "check": "compiled sparse flex vs float64 oracle",
-                "dtype": str(dtype),
-                "shape": f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
-                "error": err,
-                "metric": "rel rmse",
-                "bound": bound,
-                "ok": err <= bound,
-            }
-        )
-
-    # The whole call with a dense-equivalent config against SDPA.
-    for dtype in (torch.float32, torch.bfloat16):
-        B, Hq, Hkv, S, D = 1, 32, 8, 2048 if dry else 4099, 128
-        q = torch.randn(B, Hq, S, D, device=device, dtype=dtype)
-        k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-        v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype)
-        out = fs.flex_sample_attention(q, k, v, config=fs.SampleConfig.dense_equivalent())
-        ref = F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
-        )
-        base = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        err = rel_rmse(out, ref)
-        bound = 1e-4 if dtype == torch.float32 else 2 * rel_rmse(base, ref) + 1e-6
-        rows.append(
-            {
-                "check": "flex_sample_attention(dense-equivalent) vs SDPA",
-                "dtype": str(dtype),
-                "shape": f"B{B} H{Hq}/{Hkv} S{S} D{D}",
-                "error": err,
-                "metric": "rel rmse",
-                "bound": bound,
-                "ok": err <= bound,
-            }
-        )
-    return rows
+    ][: 2 if dry else 4]
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    checks = [check_sampler_vs_oracle(s, d, device, sampler) for s in shapes for d in dtypes]
+    checks.append(check_sampler_vs_torch(4096 if dry else 32768, device, sampler))
+    checks += [check_sparse_flex(d, device) for d in dtypes]
+    S = 2048 if dry else 4099
+    checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]
+    return [c.row() for c in checks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,28 +221,6 @@ def dense_sdpa(backend: SDPBackend, q, k, v):
     return run
 
 
-def causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def causal_block_mask(seq_len: int, block_size: int, device: torch.device) -> BlockMask:
-    """Dense causal BlockMask from tile indices (create_block_mask materialises S x S)."""
-    n = math.ceil(seq_len / block_size)
-    rows = torch.arange(n, device=device, dtype=torch.int32)
-    full_idx = rows.expand(n, n).contiguous()[None, None]  # tiles 0..i-1 are full for row i
-    diag_idx = torch.zeros(1, 1, n, n, dtype=torch.int32, device=device)
-    diag_idx[0, 0, :, 0] = rows
-    return BlockMask.from_kv_blocks(
-        torch.ones(1, 1, n, dtype=torch.int32, device=device),
-        diag_idx,
-        rows[None, None].clone(),
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=causal,
-        seq_lengths=(seq_len, seq_len),
-    )
-
-
 def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
     """Dense causal baselines in milliseconds (None where a backend cannot run the case)."""
     device = q.device
@@ -265,53 +234,55 @@ def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
         except RuntimeError as e:  # backend unavailable for this shape/dtype
             print(f"  {name} unavailable: {str(e).splitlines()[0][:120]}")
             times[name] = None
-    flex = compiled_flex_attention()
-    mask = causal_block_mask(q.shape[2], 128, device)
-    times["flex_dense"] = measure(
-        lambda: flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    )
+    # Dense causal attention through the same compiled FlexAttention call flexsample makes.
+    dense_plan = fs.plan_prefill(q, k, fs.SampleConfig.dense_equivalent(), scale=scale)
+    times["flex_dense"] = measure(lambda: fs.run_plan(dense_plan, q, k, v))
     return times
 
 
 def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
-    """Each flexsample stage and the whole call, in milliseconds, plus the density reached."""
-    S, scale = q.shape[2], q.shape[-1] ** -0.5
-    layout = SampleLayout.create(S, cfg)
-    sampler = resolve_sampler(cfg.sampler, q.device)
-    scores = run_sampler(sampler, q, k, layout, scale)
-    stripes = fs.select_blocks(scores, cfg.alpha)
-    keep = fs.block_layout(stripes, layout)
-    mask = fs.block_mask_from_layout(keep, S, cfg.block_size)
+    """Each flexsample stage and the whole call, in milliseconds, plus the density reached.
+
+    The stages are timed by :func:`flexsample.plan_prefill`'s own stage timer (the shipped
+    code, its host syncs included); ``plan_ms`` is the whole planning call without it.
+    """
+    plan = fs.plan_prefill(q, k, cfg)
+    stage_ms: dict[str, list[float]] = {"sample": [], "select": [], "mask": []}
+
+    def timed_planning():
+        timer = fs.StageTimer(q.device, enabled=True)
+        fs.plan_prefill(q, k, cfg, timer=timer)
+        for stage, seconds in timer.times.items():
+            stage_ms[stage].append(seconds * 1e3)
+
+    measure(timed_planning)
     return {
-        "density": float(fs.density(keep).mean()),
-        "sample_ms": measure(lambda: run_sampler(sampler, q, k, layout, scale)),
-        "select_ms": measure(lambda: fs.select_blocks(scores, cfg.alpha)),
-        "mask_ms": measure(
-            lambda: fs.block_mask_from_layout(fs.block_layout(stripes, layout), S, cfg.block_size)
-        ),
-        "attention_ms": measure(lambda: fs.sparse_attention(q, k, v, mask, scale)),
+        "sampler": plan.sampler,
+        "density": float(plan.density.mean()),
+        **{f"{stage}_ms": statistics.median(ms) for stage, ms in stage_ms.items()},
+        "plan_ms": measure(lambda: fs.plan_prefill(q, k, cfg)),
+        "attention_ms": measure(lambda: fs.run_plan(plan, q, k, v)),
         "flexsample_total_ms": measure(lambda: fs.flex_sample_attention(q, k, v, config=cfg)),
     }
 
 
 def tune_sampler(device: torch.device, measure) -> list[dict]:
-    """Time the Triton sampler's launch configurations on one long planted case."""
+    """Time the Triton sampler's launch configurations on one long planted case.
+
+    The package's table (``flexsample.sampling.triton_kernel.LAUNCH_CONFIGS``) holds the
+    fastest of these per GPU architecture; each row says whether it is the one in use here.
+    """
     if device.type != "cuda":
         return []
-    from flexsample.sampling.triton_kernel import sample_block_scores_triton
+    from flexsample.sampling.triton_kernel import launch_config, sample_block_scores_triton
 
     S = 65536
     q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=0)
-    layout = SampleLayout.create(S, cfg)
+    layout = fs.SampleLayout.create(S, cfg)
+    in_use = launch_config(device)
     rows = []
-    for block_m, block_n, warps in [
-        (64, 64, 4),
-        (64, 128, 4),
-        (64, 128, 8),
-        (128, 64, 8),
-        (128, 128, 8),
-        (32, 64, 4),
-    ]:
+    for candidate in [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)]:
+        block_m, block_n, warps = candidate
         ms = measure(
             lambda bm=block_m, bn=block_n, w=warps: sample_block_scores_triton(
                 q, k, layout, 128**-0.5, block_m=bm, block_n=bn, num_warps=w
@@ -319,16 +290,11 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
         )
         rows.append(
             {
-                "seq_len": S,
-                "block_m": block_m,
-                "block_n": block_n,
-                "num_warps": warps,
-                "sample_ms": ms,
+                "seq_len": S, "block_m": block_m, "block_n": block_n, "num_warps": warps,
+                "sample_ms": ms, "in_use": candidate == in_use,
             }
-        )
-        print(
-            f"  sampler block_m={block_m} block_n={block_n} warps={warps}: {ms:.3f} ms", flush=True
-        )
+        )  # fmt: skip
+        print(f"  sampler {candidate}{' (in use)' if candidate == in_use else ''}: {ms:.3f} ms")
     return rows
 
 
@@ -357,7 +323,6 @@ def speed(
                 "head_dim": D,
                 "dtype": str(dtype),
                 "target_density": target,
-                "sampler": resolve_sampler(cfg.sampler, device),
                 **time_flexsample(q, k, v, cfg, measure),
                 **{f"{name}_ms": t for name, t in dense.items()},
             }
@@ -428,15 +393,30 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _git_commit() -> str | None:
-    import subprocess
+def code_commit() -> str:
+    """The commit of the code that runs: ``FLEXSAMPLE_COMMIT`` if set, else git's, else
+    ``"unknown"``.
 
+    git is asked only when this file's repository is a git checkout of its own: a copy of
+    the tree inside another checkout (a device machine's working folder, say) would
+    otherwise report the enclosing repository's commit.
+    """
+    if os.environ.get("FLEXSAMPLE_COMMIT"):
+        return os.environ["FLEXSAMPLE_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
     try:
+        top = subprocess.check_output(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            text=True, stderr=subprocess.DEVNULL,
+        ).strip()  # fmt: skip
+        if Path(top).resolve() != root:
+            return "unknown"
         return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            text=True, stderr=subprocess.DEVNULL,
+        ).strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument(
+        "--tune-sampler",
+        action="store_true",
+        help="time the Triton sampler's launch configurations (CUDA); the fastest per GPU "
+        "architecture belongs in flexsample/sampling/triton_kernel.py's LAUNCH_CONFIGS",
+    )
     args = p.parse_args(argv)
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -477,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "heads": heads,
         "dry_run": args.dry_run,
-        # A device machine may get the working tree without .git: FLEXSAMPLE_COMMIT names it.
-        "commit": _git_commit() or os.environ.get("FLEXSAMPLE_COMMIT"),
+        "commit": code_commit(),
         "command": "python3 bench/gpu_run.py " + " ".join(argv or sys.argv[1:]),
     }
     meta["matmul_tflops"] = matmul_tflops(device, measure)
@@ -490,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['error']:.2e} <= {c['bound']:.1e}",
             flush=True,
         )
-    tuning = tune_sampler(device, measure)
+    tuning = tune_sampler(device, measure) if args.tune_sampler else []
     rows = speed(device, lengths, args.densities, heads, measure, meta["matmul_tflops"])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")

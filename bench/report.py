@@ -94,14 +94,8 @@ def _f(x, spec=".2f", suffix="") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
-def markdown(
-    runs: list[tuple[str, dict]],
-    op: list[dict],
-    real: list[dict],
-    prefill: list[dict],
-    alphas: list[dict],
-    name: str,
-) -> str:
+def _header(runs: list[tuple[str, dict]], name: str) -> list[str]:
+    """Machine, result files and how the times were taken."""
     machine = runs[0][1].get("machine_info", {})
     lines = [
         f"## Benchmark results: {name}",
@@ -126,89 +120,132 @@ def markdown(
         "with like.",
         "",
     ]
-    if op:
-        lines += [
-            "### Attention operator, planted inputs",
-            "",
-            "| S | target | density | sample | select | mask | attention | flexsample | "
-            "SDPA | flex dense | speedup vs SDPA | overhead / SDPA | "
-            "attention / (d x flex dense) |",
-            "|" + "---|" * 13,
-        ]
-        for r in op:
-            lines.append(
-                f"| {r['seq_len']} | {r['target']} | {r['density']:.3f} | "
-                f"{r['sample_ms']:.1f} | {r['select_ms']:.1f} | {r['mask_ms']:.1f} | "
-                f"{r['attention_ms']:.1f} | {r['total_ms']:.1f} | {_f(r['sdpa_ms'], '.1f')} | "
-                f"{_f(r['flex_dense_ms'], '.1f')} | {_f(r['speedup'], '.2f', 'x')} | "
-                f"{_f(r['overhead_vs_sdpa'] and 100 * r['overhead_vs_sdpa'], '.1f', '%')} | "
-                f"{_f(r['attention_vs_density'], '.2f')} |"
-            )
-        lines += ["", "(milliseconds)", ""]
-    if real:
-        lines += [
-            "### Attention operator, q/k/v captured from SmolLM2",
-            "",
-            "| S | layer | density | sample+select+mask | attention | flexsample | SDPA | "
-            "flex dense | speedup vs SDPA | output rel. error |",
-            "|" + "---|" * 10,
-        ]
-        for r in real:
-            lines.append(
-                f"| {r['seq_len']} | {r['layer']} | {r['density']:.3f} | "
-                f"{r['sample_ms'] + r['select_ms'] + r['mask_ms']:.1f} | "
-                f"{r['attention_ms']:.1f} | {r['total_ms']:.1f} | {_f(r['sdpa_ms'], '.1f')} | "
-                f"{_f(r['flex_dense_ms'], '.1f')} | {_f(r['speedup'], '.2f', 'x')} | "
-                f"{_f(r['output_rel_error'], '.4f')} |"
-            )
-        lines += ["", "(milliseconds)", ""]
-    if prefill:
-        lines += [
-            "### SmolLM2-135M prefill (time to first token)",
-            "",
-            "| S | dense | flexsample | speedup | mean density | sampling+select+mask | "
-            "sparse attention | pass key | dense answer | flexsample answer |",
-            "|" + "---|" * 10,
-        ]
-        for r in prefill:
-            lines.append(
-                f"| {r['seq_len']} | {r['dense_s']:.2f} s | {r['flexsample_s']:.2f} s | "
-                f"{r['speedup']:.2f}x | {r['mean_density']:.3f} | {r['sample_s']:.2f} s | "
-                f"{r['attention_s']:.2f} s | {r['passkey']} | {r['dense_answer']} | "
-                f"{r['flexsample_answer']} |"
-            )
-        lines += [
-            "",
-            "Density per layer (flexsample): "
-            + "; ".join(
-                f"S={r['seq_len']}: " + " ".join(f"{d:.2f}" for d in r["layer_density"])
-                for r in prefill
-            ),
-            "",
-        ]
-    if alphas:
-        lines += [
-            "### alpha sweep (SmolLM2)",
-            "",
-            "| alpha | density | kept mass (mean) | kept mass (1st pct. row) | "
-            "output rel. error | passkey accuracy | same answer as dense | "
-            "operator ms (layer 15) |",
-            "|" + "---|" * 8,
-        ]
-        for r in alphas:
-            lines.append(
-                f"| {r['alpha']} | {r['density']:.3f} | {r['kept_mass_mean']:.4f} | "
-                f"{r['kept_mass_p1']:.4f} | {r['output_rel_error']:.4f} | "
-                f"{r['passkey_accuracy']:.2f} | {r['passkey_same_as_dense']:.2f} | "
-                f"{r['operator_ms']:.1f} |"
-            )
-        lines += [
-            "",
-            f"Dense attention's passkey accuracy on the same prompts: "
-            f"{alphas[0]['dense_passkey_accuracy']:.2f} ({alphas[0]['prompts']} prompts, "
-            f"{alphas[0]['seq_len']} tokens).",
-            "",
-        ]
+    return lines
+
+
+def _operator_section(op: list[dict]) -> list[str]:
+    """Planted-input operator table."""
+    if not op:
+        return []
+    lines: list[str] = []
+    lines += [
+        "### Attention operator, planted inputs",
+        "",
+        "| S | target | density | sample | select | mask | attention | flexsample | "
+        "SDPA | flex dense | speedup vs SDPA | overhead / SDPA | "
+        "attention / (d x flex dense) |",
+        "|" + "---|" * 13,
+    ]
+    for r in op:
+        lines.append(
+            f"| {r['seq_len']} | {r['target']} | {r['density']:.3f} | "
+            f"{r['sample_ms']:.1f} | {r['select_ms']:.1f} | {r['mask_ms']:.1f} | "
+            f"{r['attention_ms']:.1f} | {r['total_ms']:.1f} | {_f(r['sdpa_ms'], '.1f')} | "
+            f"{_f(r['flex_dense_ms'], '.1f')} | {_f(r['speedup'], '.2f', 'x')} | "
+            f"{_f(r['overhead_vs_sdpa'] and 100 * r['overhead_vs_sdpa'], '.1f', '%')} | "
+            f"{_f(r['attention_vs_density'], '.2f')} |"
+        )
+    lines += ["", "(milliseconds)", ""]
+    return lines
+
+
+def _captured_section(real: list[dict]) -> list[str]:
+    """Operator table on q/k/v captured from SmolLM2."""
+    if not real:
+        return []
+    lines: list[str] = []
+    lines += [
+        "### Attention operator, q/k/v captured from SmolLM2",
+        "",
+        "| S | layer | density | sample+select+mask | attention | flexsample | SDPA | "
+        "flex dense | speedup vs SDPA | output rel. error |",
+        "|" + "---|" * 10,
+    ]
+    for r in real:
+        lines.append(
+            f"| {r['seq_len']} | {r['layer']} | {r['density']:.3f} | "
+            f"{r['sample_ms'] + r['select_ms'] + r['mask_ms']:.1f} | "
+            f"{r['attention_ms']:.1f} | {r['total_ms']:.1f} | {_f(r['sdpa_ms'], '.1f')} | "
+            f"{_f(r['flex_dense_ms'], '.1f')} | {_f(r['speedup'], '.2f', 'x')} | "
+            f"{_f(r['output_rel_error'], '.4f')} |"
+        )
+    lines += ["", "(milliseconds)", ""]
+    return lines
+
+
+def _prefill_section(prefill: list[dict]) -> list[str]:
+    """SmolLM2 prefill table and densities per layer."""
+    if not prefill:
+        return []
+    lines: list[str] = []
+    lines += [
+        "### SmolLM2-135M prefill (time to first token)",
+        "",
+        "| S | dense | flexsample | speedup | mean density | sampling+select+mask | "
+        "sparse attention | pass key | dense answer | flexsample answer |",
+        "|" + "---|" * 10,
+    ]
+    for r in prefill:
+        lines.append(
+            f"| {r['seq_len']} | {r['dense_s']:.2f} s | {r['flexsample_s']:.2f} s | "
+            f"{r['speedup']:.2f}x | {r['mean_density']:.3f} | {r['sample_s']:.2f} s | "
+            f"{r['attention_s']:.2f} s | {r['passkey']} | {r['dense_answer']} | "
+            f"{r['flexsample_answer']} |"
+        )
+    lines += [
+        "",
+        "Density per layer (flexsample): "
+        + "; ".join(
+            f"S={r['seq_len']}: " + " ".join(f"{d:.2f}" for d in r["layer_density"])
+            for r in prefill
+        ),
+        "",
+    ]
+    return lines
+
+
+def _alpha_section(alphas: list[dict]) -> list[str]:
+    """alpha sweep table."""
+    if not alphas:
+        return []
+    lines: list[str] = []
+    lines += [
+        "### alpha sweep (SmolLM2)",
+        "",
+        "| alpha | density | kept mass (mean) | kept mass (1st pct. row) | "
+        "output rel. error | passkey accuracy | same answer as dense | "
+        "operator ms (layer 15) |",
+        "|" + "---|" * 8,
+    ]
+    for r in alphas:
+        lines.append(
+            f"| {r['alpha']} | {r['density']:.3f} | {r['kept_mass_mean']:.4f} | "
+            f"{r['kept_mass_p1']:.4f} | {r['output_rel_error']:.4f} | "
+            f"{r['passkey_accuracy']:.2f} | {r['passkey_same_as_dense']:.2f} | "
+            f"{r['operator_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Dense attention's passkey accuracy on the same prompts: "
+        f"{alphas[0]['dense_passkey_accuracy']:.2f} ({alphas[0]['prompts']} prompts, "
+        f"{alphas[0]['seq_len']} tokens).",
+        "",
+    ]
+    return lines
+
+
+def markdown(
+    runs: list[tuple[str, dict]],
+    op: list[dict],
+    real: list[dict],
+    prefill: list[dict],
+    alphas: list[dict],
+    name: str,
+) -> str:
+    """The whole report: header, one section per suite present, and the targets."""
+    lines = _header(runs, name)
+    lines += _operator_section(op) + _captured_section(real)
+    lines += _prefill_section(prefill) + _alpha_section(alphas)
     lines += targets(op, prefill)
     return "\n".join(lines) + "\n"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run
 
 import flexsample as fs
 import flexsample.integrations.transformers as fst
+from conftest import run
 from flexsample.integrations.haystack import extract_number, passkey_prompt
 
 LAYERS = [2, 8, 15, 21, 27]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run
 
 import flexsample.integrations.transformers as fst
+from conftest import run
 from flexsample import SampleConfig
 from flexsample.integrations.haystack import extract_number, passkey_prompt
 
