@@ -12,14 +12,11 @@ from flexsample import (
     block_layout,
     block_mask_from_layout,
     flex_sample_attention,
-    sample_block_scores_reference,
-    select_blocks,
     sparse_attention,
     sparse_attention_reference,
 )
 from flexsample.synthetic import planted_qkv
-
-from helpers import rel_rmse
+from flexsample.testing import rel_rmse
 
 
 def _qkv(B, Hq, Hkv, S, D, dtype=torch.float32):
@@ -107,7 +104,7 @@ def test_planted_structure_keeps_alpha_of_true_mass(sampler):
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.path == "sparse" and stats.sampler == sampler
 
-    # True probabilities of all rows, float64, and the tile layout the call used.
+    # True probabilities of all rows, float64, and the tile layout the call itself used.
     lay = stats.layout
     kk = k.double().repeat_interleave(2, 1)
     probs = (
@@ -115,8 +112,7 @@ def test_planted_structure_keeps_alpha_of_true_mass(sampler):
         .masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
         .softmax(-1)
     )
-    scores = sample_block_scores_reference(q, k, lay, D**-0.5)
-    keep = block_layout(select_blocks(scores, alpha), lay)
+    keep = stats.tile_layout()
     tile = torch.arange(S) // lay.block_size
     kept = (probs * keep[:, :, tile][:, :, :, tile]).sum(-1)  # (B, H, S) mass kept per row
     rows = lay.sampled_rows()

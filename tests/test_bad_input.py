@@ -25,6 +25,7 @@ def _ok(S=64, Hq=4, Hkv=2, D=16):
         (lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
         (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
         (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "must not be empty"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), ValueError, "head_dim >= 1"),
     ],
 )
 def test_bad_tensors(make, error, words):
@@ -51,3 +52,31 @@ def test_triton_sampler_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="sampler='triton' needs CUDA"):
         flex_sample_attention(*_ok(S=300), config=SampleConfig(sampler="triton", min_seq_len=0))
+
+
+@pytest.mark.parametrize("S", [64, 1100], ids=["dense-path", "sparse-path"])
+def test_requires_grad_is_refused_at_every_length(S):
+    """Inference only, said at once and the same at every length (not deep in a compile)."""
+    q, k, v = _ok(S=S)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="inference prefill only"):
+        flex_sample_attention(q, k, v)
+    with torch.no_grad():
+        assert flex_sample_attention(q, k, v).shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (SampleConfig(block_size=2**20, min_seq_len=0), "one tile, nothing to skip"),
+        (SampleConfig(num_segments=1000, min_seq_len=0), "segments are shorter than one"),
+    ],
+    ids=["huge-block", "many-segments"],
+)
+def test_configs_that_cannot_be_sparse_say_so(config, words, caplog):
+    """Valid configs that leave nothing to skip at this length: stats and the log say why."""
+    q, k, v = _ok(S=1100)
+    with caplog.at_level("WARNING", logger="flexsample"):
+        _, stats = flex_sample_attention(q, k, v, config=config, return_stats=True)
+    assert any(words in note for note in stats.notes), stats.notes
+    assert stats.summary()["notes"] == list(stats.notes)

@@ -92,7 +92,7 @@ def test_flexsample_eval_is_lm_evals_cli(tmp_path):
         [
             sys.executable,
             "-m",
-            "flexsample.cli",
+            "flexsample.integrations.cli",
             "eval",
             "--model",
             "flexsample",
@@ -120,3 +120,17 @@ def test_eval_refuses_a_second_include_path(capsys):
 
     assert run_lm_eval(["--tasks", "x", "--include_path", "/tmp"]) == 2
     assert "lm-eval takes only one" in capsys.readouterr().err
+
+
+def test_tasks_longer_than_the_models_context_are_refused():
+    """HFLM would silently cut a 16K prompt to the model's 8K (needle and all)."""
+    from types import SimpleNamespace
+
+    from flexsample.integrations.lm_eval import FlexSampleLM
+
+    lm = SimpleNamespace(max_length=8192)
+    fits = [SimpleNamespace(doc={"num_tokens": 8000})]
+    FlexSampleLM._check_context(lm, "flexsample_passkey_8k", fits)
+    too_long = [*fits, SimpleNamespace(doc={"num_tokens": 16384})]
+    with pytest.raises(ValueError, match="up to 16384 tokens, more than this model's context"):
+        FlexSampleLM._check_context(lm, "flexsample_passkey_16k", too_long)

@@ -17,8 +17,6 @@ SCRIPT = textwrap.dedent(
     """
     import ctypes, json, torch
     import flexsample as fs
-    from flexsample.layout import SampleLayout
-    from flexsample.sampling import run_sampler
 
     def rss_kib(field):
         for line in open("/proc/self/status"):
@@ -28,19 +26,16 @@ SCRIPT = textwrap.dedent(
     S, Hq, Hkv, D = 32768, 8, 2, 64
     q, k, v = (torch.randn(1, h, S, D) for h in (Hq, Hkv, Hkv))
     cfg = fs.SampleConfig(sampler="torch")
-    layout = SampleLayout.create(S, cfg)
 
     def stages():
-        scores = run_sampler("torch", q, k, layout, D**-0.5)
-        stripes = fs.select_blocks(scores, cfg.alpha)
-        return fs.block_mask_from_layout(fs.block_layout(stripes, layout), S, cfg.block_size)
+        return fs.plan_prefill(q, k, cfg)  # sampling, selection and the BlockMask
 
     stages()  # compile and warm up outside the measurement
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = rss_kib("VmRSS:")
-    mask = stages()
+    plan = stages()
     peak = rss_kib("VmHWM:")
     qkv = sum(t.numel() * t.element_size() for t in (q, k, v))
     print(json.dumps({"extra_bytes": (peak - base) * 1024, "qkv_bytes": qkv}))

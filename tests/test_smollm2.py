@@ -9,20 +9,8 @@ pytest.importorskip("gguf")
 import flexsample.integrations.transformers as fst
 from flexsample import SampleConfig
 from flexsample.integrations.haystack import extract_number, passkey_prompt
-from flexsample.integrations.models import SMOLLM2, ModelNotInstalled, load_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        SMOLLM2.path()
-    except ModelNotInstalled as e:
-        pytest.skip(str(e))
-    model, tokenizer = load_model(SMOLLM2)
-    yield model, tokenizer
-    fst.disable(model)
 
 
 def greedy(model, input_ids, new_tokens=8, **kwargs):

@@ -124,8 +124,8 @@ def test_two_models_keep_their_own_configs():
     da = sum(sum(r.density) for r in fst.layer_stats(a))
     db = sum(sum(r.density) for r in fst.layer_stats(b))
     assert db < da  # lower alpha keeps fewer blocks
-    for module in fst._attention_modules(a):
-        assert module.__dict__["_flexsample"].config.alpha == 0.9
+    for module in fst.attention_modules(a):
+        assert fst.layer_state(module).config.alpha == 0.9
 
 
 def test_gemma3_sliding_layers_keep_their_semantics():
@@ -146,8 +146,10 @@ def test_stats_table_is_readable():
     logits(model, torch.randint(0, 128, (1, 300)))
     table = fst.stats_table(model)
     lines = table.splitlines()
-    assert lines[0].split()[:4] == ["layer", "calls", "sparse", "density"]
-    assert len(lines) == 2 + 2  # header, rule, one line per layer
+    assert "first call (compilation included)" in lines[0]  # says what the times are
+    assert "median per call over the later calls" in lines[1]
+    assert lines[2].split()[:5] == ["layer", "calls", "sparse", "density", "1st"]
+    assert len(lines) == 2 + 2 + 2  # explanation, header, rule, one line per layer
     assert fst.summarize(model)[0]["sparse"] == 1
 
 
@@ -173,3 +175,48 @@ def test_capture_attention_inputs_returns_what_attention_sees():
     assert float((out - ref).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="layers \\[7\\] not in the model"):
         fst.capture_attention_inputs(model, ids, layers=[7])
+
+
+def test_left_padded_batch_with_a_row_below_min_seq_len():
+    """One row sparse, one dense (too short): the record mixes both, densities per head."""
+    model = tiny_llama()
+    long, short = torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 213))
+    pad = 300 - 213
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :pad] = 0
+    fst.enable(model, SPARSE.replace(min_seq_len=250))
+    batch = logits(model, ids, attention_mask=mask)
+    records = fst.layer_stats(model)
+    assert {r.path for r in records} == {"sparse"}
+    assert all(r.reason == "seq_len 213 < min_seq_len 250" for r in records)
+    for r in records:  # mean over the rows: the dense row counts 1
+        sparse_row = r.details[0].density[0]
+        assert r.density == pytest.approx(((sparse_row + 1) / 2).tolist())
+    assert float((batch[1, pad:] - logits(model, short)[0]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_head_densities_stay_on_the_inputs_device(device):
+    """A CUDA batch mixing sparse and dense rows once stacked a CPU tensor with CUDA ones."""
+    from flexsample import SampleStats
+    from flexsample.integrations.transformers.records import head_densities
+
+    sparse = SampleStats(
+        path="sparse", seq_len=300, batch_size=1, num_heads=4,
+        density=torch.full((1, 4), 0.5, device=device),
+    )  # fmt: skip
+    dense = SampleStats(path="dense", seq_len=200, batch_size=1, num_heads=4, reason="short")
+    result = head_densities([sparse, dense], 4, torch.device(device))
+    assert result.device.type == device and result.shape == (4,)
+    if device != "meta":
+        assert result.tolist() == [0.75] * 4
+
+
+def test_autograd_runs_dense_and_says_why():
+    """flexsample is inference-only: a forward with autograd on runs SDPA, counted."""
+    model = tiny_llama()
+    fst.enable(model, SPARSE)
+    out = model(torch.randint(0, 128, (1, 300))).logits
+    assert out.requires_grad
+    assert reasons(model) == {"autograd on (flexsample is inference-only)"}

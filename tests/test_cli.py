@@ -1,0 +1,77 @@
+"""The ``flexsample`` command: values are checked while parsing, before any model loads."""
+
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from flexsample import SampleConfig
+from flexsample.integrations.cli import build_parser, config_from_args, main
+from flexsample.integrations.demo import DemoResult, MethodRun, explain
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--alpha", "2"], "alpha must lie in (0.0, 1.0], got 2.0"),
+        (["demo", "--length", "0"], "must be between 1024 and 8192, got 0"),
+        (["demo", "--length", "500"], "must be between 1024 and 8192, got 500"),
+        (["demo", "--length", "9000"], "must be between 1024 and 8192, got 9000"),
+        (["demo", "--depth", "1.5"], "must lie in [0, 1], got 1.5"),
+        (["demo", "--repeats", "0"], "must be >= 1, got 0"),
+        (["pictures", "--sample-ratio", "0"], "sample_ratio must lie in (0.0, 1.0]"),
+        (["compare", "--tasks", "x", "--limit", "-1"], "must be >= 1, got -1"),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
+def test_bad_values_are_argparse_errors(argv, words, capsys):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+    assert time.perf_counter() - start < 5  # refused before any model loads
+
+
+def test_config_options_build_a_sample_config():
+    args = build_parser().parse_args(["demo", "--alpha", "0.9", "--window-ratio", "0.05"])
+    assert config_from_args(args) == SampleConfig(alpha=0.9, window_ratio=0.05)
+
+
+def test_eval_help_names_the_model_its_arguments_and_the_tasks(capsys):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--model flexsample" in out and "alpha" in out and "flexsample_passkey_2k" in out
+    assert out.index("flexsample eval:") < out.index("usage: lm-eval")
+
+
+def _result(dense_prefill, dense_att, flex_prefill, flex_att, overhead, density):
+    run = dict(answer="12345", correct=True)
+    return DemoResult(
+        tokens=4096,
+        passkey="12345",
+        depth=0.5,
+        config=SampleConfig(),
+        dense=MethodRun("dense SDPA", dense_prefill, dense_att, 0.0, 1.0, **run),
+        flexsample=MethodRun("flexsample", flex_prefill, flex_att, overhead, density, **run),
+        layers=[],
+    )
+
+
+def test_demo_explains_a_slower_sparse_attention_from_its_numbers():
+    """The first new user's run: 60 s dense prefill with 10 s of attention, sparse 46 s."""
+    text = "\n".join(explain(_result(60.0, 10.0, 96.0, 46.0, 12.0, 0.56)))
+    assert "of which attention 10.00 s (17%)" in text
+    assert "sampling, selection and mask 12.00 s + block-sparse attention 34.00 s" in text
+    assert "Sparse attention was slower than dense" in text
+    assert "6.07x SDPA's time" in text  # 34 / (0.56 * 10)
+    assert "0.62x, flexsample slower" in text
+
+
+def test_demo_explains_a_faster_prefill_without_excuses():
+    text = "\n".join(explain(_result(37.0, 20.0, 34.7, 17.3, 2.2, 0.476)))
+    assert "slower than dense" not in text
+    assert "1.07x, flexsample faster" in text
