@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint docs pictures bench bench-smoke clean
+.PHONY: setup demo test lint docs pictures bench bench-frontier bench-smoke clean
 
 $(BIN)/flexsample: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,14 @@ bench: setup
 	$(BIN)/python bench/report.py bench/results/cpu_operator.json \
 		bench/results/cpu_models.json --name cpu --out bench/results
 	mkdir -p docs/assets/bench && cp bench/results/cpu_*.png docs/assets/bench/
+
+# Selection frontier (about 45 min on 2 cores): density vs output error vs kept mass of each
+# selection, against the per-row oracle, on exact float64 attention.
+bench-frontier: setup
+	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
+		--benchmark-json=bench/results/cpu_selection.json
+	$(BIN)/python bench/report.py bench/results/cpu_selection.json --out bench/results
+	mkdir -p docs/assets/bench && cp bench/results/cpu_selection_frontier.png docs/assets/bench/
 
 # Tiny sizes, one round: proves the suites and the report still run (part of `make test`).
 bench-smoke: setup

@@ -90,6 +90,17 @@ def alpha_rows(benches: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["alpha"])
 
 
+def frontier_rows(benches: list[dict]) -> list[dict]:
+    """Rows of the selection frontier: one per flexsample method, one per oracle alpha."""
+    rows = []
+    for b in benches:
+        info = b.get("extra_info", {})
+        if info.get("suite") != "frontier":
+            continue
+        rows.extend(info["points"] if "points" in info else [dict(info, call_ms=ms(b))])
+    return rows
+
+
 def _f(x, spec=".2f", suffix="") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
@@ -234,6 +245,37 @@ def _alpha_section(alphas: list[dict]) -> list[str]:
     return lines
 
 
+def _frontier_section(frontier: list[dict]) -> list[str]:
+    """One table per input: each selection's density, output error and kept mass."""
+    if not frontier:
+        return []
+    lines = [
+        "### Selection frontier (exact float64 attention as reference)",
+        "",
+        "Density = computed (query, key) pairs / causal pairs. Kept mass = fraction of a row's "
+        "exact attention mass inside the mask, over all rows and heads. The oracles keep, for "
+        "each row, its fewest keys (tokens) or key tiles reaching alpha of its mass.",
+        "",
+    ]
+    for inputs in dict.fromkeys(r["inputs"] for r in frontier):
+        rows = [r for r in frontier if r["inputs"] == inputs]
+        lines += [
+            f"#### {inputs}",
+            "",
+            "| selection | alpha | density | output rel. error | kept mass min | "
+            "kept mass 1st pct. | kept mass mean |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {_f(r.get('alpha'), '.2f')} | {r['density']:.3f} | "
+                f"{r['output_error']:.2e} | {r['kept_mass_min']:.4f} | "
+                f"{r['kept_mass_p1']:.4f} | {r['kept_mass_mean']:.4f} |"
+            )
+        lines.append("")
+    return lines
+
+
 def markdown(
     runs: list[tuple[str, dict]],
     op: list[dict],
@@ -241,11 +283,13 @@ def markdown(
     prefill: list[dict],
     alphas: list[dict],
     name: str,
+    frontier: list[dict] = (),
 ) -> str:
     """The whole report: header, one section per suite present, and the targets."""
     lines = _header(runs, name)
     lines += _operator_section(op) + _captured_section(real)
     lines += _prefill_section(prefill) + _alpha_section(alphas)
+    lines += _frontier_section(frontier)
     lines += targets(op, prefill)
     return "\n".join(lines) + "\n"
 
@@ -296,7 +340,7 @@ def targets(op: list[dict], prefill: list[dict]) -> list[str]:
             f"passkey answer: {r['speedup']:.2f}x, answers {r['dense_answer']} / "
             f"{r['flexsample_answer']} -> {'met' if r['speedup'] > 1 and same else 'MISSED'}"
         )
-    return [*out, ""]
+    return [*out, ""] if len(out) > 2 else []
 
 
 def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path]:
@@ -359,6 +403,44 @@ def plots(op: list[dict], alphas: list[dict], out: Path, name: str) -> list[Path
     return written
 
 
+def frontier_plot(frontier: list[dict], path: Path) -> Path:
+    """Output error against density for every input, selections as points, oracles as lines."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inputs = list(dict.fromkeys(r["inputs"] for r in frontier))
+    cols = min(3, len(inputs))
+    rows_n = -(-len(inputs) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(inputs) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, inputs, strict=False):
+        rows = [r for r in frontier if r["inputs"] == name]
+        for method, style in (("oracle tokens", "k-o"), ("oracle tiles", "k--s")):
+            line = sorted((r for r in rows if r["method"] == method), key=lambda r: r["alpha"])
+            if line:
+                xs, ys = [r["density"] for r in line], [r["output_error"] for r in line]
+                ax.plot(xs, ys, style, ms=3, lw=1, label=method)
+        for r in rows:
+            if not r["method"].startswith("oracle"):
+                ax.plot(r["density"], r["output_error"], "o", ms=5, label=r["method"])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("density (pairs computed / causal pairs)")
+        ax.set_ylabel("output rel. error")
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, which="both", lw=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _finish(fig, ax, xlabel: str, title: str, path: Path) -> Path:
     """Label, add the legend, lay out and save as PNG; returns ``path``."""
     ax.set_xlabel(xlabel)
@@ -390,9 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     op = operator_rows(benches, "planted")
     real = operator_rows(benches, "smollm2")
     prefill, alphas = prefill_rows(benches), alpha_rows(benches)
+    frontier = frontier_rows(benches)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.md").write_text(markdown(runs, op, real, prefill, alphas, name))
+    report = markdown(runs, op, real, prefill, alphas, name, frontier)
+    (args.out / f"{name}.md").write_text(report)
     written = plots(op, alphas, args.out, name)
+    if frontier:
+        written.append(frontier_plot(frontier, args.out / f"{name}_frontier.png"))
     print(f"wrote {args.out / (name + '.md')} and {len(written)} plots")
     return 0
 

@@ -15,6 +15,8 @@ import flexsample as fs
 import flexsample.integrations.transformers as fst
 from conftest import run
 from flexsample.integrations.haystack import extract_number, passkey_prompt
+from flexsample.oracle import evaluate_tiles
+from flexsample.testing import rel_rmse
 
 LAYERS = [2, 8, 15, 21, 27]
 DEPTHS = [0.1, 0.4, 0.7, 0.95]
@@ -49,20 +51,9 @@ def sweep_setup(smollm2, smoke):
 def _kept_mass_and_error(q, k, v, config) -> tuple[float, float, float, float]:
     """(density, mean kept mass, 1st-percentile kept mass over rows, output relative error)."""
     out, stats = fs.flex_sample_attention(q, k, v, config=config, return_stats=True)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    error = float((out - ref).norm() / ref.norm())
-    keep = stats.tile_layout()[0]  # (H, N, N)
-    S, bs = q.shape[2], config.block_size
-    tile = torch.arange(S) // bs
-    kk = k[0].repeat_interleave(q.shape[1] // k.shape[1], 0)
-    kept = []
-    for h in range(q.shape[1]):  # one head at a time: S x S float32 probabilities
-        logits = (q[0, h] @ kk[h].T) * q.shape[-1] ** -0.5
-        probs = logits.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), -torch.inf)
-        probs = probs.softmax(-1)
-        kept.append((probs * keep[h][tile][:, tile]).sum(-1))
-    kept = torch.cat(kept)
-    return stats.mean_density, float(kept.mean()), float(kept.quantile(0.01)), error
+    error = rel_rmse(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    quality = evaluate_tiles(q, k, v, stats.tile_layout(), config.block_size)
+    return stats.mean_density, quality.kept_mass_mean, quality.kept_mass_p1, error
 
 
 def test_alpha(benchmark, smollm2, sweep_setup, alpha, device, rounds):

@@ -1,0 +1,174 @@
+"""Selection frontier: density vs output error vs per-row kept mass, against a per-row oracle.
+
+For each input, every selection (flexsample at its defaults, an alpha sweep, a tuned-window
+row) is scored on exact float64 attention (``flexsample.oracle.evaluate_tiles`` on the tiles
+the call computed), next to the per-row oracle at several alphas: every query row keeps its
+fewest keys (``oracle tokens``) or key tiles (``oracle tiles``) reaching alpha of its mass.
+Density counts computed (query, key) pairs over causal pairs.
+
+Inputs: planted structures (``STRUCTURES``) and q/k/v captured from SmolLM2 on a passkey
+prompt. The timed call is the whole ``flex_sample_attention`` (for the oracle rows, the oracle
+computation itself); the numbers that matter are in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import flexsample as fs
+from conftest import run
+from flexsample.oracle import evaluate_tiles, oracle_frontier
+from flexsample.synthetic import planted_qkv
+
+#: Planted structures: keyword arguments of ``planted_qkv`` (signal set per length below).
+STRUCTURES = {
+    "single-token stripes": {"stripes": (16, 32), "stripe_width": 1},
+    "contiguous stripes": {"stripes": (2, 4), "stripe_width": 96},
+    "strong locality": {"stripes": (4, 8), "stripe_width": 1, "locality": 12.0, "local_span": 64},
+    "weak locality": {"stripes": (4, 8), "stripe_width": 1, "locality": 3.0, "local_span": 1024},
+    "diffuse background": {"stripes": (4, 8), "stripe_width": 1, "signal": 3.0, "locality": 2.0},
+}
+
+#: flexsample configurations on the frontier: the defaults, an alpha sweep, a tuned row.
+METHODS = {
+    "flexsample defaults": fs.SampleConfig(),
+    "alpha 0.8": fs.SampleConfig(alpha=0.8),
+    "alpha 0.9": fs.SampleConfig(alpha=0.9),
+    "alpha 0.98": fs.SampleConfig(alpha=0.98),
+    "alpha 0.99": fs.SampleConfig(alpha=0.99),
+    "alpha 0.99, window 0.02 (tuned)": fs.SampleConfig(alpha=0.99, window_ratio=0.02),
+}
+ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
+SMOLLM2_LAYERS = (2, 15, 27)
+
+
+def _smoke(config) -> bool:
+    return bool(config.getoption("--smoke"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    smoke = _smoke(metafunc.config)
+    if "structure" in metafunc.fixturenames:
+        names = list(STRUCTURES)[:1] if smoke else list(STRUCTURES)
+        metafunc.parametrize("structure", names)
+    if "method" in metafunc.fixturenames:
+        names = list(METHODS)[:1] if smoke else list(METHODS)
+        metafunc.parametrize("method", names)
+    if "unit" in metafunc.fixturenames:
+        metafunc.parametrize("unit", ["token", "tile"])
+    if "layer" in metafunc.fixturenames:
+        layers = SMOLLM2_LAYERS[1:2] if smoke else SMOLLM2_LAYERS
+        metafunc.parametrize("layer", layers, ids=lambda i: f"L{i}")
+
+
+@pytest.fixture(scope="module")
+def seq_len(smoke) -> int:
+    return 1100 if smoke else 8192
+
+
+_PLANTED: dict = {}
+
+
+def _planted(structure: str, seq_len: int):
+    """Planted q/k/v (8 query heads, 2 kv heads, D=64, float32), drawn once per module."""
+    if (structure, seq_len) not in _PLANTED:
+        kwargs = dict(STRUCTURES[structure])
+        # As planted_case: planted keys strong enough that the background holds about 1% of
+        # the mass at any length, unless the structure sets its own (weak) signal.
+        kwargs.setdefault("signal", max(10.0, math.log(100 * seq_len / 64)))
+        _PLANTED[(structure, seq_len)] = planted_qkv(1, 8, 2, seq_len, 64, seed=0, **kwargs)
+    return _PLANTED[(structure, seq_len)]
+
+
+def _info(inputs: str, method: str, quality, **more) -> dict:
+    return {
+        "suite": "frontier",
+        "inputs": inputs,
+        "method": method,
+        "density": quality.density,
+        "output_error": quality.output_error,
+        "kept_mass_min": quality.kept_mass_min,
+        "kept_mass_p1": quality.kept_mass_p1,
+        "kept_mass_mean": quality.kept_mass_mean,
+        **more,
+    }
+
+
+def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds) -> None:
+    config = METHODS[method]
+    plan = fs.plan_prefill(q, k, config)
+    if plan.path != "sparse":
+        pytest.skip(f"{method} runs dense at S={q.shape[2]}: {plan.reason}")
+    quality = evaluate_tiles(q, k, v, plan.tiles, plan.layout.block_size)
+    benchmark.group = f"frontier {inputs}"
+    run(
+        benchmark,
+        lambda: fs.flex_sample_attention(q, k, v, config=config),
+        device,
+        1,
+        **_info(
+            inputs, method, quality, alpha=config.alpha, tile_density=float(plan.density.mean())
+        ),
+    )
+
+
+def _score_oracle(benchmark, inputs: str, unit: str, q, k, v, smoke: bool) -> None:
+    alphas = ORACLE_ALPHAS[2:3] if smoke else ORACLE_ALPHAS
+    results: dict = {}
+
+    def compute():
+        results.update(oracle_frontier(q, k, v, alphas, unit=unit))
+
+    benchmark.group = f"frontier {inputs}"
+    benchmark.pedantic(compute, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        {
+            "suite": "frontier",
+            "inputs": inputs,
+            "method": f"oracle {unit}s",
+            "points": [
+                _info(inputs, f"oracle {unit}s", quality, alpha=a) for a, quality in results.items()
+            ],
+        }
+    )
+
+
+# --- planted inputs -------------------------------------------------------------------------
+
+
+def test_frontier_planted(benchmark, structure, method, seq_len, device, rounds):
+    q, k, v = (t.to(device) for t in _planted(structure, seq_len))
+    _score_method(benchmark, f"planted {structure}", method, q, k, v, device, rounds)
+
+
+def test_oracle_planted(benchmark, structure, unit, seq_len, device, smoke):
+    q, k, v = (t.to(device) for t in _planted(structure, seq_len))
+    _score_oracle(benchmark, f"planted {structure}", unit, q, k, v, smoke)
+
+
+# --- q/k/v captured from SmolLM2 ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_frontier_qkv(smollm2, seq_len):
+    """``{layer: (q, k, v)}`` of SmolLM2 on one passkey prompt of about ``seq_len`` tokens."""
+    from flexsample.integrations.haystack import passkey_prompt
+    from flexsample.integrations.transformers import capture_attention_inputs
+
+    model, tokenizer = smollm2
+    prompt = passkey_prompt(tokenizer, min(seq_len, 8000), 0.5, seed=seq_len)
+    ids = tokenizer(prompt.text, return_tensors="pt").input_ids
+    return capture_attention_inputs(model, ids, list(SMOLLM2_LAYERS))
+
+
+def test_frontier_smollm2(benchmark, smollm2_frontier_qkv, layer, method, device, rounds):
+    q, k, v = (t.to(device) for t in smollm2_frontier_qkv[layer])
+    inputs = f"SmolLM2 S={q.shape[2]} layer {layer}"
+    _score_method(benchmark, inputs, method, q, k, v, device, rounds)
+
+
+def test_oracle_smollm2(benchmark, smollm2_frontier_qkv, layer, unit, device, smoke):
+    q, k, v = (t.to(device) for t in smollm2_frontier_qkv[layer])
+    _score_oracle(benchmark, f"SmolLM2 S={q.shape[2]} layer {layer}", unit, q, k, v, smoke)

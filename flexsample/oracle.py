@@ -1,0 +1,192 @@
+"""How good a mask is, measured on exact attention: kept mass per row, density, output error.
+
+The yardstick of every selection choice. :func:`evaluate_tiles` scores a tile layout (what
+SampleAttention computed); :func:`oracle_frontier` scores the per-row oracle, which keeps for
+each query row the fewest keys (or tiles) reaching ``alpha`` of that row's exact attention
+mass: the smallest mask any selection with a per-row guarantee could compute.
+
+Everything runs in float64 over chunks of query rows, one head at a time, so memory stays at
+``chunk x S`` doubles; time grows with ``S^2`` (the oracle also sorts every row). Meant for
+benchmarks and studies at up to a few ten thousand tokens, not for production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MaskQuality:
+    """What a mask keeps of exact causal attention.
+
+    Attributes:
+        density: computed (query, key) pairs over causal pairs ``S (S + 1) / 2``.
+        output_error: relative RMS error of the masked attention output against exact
+            attention, ``||o - o_exact|| / ||o_exact||`` over all heads and rows.
+        kept_mass_min: smallest fraction of a row's attention mass the mask keeps.
+        kept_mass_p1: 1st percentile of that fraction over rows (and heads).
+        kept_mass_mean: its mean.
+    """
+
+    density: float
+    output_error: float
+    kept_mass_min: float
+    kept_mass_p1: float
+    kept_mass_mean: float
+
+
+def _row_chunks(S: int, chunk: int) -> Iterator[slice]:
+    for start in range(0, S, chunk):
+        yield slice(start, min(start + chunk, S))
+
+
+def _exact_probs(q_rows, keys, rows: slice, scale: float) -> torch.Tensor:
+    """``(c, S)`` float64 causal softmax of query rows ``rows`` (one head)."""
+    logits = (q_rows.double() @ keys.double().T) * scale
+    pos = torch.arange(rows.start, rows.stop, device=keys.device)
+    causal = torch.arange(keys.shape[0], device=keys.device)[None, :] <= pos[:, None]
+    return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+class _Accumulator:
+    """Sums over heads and rows: pairs, squared errors, kept masses."""
+
+    def __init__(self) -> None:
+        self.pairs = 0.0
+        self.causal_pairs = 0.0
+        self.err2 = 0.0
+        self.ref2 = 0.0
+        self.kept: list[torch.Tensor] = []
+
+    def add(self, probs, keep, values, pos) -> None:
+        """``keep``: ``(c, S)`` bool, causal; ``values``: ``(S, Dv)``; ``pos``: row positions."""
+        kept = (probs * keep).sum(dim=-1)
+        exact = probs @ values
+        masked = ((probs * keep) @ values) / kept.clamp_min(1e-300)[:, None]
+        self.pairs += float(keep.sum())
+        self.causal_pairs += float((pos + 1).sum())
+        self.err2 += float(((masked - exact) ** 2).sum())
+        self.ref2 += float((exact**2).sum())
+        self.kept.append(kept.float().cpu())
+
+    def result(self) -> MaskQuality:
+        kept = torch.cat(self.kept)
+        return MaskQuality(
+            density=self.pairs / self.causal_pairs,
+            output_error=(self.err2 / max(self.ref2, 1e-300)) ** 0.5,
+            kept_mass_min=float(kept.min()),
+            kept_mass_p1=float(torch.quantile(kept, 0.01)),
+            kept_mass_mean=float(kept.mean()),
+        )
+
+
+def _heads(q, k, v):
+    """``(b, h, q_head, k_head, v_head)`` for every batch row and query head (GQA aware)."""
+    B, Hq = q.shape[:2]
+    group = Hq // k.shape[1]
+    for b in range(B):
+        for h in range(Hq):
+            yield b, h, q[b, h], k[b, h // group], v[b, h // group]
+
+
+def evaluate_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tiles: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    chunk: int = 512,
+) -> MaskQuality:
+    """Score a tile layout against exact attention.
+
+    Args:
+        q: ``(B, Hq, S, D)``.
+        k: ``(B, Hkv, S, D)``.
+        v: ``(B, Hkv, S, Dv)``.
+        tiles: ``(B, Hq, N, N)`` bool, the tiles computed (e.g. ``plan.tiles``).
+        block_size: tile side in tokens.
+        scale: softmax scale, ``1/sqrt(D)`` if None.
+        chunk: query rows per step (memory ``chunk x S`` doubles).
+
+    Returns:
+        The :class:`MaskQuality` of the layout (the causal mask applied within tiles).
+    """
+    S = q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tile_of = torch.arange(S, device=q.device) // block_size
+    acc = _Accumulator()
+    for b, h, qh, kh, vh in _heads(q, k, v):
+        for rows in _row_chunks(S, chunk):
+            probs = _exact_probs(qh[rows], kh, rows, scale)
+            keep = tiles[b, h][tile_of[rows]][:, tile_of]  # (c, S)
+            pos = torch.arange(rows.start, rows.stop, device=q.device)
+            keep = keep & (torch.arange(S, device=q.device)[None, :] <= pos[:, None])
+            acc.add(probs, keep, vh.double(), pos)
+    return acc.result()
+
+
+def oracle_frontier(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alphas: Sequence[float],
+    *,
+    unit: str = "token",
+    block_size: int = 128,
+    scale: float | None = None,
+    chunk: int = 256,
+) -> dict[float, MaskQuality]:
+    """The per-row oracle at each ``alpha``: every row keeps its fewest keys reaching alpha.
+
+    Args:
+        q: ``(B, Hq, S, D)``.
+        k: ``(B, Hkv, S, D)``.
+        v: ``(B, Hkv, S, Dv)``.
+        alphas: mass thresholds in ``(0, 1]``.
+        unit: ``"token"`` (keep single keys) or ``"tile"`` (keep whole ``block_size`` key
+            blocks, a row's own blocks: the best any per-row tile mask can do).
+        block_size: tile width for ``unit="tile"``.
+        scale: softmax scale, ``1/sqrt(D)`` if None.
+        chunk: query rows per step.
+
+    Returns:
+        ``{alpha: MaskQuality}``.
+
+    Raises:
+        ValueError: an alpha outside ``(0, 1]`` or an unknown ``unit``.
+    """
+    if unit not in ("token", "tile"):
+        raise ValueError(f"unit must be 'token' or 'tile', got {unit!r}")
+    if not all(0 < a <= 1 for a in alphas):
+        raise ValueError(f"alphas must lie in (0, 1], got {list(alphas)}")
+    S = q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n = -(-S // block_size)
+    accs = {a: _Accumulator() for a in alphas}
+    for _, _, qh, kh, vh in _heads(q, k, v):
+        values = vh.double()
+        for rows in _row_chunks(S, chunk):
+            probs = _exact_probs(qh[rows], kh, rows, scale)
+            pos = torch.arange(rows.start, rows.stop, device=q.device)
+            if unit == "token":
+                units = probs
+            else:
+                padded = torch.nn.functional.pad(probs, (0, n * block_size - S))
+                units = padded.view(len(pos), n, block_size).sum(dim=-1)
+            ordered, order = units.sort(dim=-1, descending=True)
+            before = ordered.cumsum(dim=-1) - ordered  # mass of the heavier units
+            for alpha, acc in accs.items():
+                take = (before < alpha - 1e-12) & (ordered > 0)
+                keep_units = torch.zeros_like(take).scatter_(-1, order, take)
+                if unit == "token":
+                    keep = keep_units
+                else:
+                    keep = keep_units.repeat_interleave(block_size, dim=-1)[:, :S]
+                    keep &= torch.arange(S, device=q.device)[None, :] <= pos[:, None]
+                acc.add(probs, keep, values, pos)
+    return {a: acc.result() for a, acc in accs.items()}

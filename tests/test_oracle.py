@@ -1,0 +1,54 @@
+"""The mask-quality yardstick: exact on trivial masks, and the oracle is what it claims."""
+
+import pytest
+import torch
+
+import flexsample as fs
+from flexsample.oracle import evaluate_tiles, oracle_frontier
+from flexsample.synthetic import planted_qkv
+from flexsample.testing import rel_rmse
+
+
+def _inputs():
+    return planted_qkv(2, 4, 2, 333, 16, stripes=3, stripe_width=1, seed=11)
+
+
+def test_all_causal_tiles_are_exact():
+    q, k, v = _inputs()
+    n = -(-333 // 64)
+    tiles = torch.ones(2, 4, n, n, dtype=torch.bool).tril()
+    quality = evaluate_tiles(q, k, v, tiles, 64, chunk=100)
+    assert quality.density == pytest.approx(1.0)
+    assert quality.output_error < 1e-12
+    assert quality.kept_mass_min == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("unit", ["token", "tile"])
+def test_oracle_keeps_alpha_per_row_and_alpha_one_is_exact(unit):
+    q, k, v = _inputs()
+    frontier = oracle_frontier(q, k, v, [0.9, 1.0], unit=unit, block_size=64, chunk=100)
+    assert frontier[0.9].kept_mass_min >= 0.9 - 1e-9
+    assert frontier[0.9].density < frontier[1.0].density
+    assert frontier[1.0].output_error < 1e-9
+
+
+def test_tokens_need_fewer_pairs_than_tiles_and_the_plan_is_scored_the_same_way():
+    q, k, v = _inputs()
+    token = oracle_frontier(q, k, v, [0.95], unit="token", block_size=64)[0.95]
+    tile = oracle_frontier(q, k, v, [0.95], unit="tile", block_size=64)[0.95]
+    assert token.density < tile.density
+    plan = fs.plan_prefill(q, k, fs.SampleConfig(block_size=64, min_window=64, min_seq_len=0))
+    quality = evaluate_tiles(q, k, v, plan.tiles, 64)
+    out = fs.run_plan(plan, q, k, v)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
+    )
+    assert quality.output_error == pytest.approx(rel_rmse(out, exact), rel=1e-3)
+
+
+def test_bad_arguments():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="unit must be"):
+        oracle_frontier(q, k, v, [0.9], unit="row")
+    with pytest.raises(ValueError, match="alphas must lie in"):
+        oracle_frontier(q, k, v, [1.5])
