@@ -159,8 +159,10 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
 
     Each row has ``calls``, ``sparse``, ``density`` (:func:`mean_prefill_density` of the
     layer, None without prefill calls), ``first_call_s`` (all stages of the layer's first
-    call, compilation included), ``<stage>_s`` (median seconds per call of each stage over
-    the later calls, or of the first call when there is only one) and ``fallbacks``
+    call; the process's first flexsample call includes compilation), ``<stage>_s`` (median
+    seconds per prefill call of each stage, over the layer's prefill calls after its first,
+    or the first when it is the only one; 0 without prefill calls), ``decode_s`` (median
+    attention seconds of a decode step, None without decode calls) and ``fallbacks``
     (reason → count).
     """
     by_layer: dict[int, list[CallRecord]] = {}
@@ -168,7 +170,9 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
         by_layer.setdefault(r.layer, []).append(r)
     rows = []
     for layer, records in sorted(by_layer.items()):
-        later = records[1:] or records
+        prefill = [r for r in records if r.is_prefill]
+        timed = prefill[1:] or prefill
+        decode = [r.times.get("attention", 0.0) for r in records if not r.is_prefill]
         fallbacks: dict[str, int] = {}
         for r in records:
             if r.path == "dense":
@@ -181,9 +185,12 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
                 "density": mean_prefill_density(records),
                 "first_call_s": sum(records[0].times.values()),
                 **{
-                    f"{stage}_s": statistics.median(r.times.get(stage, 0.0) for r in later)
+                    f"{stage}_s": statistics.median(r.times.get(stage, 0.0) for r in timed)
+                    if timed
+                    else 0.0
                     for stage in STAGES
                 },
+                "decode_s": statistics.median(decode) if decode else None,
                 "fallbacks": fallbacks,
             }
         )
@@ -194,20 +201,22 @@ def stats_table(model: torch.nn.Module) -> str:
     """:func:`summarize` as a fixed-width text table, with a line saying what the times are."""
     header = (
         f"{'layer':>5} {'calls':>5} {'sparse':>6} {'density':>8} {'1st call':>9} "
-        f"{'sample':>8} {'select':>8} {'mask':>8} {'attn':>8}  fallbacks"
+        f"{'sample':>8} {'select':>8} {'mask':>8} {'attn':>8} {'decode':>8}  fallbacks"
     )
     lines = [
-        "seconds: '1st call' = all stages of the layer's first call (compilation included);",
-        "stage columns = median per call over the later calls (the first, if it is the only one)",
+        "seconds per call. sample/select/mask/attn: median over the layer's prefill calls after",
+        "its first (or the first, if it is the only one); 1st call: all stages of the layer's",
+        "first call (the process's first call includes compilation); decode: a decode step",
         header,
         "-" * len(header),
     ]
     for row in summarize(model):
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
+        decode = "-" if row["decode_s"] is None else f"{row['decode_s']:.4f}"
         fallbacks = ", ".join(f"{k} x{v}" for k, v in row["fallbacks"].items())
         lines.append(
             f"{row['layer']:>5} {row['calls']:>5} {row['sparse']:>6} {density:>8} "
             f"{row['first_call_s']:>9.4f} {row['sample_s']:>8.4f} {row['select_s']:>8.4f} "
-            f"{row['mask_s']:>8.4f} {row['attention_s']:>8.4f}  {fallbacks}"
+            f"{row['mask_s']:>8.4f} {row['attention_s']:>8.4f} {decode:>8}  {fallbacks}"
         )
     return "\n".join(lines)
