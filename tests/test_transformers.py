@@ -33,6 +33,16 @@ def tiny_gemma3():
     return transformers.Gemma3ForCausalLM(config).eval()
 
 
+def left_padded_batch():
+    """A 300-token prompt and a 213-token one, left-padded into one batch with its mask."""
+    long, short = torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 213))
+    pad = 300 - 213
+    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :pad] = 0
+    return long, short, pad, ids, mask
+
+
 def logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(ids, **kwargs).logits
@@ -75,11 +85,7 @@ def test_dense_equivalent_matches_sdpa_and_disable_restores():
 def test_left_padding_matches_each_unpadded_prompt():
     """A left-padded batch: every real row equals running that prompt alone."""
     model = tiny_llama()
-    long, short = torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 213))
-    pad = 300 - 213
-    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
-    mask = torch.ones(2, 300, dtype=torch.long)
-    mask[1, :pad] = 0
+    long, short, pad, ids, mask = left_padded_batch()
     fst.enable(model, SPARSE)
     batch = logits(model, ids, attention_mask=mask)
     assert {r.path for r in fst.layer_stats(model)} == {"sparse"}  # the per-row path ran
@@ -180,11 +186,7 @@ def test_capture_attention_inputs_returns_what_attention_sees():
 def test_left_padded_batch_with_a_row_below_min_seq_len():
     """One row sparse, one dense (too short): the record mixes both, densities per head."""
     model = tiny_llama()
-    long, short = torch.randint(0, 128, (1, 300)), torch.randint(0, 128, (1, 213))
-    pad = 300 - 213
-    ids = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
-    mask = torch.ones(2, 300, dtype=torch.long)
-    mask[1, :pad] = 0
+    _long, short, pad, ids, mask = left_padded_batch()
     fst.enable(model, SPARSE.replace(min_seq_len=250))
     batch = logits(model, ids, attention_mask=mask)
     records = fst.layer_stats(model)

@@ -96,12 +96,16 @@ def _greedy_answer(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passkey) -> MethodRun:
+def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passkey):
     """Time ``repeats`` prefills with flexsample enabled under ``config``, then answer.
 
     Dense SDPA runs through the same routing with ``min_seq_len`` above the prompt length:
     every call is then PyTorch's causal SDPA, and the stage timer measures its attention time
     the same way as flexsample's.
+
+    Returns:
+        ``(MethodRun, layers, sparse)``: the run, :func:`fst.summarize` of the last prefill,
+        and that prefill's sparse call records (for the mask picture).
     """
     prefill, attention, overhead = [], [], []
     with fst.enabled(model, config):
@@ -117,8 +121,10 @@ def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passke
                 sum(r.times.get(s, 0.0) for r in records for s in ("sample", "select", "mask"))
             )
         density = fst.prefill_density(model) or 1.0
+        layers = fst.summarize(model)
+        sparse = [r for r in fst.layer_stats(model) if r.path == "sparse"]
         answer = _greedy_answer(model, tokenizer, ids, new_tokens)
-    return MethodRun(
+    run = MethodRun(
         name=name,
         prefill_s=statistics.median(prefill),
         attention_s=statistics.median(attention),
@@ -127,6 +133,7 @@ def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passke
         answer=answer,
         correct=extract_number(answer) == passkey,
     )
+    return run, layers, sparse
 
 
 def measure_demo(
@@ -163,13 +170,13 @@ def measure_demo(
             model(warm)
     args = (model, tokenizer, ids)
     with step(f"Dense SDPA: {repeats} prefill(s) of {ids.shape[1]} tokens and the answer"):
-        dense = _run_method("dense SDPA", *args, dense_config, repeats, new_tokens, prompt.answer)
+        dense, _, _ = _run_method(
+            "dense SDPA", *args, dense_config, repeats, new_tokens, prompt.answer
+        )
     with step(f"flexsample: {repeats} prefill(s) of {ids.shape[1]} tokens and the answer"):
-        flex = _run_method("flexsample", *args, config, repeats, new_tokens, prompt.answer)
-    with fst.enabled(model, config), torch.no_grad():  # one more prefill, for its statistics
-        model(ids)
-        sparse = [r for r in fst.layer_stats(model) if r.path == "sparse"]
-        layers = fst.summarize(model)
+        flex, layers, sparse = _run_method(
+            "flexsample", *args, config, repeats, new_tokens, prompt.answer
+        )
     chosen = sorted({0, len(sparse) // 2, len(sparse) - 1}) if sparse else []
     return DemoResult(
         tokens=int(ids.shape[1]),
@@ -204,9 +211,9 @@ def explain(result: DemoResult) -> list[str]:
         per_tile = sparse_s / (flex.density * dense.attention_s)
         lines.append(
             f"Sparse attention was slower than dense here: per computed tile, the CPU "
-            f"FlexAttention kernel took {per_tile:.2f}x SDPA's time, so at density "
-            f"{flex.density:.2f} the skipped tiles did not pay for that and for sampling. "
-            "Longer prompts are sparser and sample a smaller share: try --length 8000."
+            f"FlexAttention kernel took {per_tile:.2f}x SDPA's time, so sparse attention "
+            f"pays here only below density {1 / per_tile:.2f} (before sampling costs), and "
+            f"this prompt's masks kept {flex.density:.2f}."
         )
     verdict = "faster" if result.prefill_speedup > 1 else "slower"
     lines.append(
