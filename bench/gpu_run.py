@@ -3,14 +3,15 @@
 One call does everything and writes ``gpu_<device>.json`` and ``gpu_<device>.md`` into
 ``--out``:
 
-* correctness: the compiled Triton sampling kernel against the float64 oracle (fp32, bf16,
-  fp16; awkward shapes), Triton against the torch sampler at a long length, the compiled
-  sparse flex path against its eager oracle on random layouts, and ``flex_sample_attention``
-  with a dense-equivalent config against SDPA;
-* speed, on planted-structure inputs at several densities: each flexsample stage, the whole
-  call, SDPA with the flash backend, SDPA with cuDNN, dense compiled FlexAttention; CUDA-event
-  medians after warm-up; and the counted floor (causal FLOPs times density over the measured
-  bf16 matrix rate).
+* correctness: the Triton sampling kernels against the float64 oracle (fp32, bf16, fp16;
+  awkward shapes), Triton against the torch sampler at a long length, gathered columns +
+  compiled flex against the element-mask oracle on random selections, and
+  ``flex_sample_attention`` with a dense-equivalent config against SDPA;
+* speed and accuracy, on planted inputs with single-token stripes, for the defaults, two
+  alphas and flexsample 0.1's selection: each stage, the whole call, density, output error
+  against dense SDPA; SDPA with the flash backend, SDPA with cuDNN, dense compiled
+  FlexAttention; CUDA-event medians after warm-up; and the counted floor (causal FLOPs times
+  density over the measured bf16 matrix rate).
 
 ``--dry-run`` runs the same code on CPU at small sizes (torch sampler, wall clock), to check
 the script without a GPU.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
-from flexsample.synthetic import planted_case
+from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import rel_max, rel_rmse
 
 
@@ -105,13 +107,11 @@ def _randn_qkv(B, Hq, Hkv, S, D, device, dtype):
 def check_sampler_vs_oracle(shape, dtype, device, sampler: str) -> Check:
     """The stage-1 sampler against the float64 oracle on random inputs."""
     B, Hq, Hkv, S, D, bs = shape
-    cfg = fs.SampleConfig(
-        block_size=bs, min_window=bs, window_ratio=0.05, num_segments=5, sample_ratio=0.1
-    )
+    cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1)
     layout = fs.SampleLayout.create(S, cfg)
     q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
-    ref = fs.sample_block_scores_reference(q, k, layout, D**-0.5)
-    got = fs.sample_block_scores(q, k, cfg.replace(sampler=sampler), scale=D**-0.5)
+    ref = fs.sample_column_scores_reference(q, k, layout, D**-0.5)
+    got = fs.sample_column_scores(q, k, cfg.replace(sampler=sampler), scale=D**-0.5)
     return Check(
         f"{sampler} sampler vs float64 oracle",
         str(dtype),
@@ -126,8 +126,8 @@ def check_sampler_vs_torch(S: int, device, sampler: str) -> Check:
     """At a long length: the sampler against the chunked torch path (both exact float32)."""
     q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=1)
     layout = fs.SampleLayout.create(S, cfg)
-    got = fs.sample_block_scores(q, k, cfg.replace(sampler=sampler), scale=128**-0.5)
-    ref = fs.sample_block_scores_torch(q, k, layout, 128**-0.5)
+    got = fs.sample_column_scores(q, k, cfg.replace(sampler=sampler), scale=128**-0.5)
+    ref = fs.sample_column_scores_torch(q, k, layout, 128**-0.5)
     shape = f"B1 H32/8 S{S} D128 bs128"
     return Check(
         f"{sampler} sampler vs torch sampler", "torch.bfloat16", shape, rel_max(got, ref),
@@ -136,28 +136,38 @@ def check_sampler_vs_torch(S: int, device, sampler: str) -> Check:
 
 
 def check_sparse_flex(dtype, device) -> Check:
-    """Compiled block-sparse FlexAttention against its eager float64 oracle, random layout.
+    """Gathered columns + compiled FlexAttention against the float64 element-mask oracle, on
+    random windows and columns.
 
     Bound: twice the error of PyTorch's own computation of the same masked attention in
     ``dtype`` (FlashAttention's rule), fp32 included.
     """
     B, Hq, Hkv, S, D, bs = 2, 8, 2, 1000, 128, 128
     q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
-    lay = fs.SampleLayout.create(S, fs.SampleConfig(block_size=bs, min_window=bs, window_ratio=0))
-    keep = fs.block_layout(torch.rand(B, Hq, lay.num_blocks, device=device) < 0.4, lay)
-    got = fs.sparse_attention(q, k, v, fs.block_mask_from_layout(keep, S, bs), D**-0.5)
-    ref = fs.sparse_attention_reference(q.double(), k.double(), v.double(), keep, bs, D**-0.5)
-    tile = torch.arange(S, device=device) // bs
-    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-    allowed = keep[:, :, tile][:, :, :, tile] & causal
+    lay = fs.SampleLayout.create(S, fs.SampleConfig(block_size=bs))
+    gen = torch.Generator(device=device).manual_seed(0)
+    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq), device=device, generator=gen)
+    columns = torch.rand(B, Hq, S, device=device, generator=gen) < 0.1
+    sel = fs.ColumnSelection(windows, columns, lay)
     group = Hq // Hkv
+    gathered = sel.gathered(group)
+    bm = fs.build_block_mask(windows, gathered, lay)
+    got = fs.sparse_attention(
+        q, fs.gather_keys(k, gathered), fs.gather_keys(v, gathered), bm, D**-0.5
+    )
+    cols = sel.group_columns(group)
+    ref = fs.sparse_attention_reference(
+        q.double(), k.double(), v.double(), windows, cols, lay, D**-0.5
+    )
+    allowed = fs.keep_mask(windows, cols, lay, torch.arange(S, device=device))
     base = F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=allowed,
         scale=D**-0.5,
     )  # fmt: skip
     return Check(
-        "compiled sparse flex vs float64 oracle", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
-        rel_rmse(got, ref), "rel rmse", 2 * rel_rmse(base, ref) + 1e-6,
+        "gathered columns + compiled flex vs float64 oracle", str(dtype),
+        f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}", rel_rmse(got, ref), "rel rmse",
+        2 * rel_rmse(base, ref) + 1e-6,
     )  # fmt: skip
 
 
@@ -274,7 +284,7 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     """
     if device.type != "cuda":
         return []
-    from flexsample.sampling.triton_kernel import launch_config, sample_block_scores_triton
+    from flexsample.sampling.triton_kernel import launch_config, sample_column_scores_triton
 
     S = 65536
     q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=0)
@@ -284,7 +294,7 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     for candidate in [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)]:
         block_m, block_n, warps = candidate
         ms = measure(
-            lambda bm=block_m, bn=block_n, w=warps: sample_block_scores_triton(
+            lambda bm=block_m, bn=block_n, w=warps: sample_column_scores_triton(
                 q, k, layout, 128**-0.5, block_m=bm, block_n=bn, num_warps=w
             )
         )
@@ -298,40 +308,52 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     return rows
 
 
-def speed(
-    device: torch.device,
-    lengths: list[int],
-    densities: list[float],
-    heads: tuple,
-    measure,
-    tflops: float | None,
-) -> list[dict]:
+#: Selections timed and scored at every length: the defaults, two alphas, 0.1's selection.
+METHODS = {
+    "defaults": fs.SampleConfig(),
+    "alpha 0.98": fs.SampleConfig(alpha=0.98),
+    "alpha 0.99": fs.SampleConfig(alpha=0.99),
+    "0.1 selection": fs.SampleConfig(window_ratio=0.08, column_unit="block", sink_blocks=1),
+}
+
+
+def speed(device: torch.device, lengths: list[int], heads: tuple, measure, tflops) -> list[dict]:
+    """Every selection of :data:`METHODS` on planted single-token-stripe inputs, per length:
+    stage times, the whole call, density, output error against dense SDPA, and the dense
+    kernels' times."""
     Hq, Hkv, D = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows: list[dict] = []
     for S in lengths:
         causal_flops = 4 * Hq * D * S * (S + 1) / 2
-        q, k, v, _ = planted_case(0.1, 1, Hq, Hkv, S, D, dtype=dtype, device=device, seed=0)
+        # As bench/test_frontier.py's "single-token stripes": sinks, delimiters and needles
+        # are single tokens; the planted keys hold all but about 1% of the mass.
+        q, k, v = planted_qkv(
+            1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
+            signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
+        )  # fmt: skip
         dense = time_dense(q, k, v, D**-0.5, measure)
-        for target in densities:
-            q, k, v, cfg = planted_case(
-                target, 1, Hq, Hkv, S, D, dtype=dtype, device=device, seed=0
-            )
+        reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        for name, cfg in METHODS.items():
             row = {
                 "seq_len": S,
                 "heads": f"{Hq}/{Hkv}",
                 "head_dim": D,
                 "dtype": str(dtype),
-                "target_density": target,
+                "method": name,
                 **time_flexsample(q, k, v, cfg, measure),
-                **{f"{name}_ms": t for name, t in dense.items()},
+                **{f"{kernel}_ms": t for kernel, t in dense.items()},
             }
+            out = fs.flex_sample_attention(q, k, v, config=cfg)
+            row["output_error"] = rel_rmse(out, reference)
             row["floor_ms"] = causal_flops * row["density"] / (tflops * 1e9) if tflops else None
             ref = dense.get("sdpa_flash") or dense.get("sdpa_cpu")
             if ref:
                 row["speedup_vs_sdpa"] = ref / row["flexsample_total_ms"]
                 overhead = row["sample_ms"] + row["select_ms"] + row["mask_ms"]
                 row["overhead_vs_sdpa"] = overhead / ref
+            if dense.get("sdpa_cudnn"):
+                row["speedup_vs_cudnn"] = dense["sdpa_cudnn"] / row["flexsample_total_ms"]
             rows.append(row)
             print(
                 "  "
@@ -341,6 +363,8 @@ def speed(
                 ),
                 flush=True,
             )
+            del out
+        del q, k, v, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -370,25 +394,29 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         )
     out += [
         "",
-        "### Speed (ms, median; planted inputs)",
+        "### Speed and accuracy (ms, median; planted single-token stripes)",
         "",
-        "| S | target | density | sample | select | mask | attention | flexsample | "
-        "SDPA flash | SDPA cuDNN | flex dense | floor | speedup vs flash | "
+        "Output error: relative RMS error against dense SDPA in the same dtype.",
+        "",
+        "| S | selection | density | output error | sample | select | mask | attention | "
+        "flexsample | SDPA flash | SDPA cuDNN | flex dense | floor | vs flash | vs cuDNN | "
         "overhead/flash |",
-        "|" + "---|" * 14,
+        "|" + "---|" * 16,
     ]
 
-    def f(x):
-        return "n/a" if x is None else f"{x:.2f}"
+    def f(x, unit=""):
+        return "n/a" if x is None else f"{x:.2f}{unit}"
 
     for r in rows:
         out.append(
-            f"| {r['seq_len']} | {r['target_density']:.2f} | {r['density']:.3f} | "
+            f"| {r['seq_len']} | {r['method']} | {r['density']:.3f} | "
+            f"{r['output_error']:.2e} | "
             f"{f(r['sample_ms'])} | {f(r['select_ms'])} | {f(r['mask_ms'])} | "
             f"{f(r['attention_ms'])} | {f(r['flexsample_total_ms'])} | "
             f"{f(r.get('sdpa_flash_ms') or r.get('sdpa_cpu_ms'))} | "
             f"{f(r.get('sdpa_cudnn_ms'))} | {f(r['flex_dense_ms'])} | {f(r['floor_ms'])} | "
-            f"{f(r.get('speedup_vs_sdpa'))}x | {100 * r.get('overhead_vs_sdpa', 0):.1f}% |"
+            f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_cudnn'), 'x')} | "
+            f"{100 * r.get('overhead_vs_sdpa', 0):.1f}% |"
         )
     return "\n".join(out) + "\n"
 
@@ -432,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sequence lengths (default 8K 32K 64K 128K; dry run 2K 4K)",
     )
-    p.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5])
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument(
         "--tune-sampler",
@@ -476,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     tuning = tune_sampler(device, measure) if args.tune_sampler else []
-    rows = speed(device, lengths, args.densities, heads, measure, meta["matmul_tflops"])
+    rows = speed(device, lengths, heads, measure, meta["matmul_tflops"])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")
     (args.out / f"gpu_{tag}.json").write_text(

@@ -12,7 +12,9 @@ one, else the wall time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -245,6 +247,17 @@ def _alpha_section(alphas: list[dict]) -> list[str]:
     return lines
 
 
+def _oracle_density_at(error: float, oracle: list[dict]) -> float | None:
+    """The token oracle's density at ``error``, interpolated between its alpha points
+    (linear in log error); None outside the range they span."""
+    points = sorted((r["output_error"], r["density"]) for r in oracle if r["output_error"] > 0)
+    for (e0, d0), (e1, d1) in itertools.pairwise(points):
+        if e0 <= error <= e1:
+            t = 0.0 if e1 == e0 else math.log(error / e0) / math.log(e1 / e0)
+            return d0 + t * (d1 - d0)
+    return None
+
+
 def _frontier_section(frontier: list[dict]) -> list[str]:
     """One table per input: each selection's density, output error and kept mass."""
     if not frontier:
@@ -254,23 +267,34 @@ def _frontier_section(frontier: list[dict]) -> list[str]:
         "",
         "Density = computed (query, key) pairs / causal pairs. Kept mass = fraction of a row's "
         "exact attention mass inside the mask, over all rows and heads. The oracles keep, for "
-        "each row, its fewest keys (tokens) or key tiles reaching alpha of its mass.",
+        "each row, its fewest keys (tokens) or key tiles reaching alpha of its mass. "
+        "'x oracle' = density over the token oracle's density at the same output error "
+        "(interpolated between its alpha points; blank outside their range). Window and "
+        "columns: means over heads, in tokens.",
         "",
     ]
     for inputs in dict.fromkeys(r["inputs"] for r in frontier):
         rows = [r for r in frontier if r["inputs"] == inputs]
+        oracle = [r for r in rows if r["method"] == "oracle tokens"]
         lines += [
             f"#### {inputs}",
             "",
-            "| selection | alpha | density | output rel. error | kept mass min | "
-            "kept mass 1st pct. | kept mass mean |",
-            "|---|---|---|---|---|---|---|",
+            "| selection | alpha | density | output rel. error | x oracle | kept mass min | "
+            "kept mass 1st pct. | kept mass mean | window | columns |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            at = (
+                None
+                if r["method"].startswith("oracle")
+                else _oracle_density_at(r["output_error"], oracle)
+            )
+            ratio = None if not at else r["density"] / at
             lines.append(
                 f"| {r['method']} | {_f(r.get('alpha'), '.2f')} | {r['density']:.3f} | "
-                f"{r['output_error']:.2e} | {r['kept_mass_min']:.4f} | "
-                f"{r['kept_mass_p1']:.4f} | {r['kept_mass_mean']:.4f} |"
+                f"{r['output_error']:.2e} | {_f(ratio, '.2f')} | {r['kept_mass_min']:.4f} | "
+                f"{r['kept_mass_p1']:.4f} | {r['kept_mass_mean']:.4f} | "
+                f"{_f(r.get('mean_window'), '.0f')} | {_f(r.get('mean_columns'), '.0f')} |"
             )
         lines.append("")
     return lines

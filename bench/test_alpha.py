@@ -15,7 +15,7 @@ import flexsample as fs
 import flexsample.integrations.transformers as fst
 from conftest import run
 from flexsample.integrations.haystack import extract_number, passkey_prompt
-from flexsample.oracle import evaluate_tiles
+from flexsample.oracle import evaluate_plan
 from flexsample.testing import rel_rmse
 
 LAYERS = [2, 8, 15, 21, 27]
@@ -52,7 +52,7 @@ def _kept_mass_and_error(q, k, v, config) -> tuple[float, float, float, float]:
     """(density, mean kept mass, 1st-percentile kept mass over rows, output relative error)."""
     out, stats = fs.flex_sample_attention(q, k, v, config=config, return_stats=True)
     error = rel_rmse(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    quality = evaluate_tiles(q, k, v, stats.tile_layout(), config.block_size)
+    quality = evaluate_plan(q, k, v, fs.plan_prefill(q, k, config))
     return stats.mean_density, quality.kept_mass_mean, quality.kept_mass_p1, error
 
 

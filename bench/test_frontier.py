@@ -1,10 +1,11 @@
 """Selection frontier: density vs output error vs per-row kept mass, against a per-row oracle.
 
-For each input, every selection (flexsample at its defaults, an alpha sweep, a tuned-window
-row) is scored on exact float64 attention (``flexsample.oracle.evaluate_tiles`` on the tiles
-the call computed), next to the per-row oracle at several alphas: every query row keeps its
-fewest keys (``oracle tokens``) or key tiles (``oracle tiles``) reaching alpha of its mass.
-Density counts computed (query, key) pairs over causal pairs.
+For each input, every selection (flexsample at its defaults, an alpha sweep, the 0.1-style
+selection and the pieces in between) is scored on exact float64 attention
+(``flexsample.oracle.evaluate_plan`` on the pairs the call computes), next to the per-row
+oracle at several alphas: every query row keeps its fewest keys (``oracle tokens``) or key
+tiles (``oracle tiles``) reaching alpha of its mass. Density counts computed (query, key)
+pairs over causal pairs.
 
 Inputs: planted structures (``STRUCTURES``) and q/k/v captured from SmolLM2 on a passkey
 prompt. The timed call is the whole ``flex_sample_attention`` (for the oracle rows, the oracle
@@ -19,7 +20,7 @@ import pytest
 
 import flexsample as fs
 from conftest import run
-from flexsample.oracle import evaluate_tiles, oracle_frontier
+from flexsample.oracle import evaluate_plan, oracle_frontier
 from flexsample.synthetic import planted_qkv
 
 #: Planted structures: keyword arguments of ``planted_qkv`` (signal set per length below).
@@ -31,14 +32,20 @@ STRUCTURES = {
     "diffuse background": {"stripes": (4, 8), "stripe_width": 1, "signal": 3.0, "locality": 2.0},
 }
 
-#: flexsample configurations on the frontier: the defaults, an alpha sweep, a tuned row.
+#: flexsample 0.1's selection: a fixed 8% window, whole-block stripes, a sink block.
+PREVIOUS = fs.SampleConfig(window_ratio=0.08, column_unit="block", sink_blocks=1)
+
+#: flexsample configurations on the frontier: the defaults, an alpha sweep, 0.1's selection
+#: and one step at a time from it to the defaults.
 METHODS = {
     "flexsample defaults": fs.SampleConfig(),
-    "alpha 0.8": fs.SampleConfig(alpha=0.8),
     "alpha 0.9": fs.SampleConfig(alpha=0.9),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "alpha 0.99": fs.SampleConfig(alpha=0.99),
-    "alpha 0.99, window 0.02 (tuned)": fs.SampleConfig(alpha=0.99, window_ratio=0.02),
+    "0.1 selection (window 8%, block stripes, sink block)": PREVIOUS,
+    "0.1 selection, alpha 0.99": PREVIOUS.replace(alpha=0.99),
+    "window 8%, token columns": fs.SampleConfig(window_ratio=0.08),
+    "adaptive window, block columns": fs.SampleConfig(column_unit="block"),
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
 SMOLLM2_LAYERS = (2, 15, 27)
@@ -101,7 +108,7 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds) 
     plan = fs.plan_prefill(q, k, config)
     if plan.path != "sparse":
         pytest.skip(f"{method} runs dense at S={q.shape[2]}: {plan.reason}")
-    quality = evaluate_tiles(q, k, v, plan.tiles, plan.layout.block_size)
+    quality = evaluate_plan(q, k, v, plan)
     benchmark.group = f"frontier {inputs}"
     run(
         benchmark,
@@ -109,7 +116,12 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds) 
         device,
         1,
         **_info(
-            inputs, method, quality, alpha=config.alpha, tile_density=float(plan.density.mean())
+            inputs,
+            method,
+            quality,
+            alpha=config.alpha,
+            mean_window=float(plan.window_blocks.float().mean()) * plan.layout.block_size,
+            mean_columns=float(plan.attended_columns().sum(-1).float().mean()),
         ),
     )
 

@@ -2,9 +2,9 @@
 
 The pipeline, each stage usable on its own::
 
-    q, k ─► sample_block_scores ─► select_blocks ─► block_layout ─► block_mask_from_layout
-        └──────────────────────── plan_prefill ─────────────────────────────────┘
-    plan, q, k, v ─► run_plan (compiled FlexAttention, or dense SDPA)
+    q, k ─► sample_column_scores ─► select_columns ─► ColumnSelection.gathered ─► build_block_mask
+        └──────────────────────────── plan_prefill ────────────────────────────────────┘
+    plan, q, k, v ─► run_plan (gather columns, compiled FlexAttention; or dense SDPA)
 
 :func:`flex_sample_attention` is ``plan_prefill`` then ``run_plan``, with statistics.
 """
@@ -13,38 +13,40 @@ from .api import flex_sample_attention
 from .attention import dense_causal_attention, sparse_attention, sparse_attention_reference
 from .config import SampleConfig
 from .layout import SampleLayout
-from .masks import block_layout, block_mask_from_layout, build_block_mask, density
+from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
 from .plan import PrefillPlan, plan_prefill, run_plan
 from .sampling import (
-    sample_block_scores,
-    sample_block_scores_reference,
-    sample_block_scores_torch,
+    sample_column_scores,
+    sample_column_scores_reference,
+    sample_column_scores_torch,
 )
-from .selection import kept_sampled_mass, select_blocks
+from .selection import ColumnSelection, keep_mask, kept_sampled_mass, select_columns
 from .stats import SampleStats, StageTimer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ColumnSelection",
     "PrefillPlan",
     "SampleConfig",
     "SampleLayout",
     "SampleStats",
     "StageTimer",
     "__version__",
-    "block_layout",
-    "block_mask_from_layout",
     "build_block_mask",
     "dense_causal_attention",
-    "density",
     "flex_sample_attention",
+    "gather_keys",
+    "keep_mask",
     "kept_sampled_mass",
+    "pair_density",
     "plan_prefill",
     "run_plan",
-    "sample_block_scores",
-    "sample_block_scores_reference",
-    "sample_block_scores_torch",
-    "select_blocks",
+    "sample_column_scores",
+    "sample_column_scores_reference",
+    "sample_column_scores_torch",
+    "select_columns",
     "sparse_attention",
     "sparse_attention_reference",
+    "tile_coverage",
 ]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compilation import recompile_policy
-from .masks import kernel_block_mask
+from .layout import SampleLayout
+from .selection import keep_mask
 
 
 @functools.cache
@@ -29,13 +31,15 @@ def sparse_attention(
     block_mask: BlockMask,
     scale: float,
 ) -> torch.Tensor:
-    """Block-sparse causal attention through compiled FlexAttention.
+    """Block-sparse attention through compiled FlexAttention.
 
     Args:
         q: ``(B, Hq, S, D)``.
-        k: ``(B, Hkv, S, D)`` with ``Hq % Hkv == 0``.
-        v: ``(B, Hkv, S, D)``.
-        block_mask: a causal ``BlockMask`` over ``(B, Hq, S, S)``.
+        k: ``(B, Hkv, L, D)`` with ``Hq % Hkv == 0``: the keys the mask indexes (for
+            SampleAttention, ``[gathered columns | keys]``, see
+            :func:`flexsample.masks.gather_keys`).
+        v: ``(B, Hkv, L, D)``.
+        block_mask: a ``BlockMask`` over ``(B, Hq, S, L)``.
         scale: softmax scale.
 
     Returns:
@@ -46,14 +50,19 @@ def sparse_attention(
         # off, detaching changes nothing else.
         q, k, v = q.detach(), k.detach(), v.detach()
     kwargs = {
-        "block_mask": kernel_block_mask(block_mask),
+        "block_mask": block_mask,
         "scale": scale,
         "enable_gqa": q.shape[1] != k.shape[1],
     }
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return flex_attention(q, k, v, **kwargs)
-    # Past the recompile limit Dynamo would run eager flex_attention: dense and slow.
-    with recompile_policy(fail_on_limit=True):
+    # Past the recompile limit Dynamo would run eager flex_attention: dense and slow. No duck
+    # sizing: the mask's lookup tables must not share a symbol with the key length (see
+    # flexsample.masks.sample_attention_mask_mod).
+    with (
+        recompile_policy(fail_on_limit=True),
+        torch.fx.experimental._config.patch(use_duck_shape=False),
+    ):
         return compiled_flex_attention()(q, k, v, **kwargs)
 
 
@@ -70,18 +79,20 @@ def sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    keep: torch.Tensor,
-    block_size: int,
+    window_blocks: torch.Tensor,
+    columns: torch.Tensor,
+    layout: SampleLayout,
     scale: float,
 ) -> torch.Tensor:
-    """Eager float64 oracle of :func:`sparse_attention`: materialises the element mask.
+    """Eager float64 oracle of SampleAttention's sparse path: materialises the element mask.
 
     Args:
         q: ``(B, Hq, S, D)``.
         k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
         v: ``(B, Hkv, S, D)``.
-        keep: ``(B, Hq, N, N)`` bool tile layout (see :func:`flexsample.masks.block_layout`).
-        block_size: tile side in tokens.
+        window_blocks: ``(B, Hq)`` window per head, in blocks.
+        columns: ``(B, Hq, S)`` bool, the columns each head attends (its group's union).
+        layout: the geometry.
         scale: softmax scale.
 
     Returns:
@@ -89,9 +100,7 @@ def sparse_attention_reference(
     """
     _, Hq, S, _ = q.shape
     group = Hq // k.shape[1]
-    tile = torch.arange(S, device=q.device) // block_size
-    allowed = keep[:, :, tile][:, :, :, tile]
-    allowed &= torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    allowed = keep_mask(window_blocks, columns, layout, torch.arange(S, device=q.device))
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     logits = (q.double() @ kk.transpose(-1, -2)) * scale

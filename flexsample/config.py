@@ -9,29 +9,39 @@ from typing import Literal
 
 Sampler = Literal["auto", "triton", "torch", "reference"]
 SAMPLERS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+ColumnUnit = Literal["token", "block"]
+COLUMN_UNITS: tuple[str, ...] = ("token", "block")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How SampleAttention chooses the blocks each head computes.
+    """How SampleAttention chooses what each head computes: a local window plus key columns.
 
     Every field is checked when the object is made; a bad value raises ``ValueError`` (or
     ``TypeError`` for a value of the wrong type) that names the field.
 
     Attributes:
         alpha: Cumulative residual attention (CRA) threshold in ``(0, 1]``. For every query
-            segment, the kept blocks hold at least this fraction of the sampled rows'
-            attention mass. Higher is more accurate and denser. Paper default 0.95.
+            segment, the window, sink and selected columns keep at least this fraction of
+            the sampled rows' attention mass. Higher is more accurate and denser. Paper
+            default 0.95.
         sample_ratio: Fraction of query rows sampled in stage 1, in ``(0, 1]``. Cost of
             sampling grows linearly with it. Paper: about 5%.
         num_segments: The query rows are cut into this many equal segments; the last
             ``sample_ratio * S / num_segments`` rows of each are sampled, and each segment's
             alpha-cover is added to the mask. More segments guard more query positions.
-        window_ratio: Local window as a fraction of the sequence length, in ``[0, 1]``.
-            Paper: about 8%.
-        min_window: Smallest local window in tokens (``>= 0``); the window is
-            ``max(min_window, ceil(window_ratio * S))`` tokens, rounded up to whole blocks.
-        sink_blocks: Number of leading key blocks every query keeps (attention sinks).
+        window_ratio: ``None`` (the default): the local window is chosen per head, the one
+            that, with the columns it then needs, computes the fewest (query, key) pairs
+            (candidates from ``min_window`` doubling up to the whole sequence). A number in
+            ``[0, 1]``: a fixed window of that share of the sequence for every head, as in
+            the paper (about 8%) and flexsample 0.1.
+        min_window: Smallest local window in tokens (``>= 0``), rounded up to whole blocks:
+            the floor of the adaptive window, or the minimum of a fixed one.
+        column_unit: What a selected column is: ``"token"`` (the default: single keys,
+            gathered into a compact block-aligned prefix that the attention call also reads)
+            or ``"block"`` (whole ``block_size`` key blocks, flexsample 0.1's stripes).
+        sink_blocks: Number of leading key blocks every query keeps whole (attention sinks).
+            Default 0: sink tokens are columns like any other, kept when sampled heavy.
         block_size: Side of the square tiles of the block mask, in tokens; a power of two
             ``>= 16``. 128 is FlexAttention's native tile.
         min_seq_len: Sequences shorter than this run dense causal attention (reported in
@@ -44,9 +54,10 @@ class SampleConfig:
     alpha: float = 0.95
     sample_ratio: float = 0.05
     num_segments: int = 8
-    window_ratio: float = 0.08
+    window_ratio: float | None = None
     min_window: int = 128
-    sink_blocks: int = 1
+    column_unit: ColumnUnit = "token"
+    sink_blocks: int = 0
     block_size: int = 128
     min_seq_len: int = 1024
     sampler: Sampler = "auto"
@@ -54,7 +65,8 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _check_real("alpha", self.alpha, low=0.0, high=1.0, low_open=True)
         _check_real("sample_ratio", self.sample_ratio, low=0.0, high=1.0, low_open=True)
-        _check_real("window_ratio", self.window_ratio, low=0.0, high=1.0)
+        if self.window_ratio is not None:
+            _check_real("window_ratio", self.window_ratio, low=0.0, high=1.0)
         _check_int("num_segments", self.num_segments, low=1)
         _check_int("min_window", self.min_window, low=0)
         _check_int("sink_blocks", self.sink_blocks, low=0)
@@ -63,6 +75,10 @@ class SampleConfig:
         if self.block_size & (self.block_size - 1):
             raise ValueError(
                 f"SampleConfig.block_size must be a power of two, got {self.block_size}"
+            )
+        if self.column_unit not in COLUMN_UNITS:
+            raise ValueError(
+                f"SampleConfig.column_unit must be one of {COLUMN_UNITS}, got {self.column_unit!r}"
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(
@@ -75,7 +91,7 @@ class SampleConfig:
 
     @classmethod
     def dense_equivalent(cls, **changes: object) -> SampleConfig:
-        """A config whose mask keeps every causal block: ``alpha=1`` and a full window.
+        """A config whose mask keeps every causal pair: ``alpha=1`` and a fixed full window.
 
         Useful to check plumbing: the output must equal dense causal attention.
         """

@@ -1,4 +1,4 @@
-"""Geometry of one prefill: block grid, local window, sink, and which query rows are sampled.
+"""Geometry of one prefill: block grid, window candidates, sink, and which rows are sampled.
 
 Every stage (the three samplers, selection, the mask) reads the same :class:`SampleLayout`,
 so "covered by the window" means the same thing everywhere.
@@ -18,25 +18,32 @@ from .config import SampleConfig
 class SampleLayout:
     """Block geometry of a causal prefill of ``seq_len`` tokens under a config.
 
+    A window of ``w`` blocks means: query block ``qb`` keeps key blocks ``qb - w .. qb``
+    whole (causally masked on the diagonal), i.e. every key at or after token
+    ``(qb - w) * block_size``.
+
     Attributes:
         seq_len: Number of query (= key) tokens ``S``.
         block_size: Tile side in tokens.
         num_blocks: ``ceil(S / block_size)``; the last block may be partial.
-        window_blocks: Query block ``qb`` keeps key blocks ``qb - window_blocks .. qb``. This
-            covers every key within ``window_blocks * block_size`` tokens of the query, at least
-            the configured window.
+        min_window_blocks: Smallest window in blocks (``ceil(min_window / block_size)``).
+        fixed_window_blocks: The window of every head when the config fixes one
+            (``window_ratio`` set), else None (adaptive, chosen per head).
         sink_blocks: Key blocks ``0 .. sink_blocks - 1`` are kept by every query block.
         num_segments: Number of query segments (at most ``S``).
         rows_per_segment: Sampled rows per segment (the segment's last rows).
+        column_unit: ``"token"`` or ``"block"`` (see :class:`SampleConfig`).
     """
 
     seq_len: int
     block_size: int
     num_blocks: int
-    window_blocks: int
+    min_window_blocks: int
+    fixed_window_blocks: int | None
     sink_blocks: int
     num_segments: int
     rows_per_segment: int
+    column_unit: str = "token"
 
     @classmethod
     def create(cls, seq_len: int, config: SampleConfig) -> SampleLayout:
@@ -44,23 +51,52 @@ class SampleLayout:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         bs = config.block_size
-        window_tokens = max(config.min_window, math.ceil(config.window_ratio * seq_len))
+        num_blocks = math.ceil(seq_len / bs)
+        floor = math.ceil(config.min_window / bs)
+        fixed = None
+        if config.window_ratio is not None:
+            fixed = max(floor, math.ceil(math.ceil(config.window_ratio * seq_len) / bs))
         num_segments = min(config.num_segments, seq_len)
         shortest_segment = seq_len // num_segments
         rows = math.ceil(config.sample_ratio * seq_len / num_segments)
         return cls(
             seq_len=seq_len,
             block_size=bs,
-            num_blocks=math.ceil(seq_len / bs),
-            window_blocks=math.ceil(window_tokens / bs),
+            num_blocks=num_blocks,
+            min_window_blocks=min(floor, num_blocks),
+            fixed_window_blocks=None if fixed is None else min(fixed, num_blocks),
             sink_blocks=config.sink_blocks,
             num_segments=num_segments,
             rows_per_segment=max(1, min(rows, shortest_segment)),
+            column_unit=config.column_unit,
         )
 
     @property
     def num_sampled_rows(self) -> int:
         return self.num_segments * self.rows_per_segment
+
+    @property
+    def sink_tokens(self) -> int:
+        """Keys ``0 .. sink_tokens - 1`` are the sink (kept whole by every query)."""
+        return min(self.sink_blocks * self.block_size, self.seq_len)
+
+    def window_candidates(self) -> list[int]:
+        """Window sizes in blocks that selection weighs: the fixed one, or the floor doubling.
+
+        Adaptive: ``floor, 2 floor, 4 floor, ...`` (from 1 block when the floor is 0) up to
+        ``num_blocks``, which covers every causal key (a dense head).
+        """
+        if self.fixed_window_blocks is not None:
+            return [self.fixed_window_blocks]
+        candidates = [self.min_window_blocks]
+        w = max(1, self.min_window_blocks)
+        while w < self.num_blocks:
+            if w not in candidates:
+                candidates.append(w)
+            w *= 2
+        if self.num_blocks not in candidates:
+            candidates.append(self.num_blocks)
+        return candidates
 
     def segment_ends(self) -> list[int]:
         """Exclusive end row of each segment; the last one is ``seq_len``."""
@@ -77,38 +113,21 @@ class SampleLayout:
         offsets = torch.arange(self.rows_per_segment, dtype=torch.int64, device=device)
         return ends[:, None] - self.rows_per_segment + offsets[None, :]
 
-    def uncovered_blocks(self, rows: torch.Tensor) -> torch.Tensor:
-        """Which key blocks are *not* already kept for each query row by window or sink.
+    def segment_blocks(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(num_segments,)`` query block of each segment's last sampled row.
 
-        Args:
-            rows: query positions, any shape ``(*R,)``.
-
-        Returns:
-            ``(*R, num_blocks)`` bool: True where the block is strictly before the row's window,
-            after the sink and therefore only kept if stage 2 selects it.
+        Selection measures a segment's window from this block: earlier sampled rows of the
+        segment have windows that start earlier, so they keep at least what it counts.
         """
-        kb = torch.arange(self.num_blocks, device=rows.device)
-        qb = torch.div(rows, self.block_size, rounding_mode="floor")
-        return (kb >= self.sink_blocks) & (kb < (qb - self.window_blocks)[..., None])
-
-    def local_blocks(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(num_blocks, num_blocks)`` bool: causal blocks kept by the window or the sink."""
-        qb = torch.arange(self.num_blocks, device=device)[:, None]
-        kb = torch.arange(self.num_blocks, device=device)[None, :]
-        return (kb <= qb) & ((qb - kb <= self.window_blocks) | (kb < self.sink_blocks))
-
-    def causal_blocks(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(num_blocks, num_blocks)`` bool lower triangle (diagonal included)."""
-        n = self.num_blocks
-        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        ends = torch.tensor(self.segment_ends(), dtype=torch.int64, device=device)
+        return torch.div(ends - 1, self.block_size, rounding_mode="floor")
 
     def notes(self) -> dict[str, str]:
         """Why this geometry cannot give a sparse mask: ``{config field: explanation}``.
 
         A config can be valid and still leave nothing to skip at a given length: a single
-        tile, or query segments shorter than a tile (each segment's cover adds its own
-        stripes, so the union approaches every block). Plans and stats carry these notes.
-        Empty when the geometry allows sparsity.
+        tile, or a fixed window that covers the whole sequence. Plans and stats carry these
+        notes. Empty when the geometry allows sparsity.
         """
         notes = {}
         if self.num_blocks == 1:
@@ -116,10 +135,11 @@ class SampleLayout:
                 f"block_size {self.block_size} >= seq_len {self.seq_len}: one tile, "
                 "nothing to skip (density 1.0)"
             )
-        elif self.seq_len // self.num_segments < self.block_size:
-            notes["num_segments"] = (
-                f"num_segments {self.num_segments} at seq_len {self.seq_len}: segments are "
-                f"shorter than one {self.block_size}-token tile, so their covers add up to a "
-                "nearly dense mask; use fewer segments"
+        elif self.fixed_window_blocks is not None and self.fixed_window_blocks >= (
+            self.num_blocks - 1
+        ):
+            notes["window_ratio"] = (
+                f"a fixed window of {self.fixed_window_blocks} blocks covers all "
+                f"{self.num_blocks} blocks of seq_len {self.seq_len}: dense (density 1.0)"
             )
         return notes

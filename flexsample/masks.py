@@ -1,93 +1,27 @@
-"""Mask building: column stripes plus local window and sink -> FlexAttention ``BlockMask``."""
+"""Mask building: a window per head plus gathered key columns -> FlexAttention ``BlockMask``.
+
+The attention call reads ``[gathered columns | all keys]``: each kv head's selected columns,
+copied into a compact prefix of ``C`` keys (a whole number of blocks), then the keys in
+order. Query block ``qb`` of head ``h`` reads
+
+* the gathered blocks whose columns lie before its window (the one block where the window
+  start falls is *partial*: the ``mask_mod`` checks each column's original position);
+* key blocks ``qb - window .. qb`` (full below the diagonal, partial on it).
+
+Sink tokens (``sink_blocks``) are columns every head selects, so they are gathered too.
+
+Full blocks are computed without a ``mask_mod`` call; the ``mask_mod`` is exact everywhere,
+so eager FlexAttention and ``BlockMask.to_dense`` mean the same attention as compiled kernels.
+"""
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .config import SampleConfig
 from .layout import SampleLayout
-
-
-def causal_mask_mod(b, h, q_idx, kv_idx):
-    """Plain causal ``mask_mod``: what compiled kernels evaluate on diagonal tiles."""
-    return q_idx >= kv_idx
-
-
-def tile_mask_mod(keep: torch.Tensor, block_size: int):
-    """FlexAttention ``mask_mod`` equal to the tile layout ``keep`` intersected with causality.
-
-    Compiled kernels evaluate a ``mask_mod`` only on partial tiles; anything that evaluates it
-    everywhere (eager ``flex_attention``, ``BlockMask.to_dense``, ``create_mask``) sees the
-    whole layout here, so the BlockMask means the same sparse attention under every
-    implementation instead of silently meaning dense causal attention.
-
-    Args:
-        keep: ``(B, H, N, N)`` bool tile layout; its diagonal must be kept.
-        block_size: tile side in tokens.
-    """
-    _, H, n, _ = keep.shape
-    flat = keep.reshape(-1)
-
-    def sample_attention_mask(b, h, q_idx, kv_idx):
-        tile = ((b * H + h) * n + q_idx // block_size) * n + kv_idx // block_size
-        return flat[tile] & (q_idx >= kv_idx)
-
-    sample_attention_mask.diagonal_equivalent = causal_mask_mod  # see kernel_block_mask
-    return sample_attention_mask
-
-
-def kernel_block_mask(block_mask: BlockMask) -> BlockMask:
-    """The same BlockMask with the cheap ``mask_mod`` a compiled kernel needs.
-
-    A flexsample BlockMask's only partial tiles are diagonal tiles, which every layout keeps,
-    so on them the exact tile lookup equals plain causality. Compiled kernels get the plain
-    causal ``mask_mod``: cheaper, and it avoids tracing a tensor lookup, which inductor's CPU
-    template in torch 2.13 miscompiles (undeclared-variable C++ errors). Other masks are
-    returned unchanged.
-    """
-    simple = getattr(block_mask.mask_mod, "diagonal_equivalent", None)
-    if simple is None:
-        return block_mask
-    kernel_mask = copy.copy(block_mask)
-    kernel_mask.mask_mod = simple
-    return kernel_mask
-
-
-def block_layout(stripes: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
-    """Which ``(query block, key block)`` tiles each head computes.
-
-    Tile ``(i, j)`` is kept iff ``j <= i`` and (``j`` is a selected stripe, or ``i - j`` is
-    within the window, or ``j`` is a sink block).
-
-    Args:
-        stripes: ``(B, H, num_blocks)`` bool from :func:`~flexsample.selection.select_blocks`.
-        layout: geometry of the prefill.
-
-    Returns:
-        ``(B, H, num_blocks, num_blocks)`` bool, lower-triangular.
-
-    Raises:
-        ValueError: ``stripes`` has the wrong shape for ``layout``.
-    """
-    if stripes.dim() != 3 or stripes.shape[-1] != layout.num_blocks:
-        raise ValueError(
-            f"stripes must be (B, H, {layout.num_blocks}) for seq_len {layout.seq_len}, "
-            f"got shape {tuple(stripes.shape)}"
-        )
-    causal = layout.causal_blocks(stripes.device)
-    local = layout.local_blocks(stripes.device)
-    return (stripes.bool()[..., None, :] & causal) | local
-
-
-def density(keep: torch.Tensor) -> torch.Tensor:
-    """Fraction of causal tiles kept, per ``(B, H)``, from a ``(B, H, N, N)`` tile layout."""
-    n = keep.shape[-1]
-    return keep.sum(dim=(-1, -2)).float() / (n * (n + 1) // 2)
-
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
 # after torch 2.6; pass it only where it exists.
@@ -96,89 +30,195 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 )
 
 
-def block_mask_from_layout(
-    keep: torch.Tensor, seq_len: int, block_size: int, *, check: bool = True
-) -> BlockMask:
-    """Turn a tile layout into a causal FlexAttention ``BlockMask``.
+def key_codes(gathered: torch.Tensor, seq_len: int, group: int) -> torch.Tensor:
+    """``(B, Hq, C + S)`` int32: what each key the attention call reads is, per query head.
 
-    Tiles strictly below the diagonal are *full* (computed without a ``mask_mod`` call); the
-    diagonal tile is *partial* and masked causally. Built with vectorised ops on ``keep``'s
-    device.
+    A gathered column at original position ``p`` is coded ``-(p + 1)`` (negative), the keys
+    that follow are coded by their position ``0 .. S - 1``.
 
     Args:
-        keep: ``(B, H, N, N)`` bool tile layout, ``N = ceil(seq_len / block_size)``; the
-            diagonal must be kept (every query attends to itself).
-        seq_len: tokens ``S`` (the last block may be partial).
+        gathered: ``(B, Hkv, C)`` gathered column positions (padding ``S``).
+        seq_len: ``S``.
+        group: query heads per kv head.
+    """
+    B, Hkv, _ = gathered.shape
+    tail = torch.arange(seq_len, device=gathered.device).expand(B, Hkv, seq_len)
+    codes = torch.cat([-(gathered + 1), tail], dim=-1).to(torch.int32)
+    return codes.repeat_interleave(group, dim=1).contiguous()
+
+
+def sample_attention_mask_mod(codes: torch.Tensor, window_blocks: torch.Tensor, block_size: int):
+    """The exact ``mask_mod`` of a SampleAttention call over ``[gathered | keys]``.
+
+    Query ``q`` reads a gathered column iff its position is before ``q``'s window, and a key
+    of the second part iff it is in the window and causal.
+
+    Written for inductor's CPU template (torch 2.13), which miscompiles lookups into
+    captured tensors in several shapes (C++ that names an undeclared ``cur_kvSplitSize5``):
+    only flat 1-D tensors are indexed, every number is a 0-d tensor (a captured Python int
+    becomes a symbol under ``dynamic=True``), and the call runs without duck sizing (see
+    :func:`flexsample.attention.sparse_attention`). ``tests/test_attention.py`` compiles it
+    over batch sizes, head counts and lengths.
+
+    Args:
+        codes: ``(B, Hq, C + S)`` from :func:`key_codes`.
+        window_blocks: ``(B, Hq)`` window per head, in blocks.
         block_size: tile side in tokens.
-        check: validate ``keep`` first. The diagonal check reads the tensor on the host (a
-            device stall on CUDA); layouts made by :func:`block_layout` are valid by
-            construction (the window always holds the diagonal), so the pipeline passes
-            False.
+    """
+    _, H, L = codes.shape
+    flat_codes = codes.reshape(-1)
+    flat_windows = window_blocks.to(torch.int32).reshape(-1).contiguous()
+
+    def number(x: int) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=codes.device)
+
+    heads, length, tile = number(H), number(L), number(block_size)
+
+    def sample_attention_mask(b, h, q_idx, kv_idx):
+        head = b * heads + h
+        code = flat_codes[head * length + kv_idx]
+        start = (q_idx // tile - flat_windows[head]) * tile  # first key of q's window
+        gathered = code < 0
+        return torch.where(gathered, -code - 1 < start, (code <= q_idx) & (code >= start))
+
+    return sample_attention_mask
+
+
+def _kv_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(num, idx)`` for ``BlockMask.from_kv_blocks`` from a ``(B, H, Nq, Nkv)`` bool map.
+
+    Kept block j of row i goes to slot (number of kept blocks before j): ascending indices
+    without a sort. Unkept blocks are sent to a spare last slot, dropped afterwards.
+    """
+    B, H, nq, nkv = keep.shape
+    num = keep.sum(dim=-1, dtype=torch.int32)
+    slot = torch.where(keep, keep.cumsum(dim=-1) - 1, nkv)
+    idx = torch.zeros(B, H, nq, nkv + 1, dtype=torch.int32, device=keep.device)
+    cols = torch.arange(nkv, dtype=torch.int32, device=keep.device)
+    idx.scatter_(-1, slot, cols.expand(B, H, nq, nkv))
+    return num, idx[..., :nkv].contiguous()
+
+
+def block_maps(
+    window_blocks: torch.Tensor, gathered: torch.Tensor, layout: SampleLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``(query block, kv block)`` pairs are full and which partial.
+
+    Args:
+        window_blocks: ``(B, Hq)`` window per head, in blocks.
+        gathered: ``(B, Hkv, C)`` ascending gathered positions (padding ``S``), ``C`` a
+            multiple of the block size.
+        layout: the geometry.
 
     Returns:
-        A ``BlockMask`` for ``flex_attention`` on ``(B, H, S, D)`` inputs. It carries no
-        transposed indices where the torch version allows skipping them, so it serves the
-        forward pass only.
-
-    Raises:
-        ValueError: ``keep`` is not a bool ``(B, H, N, N)`` tensor with
-            ``N = ceil(seq_len / block_size)``, or its diagonal is not kept.
+        ``(full, partial)``, each ``(B, Hq, N, C / block_size + N)`` bool.
     """
-    if check:
-        _check_layout(keep, seq_len, block_size)
-    B, H, n, _ = keep.shape
-    rows = torch.arange(n, device=keep.device)
-    full = keep & (rows[None, :] < rows[:, None])
-    full_num = full.sum(dim=-1, dtype=torch.int32)
-    # Kept tile j of row i goes to slot (number of kept tiles before j): ascending indices
-    # without a sort. Unkept tiles are sent to a spare last slot, dropped afterwards.
-    slot = torch.where(full, full.cumsum(dim=-1) - 1, n)
-    full_idx = torch.zeros(B, H, n, n + 1, dtype=torch.int32, device=keep.device)
-    full_idx.scatter_(-1, slot, rows.to(torch.int32).expand(B, H, n, n))
-    full_idx = full_idx[..., :n].contiguous()
-    diag_num = torch.ones(B, H, n, dtype=torch.int32, device=keep.device)
-    # Only column 0 is read (one partial block per row), but the CPU lowering takes the KV
-    # extent from the index tensor's last dimension, so it must be N wide.
-    diag_idx = torch.zeros(n, n, dtype=torch.int32, device=keep.device)
-    diag_idx[:, 0] = rows
-    diag_idx = diag_idx.expand(B, H, n, n).contiguous()
+    bs, n = layout.block_size, layout.num_blocks
+    Hq = window_blocks.shape[1]
+    group = Hq // gathered.shape[1]
+    dev = window_blocks.device
+    qb = torch.arange(n, device=dev)
+    kb = torch.arange(n, device=dev)
+    start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, N) window start block
+    # Gathered part: columns before the window start, a prefix of each ascending list.
+    cb = gathered.shape[-1] // bs
+    before = torch.searchsorted(
+        gathered.repeat_interleave(group, dim=1).contiguous(),
+        (start.clamp(min=0) * bs).contiguous(),
+    )  # (B, Hq, N) number of columns each query block reads
+    c = torch.arange(cb, device=dev)
+    g_full = c < (before // bs)[..., None]
+    g_partial = (c == (before // bs)[..., None]) & (before % bs != 0)[..., None]
+    # Key part: the window; the diagonal is the only partial block.
+    below = kb[None, :] < qb[:, None]
+    k_full = below & (kb[None, None, None, :] >= start[..., None])
+    k_partial = (kb[None, :] == qb[:, None]).expand_as(k_full)
+    return torch.cat([g_full, k_full], dim=-1), torch.cat([g_partial, k_partial], dim=-1)
+
+
+def build_block_mask(
+    window_blocks: torch.Tensor, gathered: torch.Tensor, layout: SampleLayout
+) -> BlockMask:
+    """The SampleAttention ``BlockMask`` over ``(B, Hq, S, C + S)``.
+
+    Args:
+        window_blocks: ``(B, Hq)`` window per head, in blocks.
+        gathered: ``(B, Hkv, C)`` from :meth:`ColumnSelection.gathered`.
+        layout: the geometry.
+
+    Returns:
+        A ``BlockMask`` for ``flex_attention`` with keys and values laid out by
+        :func:`gather_keys`. It carries no transposed indices where the torch version allows
+        skipping them, so it serves the forward pass only.
+    """
+    S, bs = layout.seq_len, layout.block_size
+    num_gathered = gathered.shape[-1]
+    full, partial = block_maps(window_blocks, gathered, layout)
+    full_num, full_idx = _kv_indices(full)
+    part_num, part_idx = _kv_indices(partial)
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
+    group = window_blocks.shape[1] // gathered.shape[1]
+    mask_mod = sample_attention_mask_mod(key_codes(gathered, S, group), window_blocks, bs)
     return BlockMask.from_kv_blocks(
-        diag_num,
-        diag_idx,
+        part_num,
+        part_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=tile_mask_mod(keep, block_size),
-        seq_lengths=(seq_len, seq_len),
+        BLOCK_SIZE=bs,
+        mask_mod=mask_mod,
+        seq_lengths=(S, num_gathered + S),
         **extra,
     )
 
 
-def _check_layout(keep: torch.Tensor, seq_len: int, block_size: int) -> None:
-    n_expected = -(-seq_len // block_size)
-    if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[-2:] != (n_expected,) * 2:
-        raise ValueError(
-            f"keep must be a bool (B, H, {n_expected}, {n_expected}) tile layout for seq_len "
-            f"{seq_len} and block_size {block_size}, got {keep.dtype} {tuple(keep.shape)}"
-        )
-    if not bool(keep.diagonal(dim1=-2, dim2=-1).all()):
-        raise ValueError("keep must keep every diagonal tile (each query attends to itself)")
+def gather_keys(x: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+    """``[x at the gathered positions | x]`` along the sequence: ``(B, Hkv, C + S, D)``.
+
+    Padding positions (``S``) read key ``S - 1``; the mask never lets a query attend them.
+    """
+    if gathered.shape[-1] == 0:
+        return x
+    S, D = x.shape[-2:]
+    index = gathered.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
+    return torch.cat([x.gather(2, index), x], dim=2)
 
 
-def build_block_mask(
-    stripes: torch.Tensor, seq_len: int, config: SampleConfig | None = None
-) -> BlockMask:
-    """The SampleAttention ``BlockMask``: selected stripes, local window, sink, causal.
+def pair_density(
+    window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
+) -> torch.Tensor:
+    """``(B, H)`` computed (query, key) pairs over causal pairs ``S (S + 1) / 2``.
 
     Args:
-        stripes: ``(B, H, num_blocks)`` bool from :func:`~flexsample.selection.select_blocks`.
-        seq_len: tokens ``S``.
-        config: the settings used for sampling (window, sink, block size).
-
-    Returns:
-        A causal ``BlockMask`` over ``(B, H, S, S)``.
+        window_blocks: ``(B, H)`` window per head, in blocks.
+        columns: ``(B, H, S)`` bool, the columns each head attends.
+        layout: the geometry.
     """
-    layout = SampleLayout.create(seq_len, config or SampleConfig())
-    keep = block_layout(stripes, layout)
-    return block_mask_from_layout(keep, seq_len, layout.block_size, check=False)
+    S, bs = layout.seq_len, layout.block_size
+    q = torch.arange(S, device=columns.device)
+    start = ((q // bs)[None, None, :] - window_blocks[..., None]).clamp(min=0) * bs  # (B,H,S)
+    sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
+    local = (q - start + 1 + sink).sum(dim=-1)
+    # Columns before each query block's window start: prefix sums per block boundary.
+    prefix = torch.nn.functional.pad(columns.long().cumsum(dim=-1), (1, 0))  # (B, H, S + 1)
+    per_row = prefix.gather(-1, start) - prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
+    per_row = per_row.clamp(min=0)
+    return (local + per_row.sum(dim=-1)).double() / (S * (S + 1) / 2)
+
+
+def tile_coverage(
+    window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
+) -> torch.Tensor:
+    """``(B, H, N, N)`` float: fraction of each causal tile's key columns a query block reads.
+
+    1 for window, sink and diagonal tiles; for a tile before the window, the share of its
+    ``block_size`` keys that are gathered columns. For pictures.
+    """
+    S, bs, n = layout.seq_len, layout.block_size, layout.num_blocks
+    dev = columns.device
+    padded = torch.nn.functional.pad(columns.float(), (0, n * bs - S))
+    share = padded.view(*columns.shape[:-1], n, bs).mean(dim=-1)  # (B, H, N)
+    qb = torch.arange(n, device=dev)[:, None]
+    kb = torch.arange(n, device=dev)[None, :]
+    local = (kb >= qb - window_blocks[..., None, None]) | (kb < layout.sink_blocks)
+    causal = kb <= qb
+    return torch.where(local, 1.0, share[..., None, :].expand(-1, -1, n, -1)) * causal

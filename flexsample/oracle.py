@@ -1,7 +1,8 @@
 """How good a mask is, measured on exact attention: kept mass per row, density, output error.
 
-The yardstick of every selection choice. :func:`evaluate_tiles` scores a tile layout (what
-SampleAttention computed); :func:`oracle_frontier` scores the per-row oracle, which keeps for
+The yardstick of every selection choice. :func:`evaluate_plan` scores what a SampleAttention
+plan computes (:func:`evaluate_mask` any mask given row by row); :func:`oracle_frontier`
+scores the per-row oracle, which keeps for
 each query row the fewest keys (or tiles) reaching ``alpha`` of that row's exact attention
 mass: the smallest mask any selection with a per-row guarantee could compute.
 
@@ -12,10 +13,16 @@ benchmarks and studies at up to a few ten thousand tokens, not for production.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from .selection import keep_mask
+
+if TYPE_CHECKING:
+    from .plan import PrefillPlan
 
 
 @dataclass(frozen=True)
@@ -92,42 +99,66 @@ def _heads(q, k, v):
             yield b, h, q[b, h], k[b, h // group], v[b, h // group]
 
 
-def evaluate_tiles(
+def evaluate_mask(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    tiles: torch.Tensor,
-    block_size: int,
+    keep_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
     *,
     scale: float | None = None,
     chunk: int = 512,
 ) -> MaskQuality:
-    """Score a tile layout against exact attention.
+    """Score a mask, given row by row, against exact attention.
 
     Args:
         q: ``(B, Hq, S, D)``.
         k: ``(B, Hkv, S, D)``.
         v: ``(B, Hkv, S, Dv)``.
-        tiles: ``(B, Hq, N, N)`` bool, the tiles computed (e.g. ``plan.tiles``).
-        block_size: tile side in tokens.
+        keep_rows: ``(b, h, rows) -> (len(rows), S)`` bool, the keys query rows ``rows`` of
+            batch row ``b`` and head ``h`` attend (intersected with causality here).
         scale: softmax scale, ``1/sqrt(D)`` if None.
         chunk: query rows per step (memory ``chunk x S`` doubles).
 
     Returns:
-        The :class:`MaskQuality` of the layout (the causal mask applied within tiles).
+        The :class:`MaskQuality` of the mask.
     """
     S = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    tile_of = torch.arange(S, device=q.device) // block_size
+    keys = torch.arange(S, device=q.device)
     acc = _Accumulator()
     for b, h, qh, kh, vh in _heads(q, k, v):
         for rows in _row_chunks(S, chunk):
             probs = _exact_probs(qh[rows], kh, rows, scale)
-            keep = tiles[b, h][tile_of[rows]][:, tile_of]  # (c, S)
             pos = torch.arange(rows.start, rows.stop, device=q.device)
-            keep = keep & (torch.arange(S, device=q.device)[None, :] <= pos[:, None])
+            keep = keep_rows(b, h, pos) & (keys[None, :] <= pos[:, None])
             acc.add(probs, keep, vh.double(), pos)
     return acc.result()
+
+
+def evaluate_plan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan, *, chunk: int = 512
+) -> MaskQuality:
+    """Score what :func:`~flexsample.run_plan` computes for ``plan`` on these inputs.
+
+    A dense plan keeps every causal pair (density 1, error 0 up to rounding).
+    """
+    if plan.selection is None or plan.layout is None:
+        return evaluate_mask(
+            q,
+            k,
+            v,
+            lambda b, h, rows: torch.ones(len(rows), q.shape[2], dtype=torch.bool, device=q.device),
+            scale=plan.scale,
+            chunk=chunk,
+        )
+    windows, columns, layout = plan.selection.window_blocks, plan.attended_columns(), plan.layout
+
+    def keep_rows(b: int, h: int, rows: torch.Tensor) -> torch.Tensor:
+        return keep_mask(
+            windows[b : b + 1, h : h + 1], columns[b : b + 1, h : h + 1], layout, rows
+        )[0, 0]
+
+    return evaluate_mask(q, k, v, keep_rows, scale=plan.scale, chunk=chunk)
 
 
 def oracle_frontier(

@@ -1,7 +1,8 @@
 """Plan a prefill, then run it: the whole pipeline as two calls.
 
-:func:`plan_prefill` decides *what* to compute (layout → sampled scores → selected stripes →
-tile layout → ``BlockMask``, or the dense path and why); :func:`run_plan` computes it.
+:func:`plan_prefill` decides *what* to compute (layout → sampled column scores → window and
+columns per head → gathered column positions → ``BlockMask``, or the dense path and why);
+:func:`run_plan` computes it.
 :func:`~flexsample.flex_sample_attention` is these two calls plus statistics, and the
 benchmarks time exactly these functions, so the numbers they report are the shipped code's.
 """
@@ -17,9 +18,9 @@ from torch.nn.attention.flex_attention import BlockMask
 from .attention import dense_causal_attention, sparse_attention
 from .config import SampleConfig
 from .layout import SampleLayout
-from .masks import block_layout, block_mask_from_layout, density
+from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
 from .sampling import resolve_sampler, run_sampler
-from .selection import kept_sampled_mass, select_blocks
+from .selection import ColumnSelection, kept_sampled_mass, select_columns
 from .stats import Path, StageTimer
 from .validation import check_qk, resolve_scale
 
@@ -42,10 +43,11 @@ class PrefillPlan:
             :meth:`SampleLayout.notes`); empty when nothing does.
         layout: block geometry (None on the dense path).
         sampler: stage-1 implementation that ran (None on the dense path).
-        scores: ``(B, Hq, num_segments, num_blocks)`` sampled block scores.
-        stripes: ``(B, Hq, num_blocks)`` bool, the selected column stripes.
-        tiles: ``(B, Hq, num_blocks, num_blocks)`` bool, the tiles computed.
-        block_mask: the FlexAttention ``BlockMask`` built from ``tiles``.
+        scores: ``(B, Hq, num_segments, S)`` sampled column scores.
+        selection: the window and columns each head chose.
+        gathered: ``(B, Hkv, C)`` positions of the columns the attention call gathers per kv
+            head (padding ``S``).
+        block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S, C + S)``.
     """
 
     path: Path
@@ -59,20 +61,45 @@ class PrefillPlan:
     layout: SampleLayout | None = None
     sampler: str | None = None
     scores: torch.Tensor | None = None
-    stripes: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None
+    selection: ColumnSelection | None = None
+    gathered: torch.Tensor | None = None
     block_mask: BlockMask | None = None
 
     @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return 1 if self.gathered is None else self.num_heads // self.gathered.shape[1]
+
+    def attended_columns(self) -> torch.Tensor | None:
+        """``(B, Hq, S)`` bool: the columns each head reads (its group's union); None if dense."""
+        return None if self.selection is None else self.selection.group_columns(self.group)
+
+    @property
+    def window_blocks(self) -> torch.Tensor | None:
+        """``(B, Hq)`` window per head in blocks; None on the dense path."""
+        return None if self.selection is None else self.selection.window_blocks
+
+    @property
     def density(self) -> torch.Tensor | None:
-        """``(B, Hq)`` fraction of causal tiles computed; None on the dense path."""
-        return None if self.tiles is None else density(self.tiles)
+        """``(B, Hq)`` computed (query, key) pairs over causal pairs; None on the dense path."""
+        if self.selection is None or self.layout is None:
+            return None
+        return pair_density(self.selection.window_blocks, self.attended_columns(), self.layout)
 
     def kept_sampled_mass(self) -> torch.Tensor | None:
         """``(B, Hq)`` smallest, over segments, sampled mass the mask keeps (None if dense)."""
-        if self.scores is None or self.stripes is None:
+        if self.scores is None or self.selection is None or self.layout is None:
             return None
-        return kept_sampled_mass(self.scores, self.stripes).amin(dim=-1)
+        kept = kept_sampled_mass(
+            self.scores, self.selection.window_blocks, self.attended_columns(), self.layout
+        )
+        return kept.amin(dim=-1)
+
+    def tile_coverage(self) -> torch.Tensor | None:
+        """``(B, Hq, N, N)`` share of each tile's keys read (see ``masks.tile_coverage``)."""
+        if self.selection is None or self.layout is None:
+            return None
+        return tile_coverage(self.selection.window_blocks, self.attended_columns(), self.layout)
 
 
 def plan_prefill(
@@ -85,10 +112,11 @@ def plan_prefill(
 ) -> PrefillPlan:
     """Decide how to compute causal attention for one prefill: sparse (and which tiles) or dense.
 
-    Runs stages 1–2 and builds the mask: sample the attention of a few query rows, select per
-    head the key blocks holding ``config.alpha`` of their mass, add the local window and the
-    sink, and build the ``BlockMask``. Sequences shorter than ``config.min_seq_len`` get a
-    dense plan (with its reason) and cost nothing.
+    Runs stages 1–2 and builds the mask: sample the attention of a few query rows, choose per
+    head the window and the key columns that with it hold ``config.alpha`` of their mass,
+    list each kv head's columns, and build the ``BlockMask``. Sequences shorter than
+    ``config.min_seq_len`` get a dense plan (with its reason) and cost nothing. Reads the
+    number of gathered columns on the host (one device sync).
 
     Args:
         q: ``(B, Hq, S, D)`` queries.
@@ -126,18 +154,18 @@ def plan_prefill(
     with timer.stage("sample"):
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
-        stripes = select_blocks(scores, config.alpha)
+        selection = select_columns(scores, layout, config.alpha)
     with timer.stage("mask"):
-        tiles = block_layout(stripes, layout)
-        block_mask = block_mask_from_layout(tiles, S, layout.block_size, check=False)
+        gathered = selection.gathered(Hq // k.shape[1])
+        block_mask = build_block_mask(selection.window_blocks, gathered, layout)
     return PrefillPlan(
         path="sparse",
         notes=tuple(notes.values()),
         layout=layout,
         sampler=sampler,
         scores=scores,
-        stripes=stripes,
-        tiles=tiles,
+        selection=selection,
+        gathered=gathered,
         block_mask=block_mask,
         **common,
     )
@@ -145,6 +173,9 @@ def plan_prefill(
 
 def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Compute the attention a plan decided: compiled block-sparse FlexAttention, or dense SDPA.
+
+    The sparse path gathers each kv head's selected key and value columns in front of the
+    keys (see :func:`flexsample.masks.gather_keys`) and runs one FlexAttention call.
 
     Args:
         plan: from :func:`plan_prefill` on these ``q`` and ``k``.
@@ -167,7 +198,9 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             )
     if plan.path == "dense":
         return dense_causal_attention(q, k, v, plan.scale)
-    return sparse_attention(q, k, v, plan.block_mask, plan.scale)
+    keys = gather_keys(k, plan.gathered)
+    values = gather_keys(v, plan.gathered)
+    return sparse_attention(q, keys, values, plan.block_mask, plan.scale)
 
 
 def _log_once(kind: str, level: int, message: str, *args: object) -> None:

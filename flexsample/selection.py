@@ -1,63 +1,199 @@
-"""Stage 2 — score-based filtering: per head, the fewest key blocks that reach the CRA threshold."""
+"""Stage 2 — score-based filtering: per head, a local window and the fewest key columns that
+reach the CRA threshold, at the window size that computes the fewest (query, key) pairs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+from .layout import SampleLayout
 
 
-def _check_scores(scores: object) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class ColumnSelection:
+    """What stage 2 chose for every head: a window and a set of key columns.
+
+    Query ``q`` (in block ``qb``) of head ``h`` attends key ``j <= q`` iff ``j`` is in its
+    window (``j >= (qb - window_blocks[h]) * block_size``), in the sink
+    (``j < sink_blocks * block_size``), or a selected column of its group (see
+    :meth:`gathered`) before the window.
+
+    Attributes:
+        window_blocks: ``(B, Hq)`` int64 window per head, in blocks.
+        columns: ``(B, Hq, S)`` bool, the key columns each query head selected (the sink
+            tokens included).
+        layout: the geometry they were chosen for.
+    """
+
+    window_blocks: torch.Tensor
+    columns: torch.Tensor
+    layout: SampleLayout
+
+    def group_columns(self, group: int) -> torch.Tensor:
+        """``(B, Hq, S)`` bool: the columns each head attends, its GQA group's union.
+
+        Columns are gathered once per kv head, so every query head of a group reads the
+        union of the group's selections (more mass kept, more pairs computed).
+        """
+        B, Hq, S = self.columns.shape
+        union = self.columns.view(B, Hq // group, group, S).any(dim=2)
+        return union.repeat_interleave(group, dim=1)
+
+    def gathered(self, group: int) -> torch.Tensor:
+        """``(B, Hkv, C)`` int64 positions of each kv head's columns, ascending.
+
+        ``C`` is the largest count over batch and kv heads, rounded up to whole blocks (at
+        least one block when any column is selected, 0 when none is); shorter lists are
+        padded with ``S``, a position no query attends. Reads the count on the host.
+        """
+        B, Hq, S = self.columns.shape
+        union = self.columns.view(B, Hq // group, group, S).any(dim=2)
+        count = int(union.sum(dim=-1).max()) if union.numel() else 0
+        bs = self.layout.block_size
+        width = -(-count // bs) * bs
+        pos = torch.arange(S, device=union.device).expand_as(union)
+        # Selected positions first, ascending (stable sort on "not selected").
+        order = (~union).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
+        picked = pos.gather(-1, order)
+        valid = union.gather(-1, order)
+        return torch.where(valid, picked, torch.full_like(picked, S))
+
+
+def _check_scores(scores: object, layout: SampleLayout) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError("scores must be a floating-point torch.Tensor")
-    if scores.dim() != 4:
+    expected = (layout.num_segments, layout.seq_len)
+    if scores.dim() != 4 or tuple(scores.shape[-2:]) != expected:
         raise ValueError(
-            f"scores must be (B, H, num_segments, num_blocks), got shape {tuple(scores.shape)}"
+            f"scores must be (B, H, {expected[0]}, {expected[1]}) for this layout, "
+            f"got shape {tuple(scores.shape)}"
         )
     return scores
 
 
-def select_blocks(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Choose the column stripes (key blocks) each head keeps, beyond window and sink.
+def _units(scores: torch.Tensor, layout: SampleLayout):
+    """Candidate columns: ``(mass (B,H,G,U), first token (U,), last token (U,), tokens (U,))``."""
+    S, bs, n = layout.seq_len, layout.block_size, layout.num_blocks
+    dev = scores.device
+    if layout.column_unit == "token":
+        pos = torch.arange(S, device=dev)
+        return scores, pos, pos, torch.ones(S, dtype=torch.int64, device=dev)
+    mass = F.pad(scores, (0, n * bs - S)).view(*scores.shape[:-1], n, bs).sum(dim=-1)
+    first = torch.arange(n, device=dev) * bs
+    last = (first + bs).clamp(max=S) - 1
+    return mass, first, last, last - first + 1
 
-    For every segment ``g``, the sampled rows' window and sink already hold
-    ``1 - scores[..., g, :].sum()`` of their mass. Blocks are taken in order of decreasing
-    sampled mass until the kept mass reaches ``alpha``, i.e. the lightest blocks are dropped
-    as long as they hold at most ``1 - alpha`` together. The result is the union over segments.
+
+def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
+    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep."""
+    S, bs = layout.seq_len, layout.block_size
+    q = torch.arange(S, dtype=torch.int64)
+    start = ((q // bs - window_blocks) * bs).clamp(min=0)
+    sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
+    return int((q - start + 1 + sink).sum())
+
+
+def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> ColumnSelection:
+    """Choose each head's window and the fewest columns that, with it, keep ``alpha``.
+
+    For every window candidate ``w`` (:meth:`SampleLayout.window_candidates`) and segment
+    ``g``, the window and sink of the segment's last sampled row keep some of the segment's
+    sampled mass; columns before the window are then taken in order of decreasing mass
+    until the kept mass reaches ``alpha``, and the union over segments is the candidate's
+    column set. Each head takes the candidate that computes the fewest (query, key) pairs:
+    the window's pairs plus, for each column, the queries whose window starts after it.
 
     Args:
-        scores: ``(B, H, num_segments, num_blocks)`` from
-            :func:`~flexsample.sampling.sample_block_scores`.
+        scores: ``(B, H, num_segments, S)`` from
+            :func:`~flexsample.sampling.sample_column_scores`.
+        layout: geometry of the prefill (window candidates, sink, column unit).
         alpha: CRA threshold in ``(0, 1]``.
 
     Returns:
-        ``(B, H, num_blocks)`` bool: True where the key block is a selected stripe.
+        A :class:`ColumnSelection`.
 
     Raises:
         TypeError: ``scores`` is not a floating tensor.
-        ValueError: wrong rank, or ``alpha`` outside ``(0, 1]``.
+        ValueError: ``scores`` does not fit ``layout``, or ``alpha`` outside ``(0, 1]``.
     """
-    scores = _check_scores(scores)
+    scores = _check_scores(scores, layout)
     if not (0.0 < alpha <= 1.0):  # also rejects NaN
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    ordered, order = scores.sort(dim=-1, descending=True)
-    cumulative = ordered.cumsum(dim=-1)
-    before = cumulative - ordered  # mass of the heavier blocks already taken
-    needed = cumulative[..., -1:] - (1.0 - alpha)  # uncovered mass that must be kept
-    take = (before < needed) & (ordered > 0)
-    chosen = torch.zeros_like(take).scatter_(-1, order, take)
-    return chosen.any(dim=-2)
+    B, H, _, S = scores.shape
+    bs = layout.block_size
+    mass, first, last, tokens = _units(scores.float(), layout)
+    ordered, order = mass.sort(dim=-1, descending=True)
+    total = ordered.sum(dim=-1, keepdim=True)
+    last_sorted, first_sorted = last[order], first[order]
+    seg_block = layout.segment_blocks(scores.device)[:, None]  # (G, 1)
+
+    best_cost = torch.full((B, H), float("inf"), device=scores.device, dtype=torch.float64)
+    best_window = torch.zeros(B, H, dtype=torch.int64, device=scores.device)
+    best_columns = torch.zeros(B, H, mass.shape[-1], dtype=torch.bool, device=scores.device)
+    for w in layout.window_candidates():
+        start = (seg_block - w) * bs  # (G, 1): the window of the segment's last row
+        eligible = (last_sorted < start) & (first_sorted >= layout.sink_tokens)
+        outside = ordered * eligible
+        need = alpha * total - (total - outside.sum(dim=-1, keepdim=True))
+        before = outside.cumsum(dim=-1) - outside  # eligible mass of the heavier units
+        take = eligible & (before < need) & (ordered > 0)
+        chosen = torch.zeros_like(take).scatter_(-1, order, take).any(dim=2)  # (B, H, U)
+        # A column at block cb is read by every query in blocks after cb + w.
+        readers = (S - (first // bs + w + 1) * bs).clamp(min=0) * tokens
+        cost = window_pairs(layout, w) + (chosen * readers).sum(dim=-1, dtype=torch.float64)
+        better = cost < best_cost
+        best_cost = torch.where(better, cost, best_cost)
+        best_window = torch.where(better, w, best_window)
+        best_columns = torch.where(better[..., None], chosen, best_columns)
+
+    if layout.column_unit == "block":
+        best_columns = best_columns.repeat_interleave(bs, dim=-1)[..., :S]
+    best_columns[..., : layout.sink_tokens] = True  # the sink: columns every head keeps
+    return ColumnSelection(window_blocks=best_window, columns=best_columns, layout=layout)
 
 
-def kept_sampled_mass(scores: torch.Tensor, stripes: torch.Tensor) -> torch.Tensor:
-    """Fraction of the sampled rows' attention mass that the mask keeps, per segment.
+def keep_mask(
+    window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout, rows: torch.Tensor
+) -> torch.Tensor:
+    """Which keys the given query rows attend: window, sink, and columns before the window.
 
     Args:
-        scores: ``(B, H, num_segments, num_blocks)`` sampled uncovered mass.
-        stripes: ``(B, H, num_blocks)`` bool from :func:`select_blocks`.
+        window_blocks: ``(B, H)`` window per head in blocks.
+        columns: ``(B, H, S)`` bool, the columns each head attends.
+        layout: the geometry.
+        rows: ``(R,)`` query positions.
 
     Returns:
-        ``(B, H, num_segments)``: window + sink mass plus the mass of the selected stripes.
-        Each value is at least ``alpha`` when ``stripes`` came from ``select_blocks``.
+        ``(B, H, R, S)`` bool, causal.
     """
-    scores = _check_scores(scores)
-    covered = 1.0 - scores.sum(dim=-1)
-    return covered + (scores * stripes[..., None, :]).sum(dim=-1)
+    S, bs = layout.seq_len, layout.block_size
+    key = torch.arange(S, device=rows.device)
+    start = (rows // bs)[None, None, :] - window_blocks[..., None]  # (B, H, R) in blocks
+    start = (start * bs)[..., None]
+    causal = key <= rows[:, None]
+    local = (key >= start) | (key < layout.sink_tokens)
+    return causal & (local | (columns[:, :, None, :] & (key < start)))
+
+
+def kept_sampled_mass(
+    scores: torch.Tensor, window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
+) -> torch.Tensor:
+    """Fraction of each segment's sampled mass that window, sink and columns keep.
+
+    Measured, like the selection, at each segment's last sampled row's window (earlier rows'
+    windows start earlier and keep at least as much).
+
+    Args:
+        scores: ``(B, H, num_segments, S)`` sampled column mass.
+        window_blocks: ``(B, H)`` windows in blocks.
+        columns: ``(B, H, S)`` bool, the columns attended (e.g. the group's union).
+        layout: the geometry.
+
+    Returns:
+        ``(B, H, num_segments)``, at least ``alpha`` for the selection's own columns.
+    """
+    ends = torch.tensor(layout.segment_ends(), device=scores.device) - 1
+    keep = keep_mask(window_blocks, columns, layout, ends)  # (B, H, G, S)
+    return (scores * keep).sum(dim=-1) / scores.sum(dim=-1).clamp_min(1e-30)

@@ -28,11 +28,15 @@ class SampleStats:
         batch_size, num_heads: ``B`` and ``Hq``.
         sampler: stage-1 implementation that ran (None on the dense path).
         layout: block geometry (None on the dense path).
-        density: ``(B, Hq)`` fraction of causal tiles computed (None on the dense path).
-        stripes: ``(B, Hq, num_blocks)`` bool, the selected column stripes.
-        scores: ``(B, Hq, num_segments, num_blocks)`` sampled block scores (stage 1 output).
+        density: ``(B, Hq)`` computed (query, key) pairs over causal pairs (None on the dense
+            path): window, sink and gathered columns.
+        window: ``(B, Hq)`` local window per head, in tokens (whole blocks).
+        columns: ``(B, Hq)`` key columns each head reads beyond window and sink (its GQA
+            group's union of selected columns).
+        scores: ``(B, Hq, num_segments, S)`` sampled column scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
+        tiles: ``(B, Hq, N, N)`` share of each tile's keys read (for pictures).
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
         times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
@@ -47,15 +51,19 @@ class SampleStats:
     sampler: str | None = None
     layout: SampleLayout | None = None
     density: torch.Tensor | None = None
-    stripes: torch.Tensor | None = None
+    window: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     sampled_mass: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
     notes: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_plan(cls, plan: PrefillPlan, times: dict[str, float]) -> SampleStats:
         """The statistics of a call that ran ``plan``, with the seconds of its stages."""
+        attended = plan.attended_columns()
+        layout = plan.layout
         return cls(
             path=plan.path,
             reason=plan.reason,
@@ -65,25 +73,26 @@ class SampleStats:
             sampler=plan.sampler,
             layout=plan.layout,
             density=plan.density,
-            stripes=plan.stripes,
+            window=None
+            if plan.window_blocks is None or layout is None
+            else plan.window_blocks * layout.block_size,
+            columns=None if attended is None else attended.sum(dim=-1),
             scores=plan.scores,
             sampled_mass=plan.kept_sampled_mass(),
+            tiles=plan.tile_coverage(),
             notes=plan.notes,
             times=dict(times),
         )
 
     @property
     def mean_density(self) -> float:
-        """Mean fraction of causal tiles computed over batch and heads (1.0 when dense)."""
+        """Mean computed share of causal (query, key) pairs over batch and heads (1.0 if dense)."""
         return 1.0 if self.density is None else float(self.density.float().mean())
 
-    def tile_layout(self) -> torch.Tensor | None:
-        """``(B, Hq, N, N)`` bool: the tiles computed (None on the dense path)."""
-        if self.stripes is None or self.layout is None:
-            return None
-        from .masks import block_layout
-
-        return block_layout(self.stripes, self.layout)
+    @property
+    def mean_window(self) -> float | None:
+        """Mean window in tokens over batch and heads (None when dense)."""
+        return None if self.window is None else float(self.window.float().mean())
 
     @property
     def min_sampled_mass(self) -> float:
@@ -98,6 +107,10 @@ class SampleStats:
             "seq_len": self.seq_len,
             "sampler": self.sampler,
             "mean_density": round(self.mean_density, 4),
+            "mean_window": None if self.mean_window is None else round(self.mean_window),
+            "mean_columns": None
+            if self.columns is None
+            else round(float(self.columns.float().mean()), 1),
             "min_sampled_mass": round(self.min_sampled_mass, 4),
             "notes": list(self.notes),
             **{f"time_{k}_s": v for k, v in self.times.items()},

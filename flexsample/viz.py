@@ -1,4 +1,4 @@
-"""Pictures of what SampleAttention chose: tile layouts, sampled scores, density heat maps.
+"""Pictures of what SampleAttention chose: tile coverage, sampled column scores, density heat maps.
 
 Needs matplotlib (``pip install flexsample[viz]``); it is imported when a function runs.
 Every function draws from tensors the library returns (:class:`~flexsample.SampleStats`
@@ -37,10 +37,11 @@ def plot_tile_layouts(
     columns: int = 4,
     path: str | Path | None = None,
 ) -> Figure:
-    """A grid of tile layouts (which ``(query block, key block)`` tiles were computed).
+    """A grid of tile layouts: how much of each ``(query block, key block)`` tile is computed.
 
     Args:
-        layouts: ``(N, N)`` bool tensors, e.g. ``stats.tile_layout()[b, h]``.
+        layouts: ``(N, N)`` tensors in ``[0, 1]`` (bool or float), e.g. ``stats.tiles[b, h]``:
+            1 for window tiles, the share of gathered columns for tiles before the window.
         titles: one per layout (say which layer, head and density).
         columns: pictures per row.
         path: save the figure there (PNG) if given.
@@ -94,7 +95,7 @@ def plot_layer_masks(
     """
     layouts, titles = [], []
     for layer, stats in stats_by_layer.items():
-        tiles = stats.tile_layout()
+        tiles = stats.tiles
         if tiles is None or stats.density is None:
             raise ValueError(f"layer {layer} ran dense: it has no tile layout to draw")
         for head in range(min(heads, tiles.shape[1])):
@@ -105,14 +106,22 @@ def plot_layer_masks(
     return plot_tile_layouts(layouts, titles, columns=heads, path=path)
 
 
-def plot_block_scores(
-    scores: torch.Tensor, title: str = "", *, path: str | Path | None = None
+def plot_column_scores(
+    scores: torch.Tensor,
+    title: str = "",
+    *,
+    bins: int = 512,
+    path: str | Path | None = None,
 ) -> Figure:
-    """Sampled mass per key block for each query segment of one head (stage 1 output).
+    """Sampled mass per key for each query segment of one head (stage 1 output).
+
+    Keys are max-pooled into at most ``bins`` bins so that single heavy tokens stay visible;
+    colours are logarithmic.
 
     Args:
-        scores: ``(num_segments, num_blocks)``, e.g. ``stats.scores[b, h]``.
+        scores: ``(num_segments, S)``, e.g. ``stats.scores[b, h]``.
         title: figure title.
+        bins: most key bins drawn.
         path: save the figure there (PNG) if given.
 
     Returns:
@@ -122,13 +131,26 @@ def plot_block_scores(
         ValueError: ``scores`` is not 2-D.
     """
     if scores.dim() != 2:
-        raise ValueError(f"scores must be (num_segments, num_blocks), got {tuple(scores.shape)}")
+        raise ValueError(f"scores must be (num_segments, S), got {tuple(scores.shape)}")
+    from matplotlib.colors import LogNorm
+
     plt = _pyplot()
+    S = scores.shape[1]
+    width = -(-S // bins)
+    pooled = torch.nn.functional.max_pool1d(scores.float().cpu()[None], width, ceil_mode=True)[0]
+    floor = max(float(pooled.max()) * 1e-4, 1e-12)
     fig, ax = plt.subplots(figsize=(8, 3))
-    image = ax.imshow(scores.cpu().float(), aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_xlabel("key block")
+    image = ax.imshow(
+        pooled.clamp_min(floor),
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        norm=LogNorm(vmin=floor, vmax=max(float(pooled.max()), floor * 10)),
+        extent=(0, S, scores.shape[0], 0),
+    )
+    ax.set_xlabel(f"key position (max over {width} tokens per pixel column)")
     ax.set_ylabel("query segment")
-    ax.set_title(title or "sampled attention mass outside window and sink", fontsize=10)
+    ax.set_title(title or "sampled attention mass per key", fontsize=10)
     fig.colorbar(image, ax=ax, label="mass")
     fig.tight_layout()
     return _save(fig, path)
@@ -137,7 +159,7 @@ def plot_block_scores(
 def plot_density_heatmap(
     density: torch.Tensor, title: str = "", *, path: str | Path | None = None
 ) -> Figure:
-    """Density (fraction of causal tiles computed) per layer and head.
+    """Density (share of causal (query, key) pairs computed) per layer and head.
 
     Args:
         density: ``(layers, heads)`` in ``[0, 1]``.
@@ -160,7 +182,7 @@ def plot_density_heatmap(
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))
     ax.set_title(title or "density per layer and head")
-    fig.colorbar(image, ax=ax, label="fraction of causal tiles computed")
+    fig.colorbar(image, ax=ax, label="share of causal pairs computed")
     fig.tight_layout()
     return _save(fig, path)
 

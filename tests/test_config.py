@@ -2,15 +2,15 @@ import math
 import re
 
 import pytest
-import torch
 
 from flexsample import SampleConfig, SampleLayout
 
 
 def test_defaults_follow_the_paper():
     c = SampleConfig()
-    assert c.alpha == 0.95 and c.sample_ratio == 0.05 and c.window_ratio == 0.08
-    assert c.block_size == 128 and c.sink_blocks == 1
+    assert c.alpha == 0.95 and c.sample_ratio == 0.05 and c.block_size == 128
+    # 0.2: the window adapts per head, columns are single tokens, the sink is a column
+    assert c.window_ratio is None and c.column_unit == "token" and c.sink_blocks == 0
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,7 @@ def test_defaults_follow_the_paper():
         ("block_size", 96, ValueError, "block_size must be a power of two"),
         ("min_seq_len", -5, ValueError, "min_seq_len"),
         ("sampler", "cuda", ValueError, "sampler must be one of"),
+        ("column_unit", "tile", ValueError, "column_unit must be one of"),
     ],
 )
 def test_bad_config_names_the_field(field, value, error, words):
@@ -57,8 +58,10 @@ def test_layout_geometry(seq_len):
     c = SampleConfig()
     lay = SampleLayout.create(seq_len, c)
     assert lay.num_blocks == math.ceil(seq_len / c.block_size)
-    window = max(c.min_window, math.ceil(c.window_ratio * seq_len))
-    assert lay.window_blocks * c.block_size >= window
+    assert lay.fixed_window_blocks is None and lay.min_window_blocks == min(1, lay.num_blocks)
+    fixed = SampleLayout.create(seq_len, c.replace(window_ratio=0.08))
+    window = max(c.min_window, math.ceil(0.08 * seq_len))
+    assert min(fixed.num_blocks, window / c.block_size) <= fixed.fixed_window_blocks
     rows = lay.sampled_rows()
     assert rows.shape == (lay.num_segments, lay.rows_per_segment)
     assert int(rows.max()) == seq_len - 1  # the last row is always sampled
@@ -69,11 +72,7 @@ def test_layout_geometry(seq_len):
     assert rows[:, -1].tolist() == [e - 1 for e in ends]
 
 
-def test_uncovered_blocks_excludes_window_sink_and_future():
-    lay = SampleLayout.create(1000, SampleConfig(block_size=64, min_window=64, window_ratio=0.0))
-    assert lay.window_blocks == 1 and lay.sink_blocks == 1
-    unc = lay.uncovered_blocks(torch.tensor([999, 130]))
-    # row 999 is in block 15: window keeps blocks 14, 15; sink keeps 0
-    assert unc[0].nonzero().flatten().tolist() == list(range(1, 14))
-    # row 130 is in block 2: window keeps 1, 2; sink 0: nothing left
-    assert not unc[1].any()
+def test_segment_blocks_are_the_last_sampled_rows_blocks():
+    lay = SampleLayout.create(1000, SampleConfig(block_size=64, num_segments=4))
+    rows = lay.sampled_rows()
+    assert lay.segment_blocks().tolist() == (rows[:, -1] // 64).tolist()

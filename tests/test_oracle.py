@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flexsample as fs
-from flexsample.oracle import evaluate_tiles, oracle_frontier
+from flexsample.oracle import evaluate_mask, evaluate_plan, oracle_frontier
 from flexsample.synthetic import planted_qkv
 from flexsample.testing import rel_rmse
 
@@ -13,11 +13,11 @@ def _inputs():
     return planted_qkv(2, 4, 2, 333, 16, stripes=3, stripe_width=1, seed=11)
 
 
-def test_all_causal_tiles_are_exact():
+def test_the_full_mask_is_exact():
     q, k, v = _inputs()
-    n = -(-333 // 64)
-    tiles = torch.ones(2, 4, n, n, dtype=torch.bool).tril()
-    quality = evaluate_tiles(q, k, v, tiles, 64, chunk=100)
+    quality = evaluate_mask(
+        q, k, v, lambda b, h, rows: torch.ones(len(rows), 333, dtype=torch.bool), chunk=100
+    )
     assert quality.density == pytest.approx(1.0)
     assert quality.output_error < 1e-12
     assert quality.kept_mass_min == pytest.approx(1.0)
@@ -38,7 +38,8 @@ def test_tokens_need_fewer_pairs_than_tiles_and_the_plan_is_scored_the_same_way(
     tile = oracle_frontier(q, k, v, [0.95], unit="tile", block_size=64)[0.95]
     assert token.density < tile.density
     plan = fs.plan_prefill(q, k, fs.SampleConfig(block_size=64, min_window=64, min_seq_len=0))
-    quality = evaluate_tiles(q, k, v, plan.tiles, 64)
+    quality = evaluate_plan(q, k, v, plan)
+    assert quality.density == pytest.approx(float(plan.density.mean()))
     out = fs.run_plan(plan, q, k, v)
     exact = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True

@@ -13,7 +13,8 @@ def test_plan_then_run_equals_flex_sample_attention(B, S):
     cfg = fs.SampleConfig(block_size=64, min_window=64, min_seq_len=0)
     plan = fs.plan_prefill(q, k, cfg)
     assert plan.path == "sparse" and plan.sampler == "torch"
-    assert plan.tiles.shape == (B, 4, plan.layout.num_blocks, plan.layout.num_blocks)
+    assert plan.selection.columns.shape == (B, 4, S) and plan.window_blocks.shape == (B, 4)
+    assert plan.gathered.shape[:2] == (B, 2) and plan.gathered.shape[2] % 64 == 0
     assert plan.density.shape == (B, 4) and float(plan.density.max()) < 1.0
     assert bool((plan.kept_sampled_mass() >= cfg.alpha - 1e-6).all())
     out = fs.run_plan(plan, q, k, v)
@@ -50,6 +51,5 @@ def test_stats_tensors_live_on_the_inputs_device(device):
     _, stats = fs.flex_sample_attention(
         q, k, v, config=fs.SampleConfig(min_seq_len=0), return_stats=True
     )
-    for name in ("density", "stripes", "scores", "sampled_mass"):
+    for name in ("density", "window", "columns", "scores", "sampled_mass", "tiles"):
         assert getattr(stats, name).device == q.device, name
-    assert stats.tile_layout().device == q.device

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from flexsample import SampleConfig, SampleLayout, sample_block_scores
+from flexsample import SampleConfig, SampleLayout, sample_column_scores
 from flexsample.sampling import (
     resolve_sampler,
-    sample_block_scores_reference,
-    sample_block_scores_torch,
+    sample_column_scores_reference,
+    sample_column_scores_torch,
     triton_available,
 )
 from flexsample.synthetic import planted_qkv
@@ -30,14 +30,7 @@ def _inputs(B, Hq, Hkv, S, D, dtype, planted):
 
 
 def _layout(S, bs, segments, ratio):
-    cfg = SampleConfig(
-        block_size=bs,
-        min_window=bs,
-        window_ratio=0.05,
-        num_segments=segments,
-        sample_ratio=ratio,
-        sink_blocks=1,
-    )
+    cfg = SampleConfig(block_size=bs, num_segments=segments, sample_ratio=ratio)
     return SampleLayout.create(S, cfg)
 
 
@@ -51,14 +44,14 @@ def _rel_max(x, ref):
 def test_torch_sampler_matches_reference(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, planted):
     q, k = _inputs(B, Hq, Hkv, S, D, dtype, planted)
     layout = _layout(S, bs, segments, ratio)
-    ref = sample_block_scores_reference(q, k, layout, D**-0.5)
+    ref = sample_column_scores_reference(q, k, layout, D**-0.5)
     # A tiny chunk budget forces many chunks, some straddling segments and heads. Both the
     # compiled (CPU default) and the eager per-chunk function must match.
     for compiled in (True, False):
-        got = sample_block_scores_torch(
+        got = sample_column_scores_torch(
             q, k, layout, D**-0.5, max_chunk_elems=3 * S, compiled=compiled
         )
-        assert got.shape == (B, Hq, layout.num_segments, layout.num_blocks)
+        assert got.shape == (B, Hq, layout.num_segments, S)
         assert _rel_max(got, ref) < 1e-5
 
 
@@ -69,12 +62,12 @@ def test_torch_sampler_matches_reference(B, Hq, Hkv, S, D, bs, segments, ratio, 
     "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
 )
 def test_triton_kernel_matches_reference(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, device):
-    from flexsample.sampling.triton_kernel import sample_block_scores_triton
+    from flexsample.sampling.triton_kernel import sample_column_scores_triton
 
     q, k = _inputs(B, Hq, Hkv, S, D, dtype, planted=False)
     layout = _layout(S, bs, segments, ratio)
-    ref = sample_block_scores_reference(q, k, layout, D**-0.5)
-    got = sample_block_scores_triton(q.to(device), k.to(device), layout, D**-0.5, block_m=16)
+    ref = sample_column_scores_reference(q, k, layout, D**-0.5)
+    got = sample_column_scores_triton(q.to(device), k.to(device), layout, D**-0.5, block_m=16)
     assert _rel_max(got.cpu(), ref) < 1e-4
 
 
@@ -82,37 +75,37 @@ def test_triton_kernel_matches_reference(B, Hq, Hkv, S, D, bs, segments, ratio, 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_handles_strided_inputs(device):
     """q/k as transposed views of (B, S, H, D) tensors, as attention layers produce them."""
-    from flexsample.sampling.triton_kernel import sample_block_scores_triton
+    from flexsample.sampling.triton_kernel import sample_column_scores_triton
 
     q = torch.randn(2, 400, 4, 32).transpose(1, 2)
     k = torch.randn(2, 400, 2, 32).transpose(1, 2)
     layout = _layout(400, 32, 2, 0.1)
-    ref = sample_block_scores_reference(q, k, layout, 0.3)
-    got = sample_block_scores_triton(q.to(device), k.to(device), layout, 0.3, block_m=16)
+    ref = sample_column_scores_reference(q, k, layout, 0.3)
+    got = sample_column_scores_triton(q.to(device), k.to(device), layout, 0.3, block_m=16)
     assert _rel_max(got.cpu(), ref) < 1e-4
 
 
-def test_scores_are_probability_mass():
+def test_scores_are_each_segments_mean_probability():
     q, k = planted_qkv(1, 4, 2, 2000, 32, stripes=3)[:2]
-    cfg = SampleConfig(block_size=64, min_window=64)
-    s = sample_block_scores(q, k, cfg)
+    cfg = SampleConfig(block_size=64)
+    s = sample_column_scores(q, k, cfg)
     layout = SampleLayout.create(2000, cfg)
     assert (s >= 0).all()
-    assert (s.sum(-1) <= 1 + 1e-5).all()
-    # blocks inside the last segment's window or sink are never counted
-    last_row_block = 1999 // 64
-    assert (s[..., -1, last_row_block - layout.window_blocks :] == 0).all()
-    assert (s[..., 0] == 0).all()
+    assert torch.allclose(s.sum(-1), torch.ones(()), atol=1e-5)  # mean of probability rows
+    # nothing after a segment's last sampled row
+    for g, end in enumerate(layout.segment_ends()):
+        assert (s[..., g, end:] == 0).all()
+        assert (s[..., g, end - 1] > 0).all()
 
 
-def test_public_sample_block_scores_validates_and_defaults():
+def test_public_sample_column_scores_validates_and_defaults():
     q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
     cfg = SampleConfig(block_size=16, min_window=16)
-    s = sample_block_scores(q, k, cfg)
-    ref = sample_block_scores_reference(q, k, SampleLayout.create(300, cfg), 16**-0.5)
+    s = sample_column_scores(q, k, cfg)
+    ref = sample_column_scores_reference(q, k, SampleLayout.create(300, cfg), 16**-0.5)
     assert _rel_max(s, ref) < 1e-5
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        sample_block_scores(torch.randn(1, 3, 300, 16), k, cfg)
+        sample_column_scores(torch.randn(1, 3, 300, 16), k, cfg)
 
 
 def test_resolve_sampler():

@@ -1,124 +1,219 @@
-"""Stage 2 (CRA selection) and the BlockMask built from it."""
+"""Stage 2 (window and columns per head, CRA) and the BlockMask built from it."""
 
 import itertools
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_mask
 
 from flexsample import (
     SampleConfig,
     SampleLayout,
-    block_layout,
-    block_mask_from_layout,
     build_block_mask,
+    keep_mask,
     kept_sampled_mass,
-    select_blocks,
+    pair_density,
+    sample_column_scores_reference,
+    select_columns,
+    tile_coverage,
 )
+from flexsample.selection import ColumnSelection, window_pairs
+from flexsample.synthetic import planted_qkv
 
 
-def _random_scores(B, H, G, N, covered=0.3):
-    raw = torch.rand(B, H, G, N) ** 4  # skewed, like attention
-    raw[..., torch.rand(N) < 0.2] = 0.0  # some blocks get nothing (future, window)
-    return raw / raw.sum(-1, keepdim=True).clamp_min(1e-9) * (1 - covered)
+def _scores(B, Hq, Hkv, S, cfg, seed=0, **planted):
+    q, k, _ = planted_qkv(B, Hq, Hkv, S, 32, seed=seed, **planted)
+    layout = SampleLayout.create(S, cfg)
+    return sample_column_scores_reference(q, k, layout, 32**-0.5), layout
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95, 0.999, 1.0])
-def test_selection_reaches_alpha_for_every_segment(alpha):
-    scores = _random_scores(2, 3, 4, 37)
-    stripes = select_blocks(scores, alpha)
-    assert stripes.shape == (2, 3, 37) and stripes.dtype == torch.bool
-    assert (kept_sampled_mass(scores, stripes) >= alpha - 1e-6).all()
+CONFIGS = [
+    pytest.param(SampleConfig(block_size=64), id="adaptive-tokens"),
+    pytest.param(SampleConfig(block_size=32, column_unit="block"), id="adaptive-blocks"),
+    pytest.param(SampleConfig(block_size=64, window_ratio=0.1, sink_blocks=1), id="fixed-sink"),
+    pytest.param(SampleConfig(block_size=16, min_window=0, num_segments=3), id="floor0-bs16"),
+]
 
 
-def test_selection_is_the_smallest_cover_per_segment():
-    """Brute force over all subsets: no smaller block set reaches alpha for a segment."""
-    scores = _random_scores(1, 1, 1, 10, covered=0.2)
-    alpha = 0.9
-    chosen = int(select_blocks(scores, alpha).sum())
-    s = scores[0, 0, 0]
-    need = alpha - (1 - float(s.sum()))
-    for size in range(chosen):
-        for subset in itertools.combinations(range(10), size):
-            assert float(s[list(subset)].sum()) < need - 1e-7
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.95, 0.99])
+def test_selection_reaches_alpha_for_every_segment(cfg, alpha):
+    scores, layout = _scores(2, 4, 2, 1000, cfg, stripes=(2, 5), stripe_width=3)
+    sel = select_columns(scores, layout, alpha)
+    assert sel.window_blocks.shape == (2, 4) and sel.columns.shape == (2, 4, 1000)
+    kept = kept_sampled_mass(scores, sel.window_blocks, sel.columns, layout)
+    assert (kept >= alpha - 1e-5).all()
+    assert sel.columns[..., : layout.sink_tokens].all()  # the sink is always kept
+
+
+def test_block_columns_are_whole_blocks():
+    cfg = SampleConfig(block_size=32, column_unit="block")
+    scores, layout = _scores(1, 2, 1, 700, cfg, stripes=3, stripe_width=1)
+    cols = select_columns(scores, layout, 0.95).columns
+    padded = torch.nn.functional.pad(cols, (0, layout.num_blocks * 32 - 700))
+    per_block = padded.view(1, 2, layout.num_blocks, 32)
+    full, empty = per_block.all(-1), ~per_block.any(-1)
+    assert (full | empty)[..., :-1].all()  # the last block may be partial
+
+
+def _pairs(window: int, columns: torch.Tensor, layout: SampleLayout) -> int:
+    """(query, key) pairs of one head, by the element mask."""
+    rows = torch.arange(layout.seq_len)
+    w = torch.tensor([[window]])
+    return int(keep_mask(w, columns[None, None], layout, rows).sum())
+
+
+def test_window_choice_computes_the_fewest_pairs():
+    """Brute force: for every candidate window, the fewest columns that reach alpha for every
+    segment (each segment's greedy cover), then the pairs; selection takes the cheapest."""
+    cfg = SampleConfig(block_size=32, min_window=32)
+    scores, layout = _scores(1, 1, 1, 640, cfg, stripes=2, stripe_width=1, local_span=200)
+    sel = select_columns(scores, layout, 0.9)
+    costs = {}
+    for w in layout.window_candidates():
+        fixed = SampleLayout.create(640, cfg.replace(window_ratio=w * 32 / 640, min_window=0))
+        assert fixed.window_candidates() == [w]
+        cols = select_columns(scores, fixed, 0.9).columns[0, 0]
+        costs[w] = _pairs(w, cols, layout)
+        assert costs[w] == window_pairs(layout, w) + _pairs(w, cols, layout) - window_pairs(
+            layout, w
+        )
+    best = min(costs, key=costs.get)
+    assert int(sel.window_blocks[0, 0]) == best
+    assert _pairs(best, sel.columns[0, 0], layout) == costs[best]
+
+
+def test_each_segment_cover_is_its_smallest():
+    """Brute force over column subsets for one segment and a fixed window."""
+    cfg = SampleConfig(block_size=16, window_ratio=0.1, min_window=0, num_segments=1)
+    layout = SampleLayout.create(200, cfg)  # window: 2 blocks, from key 160 for the last row
+    scores = torch.zeros(1, 1, 1, 200)
+    scores[0, 0, 0, [3, 50, 70, 90, 120]] = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.05])
+    scores[0, 0, 0, 180:200] = 0.2 / 20  # the window's mass
+    chosen = select_columns(scores, layout, 0.8).columns[0, 0].nonzero().flatten().tolist()
+    assert chosen == [3, 50, 70]  # 0.2 + 0.3 + 0.2 + 0.15 = 0.85 >= 0.8; two would not do
+    heavy = [3, 50, 70, 90, 120]
+    for subset in itertools.combinations(heavy, 2):
+        assert 0.2 + float(scores[0, 0, 0, list(subset)].sum()) < 0.8
 
 
 def test_selection_unions_segments():
-    scores = torch.zeros(1, 1, 2, 6)
-    scores[0, 0, 0, 1] = 0.5  # segment 0 needs block 1
-    scores[0, 0, 1, 4] = 0.5  # segment 1 needs block 4
-    assert select_blocks(scores, 0.9)[0, 0].nonzero().flatten().tolist() == [1, 4]
+    cfg = SampleConfig(block_size=16, window_ratio=0.0, min_window=0, num_segments=2)
+    layout = SampleLayout.create(400, cfg)
+    scores = torch.zeros(1, 1, 2, 400)
+    scores[0, 0, 0, [10, 199]] = torch.tensor([0.9, 0.1])  # segment 0 needs column 10
+    scores[0, 0, 1, [20, 399]] = torch.tensor([0.9, 0.1])  # segment 1 needs column 20
+    chosen = select_columns(scores, layout, 0.9).columns[0, 0].nonzero().flatten().tolist()
+    assert chosen == [10, 20]
 
 
-def test_selection_keeps_nothing_when_window_suffices():
-    scores = torch.full((1, 1, 1, 8), 0.01)  # window + sink hold 92%
-    assert not select_blocks(scores, 0.9).any()
-
-
-def test_alpha_one_keeps_every_block_with_mass():
-    scores = _random_scores(1, 2, 3, 20)
-    assert torch.equal(select_blocks(scores, 1.0), (scores > 0).any(dim=-2))
+def test_selection_keeps_no_columns_when_the_window_suffices():
+    layout = SampleLayout.create(400, SampleConfig(block_size=16, window_ratio=0.2))
+    scores = torch.zeros(1, 1, layout.num_segments, 400)
+    for g, end in enumerate(layout.segment_ends()):
+        scores[0, 0, g, end - 10 : end] = 0.1  # all mass right behind the row
+    assert not select_columns(scores, layout, 0.99).columns.any()
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.1, float("nan")])
 def test_selection_rejects_bad_alpha(alpha):
+    layout = SampleLayout.create(64, SampleConfig(block_size=16, num_segments=1))
     with pytest.raises(ValueError, match="alpha"):
-        select_blocks(torch.rand(1, 1, 1, 4), alpha)
+        select_columns(torch.rand(1, 1, 1, 64), layout, alpha)
 
 
 def test_selection_rejects_bad_scores():
-    with pytest.raises(ValueError, match=r"\(B, H, num_segments, num_blocks\)"):
-        select_blocks(torch.rand(4, 4), 0.9)
+    layout = SampleLayout.create(64, SampleConfig(block_size=16, num_segments=1))
+    with pytest.raises(ValueError, match=r"\(B, H, 1, 64\) for this layout"):
+        select_columns(torch.rand(1, 1, 1, 60), layout, 0.9)
     with pytest.raises(TypeError, match="floating"):
-        select_blocks(torch.ones(1, 1, 1, 4, dtype=torch.int64), 0.9)
+        select_columns(torch.ones(1, 1, 1, 64, dtype=torch.int64), layout, 0.9)
 
 
-def _layout_oracle(stripes, lay):
-    """Tile (i, j) kept iff j <= i and (stripe j, or i - j <= window, or sink j); by loops."""
-    B, H, n = stripes.shape
-    keep = torch.zeros(B, H, n, n, dtype=torch.bool)
-    for b, h, i, j in itertools.product(range(B), range(H), range(n), range(n)):
-        if j <= i and (stripes[b, h, j] or i - j <= lay.window_blocks or j < lay.sink_blocks):
-            keep[b, h, i, j] = True
-    return keep
+def test_gathered_lists_each_groups_union_in_order():
+    layout = SampleLayout.create(100, SampleConfig(block_size=16))
+    cols = torch.zeros(1, 4, 100, dtype=torch.bool)
+    cols[0, 0, [5, 40]] = True
+    cols[0, 1, [40, 7]] = True  # same group as head 0
+    cols[0, 3, 60] = True
+    sel = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout)
+    gathered = sel.gathered(group=2)
+    assert gathered.shape == (1, 2, 16)  # 3 columns, rounded up to a block
+    assert gathered[0, 0, :4].tolist() == [5, 7, 40, 100]
+    assert gathered[0, 1, :2].tolist() == [60, 100]
+    assert (gathered[0, :, 3:] == 100).all()
+    assert sel.group_columns(2)[0, 1].nonzero().flatten().tolist() == [5, 7, 40]
+    empty = ColumnSelection(sel.window_blocks, torch.zeros_like(cols), layout)
+    assert empty.gathered(group=2).shape == (1, 2, 0)
 
 
-@pytest.mark.parametrize("S, bs", [(1000, 64), (300, 16), (513, 128)])
-def test_block_layout_matches_loop_oracle(S, bs):
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs, min_window=bs, window_ratio=0.1))
-    stripes = torch.rand(2, 3, lay.num_blocks) < 0.3
-    assert torch.equal(block_layout(stripes, lay), _layout_oracle(stripes, lay))
+def _random_selection(B, Hq, Hkv, S, bs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layout = SampleLayout.create(S, SampleConfig(block_size=bs))
+    windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), generator=gen)
+    cols = torch.rand(B, Hq, S, generator=gen) < 0.08
+    sel = ColumnSelection(windows, cols, layout)
+    return sel, layout, Hq // Hkv
 
 
-@pytest.mark.parametrize("S, bs", [(1000, 64), (300, 16), (513, 128), (256, 128)])
-def test_block_mask_matches_layout(S, bs):
-    """The BlockMask's dense view is the tile layout; full tiles are exactly the sub-diagonal."""
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs, min_window=bs, window_ratio=0.1))
-    stripes = torch.rand(2, 3, lay.num_blocks) < 0.3
-    keep = block_layout(stripes, lay)
-    bm = block_mask_from_layout(keep, S, bs)
-    assert bm.shape == (2, 3, S, S)
-    n = lay.num_blocks
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, bs",
+    [(1, 2, 1, 300, 16), (2, 4, 2, 1000, 64), (1, 3, 3, 513, 128), (2, 6, 2, 257, 32)],
+    ids=["B1-H2/1-S300-bs16", "B2-H4/2-S1000-bs64", "B1-H3/3-S513-bs128", "B2-H6/2-S257-bs32"],
+)
+def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs):
+    """Over [gathered | keys], the BlockMask's kept elements (full blocks whole, partial
+    blocks through the mask_mod) map back to exactly keep_mask's original keys, and the
+    mask_mod is True on every full block."""
+    sel, layout, group = _random_selection(B, Hq, Hkv, S, bs, seed=S)
+    gathered = sel.gathered(group)
+    bm = build_block_mask(sel.window_blocks, gathered, layout)
+    C = gathered.shape[-1]
+    L = C + S
+    assert bm.shape == (B, Hq, S, L)
+    mod = create_mask(bm.mask_mod, B, Hq, S, L, device="cpu")
+    nq, nkv = -(-S // bs), -(-L // bs)
 
-    def tiles(num, idx):  # unused index slots may repeat, so count rather than overwrite
+    def blocks(num, idx):
         valid = (torch.arange(idx.shape[-1]) < num[..., None]).int()
-        return torch.zeros(2, 3, n, n, dtype=torch.int32).scatter_add_(-1, idx.long(), valid) > 0
+        hit = torch.zeros(B, Hq, nq, nkv, dtype=torch.int32).scatter_add_(-1, idx.long(), valid)
+        return (hit > 0).repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :S, :L]
 
-    partial = tiles(bm.kv_num_blocks, bm.kv_indices)
-    full = tiles(bm.full_kv_num_blocks, bm.full_kv_indices)
-    assert torch.equal(partial | full, keep)
-    assert torch.equal(full, keep & ~torch.eye(n, dtype=torch.bool))
-    assert (bm.kv_num_blocks == 1).all()  # only the diagonal tile needs the causal mask_mod
+    full, partial = (
+        blocks(bm.full_kv_num_blocks, bm.full_kv_indices),
+        blocks(bm.kv_num_blocks, bm.kv_indices),
+    )
+    assert not (full & partial).any()
+    assert mod[full].all()
+    kept = full | (partial & mod)
+    assert not (mod & ~(full | partial)).any()  # no kept element outside the listed blocks
+    # map [gathered | keys] back to original positions
+    original = torch.cat([gathered, torch.arange(S).expand(B, Hkv, S)], -1)
+    original = original.repeat_interleave(group, 1)  # (B, Hq, L)
+    dense = torch.zeros(B, Hq, S, S + 1, dtype=torch.int32)
+    dense.scatter_add_(-1, original[:, :, None, :].expand(B, Hq, S, L), kept.int())
+    expect = keep_mask(sel.window_blocks, sel.group_columns(group), layout, torch.arange(S))
+    assert dense[..., :S].max() <= 1  # no key read twice
+    assert torch.equal(dense[..., :S] > 0, expect)
+    assert not dense[..., S].any()  # padding is never read
 
 
-def test_build_block_mask_rejects_wrong_stripes():
-    with pytest.raises(ValueError, match=r"stripes must be \(B, H, 8\)"):
-        build_block_mask(torch.zeros(1, 1, 5, dtype=torch.bool), 1000, SampleConfig())
+def test_pair_density_and_tile_coverage_count_the_element_mask():
+    sel, layout, group = _random_selection(2, 4, 2, 1000, 64, seed=3)
+    cols = sel.group_columns(group)
+    mask = keep_mask(sel.window_blocks, cols, layout, torch.arange(1000))
+    expect = mask.sum(dim=(-1, -2)).double() / (1000 * 1001 / 2)
+    assert torch.allclose(pair_density(sel.window_blocks, cols, layout), expect)
+    cover = tile_coverage(sel.window_blocks, cols, layout)
+    assert cover.shape == (2, 4, 16, 16)
+    assert ((cover >= 0) & (cover <= 1)).all() and (cover.diagonal(dim1=-2, dim2=-1) == 1).all()
+    assert (cover.triu(diagonal=1) == 0).all()
 
 
-def test_block_mask_from_layout_rejects_bad_layouts():
-    with pytest.raises(ValueError, match=r"bool \(B, H, 8, 8\) tile layout"):
-        block_mask_from_layout(torch.ones(1, 1, 7, 7, dtype=torch.bool), 1000, 128)
-    with pytest.raises(ValueError, match="bool"):
-        block_mask_from_layout(torch.ones(1, 1, 8, 8), 1000, 128)
-    with pytest.raises(ValueError, match="diagonal"):
-        block_mask_from_layout(torch.zeros(1, 1, 8, 8, dtype=torch.bool), 1000, 128)
+def test_window_candidates():
+    lay = SampleLayout.create(8192, SampleConfig())
+    assert lay.window_candidates() == [1, 2, 4, 8, 16, 32, 64]
+    lay = SampleLayout.create(1000, SampleConfig(block_size=64, min_window=0))
+    assert lay.window_candidates() == [0, 1, 2, 4, 8, 16]
+    fixed = SampleLayout.create(1000, SampleConfig(block_size=64, window_ratio=0.2))
+    assert fixed.window_candidates() == [4]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from flexsample import SampleConfig
-from flexsample.viz import plot_block_scores, plot_density_heatmap, plot_layer_masks
+from flexsample.viz import plot_column_scores, plot_density_heatmap, plot_layer_masks
 
 from . import transformers as fst
 from .haystack import passkey_prompt
@@ -26,7 +26,7 @@ def make_pictures(
     """Run one flexsample prefill of SmolLM2 on a passkey prompt and draw what it chose.
 
     Writes ``masks.png`` (tile layouts of three heads in each of ``layers``; default the
-    first, middle and last layer that ran sparse), ``scores.png`` (sampled block scores of
+    first, middle and last layer that ran sparse), ``scores.png`` (sampled column scores of
     one head of ``score_layer``, default the last sparse layer) and ``density.png`` (density
     per layer and head) into ``out``, and returns their paths.
 
@@ -60,7 +60,7 @@ def make_pictures(
 
     stats = records[score_layer].details[0]
     written.append(out / "scores.png")
-    plot_block_scores(
+    plot_column_scores(
         stats.scores[0, score_head],
         f"SmolLM2 layer {score_layer} head {score_head}, {tokens} tokens:\n"
         "sampled mass per key block outside window and sink",

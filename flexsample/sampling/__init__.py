@@ -1,10 +1,10 @@
-"""Stage 1 — query-guided sampling: how much attention each key block gets from sampled rows.
+"""Stage 1 — query-guided sampling: how much attention each key gets from the sampled rows.
 
 Three implementations share one contract and are held together by tests:
 
-* :func:`sample_block_scores_reference` — dense float64 oracle (small inputs only);
-* :func:`sample_block_scores_torch` — chunked torch ops, the CPU path;
-* ``sample_block_scores_triton`` — the Triton kernel, the CUDA path (imported lazily).
+* :func:`sample_column_scores_reference` — dense float64 oracle (small inputs only);
+* :func:`sample_column_scores_torch` — chunked torch ops, the CPU path;
+* ``sample_column_scores_triton`` — the Triton kernel, the CUDA path (imported lazily).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import torch
 from ..config import SampleConfig
 from ..layout import SampleLayout
 from ..validation import check_qk, resolve_scale
-from .reference import sample_block_scores_reference
-from .torch_sampler import sample_block_scores_torch
+from .reference import sample_column_scores_reference
+from .torch_sampler import sample_column_scores_torch
 
 __all__ = [
     "resolve_sampler",
-    "sample_block_scores",
-    "sample_block_scores_reference",
-    "sample_block_scores_torch",
+    "sample_column_scores",
+    "sample_column_scores_reference",
+    "sample_column_scores_torch",
     "triton_available",
 ]
 
@@ -63,19 +63,18 @@ def resolve_sampler(name: str, device: torch.device) -> str:
     return name
 
 
-def sample_block_scores(
+def sample_column_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     config: SampleConfig | None = None,
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Sampled attention mass per query segment and key block (stage 1).
+    """Sampled attention mass per query segment and key (stage 1).
 
-    For each segment of the query rows, the last ``rows_per_segment`` rows are sampled; their
-    exact causal softmax probabilities are summed into key blocks, and blocks that the row's
-    local window or the sink already keep are left out (zero), so the result says how much
-    *more* mass each block would add.
+    For each segment of the query rows, the last ``rows_per_segment`` rows are sampled; the
+    result is the mean of their exact causal softmax probabilities, per key. Memory is
+    ``num_segments x S`` per head, never ``sampled rows x S``.
 
     Args:
         q: ``(B, Hq, S, D)`` queries.
@@ -85,8 +84,8 @@ def sample_block_scores(
         scale: softmax scale, ``1/sqrt(D)`` if None.
 
     Returns:
-        ``(B, Hq, num_segments, num_blocks)`` float32 where each row sums to at most 1; one
-        minus the row sum is the mass the window and sink already cover.
+        ``(B, Hq, num_segments, S)`` float32; each segment's row sums to 1 (up to rounding)
+        and is zero after the segment's last sampled row.
 
     Raises:
         ValueError, TypeError: inputs of the wrong shape, dtype or device (see
@@ -104,9 +103,9 @@ def run_sampler(
 ) -> torch.Tensor:
     """Run an already-resolved sampler on validated inputs."""
     if name == "triton":
-        from .triton_kernel import sample_block_scores_triton
+        from .triton_kernel import sample_column_scores_triton
 
-        return sample_block_scores_triton(q, k, layout, scale)
+        return sample_column_scores_triton(q, k, layout, scale)
     if name == "torch":
-        return sample_block_scores_torch(q, k, layout, scale)
-    return sample_block_scores_reference(q, k, layout, scale)
+        return sample_column_scores_torch(q, k, layout, scale)
+    return sample_column_scores_reference(q, k, layout, scale)

@@ -1,18 +1,17 @@
-"""Stage 1 as a Triton kernel: two passes over K per tile of sampled query rows.
+"""Stage 1 as Triton kernels: the sampled rows' log-sum-exp, then their mass per key column.
 
 Imported lazily (only when the Triton sampler runs), so the package works without triton.
 
-Each program takes a tile of sampled rows of one segment, for all query heads that share one
-kv head (so K is read once per GQA group):
+* ``_row_lse_kernel`` takes a tile of sampled rows of one segment, for all query heads that
+  share one kv head (so K is read once per GQA group), streams the causal key prefix and
+  keeps each row's running max and sum of ``exp2``, as FlashAttention does: the row's
+  log-sum-exp.
+* ``_column_mass_kernel`` takes one tile of keys and one segment: it loads the keys once,
+  then, per query head of the group, streams the segment's sampled rows, turns their logits
+  into normalised probabilities with the log-sum-exp, and sums them over the rows.
 
-* pass 1 streams the causal key prefix and keeps the running row max and the row sum of
-  ``exp2`` (the log-sum-exp of each row), as FlashAttention does;
-* pass 2 streams the key blocks that lie before the rows' local window (and after the sink),
-  turns logits into normalised probabilities with those statistics, and sums them per key
-  block and over the tile's rows.
-
-It writes one partial sum per (tile, key block); the launcher adds the tiles of a segment in
-a fixed order, so results are deterministic (no atomics).
+Every output element is written by exactly one program in a fixed order: results are
+deterministic (no atomics).
 """
 
 from __future__ import annotations
@@ -28,12 +27,11 @@ from ..layout import SampleLayout
 _LOG2E = 1.4426950408889634
 
 #: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability, the
-#: fastest measured by ``bench/gpu_run.py --tune-sampler``. H100 (9, 0), S=64K, 32/8 heads,
-#: D=128, bf16: (64, 128, 4) 5.81 ms; (64, 64, 4) 6.57; (64, 128, 8) 6.97; (128, 64, 8) 7.42;
-#: (128, 128, 8) 7.48; (32, 64, 4) 12.4 (bench/results/gpu_NVIDIA_H100_80GB_HBM3.json).
-LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(9, 0): (64, 128, 4)}
-#: For devices not in the table (and the interpreter): the H100's choice.
-DEFAULT_LAUNCH_CONFIG = (64, 128, 4)
+#: fastest measured by ``bench/gpu_run.py --tune-sampler``. Empty until measured for these
+#: kernels (flexsample 0.1's single kernel had its own table).
+LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+#: For devices not in the table (and the interpreter).
+DEFAULT_LAUNCH_CONFIG = (64, 64, 4)
 
 
 def launch_config(device: torch.device) -> tuple[int, int, int]:
@@ -45,11 +43,11 @@ def launch_config(device: torch.device) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _sample_block_mass_kernel(
+def _row_lse_kernel(
     Q,
     K,
     ROWS,
-    OUT,
+    LSE,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -61,13 +59,9 @@ def _sample_block_mass_kernel(
     num_kv_heads,
     rows_per_segment,
     tiles_per_segment,
-    num_blocks,
     num_segments,
-    window_blocks,
-    sink_blocks,
     qk_scale,
     GROUP: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -108,10 +102,10 @@ def _sample_block_mass_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Pass 1: running max and sum of exp2 over each row's causal prefix. The kernel is bound
-    # by elementwise work, not the dots, so per element it does only: max of the raw logit
-    # (the scale is positive), one FMA (scale and subtract), exp2, add. Key tiles entirely
-    # before the tile's first row need no causal mask; only the last one or two do.
+    # Running max and sum of exp2 over each row's causal prefix. The kernel is bound by
+    # elementwise work, not the dots, so per element it does only: max of the raw logit (the
+    # scale is positive), one FMA (scale and subtract), exp2, add. Key tiles entirely before
+    # the tile's first row need no causal mask; only the last one or two do.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # scaled, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     prefix_end = tl.max(pos, axis=0) + 1
@@ -146,38 +140,89 @@ def _sample_block_mass_kernel(
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
         m_i = m_new
 
-    # Pass 2: normalised mass per key block, for blocks before each row's window. Such a
-    # block ends before the row, so no causal mask is needed here.
-    row_qb = pos // BLOCK_SIZE
-    first_covered = row_qb - window_blocks  # blocks >= this are in the row's window
-    inv_l = 1.0 / l_i
-    # partial[b, h_kv, seg, tile, head_in_group, kb]
-    out_base = OUT + ((pid_bh * num_segments + seg) * tiles_per_segment + tile) * (
-        GROUP * num_blocks
+    # lse[b, h_kv, seg, local, head_in_group], in log2 units of the scaled logits.
+    lse_ptrs = LSE + ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP
+    tl.store(lse_ptrs + head_in_group, m_i + tl.log2(l_i), mask=row_valid)
+
+
+@triton.jit
+def _column_mass_kernel(
+    Q,
+    K,
+    ROWS,
+    LSE,
+    OUT,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    seq_len,
+    num_kv_heads,
+    rows_per_segment,
+    num_segments,
+    qk_scale,
+    inv_rows,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program: BLOCK_N keys of one kv head and one segment. The keys are loaded once;
+    # for each query head of the group, the segment's sampled rows stream past them.
+    pid_n = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < seq_len
+    rows_base = ROWS + seg * rows_per_segment
+    last_row = tl.load(rows_base + rows_per_segment - 1)
+    if pid_n * BLOCK_N > last_row:  # every key here is after every sampled row: mass 0
+        return
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+    k = tl.load(
+        K + b * stride_kb + h_kv * stride_kh + n[:, None] * stride_kn + d[None, :] * stride_kd,
+        mask=n_valid[:, None] & d_valid[None, :],
+        other=0.0,
     )
-    block_end = tl.max(tl.where(row_valid, first_covered, 0), axis=0)
-    for kb in range(sink_blocks, block_end):
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            n = kb * BLOCK_SIZE + sub + offs_n
-            k = tl.load(
-                k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-                mask=d_valid[None, :],
+    if UPCAST:
+        k = k.to(tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    lse_base = LSE + (pid_bh * num_segments + seg) * rows_per_segment * GROUP
+    out_base = OUT + ((pid_bh * GROUP) * num_segments + seg) * seq_len
+    for g in tl.static_range(GROUP):
+        q_base = Q + b * stride_qb + (h_kv * GROUP + g) * stride_qh
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, rows_per_segment, BLOCK_M):
+            local = start + offs_m
+            row_valid = local < rows_per_segment
+            pos = tl.load(rows_base + local, mask=row_valid, other=0)
+            q = tl.load(
+                q_base + pos[:, None] * stride_qm + d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_valid[None, :],
                 other=0.0,
             )
             if UPCAST:
-                k = k.to(tl.float32)
+                q = q.to(tl.float32)
+            lse = tl.load(lse_base + local * GROUP + g, mask=row_valid, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            acc += tl.sum(tl.exp2(tl.fma(s, qk_scale, -m_i[:, None])), axis=1)
-        mass = tl.where(row_valid & (kb < first_covered), acc * inv_l, 0.0)
-        for g in tl.static_range(GROUP):
-            tl.store(
-                out_base + g * num_blocks + kb,
-                tl.sum(tl.where(head_in_group == g, mass, 0.0), axis=0),
-            )
+            p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+            keep = row_valid[:, None] & (n[None, :] <= pos[:, None])
+            acc += tl.sum(tl.where(keep, p, 0.0), axis=0)
+        # out[b, h_kv, g, seg, n]
+        tl.store(out_base + g * num_segments * seq_len + n, acc * inv_rows, mask=n_valid)
 
 
-def sample_block_scores_triton(
+def sample_column_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     layout: SampleLayout,
@@ -187,57 +232,76 @@ def sample_block_scores_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Per-segment sampled attention mass of each uncovered key block, in one Triton launch.
+    """Per-segment sampled attention mass of each key, in two Triton launches.
 
-    Same contract as :func:`~flexsample.sampling.reference.sample_block_scores_reference`:
+    Same contract as :func:`~flexsample.sampling.reference.sample_column_scores_reference`:
     q ``(B, Hq, S, D)``, k ``(B, Hkv, S, D)`` on a CUDA device (or on CPU with
-    ``TRITON_INTERPRET=1``); returns ``(B, Hq, num_segments, num_blocks)`` float32.
+    ``TRITON_INTERPRET=1``); returns ``(B, Hq, num_segments, S)`` float32.
 
-    ``block_m`` (a power of two) is the number of (row, query head) pairs per program; it is
-    raised to the GQA group size when smaller. ``block_n`` is the key tile width (a power of
-    two, capped at the block size). Each left at None comes from :func:`launch_config`.
+    ``block_m`` (a power of two) is the number of (row, query head) pairs per program of the
+    log-sum-exp kernel (raised to the GQA group size when smaller) and of rows per step of the
+    column kernel; ``block_n`` is the key tile width (a power of two). Each left at None comes
+    from :func:`launch_config`.
     """
     tuned = launch_config(q.device)
     block_m = tuned[0] if block_m is None else block_m
     block_n = tuned[1] if block_n is None else block_n
     num_warps = tuned[2] if num_warps is None else num_warps
-    B, Hq, _, D = q.shape
+    B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
-    G, r, nb = layout.num_segments, layout.rows_per_segment, layout.num_blocks
+    G, r = layout.num_segments, layout.rows_per_segment
     block_m = max(block_m, 16, triton.next_power_of_2(group))
+    block_n = max(block_n, 16)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    tiles = triton.cdiv(r, block_m // group)
     rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    partial = torch.zeros(B, Hkv, G, tiles, group, nb, dtype=torch.float32, device=q.device)
-    _sample_block_mass_kernel[(G * tiles, B * Hkv)](
+    common = {
+        "HEAD_DIM": D,
+        "HEAD_DIM_PAD": max(16, triton.next_power_of_2(D)),
+        # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
+        "UPCAST": interpreted,
+        # float32 operands get full-precision dots, not TF32: scores must match the oracle.
+        # (The setting is ignored for bf16/fp16 operands.)
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+        "num_warps": num_warps,
+    }
+    tiles = triton.cdiv(r, block_m // group)
+    lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
+    _row_lse_kernel[(G * tiles, B * Hkv)](
         q,
         k,
         rows,
-        partial,
+        lse,
         *q.stride(),
         *k.stride(),
         Hkv,
         r,
         tiles,
-        nb,
         G,
-        layout.window_blocks,
-        layout.sink_blocks,
         scale * _LOG2E,
         GROUP=group,
-        BLOCK_SIZE=layout.block_size,
         BLOCK_M=block_m,
-        BLOCK_N=min(block_n, layout.block_size),
-        HEAD_DIM=D,
-        HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
-        # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
-        UPCAST=interpreted,
-        # float32 operands get full-precision dots, not TF32: scores must match the oracle.
-        # (The setting is ignored for bf16/fp16 operands.)
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
-        num_warps=num_warps,
+        BLOCK_N=block_n,
+        **common,
     )
-    # (B, Hkv, G, tiles, group, nb) -> sum tiles -> (B, Hkv, group, G, nb) = (B, Hq, G, nb)
-    scores = partial.sum(dim=3).div_(r).transpose(2, 3)
-    return scores.reshape(B, Hq, G, nb)
+    out = torch.zeros(B, Hkv, group, G, S, dtype=torch.float32, device=q.device)
+    _column_mass_kernel[(triton.cdiv(S, block_n), G, B * Hkv)](
+        q,
+        k,
+        rows,
+        lse,
+        out,
+        *q.stride(),
+        *k.stride(),
+        S,
+        Hkv,
+        r,
+        G,
+        scale * _LOG2E,
+        1.0 / r,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **common,
+    )
+    return out.view(B, Hq, G, S)

@@ -1,7 +1,7 @@
 """What the layers did: one record per attention call, and the per-layer report.
 
-Density has one meaning everywhere here, the core's: the fraction of causal tiles computed,
-1 for a call that ran dense. A prefill's density is the mean over its prefill calls
+Density has one meaning everywhere here, the core's: the share of causal (query, key) pairs
+computed, 1 for a call that ran dense. A prefill's density is the mean over its prefill calls
 (``q_len > 1``), dense ones included: the share of attention work the prefill really did.
 """
 
@@ -29,13 +29,13 @@ class CallRecord:
         path: ``"sparse"`` or ``"dense"``.
         reason: why the dense path ran (None on the sparse path).
         q_len, kv_len, batch: shapes of the call.
-        density: per query head, fraction of causal tiles computed (mean over the batch);
-            all ones on the dense path.
+        density: per query head, computed share of causal (query, key) pairs (mean over
+            the batch); all ones on the dense path.
         times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``) of this
             call; the first call of a shape includes compilation.
         details: the :class:`~flexsample.SampleStats` of each ``flex_sample_attention`` call
             behind this record (one per batch row when rows were left-padded), with the
-            selected stripes and sampled scores; empty on the dense path.
+            windows, columns and sampled scores; empty on the dense path.
     """
 
     layer: int
