@@ -99,10 +99,11 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     """Choose each head's window and the fewest columns that, with it, keep ``alpha``.
 
     For every window candidate ``w`` (:meth:`SampleLayout.window_candidates`) and segment
-    ``g``, the window and sink of the segment's last sampled row keep some of the segment's
-    sampled mass; columns before the window are then taken in order of decreasing mass
-    until the kept mass reaches ``alpha``, and the union over segments is the candidate's
-    column set. Each head takes the candidate that computes the fewest (query, key) pairs:
+    ``g``, the window is credited with the segment's sampled mass on the ``w * block_size``
+    keys up to its last sampled row (what the window reaches from any row, wherever the row
+    sits in its block) and the sink; columns before that are then taken in order of
+    decreasing mass until the kept mass reaches ``alpha``, and the union over segments is
+    the candidate's column set. Each head takes the candidate that computes the fewest (query, key) pairs:
     the window's pairs plus, for each column, the queries whose window starts after it.
 
     Args:
@@ -127,13 +128,16 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     ordered, order = mass.sort(dim=-1, descending=True)
     total = ordered.sum(dim=-1, keepdim=True)
     last_sorted, first_sorted = last[order], first[order]
-    seg_block = layout.segment_blocks(scores.device)[:, None]  # (G, 1)
+    # Each segment's window is measured from its last sampled row, in tokens: a window of w
+    # blocks reaches at least w * block_size keys back from any row (rows at the start of
+    # their block reach no further), so the mass it is credited with holds for every row.
+    last_row = torch.tensor(layout.segment_ends(), device=scores.device)[:, None] - 1  # (G, 1)
 
     best_cost = torch.full((B, H), float("inf"), device=scores.device, dtype=torch.float64)
     best_window = torch.zeros(B, H, dtype=torch.int64, device=scores.device)
     best_columns = torch.zeros(B, H, mass.shape[-1], dtype=torch.bool, device=scores.device)
     for w in layout.window_candidates():
-        start = (seg_block - w) * bs  # (G, 1): the window of the segment's last row
+        start = last_row - w * bs + 1  # (G, 1): the keys every row's window reaches
         eligible = (last_sorted < start) & (first_sorted >= layout.sink_tokens)
         outside = ordered * eligible
         need = alpha * total - (total - outside.sum(dim=-1, keepdim=True))

@@ -69,9 +69,9 @@ def test_requires_grad_is_refused_at_every_length(S):
     "config, words",
     [
         (SampleConfig(block_size=2**20, min_seq_len=0), "one tile, nothing to skip"),
-        (SampleConfig(num_segments=1000, min_seq_len=0), "segments are shorter than one"),
+        (SampleConfig(window_ratio=0.95, min_seq_len=0), "fixed window of 9 blocks covers all"),
     ],
-    ids=["huge-block", "many-segments"],
+    ids=["huge-block", "full-fixed-window"],
 )
 def test_configs_that_cannot_be_sparse_say_so(config, words, caplog):
     """Valid configs that leave nothing to skip at this length: stats and the log say why."""
