@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,10 +27,24 @@ def ms(bench: dict) -> float:
     return info["device_ms"] if "device_ms" in info else bench["stats"]["median"] * 1e3
 
 
+#: A results file named ``<name>_<version>.json`` (``cpu_selection_0.1.json``) holds an earlier
+#: release's selection: its frontier rows are labelled with the version. Oracle rows depend
+#: only on the inputs, which the frontier suite draws the same way in every release.
+_RELEASE_SUFFIX = re.compile(r"_(\d+\.\d+)$")
+
+
 def load(paths: list[Path]) -> tuple[list[tuple[str, dict]], list[dict]]:
     """Each file's name and run information, and the benchmarks of all files."""
     runs = [(p.name, json.loads(p.read_text())) for p in paths]
-    return runs, [b for _, run in runs for b in run["benchmarks"]]
+    benches = []
+    for path, (_, run) in zip(paths, runs, strict=True):
+        release = _RELEASE_SUFFIX.search(path.stem)
+        for b in run["benchmarks"]:
+            info = b.get("extra_info", {})
+            if release and info.get("suite") == "frontier" and "points" not in info:
+                b = {**b, "extra_info": {**info, "method": f"{release[1]}: {info['method']}"}}
+            benches.append(b)
+    return runs, benches
 
 
 def operator_rows(benches: list[dict], inputs: str) -> list[dict]:

@@ -17,7 +17,10 @@ from flexsample import SampleConfig
 CONFIG_OPTIONS = {
     "--alpha": ("alpha", "CRA threshold: attention mass each query segment keeps"),
     "--sample-ratio": ("sample_ratio", "fraction of query rows sampled"),
-    "--window-ratio": ("window_ratio", "local window as a fraction of the length"),
+    "--window-ratio": (
+        "window_ratio",
+        "a fixed local window as a fraction of the length; unset, each head's window adapts",
+    ),
 }
 
 
@@ -66,7 +69,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
             option,
             type=_config_value(field),
             default=getattr(defaults, field),
-            help=f"{text} (default %(default)s)",
+            help=f"{text} (default {getattr(defaults, field)})"
+            if getattr(defaults, field) is not None
+            else text,
         )
 
 

@@ -36,7 +36,7 @@ class MethodRun:
         attention_s: seconds inside attention in one prefill, all layers (for flexsample,
             sampling, selection and mask included).
         overhead_s: of ``attention_s``, seconds of sampling, selection and mask building.
-        density: fraction of causal tiles computed over the prefill's attention calls.
+        density: share of causal (query, key) pairs computed over the prefill's attention calls.
         answer: the greedy continuation.
         correct: whether it contains the pass key.
     """
@@ -208,11 +208,11 @@ def explain(result: DemoResult) -> list[str]:
         f"({result.attention_speedup:.2f}x)."
     )
     if flex.attention_s >= dense.attention_s:
-        per_tile = sparse_s / (flex.density * dense.attention_s)
+        per_pair = sparse_s / (flex.density * dense.attention_s)
         lines.append(
-            f"Sparse attention was slower than dense here: per computed tile, the CPU "
-            f"FlexAttention kernel took {per_tile:.2f}x SDPA's time, so sparse attention "
-            f"pays here only below density {1 / per_tile:.2f} (before sampling costs), and "
+            f"Sparse attention was slower than dense here: per computed pair, the CPU "
+            f"FlexAttention kernel took {per_pair:.2f}x SDPA's time, so sparse attention "
+            f"pays here only below density {1 / per_pair:.2f} (before sampling costs), and "
             f"this prompt's masks kept {flex.density:.2f}."
         )
     verdict = "faster" if result.prefill_speedup > 1 else "slower"
