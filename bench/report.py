@@ -451,6 +451,12 @@ def frontier_plot(frontier: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     inputs = list(dict.fromkeys(r["inputs"] for r in frontier))
+    # One colour and marker per selection across panels: circles for this release, crosses
+    # for earlier ones (methods labelled "<release>: ...").
+    methods = list(dict.fromkeys(r["method"] for r in frontier if "oracle" not in r["method"]))
+    palette = plt.get_cmap("tab20").colors
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    styles = {m: "x" if _RELEASE_SUFFIX.search("_" + m.split(":")[0]) else "o" for m in methods}
     cols = min(3, len(inputs))
     rows_n = -(-len(inputs) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.6 * rows_n), squeeze=False)
@@ -465,7 +471,10 @@ def frontier_plot(frontier: list[dict], path: Path) -> Path:
                 ax.plot(xs, ys, style, ms=3, lw=1, label=method)
         for r in rows:
             if not r["method"].startswith("oracle"):
-                ax.plot(r["density"], r["output_error"], "o", ms=5, label=r["method"])
+                ax.plot(
+                    r["density"], r["output_error"], styles[r["method"]], ms=5,
+                    color=colours[r["method"]], label=r["method"],
+                )  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -2,8 +2,8 @@
 
 The pipeline, each stage usable on its own::
 
-    q, k ─► sample_column_scores ─► select_columns ─► ColumnSelection.gathered ─► build_block_mask
-        └──────────────────────────── plan_prefill ────────────────────────────────────┘
+    q, k ─► sample_column_scores ─► select_columns ─► .gathered ─► build_block_mask
+        └──────────────────────── plan_prefill ──────────────────────────────┘
     plan, q, k, v ─► run_plan (gather columns, compiled FlexAttention; or dense SDPA)
 
 :func:`flex_sample_attention` is ``plan_prefill`` then ``run_plan``, with statistics.

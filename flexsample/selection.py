@@ -103,8 +103,9 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     keys up to its last sampled row (what the window reaches from any row, wherever the row
     sits in its block) and the sink; columns before that are then taken in order of
     decreasing mass until the kept mass reaches ``alpha``, and the union over segments is
-    the candidate's column set. Each head takes the candidate that computes the fewest (query, key) pairs:
-    the window's pairs plus, for each column, the queries whose window starts after it.
+    the candidate's column set. Each head takes the candidate that computes the fewest
+    (query, key) pairs: the window's pairs plus, for each column, the queries whose window
+    starts after it.
 
     Args:
         scores: ``(B, H, num_segments, S)`` from
@@ -127,7 +128,10 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     mass, first, last, tokens = _units(scores.float(), layout)
     ordered, order = mass.sort(dim=-1, descending=True)
     total = ordered.sum(dim=-1, keepdim=True)
-    last_sorted, first_sorted = last[order], first[order]
+    if layout.column_unit == "token":  # a unit is its position: no gathered copies
+        last_sorted = first_sorted = order
+    else:
+        last_sorted, first_sorted = last[order], first[order]
     # Each segment's window is measured from its last sampled row, in tokens: a window of w
     # blocks reaches at least w * block_size keys back from any row (rows at the start of
     # their block reach no further), so the mass it is credited with holds for every row.

@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
 
 
 def _add_demo(commands) -> None:
-    from .models import SMOLLM2
+    from .models import DEMO_LENGTH, SMOLLM2
 
     min_len = SampleConfig().min_seq_len
     demo = commands.add_parser(
@@ -94,9 +94,11 @@ def _add_demo(commands) -> None:
     demo.add_argument(
         "--length",
         type=_int_in(min_len, SMOLLM2.context),
-        default=4096,
+        default=DEMO_LENGTH,
         help=f"prompt length in tokens, {min_len} (flexsample's min_seq_len: shorter prompts "
-        f"run dense) to {SMOLLM2.context} (SmolLM2's context) (default %(default)s)",
+        f"run dense) to {SMOLLM2.context} (SmolLM2's context) (default %(default)s: on a "
+        "2-core CPU, shorter prompts spend too little of the prefill in attention for sparse "
+        "attention to pay; try --length 4096)",
     )
     demo.add_argument(
         "--depth",

@@ -23,7 +23,7 @@ from flexsample import SampleConfig, SampleStats
 
 from . import transformers as fst
 from .haystack import extract_number, passkey_prompt
-from .models import SMOLLM2, load_model
+from .models import DEMO_LENGTH, SMOLLM2, load_model
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passke
 
 
 def measure_demo(
-    length: int = 4096,
+    length: int = DEMO_LENGTH,
     depth: float = 0.5,
     seed: int = 0,
     config: SampleConfig | None = None,
@@ -248,7 +248,7 @@ def render_demo(result: DemoResult, console=None) -> None:
 
 
 def run_demo(
-    length: int = 4096,
+    length: int = DEMO_LENGTH,
     depth: float = 0.5,
     seed: int = 0,
     config: SampleConfig | None = None,

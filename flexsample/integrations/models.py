@@ -65,6 +65,12 @@ SMOLLM2 = OfflineModel(
 )
 MODELS = {SMOLLM2.name: SMOLLM2}
 
+#: ``flexsample demo``'s prompt length: SmolLM2's context less room for the answer. At 4K
+#: tokens on a 2-core CPU, attention is about a third of this small model's prefill and the
+#: CPU FlexAttention kernel takes about twice SDPA's time per computed pair, so sparse
+#: prefill did not pay there (``flexsample demo --length 4096`` shows it); at 8K it does.
+DEMO_LENGTH = 8000
+
 
 def load_model(
     model: OfflineModel | str = SMOLLM2,
