@@ -21,9 +21,10 @@ def flex_sample_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, SampleStats]:
     """Causal attention for long-context prefill with SampleAttention's adaptive sparsity.
 
-    Samples the attention of a few query rows, keeps per head the key blocks that hold
-    ``config.alpha`` of their mass (plus a local window and the sink), and runs compiled
-    FlexAttention on that block mask. Sequences shorter than ``config.min_seq_len`` run dense
+    Samples the attention of a few query rows, chooses per head a local window and the key
+    columns that with it hold ``config.alpha`` of their mass, gathers each kv head's columns
+    in front of its keys, and runs one compiled FlexAttention call over window tiles and
+    gathered columns. Sequences shorter than ``config.min_seq_len`` run dense
     causal SDPA; ``stats.path`` says which path ran and why. The same as
     ``run_plan(plan_prefill(q, k, config, scale=scale), q, k, v)``.
 

@@ -113,15 +113,6 @@ class SampleLayout:
         offsets = torch.arange(self.rows_per_segment, dtype=torch.int64, device=device)
         return ends[:, None] - self.rows_per_segment + offsets[None, :]
 
-    def segment_blocks(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(num_segments,)`` query block of each segment's last sampled row.
-
-        Selection measures a segment's window from this block: earlier sampled rows of the
-        segment have windows that start earlier, so they keep at least what it counts.
-        """
-        ends = torch.tensor(self.segment_ends(), dtype=torch.int64, device=device)
-        return torch.div(ends - 1, self.block_size, rounding_mode="floor")
-
     def notes(self) -> dict[str, str]:
         """Why this geometry cannot give a sparse mask: ``{config field: explanation}``.
 

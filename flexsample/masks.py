@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import SampleLayout
+from .selection import local_pairs
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
 # after torch 2.6; pass it only where it exists.
@@ -196,8 +197,7 @@ def pair_density(
     S, bs = layout.seq_len, layout.block_size
     q = torch.arange(S, device=columns.device)
     start = ((q // bs)[None, None, :] - window_blocks[..., None]).clamp(min=0) * bs  # (B,H,S)
-    sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
-    local = (q - start + 1 + sink).sum(dim=-1)
+    local = local_pairs(window_blocks, layout)
     # Columns before each query block's window start: prefix sums per block boundary.
     prefix = torch.nn.functional.pad(columns.long().cumsum(dim=-1), (1, 0))  # (B, H, S + 1)
     per_row = prefix.gather(-1, start) - prefix[..., layout.sink_tokens : layout.sink_tokens + 1]

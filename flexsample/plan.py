@@ -9,6 +9,7 @@ benchmarks time exactly these functions, so the numbers they report are the ship
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ class PrefillPlan:
 
     def attended_columns(self) -> torch.Tensor | None:
         """``(B, Hq, S)`` bool: the columns each head reads (its group's union); None if dense."""
+        return self._attended
+
+    @functools.cached_property
+    def _attended(self) -> torch.Tensor | None:
+        # Density, kept mass and stats all read it: computed once per plan.
         return None if self.selection is None else self.selection.group_columns(self.group)
 
     @property

@@ -37,9 +37,12 @@ class ColumnSelection:
         Columns are gathered once per kv head, so every query head of a group reads the
         union of the group's selections (more mass kept, more pairs computed).
         """
+        return self._kv_union(group).repeat_interleave(group, dim=1)
+
+    def _kv_union(self, group: int) -> torch.Tensor:
+        """``(B, Hkv, S)`` bool: each kv head's columns, the union over its query heads."""
         B, Hq, S = self.columns.shape
-        union = self.columns.view(B, Hq // group, group, S).any(dim=2)
-        return union.repeat_interleave(group, dim=1)
+        return self.columns.view(B, Hq // group, group, S).any(dim=2)
 
     def gathered(self, group: int) -> torch.Tensor:
         """``(B, Hkv, C)`` int64 positions of each kv head's columns, ascending.
@@ -48,8 +51,8 @@ class ColumnSelection:
         least one block when any column is selected, 0 when none is); shorter lists are
         padded with ``S``, a position no query attends. Reads the count on the host.
         """
-        B, Hq, S = self.columns.shape
-        union = self.columns.view(B, Hq // group, group, S).any(dim=2)
+        S = self.columns.shape[-1]
+        union = self._kv_union(group)
         count = int(union.sum(dim=-1).max()) if union.numel() else 0
         bs = self.layout.block_size
         width = -(-count // bs) * bs
@@ -88,11 +91,16 @@ def _units(scores: torch.Tensor, layout: SampleLayout):
 
 def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
     """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep."""
+    return int(local_pairs(torch.tensor(window_blocks), layout))
+
+
+def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
+    """Causal pairs that windows of ``window_blocks`` (any shape) and the sink keep."""
     S, bs = layout.seq_len, layout.block_size
-    q = torch.arange(S, dtype=torch.int64)
-    start = ((q // bs - window_blocks) * bs).clamp(min=0)
+    q = torch.arange(S, device=window_blocks.device)
+    start = ((q // bs) - window_blocks[..., None]).clamp(min=0) * bs  # (..., S)
     sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
-    return int((q - start + 1 + sink).sum())
+    return (q - start + 1 + sink).sum(dim=-1)
 
 
 def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> ColumnSelection:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .layout import SampleLayout
+from .masks import tile_coverage
 
 if TYPE_CHECKING:  # plan.py imports this module
     from .plan import PrefillPlan
@@ -31,12 +32,11 @@ class SampleStats:
         density: ``(B, Hq)`` computed (query, key) pairs over causal pairs (None on the dense
             path): window, sink and gathered columns.
         window: ``(B, Hq)`` local window per head, in tokens (whole blocks).
-        columns: ``(B, Hq)`` key columns each head reads beyond window and sink (its GQA
-            group's union of selected columns).
+        column_mask: ``(B, Hq, S)`` bool, the key columns each head reads beyond its window
+            (its GQA group's union of selected columns).
         scores: ``(B, Hq, num_segments, S)`` sampled column scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
-        tiles: ``(B, Hq, N, N)`` share of each tile's keys read (for pictures).
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
         times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
@@ -52,17 +52,15 @@ class SampleStats:
     layout: SampleLayout | None = None
     density: torch.Tensor | None = None
     window: torch.Tensor | None = None
-    columns: torch.Tensor | None = None
+    column_mask: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     sampled_mass: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None
     notes: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_plan(cls, plan: PrefillPlan, times: dict[str, float]) -> SampleStats:
         """The statistics of a call that ran ``plan``, with the seconds of its stages."""
-        attended = plan.attended_columns()
         layout = plan.layout
         return cls(
             path=plan.path,
@@ -76,10 +74,9 @@ class SampleStats:
             window=None
             if plan.window_blocks is None or layout is None
             else plan.window_blocks * layout.block_size,
-            columns=None if attended is None else attended.sum(dim=-1),
+            column_mask=plan.attended_columns(),
             scores=plan.scores,
             sampled_mass=plan.kept_sampled_mass(),
-            tiles=plan.tile_coverage(),
             notes=plan.notes,
             times=dict(times),
         )
@@ -88,6 +85,21 @@ class SampleStats:
     def mean_density(self) -> float:
         """Mean computed share of causal (query, key) pairs over batch and heads (1.0 if dense)."""
         return 1.0 if self.density is None else float(self.density.float().mean())
+
+    @property
+    def columns(self) -> torch.Tensor | None:
+        """``(B, Hq)`` number of key columns each head reads (None when dense)."""
+        return None if self.column_mask is None else self.column_mask.sum(dim=-1)
+
+    def tile_coverage(self) -> torch.Tensor | None:
+        """``(B, Hq, N, N)`` share of each tile's keys read, for pictures (None when dense).
+
+        Computed on demand: it is ``N x N`` per head, too large to build on every call.
+        """
+        if self.window is None or self.column_mask is None or self.layout is None:
+            return None
+        blocks = torch.div(self.window, self.layout.block_size, rounding_mode="floor")
+        return tile_coverage(blocks, self.column_mask, self.layout)
 
     @property
     def mean_window(self) -> float | None:

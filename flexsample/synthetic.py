@@ -158,10 +158,14 @@ def planted_case(
     if not 0 < target_density <= 1:
         raise ValueError(f"target_density must lie in (0, 1], got {target_density}")
     n = math.ceil(seq_len / block_size)
+    # Whole-block stripes, a fixed window and a sink block: the tile arithmetic above (token
+    # columns would keep far fewer pairs than the target).
     config = SampleConfig(
         window_ratio=target_density / 4,
         block_size=block_size,
         min_window=block_size,
+        column_unit="block",
+        sink_blocks=1,
     )
     # Keep the local peak inside the window so the planted structure is window + stripes, and
     # make the planted keys strong enough that the S background keys hold only about 1% of

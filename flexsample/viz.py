@@ -40,8 +40,9 @@ def plot_tile_layouts(
     """A grid of tile layouts: how much of each ``(query block, key block)`` tile is computed.
 
     Args:
-        layouts: ``(N, N)`` tensors in ``[0, 1]`` (bool or float), e.g. ``stats.tiles[b, h]``:
-            1 for window tiles, the share of gathered columns for tiles before the window.
+        layouts: ``(N, N)`` tensors in ``[0, 1]`` (bool or float), e.g.
+            ``stats.tile_coverage()[b, h]``: 1 for window tiles, the share of gathered
+            columns for tiles before the window.
         titles: one per layout (say which layer, head and density).
         columns: pictures per row.
         path: save the figure there (PNG) if given.
@@ -95,7 +96,7 @@ def plot_layer_masks(
     """
     layouts, titles = [], []
     for layer, stats in stats_by_layer.items():
-        tiles = stats.tiles
+        tiles = stats.tile_coverage()
         if tiles is None or stats.density is None:
             raise ValueError(f"layer {layer} ran dense: it has no tile layout to draw")
         for head in range(min(heads, tiles.shape[1])):

@@ -156,7 +156,7 @@ def test_stats_report_every_stage():
     assert (stats.window % 64 == 0).all() and (stats.window >= 64).all()
     assert stats.columns.shape == (1, 4) and (stats.columns > 0).all()
     assert stats.scores.shape == (1, 4, 8, 2048)
-    assert stats.tiles.shape == (1, 4, 32, 32)
+    assert stats.tile_coverage().shape == (1, 4, 32, 32)
     assert stats.min_sampled_mass >= 0.95
     summary = stats.summary()
     assert summary["path"] == "sparse" and 0 < summary["mean_density"] < 1

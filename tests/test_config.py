@@ -70,9 +70,3 @@ def test_layout_geometry(seq_len):
     assert len(set(rows.flatten().tolist())) == rows.numel()  # no row sampled twice
     ends = lay.segment_ends()
     assert rows[:, -1].tolist() == [e - 1 for e in ends]
-
-
-def test_segment_blocks_are_the_last_sampled_rows_blocks():
-    lay = SampleLayout.create(1000, SampleConfig(block_size=64, num_segments=4))
-    rows = lay.sampled_rows()
-    assert lay.segment_blocks().tolist() == (rows[:, -1] // 64).tolist()

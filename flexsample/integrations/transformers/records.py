@@ -142,7 +142,7 @@ def mean_prefill_density(records: Sequence[CallRecord]) -> float | None:
 def prefill_density(model: torch.nn.Module) -> float | None:
     """Mean density of the model's recorded prefill calls, None if there were none.
 
-    Dense fallbacks count with density 1: this is the fraction of attention tiles the
+    Dense fallbacks count with density 1: this is the share of causal (query, key) pairs the
     prefills actually computed.
     """
     return mean_prefill_density(layer_stats(model))
