@@ -7,11 +7,12 @@ One call does everything and writes ``gpu_<device>.json`` and ``gpu_<device>.md`
   awkward shapes), Triton against the torch sampler at a long length, gathered columns +
   compiled flex against the element-mask oracle on random selections, and
   ``flex_sample_attention`` with a dense-equivalent config against SDPA;
-* speed and accuracy, on planted inputs with single-token stripes, for the defaults, two
-  alphas and flexsample 0.1's selection: each stage, the whole call, density, output error
-  against dense SDPA; SDPA with the flash backend, SDPA with cuDNN, dense compiled
-  FlexAttention; CUDA-event medians after warm-up; and the counted floor (causal FLOPs times
-  density over the measured bf16 matrix rate).
+* speed and accuracy, on planted inputs with single-token stripes and on diffuse random
+  inputs, for the defaults (the cost model decides dense or sparse), the same selection
+  always sparse, 0.2's selection and alpha 0.98: each stage, the whole call, the path,
+  density, output error against dense SDPA; SDPA with the flash backend, SDPA with cuDNN,
+  dense compiled FlexAttention; CUDA-event medians after warm-up; and the counted floor
+  (causal FLOPs times density over the measured bf16 matrix rate).
 
 ``--dry-run`` runs the same code on CPU at small sizes (torch sampler, wall clock), to check
 the script without a GPU.
@@ -135,6 +136,53 @@ def check_sampler_vs_torch(S: int, device, sampler: str) -> Check:
     )  # fmt: skip
 
 
+def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
+    """Each sampled row's kept mass as the cover measures it (Triton row kernel on CUDA)
+    against float64 on random inputs, windows and columns."""
+    B, Hq, Hkv, S, D, bs = shape
+    cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1, sink_blocks=1)
+    layout = fs.SampleLayout.create(S, cfg)
+    q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(3)
+    windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), device=device, generator=gen)
+    # One column set per kv head: what the cover reads is its group's union.
+    columns = torch.rand(B, Hkv, S, device=device, generator=gen) < 0.2
+    columns = columns.repeat_interleave(Hq // Hkv, dim=1)
+    rows = layout.sampled_rows(device).flatten()
+    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * D**-0.5
+    causal = torch.arange(S, device=device) <= rows[:, None]
+    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    ref = (p * fs.keep_mask(windows, columns, layout, rows)).sum(dim=-1)
+    if sampler == "triton":
+        from flexsample.sampling.triton_kernel import row_kept_mass_triton
+
+        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns).flatten(2)
+    else:  # the torch cover measures every row; alpha 0 repairs none
+        sel = fs.ColumnSelection(windows, columns, layout)
+        got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)
+    return Check(
+        f"{sampler} row kept mass vs float64", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
+        float((got.double() - ref).abs().max()), "max abs", 1e-4,
+    )  # fmt: skip
+
+
+def check_row_cover(S: int, device, sampler: str) -> Check:
+    """At a long length: the per-row cover measured by ``sampler`` against the torch one:
+    the largest difference in each sampled row's reported kept mass."""
+    q, k, _, cfg = planted_case(0.1, 1, 32, 8, S, 128, dtype=torch.bfloat16, device=device, seed=2)
+    layout = fs.SampleLayout.create(S, cfg)
+    scores = fs.sample_column_scores_torch(q, k, layout, 128**-0.5)
+    sel = fs.select_columns(scores, layout, cfg.alpha)
+    got = fs.cover_rows(q, k, sel, cfg.alpha, 128**-0.5, sampler)
+    ref = fs.cover_rows(q, k, sel, cfg.alpha, 128**-0.5, "torch")
+    error = float((got.row_mass - ref.row_mass).abs().max())
+    return Check(
+        f"{sampler} row cover vs torch row cover", "torch.bfloat16", f"B1 H32/8 S{S} D128",
+        error, "max abs kept mass", 1e-4,
+    )  # fmt: skip
+
+
 def check_sparse_flex(dtype, device) -> Check:
     """Gathered columns + compiled FlexAttention against the float64 element-mask oracle, on
     random windows and columns.
@@ -199,6 +247,8 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     checks = [check_sampler_vs_oracle(s, d, device, sampler) for s in shapes for d in dtypes]
     checks.append(check_sampler_vs_torch(4096 if dry else 32768, device, sampler))
+    checks += [check_row_kept_mass(s, d, device, sampler) for s in shapes for d in dtypes]
+    checks.append(check_row_cover(4096 if dry else 32768, device, sampler))
     checks += [check_sparse_flex(d, device) for d in dtypes]
     S = 2048 if dry else 4099
     checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]
@@ -251,13 +301,14 @@ def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
 
 
 def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
-    """Each flexsample stage and the whole call, in milliseconds, plus the density reached.
+    """Each flexsample stage and the whole call, in milliseconds, plus the path and density.
 
     The stages are timed by :func:`flexsample.plan_prefill`'s own stage timer (the shipped
-    code, its host syncs included); ``plan_ms`` is the whole planning call without it.
+    code, its host syncs included); ``plan_ms`` is the whole planning call without it. A
+    plan that runs dense reports density 1 and its reason.
     """
     plan = fs.plan_prefill(q, k, cfg)
-    stage_ms: dict[str, list[float]] = {"sample": [], "select": [], "mask": []}
+    stage_ms: dict[str, list[float]] = {stage: [] for stage in fs.PLAN_STAGES}
 
     def timed_planning():
         timer = fs.StageTimer(q.device, enabled=True)
@@ -268,8 +319,10 @@ def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
     measure(timed_planning)
     return {
         "sampler": plan.sampler,
-        "density": float(plan.density.mean()),
-        **{f"{stage}_ms": statistics.median(ms) for stage, ms in stage_ms.items()},
+        "path": plan.path,
+        "reason": plan.reason,
+        "density": 1.0 if plan.density is None else float(plan.density.mean()),
+        **{f"{stage}_ms": statistics.median(ms) if ms else 0.0 for stage, ms in stage_ms.items()},
         "plan_ms": measure(lambda: fs.plan_prefill(q, k, cfg)),
         "attention_ms": measure(lambda: fs.run_plan(plan, q, k, v)),
         "flexsample_total_ms": measure(lambda: fs.flex_sample_attention(q, k, v, config=cfg)),
@@ -308,65 +361,86 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     return rows
 
 
-#: Selections timed and scored at every length: the defaults, two alphas, 0.1's selection.
+#: Configurations timed and scored at every length and input: the defaults (the cost model
+#: decides dense or sparse), the same selection always run sparse (what the sparse path
+#: costs where the defaults run dense), 0.2's selection (no per-row cover) and alpha 0.98.
 METHODS = {
     "defaults": fs.SampleConfig(),
+    "defaults, always sparse": fs.SampleConfig.always_sparse(),
+    "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
-    "alpha 0.99": fs.SampleConfig(alpha=0.99),
-    "0.1 selection": fs.SampleConfig(window_ratio=0.08, column_unit="block", sink_blocks=1),
 }
 
+#: Inputs: planted single-token stripes (as bench/test_frontier.py: sinks, delimiters and
+#: needles are single tokens; the planted keys hold all but about 1% of the mass), and plain
+#: random q/k/v, diffuse attention where sparsity cannot help.
+INPUTS = ("single-token stripes", "diffuse (random q/k/v)")
 
-def speed(device: torch.device, lengths: list[int], heads: tuple, measure, tflops) -> list[dict]:
-    """Every selection of :data:`METHODS` on planted single-token-stripe inputs, per length:
-    stage times, the whole call, density, output error against dense SDPA, and the dense
-    kernels' times."""
+
+def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
+    if name == "single-token stripes":
+        return planted_qkv(
+            1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
+            signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
+        )  # fmt: skip
+    return _randn_qkv(1, Hq, Hkv, S, D, device, dtype)
+
+
+def speed(
+    device: torch.device, lengths: list[int], heads: tuple, measure, tflops, on_row=None
+) -> list[dict]:
+    """Every configuration of :data:`METHODS` on every input of :data:`INPUTS`, per length:
+    stage times, the whole call, path, density, output error against dense SDPA, and the
+    dense kernels' times."""
     Hq, Hkv, D = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows: list[dict] = []
     for S in lengths:
         causal_flops = 4 * Hq * D * S * (S + 1) / 2
-        # As bench/test_frontier.py's "single-token stripes": sinks, delimiters and needles
-        # are single tokens; the planted keys hold all but about 1% of the mass.
-        q, k, v = planted_qkv(
-            1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
-            signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
-        )  # fmt: skip
-        dense = time_dense(q, k, v, D**-0.5, measure)
-        reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        for name, cfg in METHODS.items():
-            row = {
-                "seq_len": S,
-                "heads": f"{Hq}/{Hkv}",
-                "head_dim": D,
-                "dtype": str(dtype),
-                "method": name,
-                **time_flexsample(q, k, v, cfg, measure),
-                **{f"{kernel}_ms": t for kernel, t in dense.items()},
-            }
-            out = fs.flex_sample_attention(q, k, v, config=cfg)
-            row["output_error"] = rel_rmse(out, reference)
-            row["floor_ms"] = causal_flops * row["density"] / (tflops * 1e9) if tflops else None
-            ref = dense.get("sdpa_flash") or dense.get("sdpa_cpu")
-            if ref:
-                row["speedup_vs_sdpa"] = ref / row["flexsample_total_ms"]
-                overhead = row["sample_ms"] + row["select_ms"] + row["mask_ms"]
-                row["overhead_vs_sdpa"] = overhead / ref
-            if dense.get("sdpa_cudnn"):
-                row["speedup_vs_cudnn"] = dense["sdpa_cudnn"] / row["flexsample_total_ms"]
-            rows.append(row)
-            print(
-                "  "
-                + " ".join(
-                    f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}"
-                    for key, val in row.items()
-                ),
-                flush=True,
-            )
-            del out
-        del q, k, v, reference
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for inputs in INPUTS:
+            q, k, v = make_inputs(inputs, Hq, Hkv, S, D, dtype, device)
+            dense = time_dense(q, k, v, D**-0.5, measure)
+            fastest = min((t for t in dense.values() if t), default=None)
+            reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            for name, cfg in METHODS.items():
+                row = {
+                    "seq_len": S,
+                    "inputs": inputs,
+                    "heads": f"{Hq}/{Hkv}",
+                    "head_dim": D,
+                    "dtype": str(dtype),
+                    "method": name,
+                    **time_flexsample(q, k, v, cfg, measure),
+                    **{f"{kernel}_ms": t for kernel, t in dense.items()},
+                    "fastest_dense_ms": fastest,
+                }
+                out = fs.flex_sample_attention(q, k, v, config=cfg)
+                row["output_error"] = rel_rmse(out, reference)
+                row["floor_ms"] = causal_flops * row["density"] / (tflops * 1e9) if tflops else None
+                overhead = sum(row[f"{stage}_ms"] for stage in fs.PLAN_STAGES)
+                ref = dense.get("sdpa_flash") or dense.get("sdpa_cpu")
+                if ref:
+                    row["speedup_vs_sdpa"] = ref / row["flexsample_total_ms"]
+                if dense.get("sdpa_cudnn"):
+                    row["speedup_vs_cudnn"] = dense["sdpa_cudnn"] / row["flexsample_total_ms"]
+                if fastest:
+                    row["speedup_vs_fastest"] = fastest / row["flexsample_total_ms"]
+                    row["overhead_vs_fastest"] = overhead / fastest
+                rows.append(row)
+                if on_row:
+                    on_row(rows)
+                print(
+                    "  "
+                    + " ".join(
+                        f"{key}={val:.3f}" if isinstance(val, float) else f"{key}={val}"
+                        for key, val in row.items()
+                    ),
+                    flush=True,
+                )
+                del out
+            del q, k, v, reference
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -394,14 +468,17 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         )
     out += [
         "",
-        "### Speed and accuracy (ms, median; planted single-token stripes)",
+        "### Speed and accuracy (ms, median)",
         "",
-        "Output error: relative RMS error against dense SDPA in the same dtype.",
+        "Output error: relative RMS error against dense SDPA in the same dtype. Path: what "
+        "the call ran (the defaults' cost model may choose dense). Overhead: sample + select + "
+        "cover + mask over the fastest dense kernel's time. vs fastest: the fastest of SDPA "
+        "flash, SDPA cuDNN and dense compiled flex over flexsample's whole call.",
         "",
-        "| S | selection | density | output error | sample | select | mask | attention | "
-        "flexsample | SDPA flash | SDPA cuDNN | flex dense | floor | vs flash | vs cuDNN | "
-        "overhead/flash |",
-        "|" + "---|" * 16,
+        "| S | input | configuration | path | density | output error | sample | select | "
+        "cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | flex dense | "
+        "floor | vs flash | vs fastest | overhead |",
+        "|" + "---|" * 19,
     ]
 
     def f(x, unit=""):
@@ -409,15 +486,18 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
 
     for r in rows:
         out.append(
-            f"| {r['seq_len']} | {r['method']} | {r['density']:.3f} | "
-            f"{r['output_error']:.2e} | "
-            f"{f(r['sample_ms'])} | {f(r['select_ms'])} | {f(r['mask_ms'])} | "
-            f"{f(r['attention_ms'])} | {f(r['flexsample_total_ms'])} | "
+            f"| {r['seq_len']} | {r['inputs']} | {r['method']} | {r['path']} | "
+            f"{r['density']:.3f} | {r['output_error']:.2e} | "
+            f"{f(r['sample_ms'])} | {f(r['select_ms'])} | {f(r['cover_ms'])} | "
+            f"{f(r['mask_ms'])} | {f(r['attention_ms'])} | {f(r['flexsample_total_ms'])} | "
             f"{f(r.get('sdpa_flash_ms') or r.get('sdpa_cpu_ms'))} | "
             f"{f(r.get('sdpa_cudnn_ms'))} | {f(r['flex_dense_ms'])} | {f(r['floor_ms'])} | "
-            f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_cudnn'), 'x')} | "
-            f"{100 * r.get('overhead_vs_sdpa', 0):.1f}% |"
+            f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
+            f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
+    reasons = sorted({r["reason"] for r in rows if r["reason"]})
+    if reasons:
+        out += ["", "Why calls ran dense:", ""] + [f"- {reason}" for reason in reasons]
     return "\n".join(out) + "\n"
 
 
@@ -458,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="sequence lengths (default 8K 32K 64K 128K; dry run 2K 4K)",
+        help="sequence lengths (default 4K 8K 16K 32K 64K 128K; dry run 2K 4K)",
     )
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument(
@@ -472,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device; use --dry-run to check the script on CPU")
-    lengths = args.lengths or ([2048, 4096] if args.dry_run else [8192, 32768, 65536, 131072])
+    lengths = args.lengths or (
+        [2048, 4096] if args.dry_run else [4096, 8192, 16384, 32768, 65536, 131072]
+    )
     heads = (8, 2, 64) if args.dry_run else (32, 8, 128)
     measure = timer(device, warmup=1 if args.dry_run else 2, reps=3 if args.dry_run else 5)
     try:
@@ -503,16 +585,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     tuning = tune_sampler(device, measure) if args.tune_sampler else []
-    rows = speed(device, lengths, heads, measure, meta["matmul_tflops"])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")
-    (args.out / f"gpu_{tag}.json").write_text(
-        json.dumps(
-            {"meta": meta, "correctness": checks, "sampler_tuning": tuning, "speed": rows},
-            indent=1,
-        )
-    )
-    (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows))
+
+    def write(rows: list[dict]) -> None:  # after every row: a run cut short keeps its rows
+        results = {"meta": meta, "correctness": checks, "sampler_tuning": tuning, "speed": rows}
+        (args.out / f"gpu_{tag}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows))
+
+    rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
+    write(rows)
     print(markdown(meta, checks, rows))
     return 0 if all(c["ok"] for c in checks) else 1
 

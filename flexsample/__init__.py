@@ -2,9 +2,12 @@
 
 The pipeline, each stage usable on its own::
 
-    q, k ─► sample_column_scores ─► select_columns ─► .gathered ─► build_block_mask
-        └──────────────────────── plan_prefill ──────────────────────────────┘
+    q, k ─► sample_column_scores ─► select_columns ─► cover_rows ─► .gathered ─► build_block_mask
+        └──────────────────────────────── plan_prefill ───────────────────────────────────┘
     plan, q, k, v ─► run_plan (gather columns, compiled FlexAttention; or dense SDPA)
+
+``plan_prefill`` also decides, from the device's cost model (:mod:`flexsample.costs`), when
+a call runs dense because sparse would not pay.
 
 :func:`flex_sample_attention` is ``plan_prefill`` then ``run_plan``, with statistics.
 """
@@ -12,6 +15,7 @@ The pipeline, each stage usable on its own::
 from .api import flex_sample_attention
 from .attention import dense_causal_attention, sparse_attention, sparse_attention_reference
 from .config import SampleConfig
+from .cover import RowCover, cover_rows
 from .layout import SampleLayout
 from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
 from .plan import PrefillPlan, plan_prefill, run_plan
@@ -21,19 +25,23 @@ from .sampling import (
     sample_column_scores_torch,
 )
 from .selection import ColumnSelection, keep_mask, kept_sampled_mass, select_columns
-from .stats import SampleStats, StageTimer
+from .stats import PLAN_STAGES, STAGES, SampleStats, StageTimer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
+    "PLAN_STAGES",
+    "STAGES",
     "ColumnSelection",
     "PrefillPlan",
+    "RowCover",
     "SampleConfig",
     "SampleLayout",
     "SampleStats",
     "StageTimer",
     "__version__",
     "build_block_mask",
+    "cover_rows",
     "dense_causal_attention",
     "flex_sample_attention",
     "gather_keys",

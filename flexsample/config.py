@@ -30,6 +30,11 @@ class SampleConfig:
         num_segments: The query rows are cut into this many equal segments; the last
             ``sample_ratio * S / num_segments`` rows of each are sampled, and each segment's
             alpha-cover is added to the mask. More segments guard more query positions.
+        cover_rows: ``True`` (the default): every sampled row keeps at least ``alpha`` of its
+            own mass; rows that the segments' cover leaves short get their heaviest missing
+            keys added (one more pass over the keys for the sampled rows). ``False``: the
+            guarantee holds only for each segment's mean sampled row (flexsample 0.1 and
+            0.2), which is cheaper.
         window_ratio: ``None`` (the default): the local window is chosen per head, the one
             that, with the columns it then needs, computes the fewest (query, key) pairs
             (candidates from ``min_window`` doubling up to the whole sequence). A number in
@@ -44,8 +49,15 @@ class SampleConfig:
             Default 0: sink tokens are columns like any other, kept when sampled heavy.
         block_size: Side of the square tiles of the block mask, in tokens; a power of two
             ``>= 16``. 128 is FlexAttention's native tile.
-        min_seq_len: Sequences shorter than this run dense causal attention (reported in
-            the stats), because sampling costs more than it saves at short lengths.
+        min_seq_len: ``None`` (the default): the device's cost model
+            (:mod:`flexsample.costs`) decides before sampling whether a sparse call could
+            beat dense attention at this length, and runs dense where it cannot. An int:
+            sequences shorter than this run dense, longer ones are planned (an explicit
+            override of the cost model's length crossover).
+        max_density: ``None`` (the default): after selection, the plan runs dense where the
+            cost model says its sparse call would not beat dense attention (diffuse
+            attention selects nearly every pair). A number in ``(0, 1]``: plans computing a
+            larger share of the causal pairs run dense; ``1.0`` never falls back.
         sampler: Stage-1 implementation: ``"auto"`` (Triton on CUDA when available, torch
             otherwise), ``"triton"``, ``"torch"`` or ``"reference"`` (dense oracle, small
             inputs only).
@@ -54,12 +66,14 @@ class SampleConfig:
     alpha: float = 0.95
     sample_ratio: float = 0.05
     num_segments: int = 8
+    cover_rows: bool = True
     window_ratio: float | None = None
     min_window: int = 128
     column_unit: ColumnUnit = "token"
     sink_blocks: int = 0
     block_size: int = 128
-    min_seq_len: int = 1024
+    min_seq_len: int | None = None
+    max_density: float | None = None
     sampler: Sampler = "auto"
 
     def __post_init__(self) -> None:
@@ -68,9 +82,16 @@ class SampleConfig:
         if self.window_ratio is not None:
             _check_real("window_ratio", self.window_ratio, low=0.0, high=1.0)
         _check_int("num_segments", self.num_segments, low=1)
+        if not isinstance(self.cover_rows, bool):
+            raise TypeError(
+                f"SampleConfig.cover_rows must be a bool, got {type(self.cover_rows).__name__}"
+            )
         _check_int("min_window", self.min_window, low=0)
         _check_int("sink_blocks", self.sink_blocks, low=0)
-        _check_int("min_seq_len", self.min_seq_len, low=0)
+        if self.min_seq_len is not None:
+            _check_int("min_seq_len", self.min_seq_len, low=0)
+        if self.max_density is not None:
+            _check_real("max_density", self.max_density, low=0.0, high=1.0, low_open=True)
         _check_int("block_size", self.block_size, low=16)
         if self.block_size & (self.block_size - 1):
             raise ValueError(
@@ -90,12 +111,20 @@ class SampleConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def always_sparse(cls, **changes: object) -> SampleConfig:
+        """A config that plans every call sparse (``min_seq_len=0``, ``max_density=1.0``),
+        whatever the length and density: for tests and for measuring the sparse path."""
+        fields: dict[str, object] = {"min_seq_len": 0, "max_density": 1.0}
+        fields.update(changes)
+        return cls(**fields)  # type: ignore[arg-type]
+
+    @classmethod
     def dense_equivalent(cls, **changes: object) -> SampleConfig:
         """A config whose mask keeps every causal pair: ``alpha=1`` and a fixed full window.
 
         Useful to check plumbing: the output must equal dense causal attention.
         """
-        fields = {"alpha": 1.0, "window_ratio": 1.0, "min_seq_len": 0}
+        fields = {"alpha": 1.0, "window_ratio": 1.0, "min_seq_len": 0, "max_density": 1.0}
         fields.update(changes)
         return cls(**fields)  # type: ignore[arg-type]
 

@@ -18,6 +18,8 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .attention import dense_causal_attention, sparse_attention
 from .config import SampleConfig
+from .costs import CostModel, cost_model, density_verdict, length_verdict
+from .cover import cover_rows
 from .layout import SampleLayout
 from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
 from .sampling import resolve_sampler, run_sampler
@@ -45,7 +47,11 @@ class PrefillPlan:
         layout: block geometry (None on the dense path).
         sampler: stage-1 implementation that ran (None on the dense path).
         scores: ``(B, Hq, num_segments, S)`` sampled column scores.
-        selection: the window and columns each head chose.
+        selection: the window and columns each head chose (with the per-row cover's
+            additions when ``config.cover_rows``).
+        row_mass: ``(B, Hq, num_segments, rows_per_segment)`` kept share of each sampled
+            row's mass (a lower bound, see :class:`~flexsample.cover.RowCover`); None unless
+            ``config.cover_rows``.
         gathered: ``(B, Hkv, C)`` positions of the columns the attention call gathers per kv
             head (padding ``S``).
         block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S, C + S)``.
@@ -63,6 +69,7 @@ class PrefillPlan:
     sampler: str | None = None
     scores: torch.Tensor | None = None
     selection: ColumnSelection | None = None
+    row_mass: torch.Tensor | None = None
     gathered: torch.Tensor | None = None
     block_mask: BlockMask | None = None
 
@@ -119,17 +126,25 @@ def plan_prefill(
     """Decide how to compute causal attention for one prefill: sparse (and which tiles) or dense.
 
     Runs stages 1–2 and builds the mask: sample the attention of a few query rows, choose per
-    head the window and the key columns that with it hold ``config.alpha`` of their mass,
-    list each kv head's columns, and build the ``BlockMask``. Sequences shorter than
-    ``config.min_seq_len`` get a dense plan (with its reason) and cost nothing. Reads the
-    number of gathered columns on the host (one device sync).
+    head the window and the key columns that with it hold ``config.alpha`` of each segment's
+    sampled mass, add keys for the sampled rows still short of it (``config.cover_rows``),
+    list each kv head's columns, and build the ``BlockMask``.
+
+    A dense plan (with its reason) comes back where sparse would not pay: before sampling,
+    when the length is below ``config.min_seq_len`` or, with ``min_seq_len=None``, when the
+    device's cost model (:mod:`flexsample.costs`) says planning plus the sparsest call
+    costs at least dense attention; after selection, when the plan computes more than
+    ``config.max_density`` of the causal pairs or, with ``max_density=None``, when its
+    sparse call would cost at least dense attention. Reads counts on the host (device
+    syncs).
 
     Args:
         q: ``(B, Hq, S, D)`` queries.
         k: ``(B, Hkv, S, D)`` keys, ``Hq % Hkv == 0``.
         config: method settings; ``SampleConfig()`` if None.
         scale: softmax scale; ``1/sqrt(D)`` if None.
-        timer: records the seconds of the ``sample``, ``select`` and ``mask`` stages.
+        timer: records the seconds of the ``sample``, ``select``, ``cover`` (when
+            ``config.cover_rows``) and ``mask`` stages.
 
     Returns:
         A frozen :class:`PrefillPlan`; pass it to :func:`run_plan` with the same q, k and v.
@@ -147,12 +162,20 @@ def plan_prefill(
     B, Hq, S, _ = q.shape
     common = {"seq_len": S, "batch_size": B, "num_heads": Hq, "scale": scale, "config": config}
 
-    if S < config.min_seq_len:
+    if config.min_seq_len is not None and S < config.min_seq_len:
         reason = f"seq_len {S} < min_seq_len {config.min_seq_len}"
         _log_once("min_seq_len", logging.INFO, "flexsample: dense attention (%s)", reason)
         return PrefillPlan(path="dense", reason=reason, **common)
 
     layout = SampleLayout.create(S, config)
+    D = q.shape[-1]
+    costs = _cost_model(q) if config.min_seq_len is None or config.max_density is None else None
+    if config.min_seq_len is None and costs is not None:
+        reason = length_verdict(costs, B * Hq, D, layout)
+        if reason is not None:
+            _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
+            return PrefillPlan(path="dense", reason=reason, **common)
+
     notes = layout.notes()
     for field, note in notes.items():
         _log_once(field, logging.WARNING, "flexsample: %s", note)
@@ -161,6 +184,19 @@ def plan_prefill(
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
         selection = select_columns(scores, layout, config.alpha)
+    group = Hq // k.shape[1]
+    # Checked before the cover too: the cover only adds pairs, so a selection already too
+    # dense saves the cover's pass.
+    reason = _density_verdict(config, costs, selection, layout, B * Hq, D, group)
+    row_mass = None
+    if reason is None and config.cover_rows:
+        with timer.stage("cover"):
+            cover = cover_rows(q, k, selection, config.alpha, scale, sampler)
+            selection, row_mass = cover.selection, cover.row_mass
+        reason = _density_verdict(config, costs, selection, layout, B * Hq, D, group)
+    if reason is not None:
+        _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
+        return PrefillPlan(path="dense", reason=reason, **common)
     with timer.stage("mask"):
         gathered = selection.gathered(Hq // k.shape[1])
         block_mask = build_block_mask(selection.window_blocks, gathered, layout)
@@ -171,6 +207,7 @@ def plan_prefill(
         sampler=sampler,
         scores=scores,
         selection=selection,
+        row_mass=row_mass,
         gathered=gathered,
         block_mask=block_mask,
         **common,
@@ -207,6 +244,37 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     keys = gather_keys(k, plan.gathered)
     values = gather_keys(v, plan.gathered)
     return sparse_attention(q, keys, values, plan.block_mask, plan.scale)
+
+
+def _cost_model(q: torch.Tensor) -> CostModel | None:
+    try:
+        return cost_model(q.device, q.dtype)
+    except LookupError as error:
+        _log_once("no-costs", logging.WARNING, "flexsample: %s; planning every call", error)
+        return None
+
+
+def _density_verdict(
+    config: SampleConfig,
+    costs: CostModel | None,
+    selection: ColumnSelection,
+    layout: SampleLayout,
+    batch_heads: int,
+    head_dim: int,
+    group: int,
+) -> str | None:
+    """Why the selection should run dense after all (None: run it sparse)."""
+    if config.max_density == 1.0 or (config.max_density is None and costs is None):
+        return None
+    density = pair_density(selection.window_blocks, selection.group_columns(group), layout)
+    if config.max_density is not None:
+        mean = float(density.mean())
+        if mean <= config.max_density:
+            return None
+        return f"density {mean:.3f} > max_density {config.max_density}"
+    S = layout.seq_len
+    pairs = float(density.sum()) * S * (S + 1) / 2
+    return density_verdict(costs, pairs, batch_heads, S, head_dim)
 
 
 def _log_once(kind: str, level: int, message: str, *args: object) -> None:

@@ -184,13 +184,29 @@ def keep_mask(
     Returns:
         ``(B, H, R, S)`` bool, causal.
     """
+    return row_keep(rows, window_blocks[..., None], columns[:, :, None, :], layout)
+
+
+def row_keep(
+    pos: torch.Tensor, window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
+) -> torch.Tensor:
+    """:func:`keep_mask` row by row: the keys that query ``pos`` of a head attends.
+
+    Args:
+        pos: ``(...)`` query positions.
+        window_blocks: the window of each row's head in blocks (broadcasts with ``pos``).
+        columns: ``(..., S)`` bool, the columns each row's head attends (broadcasts).
+        layout: the geometry.
+
+    Returns:
+        ``(..., S)`` bool, causal.
+    """
     S, bs = layout.seq_len, layout.block_size
-    key = torch.arange(S, device=rows.device)
-    start = (rows // bs)[None, None, :] - window_blocks[..., None]  # (B, H, R) in blocks
-    start = (start * bs)[..., None]
-    causal = key <= rows[:, None]
+    key = torch.arange(S, device=pos.device)
+    start = (((pos // bs) - window_blocks) * bs)[..., None]
+    causal = key <= pos[..., None]
     local = (key >= start) | (key < layout.sink_tokens)
-    return causal & (local | (columns[:, :, None, :] & (key < start)))
+    return causal & (local | (columns & (key < start)))
 
 
 def kept_sampled_mass(

@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # plan.py imports this module
 
 Path = Literal["sparse", "dense"]
 
+#: Stages of a sparse plan, in order (``cover`` only with ``SampleConfig.cover_rows``), and
+#: of a whole call.
+PLAN_STAGES: tuple[str, ...] = ("sample", "select", "cover", "mask")
+STAGES: tuple[str, ...] = (*PLAN_STAGES, "attention")
+
 
 @dataclass
 class SampleStats:
@@ -37,9 +42,12 @@ class SampleStats:
         scores: ``(B, Hq, num_segments, S)`` sampled column scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
+        row_mass: ``(B, Hq, R)`` kept share of each of the ``R`` sampled rows' own attention
+            mass (a lower bound, at least ``alpha``); None unless ``config.cover_rows``.
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
-        times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``), measured
+        times: seconds per stage (:data:`STAGES`: ``sample``, ``select``, ``cover``, ``mask``,
+            ``attention``; ``cover`` only with ``config.cover_rows``), measured
             with device synchronisation; on the dense path only ``attention``.
     """
 
@@ -55,6 +63,7 @@ class SampleStats:
     column_mask: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     sampled_mass: torch.Tensor | None = None
+    row_mass: torch.Tensor | None = None
     notes: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +86,7 @@ class SampleStats:
             column_mask=plan.attended_columns(),
             scores=plan.scores,
             sampled_mass=plan.kept_sampled_mass(),
+            row_mass=None if plan.row_mass is None else plan.row_mass.flatten(2),
             notes=plan.notes,
             times=dict(times),
         )
@@ -111,6 +121,13 @@ class SampleStats:
         """Smallest kept sampled mass over batch, heads and segments (1.0 when dense)."""
         return 1.0 if self.sampled_mass is None else float(self.sampled_mass.min())
 
+    def row_mass_quantile(self, q: float) -> float | None:
+        """The ``q`` quantile of the sampled rows' kept mass over batch, heads and rows
+        (``q=0``: the smallest; ``0.01``: the 1st percentile); None unless rows were covered."""
+        if self.row_mass is None:
+            return None
+        return float(torch.quantile(self.row_mass.flatten().float(), q))
+
     def summary(self) -> dict[str, object]:
         """A flat, JSON-friendly digest."""
         return {
@@ -124,6 +141,13 @@ class SampleStats:
             if self.columns is None
             else round(float(self.columns.float().mean()), 1),
             "min_sampled_mass": round(self.min_sampled_mass, 4),
+            **{
+                key: None if value is None else round(value, 4)
+                for key, value in (
+                    ("min_row_mass", self.row_mass_quantile(0.0)),
+                    ("p1_row_mass", self.row_mass_quantile(0.01)),
+                )
+            },
             "notes": list(self.notes),
             **{f"time_{k}_s": v for k, v in self.times.items()},
         }

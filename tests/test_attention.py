@@ -49,7 +49,9 @@ def test_dense_equivalent_config_matches_sdpa():
 def test_alpha_one_keeps_every_block_on_random_inputs():
     """With a narrow window, alpha=1 must still select every block that has any mass."""
     q, k, v = _qkv(1, 4, 2, 1500, 32)
-    cfg = SampleConfig(alpha=1.0, block_size=64, min_window=64, window_ratio=0.0, min_seq_len=0)
+    cfg = SampleConfig(
+        alpha=1.0, block_size=64, min_window=64, window_ratio=0.0, min_seq_len=0, max_density=1.0
+    )
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.mean_density == 1.0
     assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-4
@@ -149,16 +151,19 @@ def test_short_sequences_fall_back_to_dense_visibly(caplog):
 def test_stats_report_every_stage():
     q, k, v = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
     _, stats = flex_sample_attention(
-        q, k, v, config=SampleConfig(block_size=64, min_window=64), return_stats=True
+        q, k, v, config=SampleConfig.always_sparse(block_size=64, min_window=64), return_stats=True
     )
-    assert set(stats.times) == {"sample", "select", "mask", "attention"}
+    assert set(stats.times) == {"sample", "select", "cover", "mask", "attention"}
     assert stats.density.shape == (1, 4) and stats.window.shape == (1, 4)
     assert (stats.window % 64 == 0).all() and (stats.window >= 64).all()
     assert stats.columns.shape == (1, 4) and (stats.columns > 0).all()
     assert stats.scores.shape == (1, 4, 8, 2048)
     assert stats.tile_coverage().shape == (1, 4, 32, 32)
     assert stats.min_sampled_mass >= 0.95
+    assert stats.row_mass.shape == (1, 4, stats.layout.num_segments * stats.layout.rows_per_segment)
+    assert stats.row_mass_quantile(0.0) >= 0.95 - 1e-4
     summary = stats.summary()
+    assert summary["min_row_mass"] <= summary["p1_row_mass"]
     assert summary["path"] == "sparse" and 0 < summary["mean_density"] < 1
     assert summary["mean_window"] >= 64 and summary["mean_columns"] > 0
 
@@ -184,7 +189,9 @@ def test_ten_lengths_compile_once():
     from flexsample.sampling.torch_sampler import chunk_probabilities
 
     torch._dynamo.reset()
-    cfg = SampleConfig(block_size=64, min_window=64, min_seq_len=0, sampler="torch")
+    cfg = SampleConfig(
+        block_size=64, min_window=64, min_seq_len=0, max_density=1.0, sampler="torch"
+    )
     for S in [300, 333, 517, 640, 700, 811, 999, 1024, 1200, 1500]:
         q, k, v = _qkv(2, 2, 1, S, 32)
         flex_sample_attention(q, k, v, config=cfg)
@@ -202,7 +209,7 @@ def test_ten_lengths_compile_once():
 def test_tiny_lengths_run_the_sparse_path(S):
     """Lengths of one or two tiles: the window covers everything, output equals SDPA."""
     q, k, v = _qkv(1, 2, 1, S, 16)
-    cfg = SampleConfig(block_size=16, min_window=16, min_seq_len=0)
+    cfg = SampleConfig(block_size=16, min_window=16, min_seq_len=0, max_density=1.0)
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.path == "sparse" and stats.mean_density == 1.0
     assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-5

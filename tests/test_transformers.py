@@ -9,7 +9,7 @@ import flexsample.integrations.transformers as fst  # noqa: E402
 from flexsample import SampleConfig  # noqa: E402
 
 DENSE_EQUIVALENT = SampleConfig.dense_equivalent(block_size=16, min_window=16)
-SPARSE = SampleConfig(block_size=16, min_window=16, min_seq_len=0, alpha=0.9)
+SPARSE = SampleConfig(block_size=16, min_window=16, min_seq_len=0, max_density=1.0, alpha=0.9)
 
 
 def tiny_llama(**overrides):
@@ -65,8 +65,9 @@ def test_attn_implementation_flexsample_at_construction():
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="flexsample")
     assert model.config._attn_implementation == "flexsample"
     ids = torch.randint(0, 128, (1, 40))
-    logits(model, ids)  # default SampleConfig: below min_seq_len, so dense and recorded
-    assert reasons(model) == {"seq_len 40 < min_seq_len 1024"}
+    logits(model, ids)  # default SampleConfig: too short to pay, so dense and recorded
+    (reason,) = reasons(model)
+    assert reason.startswith("seq_len 40: planning") and "cost model" in reason
 
 
 def test_dense_equivalent_matches_sdpa_and_disable_restores():

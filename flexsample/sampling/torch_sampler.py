@@ -41,20 +41,24 @@ def chunk_probabilities(
 
 
 @functools.cache
-def _compiled_chunk_probabilities():
-    return torch.compile(chunk_probabilities, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
 
 
-def _chunk_fn(device: torch.device, compiled: bool | None):
+def cpu_compiled(fn, device: torch.device, compiled: bool | None = None):
+    """``fn`` compiled with inductor where that pays (on CPU, outside another compilation).
+
+    ``compiled`` forces it (True) or the eager function (False). Shapes are dynamic, without
+    duck sizing (equal sizes by coincidence, rows == head_dim, must not specialise); past the
+    recompile limit the eager function runs, the same computation.
+    """
     if compiled is None:  # inductor on CUDA needs triton, which this path exists to avoid
         compiled = device.type == "cpu" and not torch.compiler.is_compiling()
     if not compiled:
-        return chunk_probabilities
-    kernel = _compiled_chunk_probabilities()
+        return fn
+    kernel = _compiled(fn)
 
     def call(*args):
-        # No duck sizing: equal sizes by coincidence (rows == head_dim) must not specialise.
-        # Past the recompile limit the eager chunk function is the same computation.
         with (
             torch.fx.experimental._config.patch(use_duck_shape=False),
             recompile_policy(fail_on_limit=False),
@@ -84,7 +88,7 @@ def sample_column_scores_torch(
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    probabilities = _chunk_fn(q.device, compiled)
+    probabilities = cpu_compiled(chunk_probabilities, q.device, compiled)
 
     # Work items in (segment, head-in-group, row) order: consecutive rows share a causal
     # prefix length, so a chunk needs only the keys up to its last row.

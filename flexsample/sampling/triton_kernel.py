@@ -43,11 +43,43 @@ def launch_config(device: torch.device) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _accumulate(
+    s,
+    n,
+    m_i,
+    l_i,
+    l_keep,
+    qk_scale,
+    cols_row,
+    row_valid,
+    win_start,
+    sink_tokens,
+    seq_len,
+    KEEP: tl.constexpr,
+):
+    # One key tile of the online softmax sum: running max ``m_i`` (scaled logits, log2
+    # units), sum ``l_i`` of exp2 and, with KEEP, the part ``l_keep`` of it on kept keys.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+    rescale = tl.exp2(m_i - m_new)
+    l_i = l_i * rescale + tl.sum(p, axis=1)
+    if KEEP:
+        valid = row_valid[:, None] & (n[None, :] < seq_len)
+        col = tl.load(cols_row[:, None] + n[None, :], mask=valid, other=0)
+        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col != 0)
+        l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
+    return m_new, l_i, l_keep
+
+
+@triton.jit
 def _row_lse_kernel(
     Q,
     K,
     ROWS,
     LSE,
+    WINDOW,
+    COLS,
+    KEPT,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -61,7 +93,11 @@ def _row_lse_kernel(
     tiles_per_segment,
     num_segments,
     qk_scale,
+    seq_len,
+    mask_block,
+    sink_tokens,
     GROUP: tl.constexpr,
+    KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -108,22 +144,42 @@ def _row_lse_kernel(
     # the tile's first row need no causal mask; only the last one or two do.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # scaled, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # With KEEP, also the part of the sum that the row's mask keeps (same running max):
+    # keys in its window (from ``win_start``), in the sink, or among its head's columns.
+    l_keep = tl.zeros([BLOCK_M], dtype=tl.float32)
+    num_q_heads = num_kv_heads * GROUP
+    cols_row = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
+    win_start = pos
+    if KEEP:
+        w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
+        win_start = (pos // mask_block - w) * mask_block
     prefix_end = tl.max(pos, axis=0) + 1
     first_row = tl.min(tl.where(row_valid, pos, prefix_end), axis=0)
     unmasked_end = ((first_row + 1) // BLOCK_N) * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
+        n = start + offs_n
         k = tl.load(
-            k_base + (start + offs_n)[:, None] * stride_kn + d[None, :] * stride_kd,
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
             mask=d_valid[None, :],
             other=0.0,
         )
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, l_i, l_keep = _accumulate(
+            s,
+            n,
+            m_i,
+            l_i,
+            l_keep,
+            qk_scale,
+            cols_row,
+            row_valid,
+            win_start,
+            sink_tokens,
+            seq_len,
+            KEEP,
+        )
     for start in range(unmasked_end, prefix_end, BLOCK_N):
         n = start + offs_n
         k = tl.load(
@@ -135,14 +191,26 @@ def _row_lse_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
-        m_i = m_new
+        m_i, l_i, l_keep = _accumulate(
+            s,
+            n,
+            m_i,
+            l_i,
+            l_keep,
+            qk_scale,
+            cols_row,
+            row_valid,
+            win_start,
+            sink_tokens,
+            seq_len,
+            KEEP,
+        )
 
     # lse[b, h_kv, seg, local, head_in_group], in log2 units of the scaled logits.
-    lse_ptrs = LSE + ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP
-    tl.store(lse_ptrs + head_in_group, m_i + tl.log2(l_i), mask=row_valid)
+    out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
+    tl.store(LSE + out_offs, m_i + tl.log2(l_i), mask=row_valid)
+    if KEEP:
+        tl.store(KEPT + out_offs, l_keep / l_i, mask=row_valid)
 
 
 @triton.jit
@@ -222,6 +290,85 @@ def _column_mass_kernel(
         tl.store(out_base + g * num_segments * seq_len + n, acc * inv_rows, mask=n_valid)
 
 
+def _launch(
+    q: torch.Tensor, block_m: int | None, block_n: int | None, num_warps: int | None
+) -> dict:
+    """Launch settings shared by the kernels: tile sizes and compile-time constants."""
+    tuned = launch_config(q.device)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    D = q.shape[-1]
+    return {
+        "block_m": tuned[0] if block_m is None else block_m,
+        "block_n": max(16, tuned[1] if block_n is None else block_n),
+        "common": {
+            "HEAD_DIM": D,
+            "HEAD_DIM_PAD": max(16, triton.next_power_of_2(D)),
+            # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
+            "UPCAST": interpreted,
+            # float32 operands get full-precision dots, not TF32: scores must match the
+            # oracle. (The setting is ignored for bf16/fp16 operands.)
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+            "num_warps": tuned[2] if num_warps is None else num_warps,
+        },
+    }
+
+
+def _row_pass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    settings: dict,
+    window_blocks: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), kept or None, rows, block_m)``.
+
+    With ``window_blocks`` and ``columns`` it also returns each sampled row's kept share of
+    its mass, in the same layout as the log-sum-exp.
+    """
+    B, Hq, _, _ = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    G, r = layout.num_segments, layout.rows_per_segment
+    block_m = max(settings["block_m"], 16, triton.next_power_of_2(group))
+    rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+    tiles = triton.cdiv(r, block_m // group)
+    lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
+    keep = window_blocks is not None
+    if keep:
+        kept = torch.empty_like(lse)
+        window = window_blocks.to(torch.int32).contiguous()
+        cols = columns.contiguous().view(torch.uint8)
+    else:  # unused by the kernel
+        kept, window, cols = None, rows, rows
+    _row_lse_kernel[(G * tiles, B * Hkv)](
+        q,
+        k,
+        rows,
+        lse,
+        window,
+        cols,
+        lse if kept is None else kept,
+        *q.stride(),
+        *k.stride(),
+        Hkv,
+        r,
+        tiles,
+        G,
+        scale * _LOG2E,
+        layout.seq_len,
+        layout.block_size,
+        layout.sink_tokens,
+        GROUP=group,
+        KEEP=keep,
+        BLOCK_M=block_m,
+        BLOCK_N=settings["block_n"],
+        **settings["common"],
+    )
+    return lse, kept, rows, block_m
+
+
 def sample_column_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -243,48 +390,14 @@ def sample_column_scores_triton(
     column kernel; ``block_n`` is the key tile width (a power of two). Each left at None comes
     from :func:`launch_config`.
     """
-    tuned = launch_config(q.device)
-    block_m = tuned[0] if block_m is None else block_m
-    block_n = tuned[1] if block_n is None else block_n
-    num_warps = tuned[2] if num_warps is None else num_warps
-    B, Hq, S, D = q.shape
+    settings = _launch(q, block_m, block_n, num_warps)
+    B, Hq, S, _ = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    block_m = max(block_m, 16, triton.next_power_of_2(group))
-    block_n = max(block_n, 16)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    common = {
-        "HEAD_DIM": D,
-        "HEAD_DIM_PAD": max(16, triton.next_power_of_2(D)),
-        # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
-        "UPCAST": interpreted,
-        # float32 operands get full-precision dots, not TF32: scores must match the oracle.
-        # (The setting is ignored for bf16/fp16 operands.)
-        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 or interpreted else "tf32",
-        "num_warps": num_warps,
-    }
-    tiles = triton.cdiv(r, block_m // group)
-    lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
-    _row_lse_kernel[(G * tiles, B * Hkv)](
-        q,
-        k,
-        rows,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        Hkv,
-        r,
-        tiles,
-        G,
-        scale * _LOG2E,
-        GROUP=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        **common,
-    )
+    lse, _, rows, block_m = _row_pass(q, k, layout, scale, settings)
     out = torch.zeros(B, Hkv, group, G, S, dtype=torch.float32, device=q.device)
+    block_n = settings["block_n"]
     _column_mass_kernel[(triton.cdiv(S, block_n), G, B * Hkv)](
         q,
         k,
@@ -302,6 +415,38 @@ def sample_column_scores_triton(
         GROUP=group,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        **common,
+        **settings["common"],
     )
     return out.view(B, Hq, G, S)
+
+
+def row_kept_mass_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    window_blocks: torch.Tensor,
+    columns: torch.Tensor,
+) -> torch.Tensor:
+    """Share of each sampled row's exact attention mass that its head's mask keeps.
+
+    One Triton launch, one pass over K per GQA group (the log-sum-exp kernel with the kept
+    part summed beside the total). The twin of the torch measurement in
+    :func:`flexsample.cover.cover_rows`.
+
+    Args:
+        q, k: as for :func:`sample_column_scores_triton`.
+        layout: the geometry (sampled rows, block size, sink).
+        scale: softmax scale.
+        window_blocks: ``(B, Hq)`` window per head in blocks.
+        columns: ``(B, Hq, S)`` bool, the columns each head reads (its group's union).
+
+    Returns:
+        ``(B, Hq, num_segments, rows_per_segment)`` float32.
+    """
+    settings = _launch(q, None, None, None)
+    B, Hq, _, _ = q.shape
+    G, r = layout.num_segments, layout.rows_per_segment
+    _, kept, _, _ = _row_pass(q, k, layout, scale, settings, window_blocks, columns)
+    # (B, Hkv, G, r, group) -> (B, Hq, G, r)
+    return kept.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r)

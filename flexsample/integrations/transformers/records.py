@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from flexsample import SampleStats
+from flexsample.stats import STAGES
 
 from .state import known_layer_states
-
-STAGES = ("sample", "select", "mask", "attention")
 
 
 @dataclass
@@ -199,12 +198,14 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
 
 def stats_table(model: torch.nn.Module) -> str:
     """:func:`summarize` as a fixed-width text table, with a line saying what the times are."""
+    names = [("attn" if stage == "attention" else stage) for stage in STAGES]
     header = (
         f"{'layer':>5} {'calls':>5} {'sparse':>6} {'density':>8} {'1st call':>9} "
-        f"{'sample':>8} {'select':>8} {'mask':>8} {'attn':>8} {'decode':>8}  fallbacks"
+        + " ".join(f"{name:>8}" for name in names)
+        + f" {'decode':>8}  fallbacks"
     )
     lines = [
-        "seconds per call. sample/select/mask/attn: median over the layer's prefill calls after",
+        f"seconds per call. {'/'.join(names)}: median over the layer's prefill calls after",
         "its first (or the first, if it is the only one); 1st call: all stages of the layer's",
         "first call (the process's first call includes compilation); decode: a decode step",
         header,
@@ -214,9 +215,9 @@ def stats_table(model: torch.nn.Module) -> str:
         density = "-" if row["density"] is None else f"{row['density']:.3f}"
         decode = "-" if row["decode_s"] is None else f"{row['decode_s']:.4f}"
         fallbacks = ", ".join(f"{k} x{v}" for k, v in row["fallbacks"].items())
+        times = " ".join(f"{row[f'{stage}_s']:>8.4f}" for stage in STAGES)
         lines.append(
             f"{row['layer']:>5} {row['calls']:>5} {row['sparse']:>6} {density:>8} "
-            f"{row['first_call_s']:>9.4f} {row['sample_s']:>8.4f} {row['select_s']:>8.4f} "
-            f"{row['mask_s']:>8.4f} {row['attention_s']:>8.4f} {decode:>8}  {fallbacks}"
+            f"{row['first_call_s']:>9.4f} {times} {decode:>8}  {fallbacks}"
         )
     return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""When sparse pays: a per-device model of what dense attention, planning and the sparse call cost.
+
+SampleAttention wins only where planning (sampling, selection, the per-row cover, the mask)
+plus the sparse call costs less than dense attention. Both sides are close to linear in simple
+counts, so each is modelled as a fixed cost plus a rate:
+
+* dense causal attention: ``B * Hq * S (S + 1) / 2`` pairs times ``D``;
+* planning: ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three
+  passes of the sampled rows over the keys);
+* the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``.
+
+The rates are measured per device and dtype by :func:`calibrate` (``flexsample calibrate``),
+cached under the user's cache directory, and otherwise taken from the table shipped with the
+package (``flexsample/costs.json``: the devices the project measured) or, for an unknown
+device, from a measured device of the same kind. :func:`cost_model` says which in ``source``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .layout import SampleLayout
+
+BUILTIN = Path(__file__).with_name("costs.json")
+
+
+def user_cache() -> Path:
+    """The file :func:`calibrate` writes: ``$FLEXSAMPLE_CACHE_DIR/costs.json``, else under
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/flexsample/costs.json``."""
+    root = os.environ.get("FLEXSAMPLE_CACHE_DIR")
+    if root:
+        return Path(root) / "costs.json"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "flexsample" / "costs.json"
+
+
+def device_name(device: torch.device) -> str:
+    """The key of a device in the cost tables: the GPU's name, or the CPU's model and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"cpu {model} x{torch.get_num_threads()}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds that dense attention, planning and the sparse call take on one device and dtype.
+
+    Attributes:
+        device: the device key (:func:`device_name`).
+        kind: the device type, ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dense_fixed_s, dense_pair_s: dense causal attention: fixed seconds, and seconds per
+            (query, key) pair and head-dim element.
+        plan_fixed_s, plan_pair_s: planning: fixed seconds, and seconds per (sampled row,
+            key) product and head-dim element.
+        sparse_fixed_s, sparse_pair_s: the sparse call: fixed seconds, and seconds per
+            computed pair and head-dim element.
+        source: where the numbers come from (a calibration's date, the built-in table).
+    """
+
+    device: str
+    kind: str
+    dtype: str
+    dense_fixed_s: float
+    dense_pair_s: float
+    plan_fixed_s: float
+    plan_pair_s: float
+    sparse_fixed_s: float
+    sparse_pair_s: float
+    source: str = ""
+
+    def dense_s(self, batch_heads: int, seq_len: int, head_dim: int) -> float:
+        """Estimated seconds of dense causal attention."""
+        pairs = batch_heads * seq_len * (seq_len + 1) / 2
+        return self.dense_fixed_s + self.dense_pair_s * pairs * head_dim
+
+    def plan_s(self, batch_heads: int, seq_len: int, head_dim: int, sampled_rows: int) -> float:
+        """Estimated seconds of planning (sample, select, cover, mask)."""
+        return (
+            self.plan_fixed_s + self.plan_pair_s * batch_heads * sampled_rows * seq_len * head_dim
+        )
+
+    def sparse_s(self, pairs: float, head_dim: int) -> float:
+        """Estimated seconds of the sparse call computing ``pairs`` (query, key) pairs in all."""
+        return self.sparse_fixed_s + self.sparse_pair_s * pairs * head_dim
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _entries(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["models"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+@functools.cache
+def _lookup(name: str, kind: str, dtype: str, cache_file: str) -> CostModel:
+    for path, label in ((Path(cache_file), "calibrated"), (BUILTIN, "built-in")):
+        for entry in _entries(path):
+            if entry["device"] == name and entry["dtype"] == dtype:
+                return CostModel(**{**entry, "source": f"{label}: {entry.get('source', '')}"})
+    for entry in _entries(BUILTIN):  # a device of the same kind that the project measured
+        if entry["kind"] == kind and entry["dtype"] == dtype:
+            note = f"measured on {entry['device']}, not on {name} (run `flexsample calibrate`)"
+            return CostModel(**{**entry, "source": f"{note}: {entry.get('source', '')}"})
+    raise LookupError(f"no cost model for {kind} {dtype}")
+
+
+def cost_model(device: torch.device, dtype: torch.dtype) -> CostModel:
+    """The cost model for ``device`` and ``dtype``: this machine's calibration if there is one,
+    else the built-in entry for this device, else the built-in entry of a device of the
+    same kind (the project's CPU, or its H100), saying so in ``source``.
+
+    Raises:
+        LookupError: no entry for this kind of device and dtype; the plan then samples
+            every call it is given (and logs why once).
+    """
+    device = torch.device(device)
+    return _lookup(device_name(device), device.type, _dtype_name(dtype), str(user_cache()))
+
+
+def save(model: CostModel, path: Path | None = None) -> Path:
+    """Add (or replace) ``model`` in the cost file ``path`` (default :func:`user_cache`)."""
+    path = path or user_cache()
+    entries = [
+        e for e in _entries(path) if (e["device"], e["dtype"]) != (model.device, model.dtype)
+    ]
+    entries.append(model.to_json())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"models": entries}, indent=1) + "\n")
+    _lookup.cache_clear()
+    return path
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``seconds = fixed + rate * work`` through ``(work, seconds)`` points,
+    with both coefficients kept non-negative."""
+    xs, ys = zip(*points, strict=True)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    rate = max(0.0, sum((x - mx) * (y - my) for x, y in points) / var) if var else 0.0
+    fixed = max(0.0, my - rate * mx)
+    return fixed, rate
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    lengths: tuple[int, int] | None = None,
+    heads: tuple[int, int, int] | None = None,
+    repeats: int = 3,
+) -> CostModel:
+    """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
+
+    Times dense causal SDPA, the default planning, and the sparse call at two densities
+    (fixed windows of 2% and 25%), each at two lengths, on planted inputs, and fits each cost
+    as fixed + rate x work (least squares). Pass the result to :func:`save` to use it from then on.
+
+    Args:
+        device: where to measure.
+        dtype: the dtype the model will serve.
+        lengths: two sequence lengths (default 2048 and 8192 on CPU, 8192 and 32768 on CUDA).
+        heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
+        repeats: timed repeats per point (median), after one warm-up.
+    """
+    from .attention import dense_causal_attention
+    from .config import SampleConfig
+    from .plan import plan_prefill, run_plan
+    from .synthetic import planted_qkv
+
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    lengths = lengths or ((8192, 32768) if gpu else (2048, 8192))
+    Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
+    plan_config = SampleConfig(min_seq_len=0, max_density=1.0)
+    dense, plan, sparse = [], [], []
+    with torch.inference_mode():
+        for S in lengths:
+            q, k, v = planted_qkv(
+                1, Hq, Hkv, S, D, stripes=(4, 8), stripe_width=1, seed=0, dtype=dtype,
+                device=device,
+            )  # fmt: skip
+            run_dense = functools.partial(dense_causal_attention, q, k, v, D**-0.5)
+            dense.append((Hq * S * (S + 1) / 2 * D, _median_time(run_dense, device, repeats)))
+            layout = SampleLayout.create(S, plan_config)
+            rows = layout.num_segments * layout.rows_per_segment
+            run_plan_only = functools.partial(plan_prefill, q, k, plan_config)
+            plan.append((Hq * rows * S * D, _median_time(run_plan_only, device, repeats)))
+            for ratio in (0.02, 0.25):  # two densities at each length
+                p = plan_prefill(q, k, plan_config.replace(window_ratio=ratio))
+                seconds = _median_time(functools.partial(run_plan, p, q, k, v), device, repeats)
+                sparse.append((float(p.density.sum()) * S * (S + 1) / 2 * D, seconds))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    shape = f"Hq={Hq} Hkv={Hkv} D={D}, S={lengths[0]} and {lengths[1]}"
+    return CostModel(
+        device=device_name(device),
+        kind=device.type,
+        dtype=_dtype_name(dtype),
+        dense_fixed_s=_fit(dense)[0],
+        dense_pair_s=_fit(dense)[1],
+        plan_fixed_s=_fit(plan)[0],
+        plan_pair_s=_fit(plan)[1],
+        sparse_fixed_s=_fit(sparse)[0],
+        sparse_pair_s=_fit(sparse)[1],
+        source=f"flexsample calibrate, {stamp}, torch {torch.__version__}, {shape}",
+    )
+
+
+def length_verdict(
+    model: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout
+) -> str | None:
+    """Why a sparse call cannot beat dense attention at this length (None if it may).
+
+    The best a plan can do is compute only its windows' floor; if planning plus that costs
+    at least dense attention, planning is wasted.
+    """
+    from .selection import local_pairs
+
+    S = layout.seq_len
+    fixed = layout.fixed_window_blocks
+    floor_blocks = layout.min_window_blocks if fixed is None else fixed
+    floor = float(local_pairs(torch.tensor(floor_blocks), layout)) * batch_heads
+    rows = layout.num_segments * layout.rows_per_segment
+    plan = model.plan_s(batch_heads, S, head_dim, rows)
+    best = plan + model.sparse_s(floor, head_dim)
+    dense = model.dense_s(batch_heads, S, head_dim)
+    if best < dense:
+        return None
+    return (
+        f"seq_len {S}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
+        f"{(best - plan) * 1e3:.3g} ms would not beat dense ~{dense * 1e3:.3g} ms "
+        f"(cost model of {model.device}, {model.dtype})"
+    )
+
+
+def density_verdict(
+    model: CostModel, pairs: float, batch_heads: int, seq_len: int, head_dim: int
+) -> str | None:
+    """Why the planned sparse call would not beat dense attention (None if it would)."""
+    sparse = model.sparse_s(pairs, head_dim)
+    dense = model.dense_s(batch_heads, seq_len, head_dim)
+    if sparse < dense:
+        return None
+    density = pairs / (batch_heads * seq_len * (seq_len + 1) / 2)
+    return (
+        f"density {density:.3f}: the sparse call ~{sparse * 1e3:.3g} ms would not beat dense "
+        f"~{dense * 1e3:.3g} ms (cost model of {model.device}, {model.dtype})"
+    )

@@ -1,0 +1,121 @@
+"""The cost model: when a call runs dense instead of sparse, and where its numbers come from."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import flexsample as fs
+from flexsample import costs
+from flexsample.synthetic import planted_qkv
+
+# Made-up rates with the shape of a real device: dense and sparse cost the same per pair,
+# planning a few milliseconds.
+MODEL = costs.CostModel(
+    device="test device",
+    kind="cpu",
+    dtype="float32",
+    dense_fixed_s=1e-3,
+    dense_pair_s=2e-11,
+    plan_fixed_s=5e-3,
+    plan_pair_s=5e-11,
+    sparse_fixed_s=5e-3,
+    sparse_pair_s=2e-11,
+    source="test",
+)
+
+
+@pytest.fixture
+def model(monkeypatch):
+    """Make plan_prefill use a given cost model; returns a setter."""
+
+    def use(m: costs.CostModel) -> None:
+        monkeypatch.setattr("flexsample.plan.cost_model", lambda device, dtype: m)
+
+    use(MODEL)
+    return use
+
+
+def test_fit_recovers_a_line_and_stays_non_negative():
+    assert costs._fit([(0.0, 2.0), (1.0, 5.0), (3.0, 11.0)]) == pytest.approx((2.0, 3.0))
+    fixed, rate = costs._fit([(1.0, 5.0), (2.0, 4.0)])  # noise: time falls with work
+    assert rate == 0.0 and fixed == pytest.approx(4.5)
+
+
+def test_short_sequences_run_dense_without_planning(model):
+    q, k, v = planted_qkv(1, 4, 2, 1024, 32, stripes=4, stripe_width=1)
+    out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "dense" and stats.reason.startswith("seq_len 1024: planning")
+    assert "test device" in stats.reason
+    assert set(stats.times) == {"attention"}  # nothing was sampled
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_long_enough_sequences_are_planned(model):
+    # Dense ten times dearer per pair: sparse pays from short lengths on.
+    model(dataclasses.replace(MODEL, dense_pair_s=2e-10))
+    q, k, v = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
+    _, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "sparse", stats.reason
+
+
+def test_too_dense_a_selection_runs_dense_after_planning(model):
+    model(dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=4e-10))
+    # Random q/k: diffuse attention, the selection keeps most pairs.
+    q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
+    out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "dense" and stats.reason.startswith("density ")
+    assert "would not beat dense" in stats.reason
+    assert {"sample", "select", "attention"} <= set(stats.times)  # planning was paid for
+    assert stats.mean_density == 1.0
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_explicit_limits_override_the_cost_model(model):
+    model(dataclasses.replace(MODEL, plan_fixed_s=10.0))  # planning never pays
+    q, k, _ = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
+    plan = fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=1024, max_density=1.0))
+    assert plan.path == "sparse"
+    plan = fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=1024, max_density=0.001))
+    assert plan.path == "dense" and plan.reason.startswith("density ")
+    assert "> max_density 0.001" in plan.reason
+
+
+def test_lookup_prefers_calibration_then_builtin_then_generic(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costs, "device_name", lambda device: "a device nobody measured")
+    costs._lookup.cache_clear()
+    generic = costs.cost_model(torch.device("cpu"), torch.float32)
+    assert generic.kind == "cpu" and "not on a device nobody measured" in generic.source
+    mine = dataclasses.replace(MODEL, device="a device nobody measured")
+    path = costs.save(mine)
+    assert path == tmp_path / "costs.json"
+    found = costs.cost_model(torch.device("cpu"), torch.float32)
+    assert found.dense_pair_s == MODEL.dense_pair_s and found.source.startswith("calibrated")
+    # Saving again replaces the entry instead of adding a second one.
+    costs.save(dataclasses.replace(mine, dense_pair_s=1.0))
+    assert len(json.loads(path.read_text())["models"]) == 1
+    assert costs.cost_model(torch.device("cpu"), torch.float32).dense_pair_s == 1.0
+    costs._lookup.cache_clear()
+
+
+def test_builtin_table_covers_cpu_and_cuda_in_every_dtype():
+    entries = json.loads(costs.BUILTIN.read_text())["models"]
+    have = {(e["kind"], e["dtype"]) for e in entries}
+    for kind in ("cpu", "cuda"):
+        for dtype in ("float32", "bfloat16", "float16"):
+            assert (kind, dtype) in have, (kind, dtype)
+    for e in entries:
+        assert all(e[f] >= 0 for f in ("dense_pair_s", "plan_pair_s", "sparse_pair_s"))
+        assert e["dense_pair_s"] > 0 and e["source"]
+
+
+@pytest.mark.slow
+def test_calibrate_measures_a_usable_model():
+    m = costs.calibrate(torch.device("cpu"), torch.float32, lengths=(1024, 2048), repeats=1)
+    assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
+    assert m.dense_pair_s > 0 and m.plan_pair_s >= 0 and m.sparse_pair_s >= 0
+    assert "flexsample calibrate" in m.source

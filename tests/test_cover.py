@@ -1,0 +1,155 @@
+"""Stage 2b, the per-row guarantee: every sampled row keeps alpha of its own exact mass."""
+
+import itertools
+
+import pytest
+import torch
+
+from flexsample import SampleConfig, SampleLayout, keep_mask, select_columns
+from flexsample.cover import cover_row_chunk, cover_rows
+from flexsample.plan import plan_prefill
+from flexsample.sampling import (
+    sample_column_scores_reference,
+    sample_column_scores_torch,
+    triton_available,
+)
+from flexsample.synthetic import planted_qkv
+
+# (B, Hq, Hkv, S, D, block_size, segments, sample_ratio): lengths off the block grid, GQA,
+# batch > 1.
+SHAPES = [
+    pytest.param(2, 4, 2, 1000, 32, 64, 3, 0.1, id="B2-H4/2-S1000-bs64"),
+    pytest.param(1, 6, 2, 777, 24, 32, 5, 0.08, id="B1-H6/2-S777-bs32"),
+    pytest.param(1, 3, 3, 1300, 16, 128, 4, 0.05, id="B1-H3/3-S1300-bs128"),
+]
+
+
+def _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, **config):
+    q, k, _ = planted_qkv(B, Hq, Hkv, S, D, stripes=(2, 6), dtype=dtype)
+    # Rows whose heavy keys differ from their segment's: random extra logits per row make
+    # the segment mean a poor cover for some rows.
+    q = (q.float() + 0.6 * torch.randn_like(q.float())).to(dtype)
+    cfg = SampleConfig(block_size=bs, num_segments=segments, sample_ratio=ratio, **config)
+    return q, k, SampleLayout.create(S, cfg), cfg
+
+
+def _exact_row_mass(q, k, layout, window_blocks, columns):
+    """float64: each sampled row's kept share of its causal attention mass, (B, Hq, G*r)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    rows = layout.sampled_rows().flatten()
+    logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    causal = torch.arange(layout.seq_len) <= rows[:, None]
+    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return (p * keep_mask(window_blocks, columns, layout, rows)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, S, D, bs, segments, ratio", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("sampler", ["reference", "torch"])
+@pytest.mark.parametrize("unit", ["token", "block"])
+def test_every_sampled_row_keeps_alpha(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, sampler, unit):
+    q, k, layout, cfg = _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, column_unit=unit)
+    alpha = cfg.alpha
+    scores = sample_column_scores_reference(q, k, layout, D**-0.5)
+    segment_cover = select_columns(scores, layout, alpha)
+    group = Hq // Hkv
+    before = _exact_row_mass(
+        q, k, layout, segment_cover.window_blocks, segment_cover.group_columns(group)
+    )
+    assert float(before.min()) < alpha  # the case needs the repair
+
+    cover = cover_rows(q, k, segment_cover, alpha, D**-0.5, sampler, max_chunk_elems=5 * S)
+    sel = cover.selection
+    after = _exact_row_mass(q, k, layout, sel.window_blocks, sel.group_columns(group))
+    tol = 1e-6 if sampler == "reference" else 1e-4
+    assert float(after.min()) >= alpha - tol
+    # The repair only adds: the segments' columns stay, the windows do not move.
+    assert bool((sel.columns >= segment_cover.columns).all())
+    assert torch.equal(sel.window_blocks, segment_cover.window_blocks)
+    # The reported row mass is a lower bound of the final one, and exact where not repaired.
+    reported = cover.row_mass.flatten(2)
+    assert bool((reported <= after + tol).all())
+    assert float(reported.min()) >= alpha - tol
+    untouched = (before >= alpha).float()
+    assert float(((reported - before).abs() * untouched).max()) < tol
+    assert int(cover.repaired.sum()) == int((before < alpha).sum())
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("B, Hq, Hkv, S, D, bs, segments, ratio", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_row_kernel_matches_exact_kept_mass(
+    B, Hq, Hkv, S, D, bs, segments, ratio, dtype, device
+):
+    from flexsample.sampling.triton_kernel import row_kept_mass_triton
+
+    q, k, layout, cfg = _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, sink_blocks=1)
+    scores = sample_column_scores_torch(q, k, layout, D**-0.5)
+    sel = select_columns(scores, layout, cfg.alpha)
+    cols = sel.group_columns(Hq // Hkv)
+    expect = _exact_row_mass(q, k, layout, sel.window_blocks, cols)
+    got = row_kept_mass_triton(
+        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), cols.to(device)
+    )
+    assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
+    assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_cover_repairs_like_torch(device):
+    """With the Triton measurement, the short rows (and only those) go to the torch repair."""
+    q, k, layout, cfg = _case(2, 4, 2, 1000, 32, 64, 3, 0.1, torch.float32)
+    scores = sample_column_scores_torch(q, k, layout, 32**-0.5)
+    sel = select_columns(scores, layout, cfg.alpha)
+    ref = cover_rows(q, k, sel, cfg.alpha, 32**-0.5, "torch")
+    moved = type(sel)(sel.window_blocks.to(device), sel.columns.to(device), layout)
+    got = cover_rows(q.to(device), k.to(device), moved, cfg.alpha, 32**-0.5, "triton")
+    assert torch.equal(got.repaired.cpu(), ref.repaired)
+    assert torch.equal(got.selection.columns.cpu(), ref.selection.columns)
+    assert float((got.row_mass.cpu() - ref.row_mass).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.95, 1.0])
+def test_cover_row_chunk_adds_the_fewest_keys(alpha):
+    """Brute force on tiny rows: the repair adds a smallest set reaching alpha."""
+    W = 9
+    p = torch.rand(6, W).pow(3)  # some rows reach alpha with few keys, some need many
+    p = p / p.sum(dim=-1, keepdim=True)
+    keep = torch.rand(6, W) < 0.3
+    kept = (p * keep).sum(dim=-1)
+    gained, add = cover_row_chunk(p, keep, kept, alpha)
+    for row in range(6):
+        base = float(kept[row])
+        assert not bool((add[row] & keep[row]).any())
+        assert abs(float(gained[row]) - float((p[row] * add[row]).sum())) < 1e-6
+        assert base + float(gained[row]) >= alpha - 1e-6
+        free = [j for j in range(W) if not keep[row, j]]
+        fewest = min(
+            n
+            for n in range(len(free) + 1)
+            for subset in itertools.combinations(free, n)
+            if base + float(p[row, list(subset)].sum()) >= alpha - 1e-6
+        )
+        assert int(add[row].sum()) == fewest
+
+
+def test_plan_reports_row_mass_and_cover_can_be_turned_off():
+    q, k, _, cfg = _case(
+        1, 4, 2, 1000, 32, 64, 3, 0.1, torch.float32, min_seq_len=0, max_density=1.0
+    )
+    plan = plan_prefill(q, k, cfg)
+    assert plan.row_mass is not None
+    assert plan.row_mass.shape == (1, 4, 3, plan.layout.rows_per_segment)
+    assert float(plan.row_mass.min()) >= cfg.alpha - 1e-4
+    plain = plan_prefill(q, k, cfg.replace(cover_rows=False))
+    assert plain.row_mass is None
+    # The cover only adds columns to what the segments chose.
+    assert bool((plan.selection.columns >= plain.selection.columns).all())
+
+
+def test_cover_rows_must_be_a_bool():
+    with pytest.raises(TypeError, match="cover_rows"):
+        SampleConfig(cover_rows=1)
