@@ -5,7 +5,7 @@ whose heavy keys differ from its segment's can keep less. This stage measures, f
 sampled row, the share of its exact causal attention mass that its head's mask keeps (window,
 sink and its GQA group's columns: what the attention call reads), and where that is below
 ``alpha`` adds the row's own heaviest missing keys until it is not (the paper's cumulative
-residual attention, per row).
+residual attention, per row), skipping keys too light to matter (:data:`KEY_FLOOR_DIVISOR`).
 
 The measurement runs in the Triton row kernel on CUDA (one more pass over K) or in chunked
 torch (float64 with the reference sampler); the repair runs in torch on the short rows only.
@@ -25,6 +25,11 @@ from .selection import ColumnSelection, row_keep
 #: Keys first searched per short row (its heaviest missing ones); four times more, then a
 #: full sort, only where they do not reach ``alpha``.
 _PROBE = 64
+#: A repair adds only keys holding at least ``(1 - alpha) / KEY_FLOOR_DIVISOR`` of the row's
+#: mass. A shortfall spread thinner (a diffuse background) would cost thousands of columns,
+#: each read by every later query, for a few thousandths of mass: such a row stays short,
+#: and ``row_mass`` says by how much. ``alpha = 1`` has no floor.
+KEY_FLOOR_DIVISOR = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +41,8 @@ class RowCover:
         row_mass: ``(B, Hq, num_segments, rows_per_segment)`` float32, each sampled row's
             kept share of its mass: measured before the repair, plus the mass of the keys
             the repair added for that row. A lower bound on the final mask (a column added
-            for one row also serves others), at least ``alpha`` everywhere.
+            for one row also serves others); below ``alpha`` only where the rest of the
+            row's mass is spread over keys under the floor.
         repaired: ``(B, Hq)`` int64, sampled rows of each head that needed keys added.
     """
 
@@ -85,19 +91,21 @@ def cover_row_chunk(
         alpha: the share of its mass every row must keep.
 
     Returns:
-        ``(gained (c,), add (c, W) bool)``: the mass added to each row, and its keys.
+        ``(gained (c,), add (c, W) bool)``: the mass added to each row, and its keys; keys
+        below the floor (``(1 - alpha) / KEY_FLOOR_DIVISOR``) are never added.
     """
     missing = p.masked_fill(keep, 0)
     need = alpha - kept
+    floor = (1.0 - alpha) / KEY_FLOOR_DIVISOR
     top = index = None
     for probe in (_PROBE, 4 * _PROBE, missing.shape[-1]):
         top, index = missing.topk(min(probe, missing.shape[-1]), dim=-1)
-        # Enough when every row reaches alpha, or has no mass left outside its mask.
-        enough = (top.sum(dim=-1) >= need) | (top[:, -1] == 0)
+        # Enough when every row reaches alpha or has no key above the floor left to add.
+        enough = (top.sum(dim=-1) >= need) | (top[:, -1] <= floor)
         if probe >= missing.shape[-1] or bool(enough.all()):
             break
     before = top.cumsum(dim=-1) - top  # mass of the heavier keys
-    take = (before < need[:, None]) & (top > 0)
+    take = (before < need[:, None]) & (top > floor)
     add = torch.zeros_like(keep).scatter_(-1, index, take)
     return (top * take).sum(dim=-1), add
 
