@@ -2,11 +2,12 @@
 
 SampleAttention wins only where planning (sampling, selection, the per-row cover, the mask)
 plus the sparse call costs less than dense attention. Both sides are close to linear in simple
-counts, so each is modelled as a fixed cost plus a rate:
+counts, so each is modelled as a fixed cost plus rates:
 
 * dense causal attention: ``B * Hq * S (S + 1) / 2`` pairs times ``D``;
-* planning: ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three
-  passes of the sampled rows over the keys);
+* planning: ``B * Hq * S`` (selection and mask work per key: sorting, the window candidates)
+  plus ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three passes of
+  the sampled rows over the keys);
 * the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``.
 
 The rates are measured per device and dtype by :func:`calibrate` (``flexsample calibrate``),
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -74,8 +76,8 @@ class CostModel:
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         dense_fixed_s, dense_pair_s: dense causal attention: fixed seconds, and seconds per
             (query, key) pair and head-dim element.
-        plan_fixed_s, plan_pair_s: planning: fixed seconds, and seconds per (sampled row,
-            key) product and head-dim element.
+        plan_fixed_s, plan_token_s, plan_pair_s: planning: fixed seconds, seconds per key
+            and head, and seconds per (sampled row, key) product and head-dim element.
         sparse_fixed_s, sparse_pair_s: the sparse call: fixed seconds, and seconds per
             computed pair and head-dim element.
         source: where the numbers come from (a calibration's date, the built-in table).
@@ -87,6 +89,7 @@ class CostModel:
     dense_fixed_s: float
     dense_pair_s: float
     plan_fixed_s: float
+    plan_token_s: float
     plan_pair_s: float
     sparse_fixed_s: float
     sparse_pair_s: float
@@ -99,8 +102,11 @@ class CostModel:
 
     def plan_s(self, batch_heads: int, seq_len: int, head_dim: int, sampled_rows: int) -> float:
         """Estimated seconds of planning (sample, select, cover, mask)."""
+        tokens = batch_heads * seq_len
         return (
-            self.plan_fixed_s + self.plan_pair_s * batch_heads * sampled_rows * seq_len * head_dim
+            self.plan_fixed_s
+            + self.plan_token_s * tokens
+            + self.plan_pair_s * tokens * sampled_rows * head_dim
         )
 
     def sparse_s(self, pairs: float, head_dim: int) -> float:
@@ -118,16 +124,28 @@ def _entries(path: Path) -> list[dict]:
         return []
 
 
+def _model(entry: dict, source: str) -> CostModel | None:
+    """The entry as a model; None for an entry of another version's format."""
+    fields = {f.name for f in dataclasses.fields(CostModel)}
+    if set(entry) != fields:
+        return None
+    return CostModel(**{**entry, "source": f"{source}: {entry['source']}"})
+
+
 @functools.cache
 def _lookup(name: str, kind: str, dtype: str, cache_file: str) -> CostModel:
     for path, label in ((Path(cache_file), "calibrated"), (BUILTIN, "built-in")):
         for entry in _entries(path):
-            if entry["device"] == name and entry["dtype"] == dtype:
-                return CostModel(**{**entry, "source": f"{label}: {entry.get('source', '')}"})
+            if entry.get("device") == name and entry.get("dtype") == dtype:
+                model = _model(entry, label)
+                if model is not None:
+                    return model
     for entry in _entries(BUILTIN):  # a device of the same kind that the project measured
-        if entry["kind"] == kind and entry["dtype"] == dtype:
+        if entry.get("kind") == kind and entry.get("dtype") == dtype:
             note = f"measured on {entry['device']}, not on {name} (run `flexsample calibrate`)"
-            return CostModel(**{**entry, "source": f"{note}: {entry.get('source', '')}"})
+            model = _model(entry, note)
+            if model is not None:
+                return model
     raise LookupError(f"no cost model for {kind} {dtype}")
 
 
@@ -157,15 +175,32 @@ def save(model: CostModel, path: Path | None = None) -> Path:
     return path
 
 
-def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares ``seconds = fixed + rate * work`` through ``(work, seconds)`` points,
-    with both coefficients kept non-negative."""
-    xs, ys = zip(*points, strict=True)
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    rate = max(0.0, sum((x - mx) * (y - my) for x, y in points) / var) if var else 0.0
-    fixed = max(0.0, my - rate * mx)
-    return fixed, rate
+def _fit(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
+    """Least squares ``seconds = fixed + sum(rate_i * work_i)`` through ``(work, seconds)``
+    points, every coefficient non-negative: of the fits of every subset of the terms whose
+    coefficients all come out non-negative, the one with the smallest residual.
+
+    Returns:
+        ``(fixed, rate_1, ..., rate_n)``.
+    """
+    x = torch.tensor([(1.0, *work) for work, _ in points], dtype=torch.float64)
+    y = torch.tensor([seconds for _, seconds in points], dtype=torch.float64)
+    scale = x.abs().amax(dim=0).clamp_min(1e-300)  # work counts span many decades
+    best, best_residual = torch.zeros(x.shape[1], dtype=torch.float64), float(y.square().sum())
+    for subset in itertools.product((False, True), repeat=x.shape[1]):
+        keep = torch.tensor(subset)
+        if not bool(keep.any()):
+            continue
+        a = x[:, keep] / scale[keep]
+        solution = torch.linalg.lstsq(a, y[:, None]).solution.flatten() / scale[keep]
+        if bool((solution < 0).any()):
+            continue
+        residual = float((x[:, keep] @ solution - y).square().sum())
+        if residual < best_residual:
+            best = torch.zeros(x.shape[1], dtype=torch.float64)
+            best[keep] = solution
+            best_residual = residual
+    return tuple(float(c) for c in best)
 
 
 def _median_time(fn, device: torch.device, repeats: int) -> float:
@@ -186,20 +221,22 @@ def calibrate(
     device: torch.device,
     dtype: torch.dtype,
     *,
-    lengths: tuple[int, int] | None = None,
+    lengths: tuple[int, ...] | None = None,
     heads: tuple[int, int, int] | None = None,
     repeats: int = 3,
 ) -> CostModel:
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
     Times dense causal SDPA, the default planning, and the sparse call at two densities
-    (fixed windows of 2% and 25%), each at two lengths, on planted inputs, and fits each cost
-    as fixed + rate x work (least squares). Pass the result to :func:`save` to use it from then on.
+    (fixed windows of 2% and 25%), each at three lengths, on planted inputs, and fits each
+    cost as fixed + rates x work (non-negative least squares). Pass the result to
+    :func:`save` to use it from then on.
 
     Args:
         device: where to measure.
         dtype: the dtype the model will serve.
-        lengths: two sequence lengths (default 2048 and 8192 on CPU, 8192 and 32768 on CUDA).
+        lengths: the sequence lengths (default 2048, 4096 and 8192 on CPU; 8192, 32768 and
+            65536 on CUDA).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed repeats per point (median), after one warm-up.
     """
@@ -210,7 +247,7 @@ def calibrate(
 
     device = torch.device(device)
     gpu = device.type == "cuda"
-    lengths = lengths or ((8192, 32768) if gpu else (2048, 8192))
+    lengths = lengths or ((8192, 32768, 65536) if gpu else (2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig(min_seq_len=0, max_density=1.0)
     dense, plan, sparse = [], [], []
@@ -221,27 +258,30 @@ def calibrate(
                 device=device,
             )  # fmt: skip
             run_dense = functools.partial(dense_causal_attention, q, k, v, D**-0.5)
-            dense.append((Hq * S * (S + 1) / 2 * D, _median_time(run_dense, device, repeats)))
+            dense.append(((Hq * S * (S + 1) / 2 * D,), _median_time(run_dense, device, repeats)))
             layout = SampleLayout.create(S, plan_config)
             rows = layout.num_segments * layout.rows_per_segment
             run_plan_only = functools.partial(plan_prefill, q, k, plan_config)
-            plan.append((Hq * rows * S * D, _median_time(run_plan_only, device, repeats)))
+            work = (Hq * S, Hq * S * rows * D)
+            plan.append((work, _median_time(run_plan_only, device, repeats)))
             for ratio in (0.02, 0.25):  # two densities at each length
                 p = plan_prefill(q, k, plan_config.replace(window_ratio=ratio))
                 seconds = _median_time(functools.partial(run_plan, p, q, k, v), device, repeats)
-                sparse.append((float(p.density.sum()) * S * (S + 1) / 2 * D, seconds))
+                sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
+    dense_fit, plan_fit, sparse_fit = _fit(dense), _fit(plan), _fit(sparse)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    shape = f"Hq={Hq} Hkv={Hkv} D={D}, S={lengths[0]} and {lengths[1]}"
+    shape = f"Hq={Hq} Hkv={Hkv} D={D}, S in {', '.join(map(str, lengths))}"
     return CostModel(
         device=device_name(device),
         kind=device.type,
         dtype=_dtype_name(dtype),
-        dense_fixed_s=_fit(dense)[0],
-        dense_pair_s=_fit(dense)[1],
-        plan_fixed_s=_fit(plan)[0],
-        plan_pair_s=_fit(plan)[1],
-        sparse_fixed_s=_fit(sparse)[0],
-        sparse_pair_s=_fit(sparse)[1],
+        dense_fixed_s=dense_fit[0],
+        dense_pair_s=dense_fit[1],
+        plan_fixed_s=plan_fit[0],
+        plan_token_s=plan_fit[1],
+        plan_pair_s=plan_fit[2],
+        sparse_fixed_s=sparse_fit[0],
+        sparse_pair_s=sparse_fit[1],
         source=f"flexsample calibrate, {stamp}, torch {torch.__version__}, {shape}",
     )
 

@@ -19,6 +19,7 @@ MODEL = costs.CostModel(
     dense_fixed_s=1e-3,
     dense_pair_s=2e-11,
     plan_fixed_s=5e-3,
+    plan_token_s=0.0,
     plan_pair_s=5e-11,
     sparse_fixed_s=5e-3,
     sparse_pair_s=2e-11,
@@ -37,10 +38,13 @@ def model(monkeypatch):
     return use
 
 
-def test_fit_recovers_a_line_and_stays_non_negative():
-    assert costs._fit([(0.0, 2.0), (1.0, 5.0), (3.0, 11.0)]) == pytest.approx((2.0, 3.0))
-    fixed, rate = costs._fit([(1.0, 5.0), (2.0, 4.0)])  # noise: time falls with work
+def test_fit_recovers_rates_and_stays_non_negative():
+    assert costs._fit([((0.0,), 2.0), ((1.0,), 5.0), ((3.0,), 11.0)]) == pytest.approx((2, 3))
+    fixed, rate = costs._fit([((1.0,), 5.0), ((2.0,), 4.0)])  # noise: time falls with work
     assert rate == 0.0 and fixed == pytest.approx(4.5)
+    # Two terms over many decades, as planning's keys and (row, key) products.
+    points = [((s, s * s * 1e3), 1e-3 + 2e-8 * s + 3e-14 * s * s * 1e3) for s in (2e3, 8e3, 3e4)]
+    assert costs._fit(points) == pytest.approx((1e-3, 2e-8, 3e-14), rel=1e-6)
 
 
 def test_short_sequences_run_dense_without_planning(model):
@@ -115,7 +119,7 @@ def test_builtin_table_covers_cpu_and_cuda_in_every_dtype():
 
 @pytest.mark.slow
 def test_calibrate_measures_a_usable_model():
-    m = costs.calibrate(torch.device("cpu"), torch.float32, lengths=(1024, 2048), repeats=1)
+    m = costs.calibrate(torch.device("cpu"), torch.float32, lengths=(1024, 1536, 2048), repeats=1)
     assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
     assert m.dense_pair_s > 0 and m.plan_pair_s >= 0 and m.sparse_pair_s >= 0
     assert "flexsample calibrate" in m.source
