@@ -157,7 +157,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     if sampler == "triton":
         from flexsample.sampling.triton_kernel import row_kept_mass_triton
 
-        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns).flatten(2)
+        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns)[0].flatten(2)
     else:  # the torch cover measures every row; alpha 0 repairs none
         sel = fs.ColumnSelection(windows, columns, layout)
         got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)

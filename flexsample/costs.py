@@ -23,6 +23,7 @@ import datetime
 import functools
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -228,7 +229,8 @@ def calibrate(
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
     Times dense causal SDPA, the default planning, and the sparse call at two densities
-    (fixed windows of 2% and 25%), each at three lengths, on planted inputs, and fits each
+    (fixed windows of 2% and 25%), each at three lengths, on planted inputs with
+    single-token stripes, and fits each
     cost as fixed + rates x work (non-negative least squares). Pass the result to
     :func:`save` to use it from then on.
 
@@ -253,9 +255,11 @@ def calibrate(
     dense, plan, sparse = [], [], []
     with torch.inference_mode():
         for S in lengths:
+            # Structured attention (single-token stripes holding all but about 1% of the
+            # mass, as bench/gpu_run.py's): what planning costs where sparse can pay.
             q, k, v = planted_qkv(
-                1, Hq, Hkv, S, D, stripes=(4, 8), stripe_width=1, seed=0, dtype=dtype,
-                device=device,
+                1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
+                device=device, signal=max(10.0, math.log(100 * S / 64)),
             )  # fmt: skip
             run_dense = functools.partial(dense_causal_attention, q, k, v, D**-0.5)
             dense.append(((Hq * S * (S + 1) / 2 * D,), _median_time(run_dense, device, repeats)))

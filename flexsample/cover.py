@@ -43,12 +43,17 @@ class RowCover:
             the repair added for that row. A lower bound on the final mask (a column added
             for one row also serves others); below ``alpha`` only where the rest of the
             row's mass is spread over keys under the floor.
-        repaired: ``(B, Hq)`` int64, sampled rows of each head that needed keys added.
+        repaired: ``(B, Hq)`` int64, sampled rows of each head that got keys added.
     """
 
     selection: ColumnSelection
     row_mass: torch.Tensor
     repaired: torch.Tensor
+
+
+def key_floor(alpha: float) -> float:
+    """The lightest key a repair adds, as a share of the row's mass."""
+    return (1.0 - alpha) / KEY_FLOOR_DIVISOR
 
 
 def chunk_kept_mass(
@@ -96,7 +101,7 @@ def cover_row_chunk(
     """
     missing = p.masked_fill(keep, 0)
     need = alpha - kept
-    floor = (1.0 - alpha) / KEY_FLOOR_DIVISOR
+    floor = key_floor(alpha)
     top = index = None
     for probe in (_PROBE, 4 * _PROBE, missing.shape[-1]):
         top, index = missing.topk(min(probe, missing.shape[-1]), dim=-1)
@@ -151,8 +156,11 @@ def cover_rows(
     if sampler == "triton":
         from .sampling.triton_kernel import row_kept_mass_triton
 
-        kept = row_kept_mass_triton(q, k, layout, scale, windows, attended).view(B, Hq, G * r)
-        b_idx, h_idx, r_idx = (kept < alpha).nonzero().unbind(-1)  # only short rows go on
+        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, attended)
+        kept = kept.view(B, Hq, G * r)
+        # Only short rows with a key above the floor to add go on to the torch repair.
+        repairable = (kept < alpha) & (missing.view(B, Hq, G * r) > key_floor(alpha))
+        b_idx, h_idx, r_idx = repairable.nonzero().unbind(-1)
         order = torch.argsort(r_idx, stable=True)
         b_idx, h_idx, r_idx = b_idx[order], h_idx[order], r_idx[order]
         items = {}
@@ -198,7 +206,7 @@ def cover_rows(
                 row_kept[short] += gained
                 which, key = add.nonzero().unbind(-1)
                 added[b, hs[which], key] = True
-                repaired[b].index_add_(0, hs, torch.ones_like(hs))
+                repaired[b].index_add_(0, hs, add.any(dim=-1).long())
             kept[b, h, i] = row_kept.float()
 
     if layout.column_unit == "block":  # a repaired key brings its whole block

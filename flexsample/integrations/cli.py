@@ -157,8 +157,7 @@ def _add_calibrate(commands) -> None:
         description="Time dense causal SDPA, flexsample's planning and its sparse call on "
         "this device, fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
-        "call on this device reads it). Takes seconds on a GPU, about 10 s per dtype on a "
-        "2-core CPU.",
+        "call on this device reads it). About a minute per dtype on an H100 or a 2-core CPU.",
     )
     calibrate.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"
@@ -168,8 +167,8 @@ def _add_calibrate(commands) -> None:
         nargs="+",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="dtypes to measure (default: bfloat16 and float16 on cuda, float32 and bfloat16 "
-        "on cpu)",
+        help="dtypes to measure (default: bfloat16 and float16 on cuda; float32, bfloat16 and "
+        "float16 on cpu)",
     )
     calibrate.add_argument(
         "--out",
@@ -195,7 +194,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.dtype or (
-        ["bfloat16", "float16"] if device.type == "cuda" else ["float32", "bfloat16"]
+        ["bfloat16", "float16"] if device.type == "cuda" else ["float32", "bfloat16", "float16"]
     )
     for name in names:
         model = costs.calibrate(device, getattr(torch, name))

@@ -49,6 +49,7 @@ def _accumulate(
     m_i,
     l_i,
     l_keep,
+    m_miss,
     qk_scale,
     cols_row,
     row_valid,
@@ -58,7 +59,8 @@ def _accumulate(
     KEEP: tl.constexpr,
 ):
     # One key tile of the online softmax sum: running max ``m_i`` (scaled logits, log2
-    # units), sum ``l_i`` of exp2 and, with KEEP, the part ``l_keep`` of it on kept keys.
+    # units), sum ``l_i`` of exp2 and, with KEEP, the part ``l_keep`` of it on kept keys and
+    # the largest raw logit ``m_miss`` of a key the mask misses.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
     rescale = tl.exp2(m_i - m_new)
@@ -68,7 +70,8 @@ def _accumulate(
         col = tl.load(cols_row[:, None] + n[None, :], mask=valid, other=0)
         keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col != 0)
         l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
-    return m_new, l_i, l_keep
+        m_miss = tl.maximum(m_miss, tl.max(tl.where(keep, float("-inf"), s), axis=1))
+    return m_new, l_i, l_keep, m_miss
 
 
 @triton.jit
@@ -80,6 +83,7 @@ def _row_lse_kernel(
     WINDOW,
     COLS,
     KEPT,
+    MISS,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -147,6 +151,7 @@ def _row_lse_kernel(
     # With KEEP, also the part of the sum that the row's mask keeps (same running max):
     # keys in its window (from ``win_start``), in the sink, or among its head's columns.
     l_keep = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
     num_q_heads = num_kv_heads * GROUP
     cols_row = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
     win_start = pos
@@ -166,12 +171,13 @@ def _row_lse_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        m_i, l_i, l_keep = _accumulate(
+        m_i, l_i, l_keep, m_miss = _accumulate(
             s,
             n,
             m_i,
             l_i,
             l_keep,
+            m_miss,
             qk_scale,
             cols_row,
             row_valid,
@@ -191,12 +197,13 @@ def _row_lse_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
-        m_i, l_i, l_keep = _accumulate(
+        m_i, l_i, l_keep, m_miss = _accumulate(
             s,
             n,
             m_i,
             l_i,
             l_keep,
+            m_miss,
             qk_scale,
             cols_row,
             row_valid,
@@ -211,6 +218,9 @@ def _row_lse_kernel(
     tl.store(LSE + out_offs, m_i + tl.log2(l_i), mask=row_valid)
     if KEEP:
         tl.store(KEPT + out_offs, l_keep / l_i, mask=row_valid)
+        # The heaviest missing key's probability: exp2(scaled logit - lse).
+        lse = m_i + tl.log2(l_i)
+        tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
 
 
 @triton.jit
@@ -321,11 +331,12 @@ def _row_pass(
     settings: dict,
     window_blocks: torch.Tensor | None = None,
     columns: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
-    """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), kept or None, rows, block_m)``.
+) -> tuple[torch.Tensor, tuple | None, torch.Tensor, int]:
+    """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), kept, rows, block_m)``.
 
-    With ``window_blocks`` and ``columns`` it also returns each sampled row's kept share of
-    its mass, in the same layout as the log-sum-exp.
+    With ``window_blocks`` and ``columns``, ``kept`` is each sampled row's kept share of its
+    mass and the probability of its heaviest missing key, in the layout of the log-sum-exp
+    (else None).
     """
     B, Hq, _, _ = q.shape
     Hkv = k.shape[1]
@@ -337,11 +348,12 @@ def _row_pass(
     lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
     keep = window_blocks is not None
     if keep:
-        kept = torch.empty_like(lse)
+        kept, miss = torch.empty_like(lse), torch.empty_like(lse)
         window = window_blocks.to(torch.int32).contiguous()
         cols = columns.contiguous().view(torch.uint8)
     else:  # unused by the kernel
-        kept, window, cols = None, rows, rows
+        kept = miss = lse
+        window, cols = rows, rows
     _row_lse_kernel[(G * tiles, B * Hkv)](
         q,
         k,
@@ -349,7 +361,8 @@ def _row_pass(
         lse,
         window,
         cols,
-        lse if kept is None else kept,
+        kept,
+        miss,
         *q.stride(),
         *k.stride(),
         Hkv,
@@ -366,7 +379,7 @@ def _row_pass(
         BLOCK_N=settings["block_n"],
         **settings["common"],
     )
-    return lse, kept, rows, block_m
+    return lse, (kept, miss) if keep else None, rows, block_m
 
 
 def sample_column_scores_triton(
@@ -427,8 +440,9 @@ def row_kept_mass_triton(
     scale: float,
     window_blocks: torch.Tensor,
     columns: torch.Tensor,
-) -> torch.Tensor:
-    """Share of each sampled row's exact attention mass that its head's mask keeps.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of each sampled row's exact attention mass that its head's mask keeps, and the
+    probability of the heaviest key it misses.
 
     One Triton launch, one pass over K per GQA group (the log-sum-exp kernel with the kept
     part summed beside the total). The twin of the torch measurement in
@@ -442,11 +456,13 @@ def row_kept_mass_triton(
         columns: ``(B, Hq, S)`` bool, the columns each head reads (its group's union).
 
     Returns:
-        ``(B, Hq, num_segments, rows_per_segment)`` float32.
+        ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
+        float32.
     """
     settings = _launch(q, None, None, None)
     B, Hq, _, _ = q.shape
     G, r = layout.num_segments, layout.rows_per_segment
-    _, kept, _, _ = _row_pass(q, k, layout, scale, settings, window_blocks, columns)
+    _, out, _, _ = _row_pass(q, k, layout, scale, settings, window_blocks, columns)
     # (B, Hkv, G, r, group) -> (B, Hq, G, r)
-    return kept.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r)
+    kept, miss = (t.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r) for t in out)
+    return kept, miss
