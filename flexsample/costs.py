@@ -253,7 +253,8 @@ def calibrate(
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig(min_seq_len=0, max_density=1.0)
     dense, plan, sparse = [], [], []
-    with torch.inference_mode():
+    # no_grad, as models run prefill (planning under inference_mode measured slower).
+    with torch.no_grad():
         for S in lengths:
             # Structured attention (single-token stripes holding all but about 1% of the
             # mass, as bench/gpu_run.py's): what planning costs where sparse can pay.
@@ -298,12 +299,12 @@ def length_verdict(
     The best a plan can do is compute only its windows' floor; if planning plus that costs
     at least dense attention, planning is wasted.
     """
-    from .selection import local_pairs
+    from .selection import window_pairs
 
     S = layout.seq_len
     fixed = layout.fixed_window_blocks
     floor_blocks = layout.min_window_blocks if fixed is None else fixed
-    floor = float(local_pairs(torch.tensor(floor_blocks), layout)) * batch_heads
+    floor = float(window_pairs(layout, floor_blocks)) * batch_heads
     rows = layout.num_segments * layout.rows_per_segment
     plan = model.plan_s(batch_heads, S, head_dim, rows)
     best = plan + model.sparse_s(floor, head_dim)

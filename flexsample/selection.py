@@ -90,8 +90,21 @@ def _units(scores: torch.Tensor, layout: SampleLayout):
 
 
 def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
-    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep."""
-    return int(local_pairs(torch.tensor(window_blocks), layout))
+    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep.
+
+    Closed form per query block (host arithmetic, no tensors): the twin of
+    :func:`local_pairs` for one window, which the tests hold it to.
+    """
+    S, bs = layout.seq_len, layout.block_size
+    total = 0
+    for qb in range(layout.num_blocks):
+        first, last = qb * bs, min(S, (qb + 1) * bs) - 1
+        rows = last - first + 1
+        start = max(0, qb - window_blocks) * bs
+        # sum over q in the block of (q - start + 1), plus the sink keys before the window
+        total += (first + last) * rows // 2 - rows * (start - 1)
+        total += rows * min(layout.sink_tokens, start)
+    return total
 
 
 def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tensor:

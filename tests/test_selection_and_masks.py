@@ -217,3 +217,14 @@ def test_window_candidates():
     assert lay.window_candidates() == [0, 1, 2, 4, 8, 16]
     fixed = SampleLayout.create(1000, SampleConfig(block_size=64, window_ratio=0.2))
     assert fixed.window_candidates() == [4]
+
+
+@pytest.mark.parametrize(
+    "S, bs, sink", [(1000, 64, 0), (1300, 128, 1), (517, 16, 3), (128, 128, 0)]
+)
+def test_window_pairs_closed_form_matches_local_pairs(S, bs, sink):
+    from flexsample.selection import local_pairs
+
+    layout = SampleLayout.create(S, SampleConfig(block_size=bs, sink_blocks=sink, min_window=bs))
+    for w in range(layout.num_blocks + 2):
+        assert window_pairs(layout, w) == int(local_pairs(torch.tensor(w), layout)), w
