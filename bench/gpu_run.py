@@ -501,6 +501,39 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """flexsample's whole call over the fastest dense kernel, per length, configuration and
+    input (log-log); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    inputs = list(dict.fromkeys(r["inputs"] for r in rows))
+    fig, axes = plt.subplots(1, len(inputs), figsize=(6 * len(inputs), 4), squeeze=False)
+    for ax, name in zip(axes[0], inputs, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [r for r in rows if r["inputs"] == name and r["method"] == method]
+            pts = [r for r in pts if r.get("speedup_vs_fastest")]
+            ax.plot(
+                [r["seq_len"] for r in pts], [r["speedup_vs_fastest"] for r in pts],
+                marker="o", label=method,
+            )  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("speed vs fastest dense kernel (x)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def code_commit() -> str:
     """The commit of the code that runs: ``FLEXSAMPLE_COMMIT`` if set, else git's, else
     ``"unknown"``.
@@ -542,12 +575,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="only redraw the plot of a finished run's JSON into --out (no GPU needed)",
+    )
+    p.add_argument(
         "--tune-sampler",
         action="store_true",
         help="time the Triton sampler's launch configurations (CUDA); the fastest per GPU "
         "architecture belongs in flexsample/sampling/triton_kernel.py's LAUNCH_CONFIGS",
     )
     args = p.parse_args(argv)
+    if args.replot:
+        rows = json.loads(args.replot.read_text())["speed"]
+        print(plot(rows, args.out / (args.replot.stem + ".png")))
+        return 0
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -595,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
     write(rows)
+    plot(rows, args.out / f"gpu_{tag}.png")
     print(markdown(meta, checks, rows))
     return 0 if all(c["ok"] for c in checks) else 1
 
