@@ -146,8 +146,8 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     gen = torch.Generator(device=device).manual_seed(3)
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), device=device, generator=gen)
     # One column set per kv head: what the cover reads is its group's union.
-    columns = torch.rand(B, Hkv, S, device=device, generator=gen) < 0.2
-    columns = columns.repeat_interleave(Hq // Hkv, dim=1)
+    kv_columns = torch.rand(B, Hkv, S, device=device, generator=gen) < 0.2
+    columns = kv_columns.repeat_interleave(Hq // Hkv, dim=1)
     rows = layout.sampled_rows(device).flatten()
     kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
     logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * D**-0.5
@@ -157,7 +157,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     if sampler == "triton":
         from flexsample.sampling.triton_kernel import row_kept_mass_triton
 
-        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns)[0].flatten(2)
+        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, kv_columns)[0].flatten(2)
     else:  # the torch cover measures every row; alpha 0 repairs none
         sel = fs.ColumnSelection(windows, columns, layout)
         got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)

@@ -91,7 +91,7 @@ def _measure(q, k, v, cfg: fs.SampleConfig, device, rounds: int) -> dict:
     smallest sampled mass kept.
     """
     plan = fs.plan_prefill(q, k, cfg)
-    stage_ms: dict[str, list[float]] = {"sample": [], "select": [], "mask": []}
+    stage_ms: dict[str, list[float]] = {stage: [] for stage in fs.PLAN_STAGES}
 
     def planning():
         timer = fs.StageTimer(device, enabled=True)
@@ -110,10 +110,16 @@ def _measure(q, k, v, cfg: fs.SampleConfig, device, rounds: int) -> dict:
         device,
         rounds,
     )
-    stages = {f"{stage}_ms": statistics.median(ms[1:] or ms) for stage, ms in stage_ms.items()}
+    stages = {
+        f"{stage}_ms": statistics.median(ms[1:] or ms) if ms else 0.0
+        for stage, ms in stage_ms.items()
+    }
+    sparse = plan.path == "sparse"  # the defaults' cost model may choose dense
     return {
-        "density": float(plan.density.mean()),
-        "min_sampled_mass": float(plan.kept_sampled_mass().min()),
+        "path": plan.path,
+        "reason": plan.reason,
+        "density": float(plan.density.mean()) if sparse else 1.0,
+        "min_sampled_mass": float(plan.kept_sampled_mass().min()) if sparse else 1.0,
         "sampler": plan.sampler,
         **stages,
         **times,

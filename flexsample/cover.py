@@ -156,7 +156,8 @@ def cover_rows(
     if sampler == "triton":
         from .sampling.triton_kernel import row_kept_mass_triton
 
-        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, attended)
+        kv_columns = selection.kv_columns(group)
+        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, kv_columns)
         kept = kept.view(B, Hq, G * r)
         # Only short rows with a key above the floor to add go on to the torch repair.
         repairable = (kept < alpha) & (missing.view(B, Hq, G * r) > key_floor(alpha))

@@ -37,9 +37,9 @@ class ColumnSelection:
         Columns are gathered once per kv head, so every query head of a group reads the
         union of the group's selections (more mass kept, more pairs computed).
         """
-        return self._kv_union(group).repeat_interleave(group, dim=1)
+        return self.kv_columns(group).repeat_interleave(group, dim=1)
 
-    def _kv_union(self, group: int) -> torch.Tensor:
+    def kv_columns(self, group: int) -> torch.Tensor:
         """``(B, Hkv, S)`` bool: each kv head's columns, the union over its query heads."""
         B, Hq, S = self.columns.shape
         return self.columns.view(B, Hq // group, group, S).any(dim=2)
@@ -52,7 +52,7 @@ class ColumnSelection:
         padded with ``S``, a position no query attends. Reads the count on the host.
         """
         S = self.columns.shape[-1]
-        union = self._kv_union(group)
+        union = self.kv_columns(group)
         count = int(union.sum(dim=-1).max()) if union.numel() else 0
         bs = self.layout.block_size
         width = -(-count // bs) * bs

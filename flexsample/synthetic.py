@@ -127,7 +127,8 @@ def planted_case(
     device: torch.device | str = "cpu",
     seed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SampleConfig]:
-    """Planted inputs and a config whose SampleAttention mask has about ``target_density``.
+    """Planted inputs and a config whose SampleAttention mask has about ``target_density``
+    (planned sparse whatever the cost model would say: ``SampleConfig.always_sparse``).
 
     With ``N = ceil(S / block_size)`` tiles per side, a window of ``w`` tiles keeps about
     ``2 w / N`` of the causal tiles and each column stripe about ``1 / N``. Half the target
@@ -160,7 +161,8 @@ def planted_case(
     n = math.ceil(seq_len / block_size)
     # Whole-block stripes, a fixed window and a sink block: the tile arithmetic above (token
     # columns would keep far fewer pairs than the target).
-    config = SampleConfig(
+    # Always planned sparse: the case exists to time the sparse path at a given density.
+    config = SampleConfig.always_sparse(
         window_ratio=target_density / 4,
         block_size=block_size,
         min_window=block_size,

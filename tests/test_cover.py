@@ -109,8 +109,9 @@ def test_triton_row_kernel_matches_exact_kept_mass(
     sel = select_columns(scores, layout, cfg.alpha)
     cols = sel.group_columns(Hq // Hkv)
     expect = _exact_row_mass(q, k, layout, sel.window_blocks, cols)
+    kv_cols = sel.kv_columns(Hq // Hkv).to(device)
     got, missing = row_kept_mass_triton(
-        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), cols.to(device)
+        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), kv_cols
     )
     assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
     assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4

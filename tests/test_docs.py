@@ -41,6 +41,12 @@ def test_hugging_face_example_runs_prefill_sparse(capsys):
     assert answer and answer.group(2) in answer.group(1), printed
     rows = [line.split() for line in printed.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
     assert len(rows) == 30, printed  # one row per layer of SmolLM2
+    # One prefill per layer, then dense decode steps. The cost model may run a layer's
+    # prefill dense where its selection is too dense to pay (SmolLM2's first layers).
+    sparse_layers = 0
     for _layer, calls, sparse, density, *_ in rows:
-        assert int(sparse) == 1 and int(calls) > 1, printed  # one sparse prefill, dense decode
-        assert float(density) < 1.0, printed
+        assert int(calls) > 1 and int(sparse) in (0, 1), printed
+        if int(sparse):
+            sparse_layers += 1
+            assert float(density) < 1.0, printed
+    assert sparse_layers >= 15, printed

@@ -51,8 +51,7 @@ def _accumulate(
     l_keep,
     m_miss,
     qk_scale,
-    cols_row,
-    row_valid,
+    cols_kv,
     win_start,
     sink_tokens,
     seq_len,
@@ -66,9 +65,9 @@ def _accumulate(
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     if KEEP:
-        valid = row_valid[:, None] & (n[None, :] < seq_len)
-        col = tl.load(cols_row[:, None] + n[None, :], mask=valid, other=0)
-        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col != 0)
+        # The columns are the kv head's (its query heads' union): one row for the tile.
+        col = tl.load(cols_kv + n, mask=n < seq_len, other=0)
+        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col[None, :] != 0)
         l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
         m_miss = tl.maximum(m_miss, tl.max(tl.where(keep, float("-inf"), s), axis=1))
     return m_new, l_i, l_keep, m_miss
@@ -153,7 +152,7 @@ def _row_lse_kernel(
     l_keep = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
     num_q_heads = num_kv_heads * GROUP
-    cols_row = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
+    cols_kv = COLS + pid_bh.to(tl.int64) * seq_len  # (b, h_kv) row of the (B, Hkv, S) columns
     win_start = pos
     if KEEP:
         w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
@@ -179,8 +178,7 @@ def _row_lse_kernel(
             l_keep,
             m_miss,
             qk_scale,
-            cols_row,
-            row_valid,
+            cols_kv,
             win_start,
             sink_tokens,
             seq_len,
@@ -205,8 +203,7 @@ def _row_lse_kernel(
             l_keep,
             m_miss,
             qk_scale,
-            cols_row,
-            row_valid,
+            cols_kv,
             win_start,
             sink_tokens,
             seq_len,
@@ -453,7 +450,8 @@ def row_kept_mass_triton(
         layout: the geometry (sampled rows, block size, sink).
         scale: softmax scale.
         window_blocks: ``(B, Hq)`` window per head in blocks.
-        columns: ``(B, Hq, S)`` bool, the columns each head reads (its group's union).
+        columns: ``(B, Hkv, S)`` bool, the columns each kv head's query heads read (the
+            union of their selections, :meth:`~flexsample.ColumnSelection.kv_columns`).
 
     Returns:
         ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
