@@ -70,7 +70,10 @@ def test_compare_runs_the_real_evaluator_dense_and_flexsample(tmp_path):
     from flexsample.integrations.lm_eval.cli import compare
 
     report = compare(
-        ["flexsample_passkey_1k"], limit=3, model_args="min_seq_len=256", output=tmp_path
+        ["flexsample_passkey_1k"],
+        limit=3,
+        model_args="min_seq_len=256,max_density=1.0",
+        output=tmp_path,
     )
     (row,) = report["rows"]
     assert row["task"] == "flexsample_passkey_1k" and row["samples"] == 3
@@ -97,7 +100,7 @@ def test_flexsample_eval_is_lm_evals_cli(tmp_path):
             "--model",
             "flexsample",
             "--model_args",
-            "min_seq_len=256",
+            "min_seq_len=256,max_density=1.0",
             "--tasks",
             "flexsample_passkey_1k",
             "--limit",

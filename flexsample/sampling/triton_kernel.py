@@ -446,7 +446,8 @@ def row_kept_mass_triton(
     :func:`flexsample.cover.cover_rows`.
 
     Args:
-        q, k: as for :func:`sample_column_scores_triton`.
+        q: ``(B, Hq, S, D)`` queries on CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        k: ``(B, Hkv, S, D)`` keys.
         layout: the geometry (sampled rows, block size, sink).
         scale: softmax scale.
         window_blocks: ``(B, Hq)`` window per head in blocks.
