@@ -35,8 +35,8 @@ class MethodRun:
         name: ``"dense SDPA"`` or ``"flexsample"``.
         prefill_s: median seconds of a prefill forward (time to first token).
         attention_s: seconds inside attention in one prefill, all layers (for flexsample,
-            sampling, selection and mask included).
-        overhead_s: of ``attention_s``, seconds of sampling, selection and mask building.
+            sampling, selection, row cover and mask included).
+        overhead_s: of ``attention_s``, seconds of sampling, selection, row cover and mask building.
         density: share of causal (query, key) pairs computed over the prefill's attention calls.
         answer: the greedy continuation.
         correct: whether it contains the pass key.
@@ -202,7 +202,7 @@ def explain(result: DemoResult) -> list[str]:
     ]
     sparse_s = flex.attention_s - flex.overhead_s
     lines.append(
-        f"flexsample attention: {flex.attention_s:.2f} s = sampling, selection and mask "
+        f"flexsample attention: {flex.attention_s:.2f} s = sampling, selection, row cover and mask "
         f"{flex.overhead_s:.2f} s + block-sparse attention {sparse_s:.2f} s at density "
         f"{flex.density:.3f}, against dense SDPA's {dense.attention_s:.2f} s "
         f"({result.attention_speedup:.2f}x)."
