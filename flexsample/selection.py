@@ -64,6 +64,10 @@ class ColumnSelection:
         return torch.where(valid, picked, torch.full_like(picked, S))
 
 
+#: Memory for weighing a batch of window candidates at once in :func:`select_columns`.
+_SELECT_BUDGET_BYTES = 1 << 28
+
+
 def _check_scores(scores: object, layout: SampleLayout) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError("scores must be a floating-point torch.Tensor")
@@ -158,24 +162,38 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     # their block reach no further), so the mass it is credited with holds for every row.
     last_row = torch.tensor(layout.segment_ends(), device=scores.device)[:, None] - 1  # (G, 1)
 
-    best_cost = torch.full((B, H), float("inf"), device=scores.device, dtype=torch.float64)
-    best_window = torch.zeros(B, H, dtype=torch.int64, device=scores.device)
-    best_columns = torch.zeros(B, H, mass.shape[-1], dtype=torch.bool, device=scores.device)
-    for w in layout.window_candidates():
-        start = last_row - w * bs + 1  # (G, 1): the keys every row's window reaches
+    dev = scores.device
+    best_cost = torch.full((B, H), float("inf"), device=dev, dtype=torch.float64)
+    best_window = torch.zeros(B, H, dtype=torch.int64, device=dev)
+    best_columns = torch.zeros(B, H, mass.shape[-1], dtype=torch.bool, device=dev)
+    candidates = layout.window_candidates()
+    # Candidates are weighed a batch at a time (a leading dim): few launches at short
+    # lengths, bounded memory at long ones (about 16 bytes per unit and candidate).
+    per_batch = max(1, _SELECT_BUDGET_BYTES // (16 * ordered.numel()))
+    for i in range(0, len(candidates), per_batch):
+        ws = candidates[i : i + per_batch]
+        w = torch.tensor(ws, device=dev).view(-1, 1, 1, 1, 1)  # (Wc, 1, 1, 1, 1)
+        start = last_row - w * bs + 1  # (Wc, 1, 1, G, 1): the keys every row's window reaches
         eligible = (last_sorted < start) & (first_sorted >= layout.sink_tokens)
         outside = ordered * eligible
         need = alpha * total - (total - outside.sum(dim=-1, keepdim=True))
         before = outside.cumsum(dim=-1) - outside  # eligible mass of the heavier units
         take = eligible & (before < need) & (ordered > 0)
-        chosen = torch.zeros_like(take).scatter_(-1, order, take).any(dim=2)  # (B, H, U)
+        unsorted = torch.zeros_like(take).scatter_(-1, order.expand_as(take), take)
+        chosen = unsorted.any(dim=3)  # (Wc, B, H, U)
         # A column at block cb is read by every query in blocks after cb + w.
-        readers = (S - (first // bs + w + 1) * bs).clamp(min=0) * tokens
-        cost = window_pairs(layout, w) + (chosen * readers).sum(dim=-1, dtype=torch.float64)
-        better = cost < best_cost
-        best_cost = torch.where(better, cost, best_cost)
-        best_window = torch.where(better, w, best_window)
-        best_columns = torch.where(better[..., None], chosen, best_columns)
+        readers = (S - (first // bs + w.view(-1, 1) + 1) * bs).clamp(min=0) * tokens  # (Wc, U)
+        pairs = torch.tensor([window_pairs(layout, c) for c in ws], device=dev)
+        cost = pairs.view(-1, 1, 1).double() + (chosen * readers[:, None, None, :]).sum(
+            dim=-1, dtype=torch.float64
+        )  # (Wc, B, H)
+        # The first (smallest) window wins ties, within a batch and across batches.
+        cheapest, pick = cost.min(dim=0)
+        better = cheapest < best_cost
+        best_cost = torch.where(better, cheapest, best_cost)
+        best_window = torch.where(better, w.view(-1)[pick], best_window)
+        picked = chosen.gather(0, pick[None, :, :, None].expand(1, B, H, chosen.shape[-1]))[0]
+        best_columns = torch.where(better[..., None], picked, best_columns)
 
     if layout.column_unit == "block":
         best_columns = best_columns.repeat_interleave(bs, dim=-1)[..., :S]

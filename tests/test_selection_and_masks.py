@@ -228,3 +228,20 @@ def test_window_pairs_closed_form_matches_local_pairs(S, bs, sink):
     layout = SampleLayout.create(S, SampleConfig(block_size=bs, sink_blocks=sink, min_window=bs))
     for w in range(layout.num_blocks + 2):
         assert window_pairs(layout, w) == int(local_pairs(torch.tensor(w), layout)), w
+
+
+@pytest.mark.parametrize("unit", ["token", "block"])
+def test_window_candidates_in_batches_choose_as_one_at_a_time(unit, monkeypatch):
+    """Weighing candidates a batch at a time (few launches) or singly (bounded memory) picks
+    the same window and columns, ties to the smallest window included."""
+    import flexsample.selection as selection
+
+    q, k, _ = planted_qkv(2, 4, 2, 1300, 32, stripes=(2, 6))
+    cfg = SampleConfig(block_size=64, num_segments=3, sample_ratio=0.1, column_unit=unit)
+    layout = SampleLayout.create(1300, cfg)
+    scores = sample_column_scores_reference(q, k, layout, 32**-0.5)
+    batched = select_columns(scores, layout, 0.95)
+    monkeypatch.setattr(selection, "_SELECT_BUDGET_BYTES", 1)  # one candidate per batch
+    single = select_columns(scores, layout, 0.95)
+    assert torch.equal(batched.window_blocks, single.window_blocks)
+    assert torch.equal(batched.columns, single.columns)
