@@ -240,8 +240,8 @@ def test_window_candidates_in_batches_choose_as_one_at_a_time(unit, monkeypatch)
     cfg = SampleConfig(block_size=64, num_segments=3, sample_ratio=0.1, column_unit=unit)
     layout = SampleLayout.create(1300, cfg)
     scores = sample_column_scores_reference(q, k, layout, 32**-0.5)
+    single = select_columns(scores, layout, 0.95)  # on CPU: one candidate at a time
+    monkeypatch.setitem(selection._SELECT_BUDGET_BYTES, "cpu", 1 << 28)  # all at once
     batched = select_columns(scores, layout, 0.95)
-    monkeypatch.setattr(selection, "_SELECT_BUDGET_BYTES", 1)  # one candidate per batch
-    single = select_columns(scores, layout, 0.95)
     assert torch.equal(batched.window_blocks, single.window_blocks)
     assert torch.equal(batched.columns, single.columns)
