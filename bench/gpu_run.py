@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
+from flexsample.sampling import sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import rel_max, rel_rmse
 
@@ -149,10 +150,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     kv_columns = torch.rand(B, Hkv, S, device=device, generator=gen) < 0.2
     columns = kv_columns.repeat_interleave(Hq // Hkv, dim=1)
     rows = layout.sampled_rows(device).flatten()
-    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
-    logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * D**-0.5
-    causal = torch.arange(S, device=device) <= rows[:, None]
-    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    p = sampled_row_probabilities(q, k, layout, D**-0.5)
     ref = (p * fs.keep_mask(windows, columns, layout, rows)).sum(dim=-1)
     if sampler == "triton":
         from flexsample.sampling.triton_kernel import row_kept_mass_triton

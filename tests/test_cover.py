@@ -11,6 +11,7 @@ from flexsample.plan import plan_prefill
 from flexsample.sampling import (
     sample_column_scores_reference,
     sample_column_scores_torch,
+    sampled_row_probabilities,
     triton_available,
 )
 from flexsample.synthetic import planted_qkv
@@ -33,15 +34,23 @@ def _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, **config):
     return q, k, SampleLayout.create(S, cfg), cfg
 
 
+def _probs_and_keep(q, k, layout, window_blocks, columns):
+    """float64 probabilities of the sampled rows and the mask's keys, each (B, Hq, G*r, S)."""
+    p = sampled_row_probabilities(q, k, layout, q.shape[-1] ** -0.5)
+    rows = layout.sampled_rows().flatten()
+    return p, keep_mask(window_blocks, columns, layout, rows)
+
+
 def _exact_row_mass(q, k, layout, window_blocks, columns):
     """float64: each sampled row's kept share of its causal attention mass, (B, Hq, G*r)."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
-    rows = layout.sampled_rows().flatten()
-    logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    causal = torch.arange(layout.seq_len) <= rows[:, None]
-    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return (p * keep_mask(window_blocks, columns, layout, rows)).sum(dim=-1)
+    p, keep = _probs_and_keep(q, k, layout, window_blocks, columns)
+    return (p * keep).sum(dim=-1)
+
+
+def _heaviest_missing(q, k, layout, window_blocks, columns):
+    """float64: each sampled row's heaviest probability outside its mask, (B, Hq, G*r)."""
+    p, keep = _probs_and_keep(q, k, layout, window_blocks, columns)
+    return p.masked_fill(keep, 0).amax(dim=-1)
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, S, D, bs, segments, ratio", SHAPES)
@@ -82,17 +91,6 @@ def test_every_sampled_row_keeps_alpha(B, Hq, Hkv, S, D, bs, segments, ratio, dt
     )
     expected = (before < alpha) & (heavy_before > floor)
     assert abs(int(cover.repaired.sum()) - int(expected.sum())) <= 1  # fp32 vs float64 edges
-
-
-def _heaviest_missing(q, k, layout, window_blocks, columns):
-    """float64: each sampled row's heaviest probability outside its mask, (B, Hq, G*r)."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
-    rows = layout.sampled_rows().flatten()
-    logits = (q.double()[:, :, rows] @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    causal = torch.arange(layout.seq_len) <= rows[:, None]
-    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return p.masked_fill(keep_mask(window_blocks, columns, layout, rows), 0).amax(dim=-1)
 
 
 @pytest.mark.triton

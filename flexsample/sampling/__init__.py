@@ -16,7 +16,7 @@ import torch
 from ..config import SampleConfig
 from ..layout import SampleLayout
 from ..validation import check_qk, resolve_scale
-from .reference import sample_column_scores_reference
+from .reference import sample_column_scores_reference, sampled_row_probabilities
 from .torch_sampler import sample_column_scores_torch
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "sample_column_scores",
     "sample_column_scores_reference",
     "sample_column_scores_torch",
+    "sampled_row_probabilities",
     "triton_available",
 ]
 
