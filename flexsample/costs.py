@@ -251,7 +251,7 @@ def calibrate(
     gpu = device.type == "cuda"
     lengths = lengths or ((8192, 32768, 65536) if gpu else (2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
-    plan_config = SampleConfig(min_seq_len=0, max_density=1.0)
+    plan_config = SampleConfig.always_sparse()
     dense, plan, sparse = [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():

@@ -49,9 +49,7 @@ def test_dense_equivalent_config_matches_sdpa():
 def test_alpha_one_keeps_every_block_on_random_inputs():
     """With a narrow window, alpha=1 must still select every block that has any mass."""
     q, k, v = _qkv(1, 4, 2, 1500, 32)
-    cfg = SampleConfig(
-        alpha=1.0, block_size=64, min_window=64, window_ratio=0.0, min_seq_len=0, max_density=1.0
-    )
+    cfg = SampleConfig.always_sparse(alpha=1.0, block_size=64, min_window=64, window_ratio=0.0)
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.mean_density == 1.0
     assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-4
@@ -190,9 +188,7 @@ def test_ten_lengths_compile_once():
     from flexsample.sampling.torch_sampler import chunk_probabilities
 
     torch._dynamo.reset()
-    cfg = SampleConfig(
-        block_size=64, min_window=64, min_seq_len=0, max_density=1.0, sampler="torch"
-    )
+    cfg = SampleConfig.always_sparse(block_size=64, min_window=64, sampler="torch")
     for S in [300, 333, 517, 640, 700, 811, 999, 1024, 1200, 1500]:
         q, k, v = _qkv(2, 2, 1, S, 32)
         flex_sample_attention(q, k, v, config=cfg)
@@ -210,7 +206,7 @@ def test_ten_lengths_compile_once():
 def test_tiny_lengths_run_the_sparse_path(S):
     """Lengths of one or two tiles: the window covers everything, output equals SDPA."""
     q, k, v = _qkv(1, 2, 1, S, 16)
-    cfg = SampleConfig(block_size=16, min_window=16, min_seq_len=0, max_density=1.0)
+    cfg = SampleConfig.always_sparse(block_size=16, min_window=16)
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.path == "sparse" and stats.mean_density == 1.0
     assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-5

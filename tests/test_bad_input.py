@@ -51,9 +51,7 @@ def test_triton_sampler_on_cpu_without_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="sampler='triton' needs CUDA"):
-        flex_sample_attention(
-            *_ok(S=300), config=SampleConfig(sampler="triton", min_seq_len=0, max_density=1.0)
-        )
+        flex_sample_attention(*_ok(S=300), config=SampleConfig.always_sparse(sampler="triton"))
 
 
 @pytest.mark.parametrize("S", [64, 1100], ids=["dense-path", "sparse-path"])
@@ -71,11 +69,11 @@ def test_requires_grad_is_refused_at_every_length(S):
     "config, words",
     [
         (
-            SampleConfig(block_size=2**20, min_seq_len=0, max_density=1.0),
+            SampleConfig.always_sparse(block_size=2**20),
             "one tile, nothing to skip",
         ),
         (
-            SampleConfig(window_ratio=0.95, min_seq_len=0, max_density=1.0),
+            SampleConfig.always_sparse(window_ratio=0.95),
             "fixed window of 9 blocks covers all",
         ),
     ],

@@ -37,9 +37,7 @@ def test_tokens_need_fewer_pairs_than_tiles_and_the_plan_is_scored_the_same_way(
     token = oracle_frontier(q, k, v, [0.95], unit="token", block_size=64)[0.95]
     tile = oracle_frontier(q, k, v, [0.95], unit="tile", block_size=64)[0.95]
     assert token.density < tile.density
-    plan = fs.plan_prefill(
-        q, k, fs.SampleConfig(block_size=64, min_window=64, min_seq_len=0, max_density=1.0)
-    )
+    plan = fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(block_size=64, min_window=64))
     quality = evaluate_plan(q, k, v, plan)
     assert quality.density == pytest.approx(float(plan.density.mean()))
     out = fs.run_plan(plan, q, k, v)

@@ -10,7 +10,7 @@ from flexsample.synthetic import planted_qkv
 @pytest.mark.parametrize("B, S", [(1, 1100), (2, 777)], ids=["B1-S1100", "B2-S777"])
 def test_plan_then_run_equals_flex_sample_attention(B, S):
     q, k, v = planted_qkv(B, 4, 2, S, 32, stripes=3, seed=7)
-    cfg = fs.SampleConfig(block_size=64, min_window=64, min_seq_len=0, max_density=1.0)
+    cfg = fs.SampleConfig.always_sparse(block_size=64, min_window=64)
     plan = fs.plan_prefill(q, k, cfg)
     assert plan.path == "sparse" and plan.sampler == "torch"
     assert plan.selection.columns.shape == (B, 4, S) and plan.window_blocks.shape == (B, 4)
@@ -35,18 +35,16 @@ def test_plan_is_frozen_and_dense_plans_cost_nothing():
 def test_plan_records_stage_times_with_a_timer():
     q, k, _ = planted_qkv(1, 2, 1, 1100, 16, stripes=2, seed=1)
     timer = fs.StageTimer(q.device, enabled=True)
-    fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=0, max_density=1.0), timer=timer)
+    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(), timer=timer)
     assert set(timer.times) == {"sample", "select", "cover", "mask"}
     timer = fs.StageTimer(q.device, enabled=True)
-    fs.plan_prefill(
-        q, k, fs.SampleConfig(min_seq_len=0, max_density=1.0, cover_rows=False), timer=timer
-    )
+    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(cover_rows=False), timer=timer)
     assert set(timer.times) == {"sample", "select", "mask"}
 
 
 def test_run_plan_rejects_inputs_it_was_not_made_for():
     q, k, v = planted_qkv(1, 2, 1, 1100, 16, stripes=2, seed=2)
-    plan = fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=0, max_density=1.0))
+    plan = fs.plan_prefill(q, k, fs.SampleConfig.always_sparse())
     with pytest.raises(ValueError, match=r"the plan is for \(B, Hq, S\) = \(1, 2, 1100\)"):
         fs.run_plan(plan, q[:, :, :1000], k[:, :, :1000], v[:, :, :1000])
 
@@ -54,7 +52,7 @@ def test_run_plan_rejects_inputs_it_was_not_made_for():
 def test_stats_tensors_live_on_the_inputs_device(device):
     q, k, v = planted_qkv(1, 4, 2, 1100, 16, stripes=2, seed=3, device=device)
     _, stats = fs.flex_sample_attention(
-        q, k, v, config=fs.SampleConfig(min_seq_len=0, max_density=1.0), return_stats=True
+        q, k, v, config=fs.SampleConfig.always_sparse(), return_stats=True
     )
     for name in ("density", "window", "columns", "scores", "sampled_mass", "row_mass"):
         assert getattr(stats, name).device == q.device, name

@@ -9,7 +9,7 @@ import flexsample.integrations.transformers as fst  # noqa: E402
 from flexsample import SampleConfig  # noqa: E402
 
 DENSE_EQUIVALENT = SampleConfig.dense_equivalent(block_size=16, min_window=16)
-SPARSE = SampleConfig(block_size=16, min_window=16, min_seq_len=0, max_density=1.0, alpha=0.9)
+SPARSE = SampleConfig.always_sparse(block_size=16, min_window=16, alpha=0.9)
 
 
 def tiny_llama(**overrides):
