@@ -49,18 +49,30 @@ def user_cache() -> Path:
 
 
 def device_name(device: torch.device) -> str:
-    """The key of a device in the cost tables: the GPU's name, or the CPU's model and threads."""
+    """The key of a device in the cost tables: the GPU's name, or the CPU's model and threads.
+
+    Asked on every planned call: the names are read once per process.
+    """
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _gpu_name(index)
+    return f"cpu {_cpu_model()} x{torch.get_num_threads()}"
+
+
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as info:
-            model = next(
+            return next(
                 line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
             )
     except (OSError, StopIteration):
-        pass
-    return f"cpu {model} x{torch.get_num_threads()}"
+        return platform.processor() or platform.machine()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
