@@ -18,7 +18,7 @@ from .config import SampleConfig
 from .cover import RowCover, cover_rows
 from .layout import SampleLayout
 from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
-from .plan import PrefillPlan, plan_prefill, run_plan
+from .plan import PrefillPlan, dense_before_sampling, plan_prefill, run_plan
 from .sampling import (
     sample_column_scores,
     sample_column_scores_reference,
@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "build_block_mask",
     "cover_rows",
+    "dense_before_sampling",
     "dense_causal_attention",
     "flex_sample_attention",
     "gather_keys",

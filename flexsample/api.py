@@ -33,7 +33,9 @@ def flex_sample_attention(
     sparse path spreads it only into the rows whose mask keeps that key.
 
     Args:
-        q: ``(B, Hq, S, D)`` queries; float32, bfloat16 or float16, on CPU or CUDA.
+        q: ``(B, Hq, L, D)`` queries; float32, bfloat16 or float16, on CPU or CUDA. ``L = S``
+            for a whole prompt; ``L < S`` for a chunk of a chunked prefill: the queries are
+            the last ``L`` positions and k, v hold the earlier context too.
         k: ``(B, Hkv, S, D)`` keys, ``Hq % Hkv == 0`` (grouped-query attention).
         v: ``(B, Hkv, S, D)`` values.
         config: method settings; ``SampleConfig()`` if None.
@@ -42,14 +44,14 @@ def flex_sample_attention(
             each stage, synchronising the device between stages).
 
     Returns:
-        ``(B, Hq, S, D)`` in q's dtype, or ``(output, stats)`` when ``return_stats``.
+        ``(B, Hq, L, D)`` in q's dtype, or ``(output, stats)`` when ``return_stats``.
 
     Raises:
         TypeError: a non-tensor input, a non-float or mixed dtype, a config that is not a
             ``SampleConfig``.
-        ValueError: mismatched shapes, ``Hq % Hkv != 0``, empty dimensions, tensors on
-            different devices, a non-positive scale, or a Triton sampler requested where it
-            cannot run.
+        ValueError: mismatched shapes, q longer than k, ``Hq % Hkv != 0``, empty
+            dimensions, tensors on different devices, a non-positive scale, or a Triton
+            sampler requested where it cannot run.
         NotImplementedError: an input requires grad (flexsample has no backward pass).
     """
     if not torch.compiler.is_compiling():

@@ -8,6 +8,7 @@ import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compilation import recompile_policy
@@ -80,19 +81,26 @@ _CUDA_DENSE_ORDER = [
 def dense_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Dense causal attention (PyTorch SDPA), the fallback path. Shapes as above.
+    """Dense causal attention (PyTorch SDPA), the fallback path.
+
+    q ``(B, Hq, L, D)`` holds the last ``L`` positions of k and v's ``S`` (``L = S`` for a
+    whole prompt).
 
     On CUDA it asks SDPA for cuDNN first (K/V expanded to the query heads, which cuDNN
     needs for GQA); elsewhere, and inside the user's own ``torch.compile``, SDPA chooses.
     """
     gqa = q.shape[1] != k.shape[1]
+    L, S = q.shape[2], k.shape[2]
+    # SDPA's is_causal aligns the first query with the first key; a chunk's queries are the
+    # last L positions, so its mask is aligned at the bottom right.
+    causal = {"is_causal": True} if L == S else {"attn_mask": causal_lower_right(L, S)}
     if q.device.type != "cuda" or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **causal)
     if gqa:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(_CUDA_DENSE_ORDER, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)
 
 
 def sparse_attention_reference(
@@ -107,7 +115,7 @@ def sparse_attention_reference(
     """Eager float64 oracle of SampleAttention's sparse path: materialises the element mask.
 
     Args:
-        q: ``(B, Hq, S, D)``.
+        q: ``(B, Hq, L, D)``, the last ``L = S - layout.query_start`` positions.
         k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
         v: ``(B, Hkv, S, D)``.
         window_blocks: ``(B, Hq)`` window per head, in blocks.
@@ -116,11 +124,12 @@ def sparse_attention_reference(
         scale: softmax scale.
 
     Returns:
-        ``(B, Hq, S, D)`` in q's dtype. Small inputs only (``B * Hq * S * S`` elements).
+        ``(B, Hq, L, D)`` in q's dtype. Small inputs only (``B * Hq * L * S`` elements).
     """
-    _, Hq, S, _ = q.shape
+    Hq, S = q.shape[1], k.shape[2]
     group = Hq // k.shape[1]
-    allowed = keep_mask(window_blocks, columns, layout, torch.arange(S, device=q.device))
+    rows = torch.arange(layout.query_start, S, device=q.device)
+    allowed = keep_mask(window_blocks, columns, layout, rows)
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     logits = (q.double() @ kk.transpose(-1, -2)) * scale

@@ -108,10 +108,14 @@ class CostModel:
     sparse_pair_s: float
     source: str = ""
 
-    def dense_s(self, batch_heads: int, seq_len: int, head_dim: int) -> float:
-        """Estimated seconds of dense causal attention."""
-        pairs = batch_heads * seq_len * (seq_len + 1) / 2
-        return self.dense_fixed_s + self.dense_pair_s * pairs * head_dim
+    def dense_s(
+        self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
+    ) -> float:
+        """Estimated seconds of dense causal attention: ``seq_len (seq_len + 1) / 2`` pairs
+        per head, or ``causal_pairs`` (a chunk's queries, see
+        :attr:`SampleLayout.causal_pairs`)."""
+        per_head = seq_len * (seq_len + 1) / 2 if causal_pairs is None else causal_pairs
+        return self.dense_fixed_s + self.dense_pair_s * batch_heads * per_head * head_dim
 
     def plan_s(self, batch_heads: int, seq_len: int, head_dim: int, sampled_rows: int) -> float:
         """Estimated seconds of planning (sample, select, cover, mask)."""
@@ -320,25 +324,27 @@ def length_verdict(
     rows = layout.num_segments * layout.rows_per_segment
     plan = model.plan_s(batch_heads, S, head_dim, rows)
     best = plan + model.sparse_s(floor, head_dim)
-    dense = model.dense_s(batch_heads, S, head_dim)
+    dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=layout.causal_pairs)
     if best < dense:
         return None
+    queries = "" if layout.query_start == 0 else f" ({layout.query_len} queries)"
     return (
-        f"seq_len {S}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
+        f"seq_len {S}{queries}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
         f"{(best - plan) * 1e3:.3g} ms would not beat dense ~{dense * 1e3:.3g} ms "
         f"(cost model of {model.device}, {model.dtype})"
     )
 
 
 def density_verdict(
-    model: CostModel, pairs: float, batch_heads: int, seq_len: int, head_dim: int
+    model: CostModel, pairs: float, batch_heads: int, layout: SampleLayout, head_dim: int
 ) -> str | None:
     """Why the planned sparse call would not beat dense attention (None if it would)."""
     sparse = model.sparse_s(pairs, head_dim)
-    dense = model.dense_s(batch_heads, seq_len, head_dim)
+    causal = layout.causal_pairs
+    dense = model.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=causal)
     if sparse < dense:
         return None
-    density = pairs / (batch_heads * seq_len * (seq_len + 1) / 2)
+    density = pairs / (batch_heads * causal)
     return (
         f"density {density:.3f}: the sparse call ~{sparse * 1e3:.3g} ms would not beat dense "
         f"~{dense * 1e3:.3g} ms (cost model of {model.device}, {model.dtype})"

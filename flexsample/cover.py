@@ -128,7 +128,7 @@ def cover_rows(
     """Make every sampled row keep at least ``alpha`` of its attention mass.
 
     Args:
-        q: ``(B, Hq, S, D)`` queries.
+        q: ``(B, Hq, L, D)`` queries (the last ``L`` of the ``S`` positions).
         k: ``(B, Hkv, S, D)`` keys.
         selection: from :func:`~flexsample.selection.select_columns`.
         alpha: CRA threshold in ``(0, 1]``.
@@ -142,8 +142,8 @@ def cover_rows(
         A :class:`RowCover`.
     """
     layout = selection.layout
-    B, Hq, S, _ = q.shape
-    Hkv = k.shape[1]
+    B, Hq = q.shape[:2]
+    Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
     attended = selection.group_columns(group)
@@ -192,7 +192,7 @@ def cover_rows(
             width = int(pos.max()) + 1
             window_start = (pos // bs - windows[b, h]) * bs
             p, row_kept = measure(
-                q[b, h, pos].to(dtype) * scale,
+                q[b, h, pos - layout.query_start].to(dtype) * scale,
                 keys[:width],
                 pos,
                 window_start,

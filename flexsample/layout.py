@@ -20,10 +20,11 @@ class SampleLayout:
 
     A window of ``w`` blocks means: query block ``qb`` keeps key blocks ``qb - w .. qb``
     whole (causally masked on the diagonal), i.e. every key at or after token
-    ``(qb - w) * block_size``.
+    ``(qb - w) * block_size``. Blocks are counted from key 0; a prefill of a later chunk
+    (``query_start > 0``: earlier keys are context without queries) shares the grid.
 
     Attributes:
-        seq_len: Number of query (= key) tokens ``S``.
+        seq_len: Number of key tokens ``S``; the queries are the last ``S - query_start``.
         block_size: Tile side in tokens.
         num_blocks: ``ceil(S / block_size)``; the last block may be partial.
         min_window_blocks: Smallest window in blocks (``ceil(min_window / block_size)``).
@@ -33,6 +34,8 @@ class SampleLayout:
         num_segments: Number of query segments (at most ``S``).
         rows_per_segment: Sampled rows per segment (the segment's last rows).
         column_unit: ``"token"`` or ``"block"`` (see :class:`SampleConfig`).
+        query_start: Position of the first query (0 for a whole prompt; the chunk's
+            offset for a chunked prefill).
     """
 
     seq_len: int
@@ -44,21 +47,28 @@ class SampleLayout:
     num_segments: int
     rows_per_segment: int
     column_unit: str = "token"
+    query_start: int = 0
 
     @classmethod
-    def create(cls, seq_len: int, config: SampleConfig) -> SampleLayout:
-        """Lay out a sequence of ``seq_len >= 1`` tokens under ``config``."""
+    def create(
+        cls, seq_len: int, config: SampleConfig, *, query_len: int | None = None
+    ) -> SampleLayout:
+        """Lay out ``seq_len >= 1`` keys under ``config``, queried by the last ``query_len``
+        positions (all of them when None)."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        query_len = seq_len if query_len is None else query_len
+        if not 1 <= query_len <= seq_len:
+            raise ValueError(f"query_len must lie in [1, seq_len={seq_len}], got {query_len}")
         bs = config.block_size
         num_blocks = math.ceil(seq_len / bs)
         floor = math.ceil(config.min_window / bs)
         fixed = None
         if config.window_ratio is not None:
             fixed = max(floor, math.ceil(math.ceil(config.window_ratio * seq_len) / bs))
-        num_segments = min(config.num_segments, seq_len)
-        shortest_segment = seq_len // num_segments
-        rows = math.ceil(config.sample_ratio * seq_len / num_segments)
+        num_segments = min(config.num_segments, query_len)
+        shortest_segment = query_len // num_segments
+        rows = math.ceil(config.sample_ratio * query_len / num_segments)
         return cls(
             seq_len=seq_len,
             block_size=bs,
@@ -69,11 +79,28 @@ class SampleLayout:
             num_segments=num_segments,
             rows_per_segment=max(1, min(rows, shortest_segment)),
             column_unit=config.column_unit,
+            query_start=seq_len - query_len,
         )
 
     @property
     def num_sampled_rows(self) -> int:
         return self.num_segments * self.rows_per_segment
+
+    @property
+    def query_len(self) -> int:
+        """Number of queries: positions ``query_start .. seq_len - 1``."""
+        return self.seq_len - self.query_start
+
+    @property
+    def first_query_block(self) -> int:
+        """The block of the first query; the attention call starts its rows there."""
+        return self.query_start // self.block_size
+
+    @property
+    def causal_pairs(self) -> int:
+        """Causal (query, key) pairs of the queries: query ``q`` has ``q + 1`` keys."""
+        S, P = self.seq_len, self.query_start
+        return (S * (S + 1) - P * (P + 1)) // 2
 
     @property
     def sink_tokens(self) -> int:
@@ -99,9 +126,10 @@ class SampleLayout:
         return candidates
 
     def segment_ends(self) -> list[int]:
-        """Exclusive end row of each segment; the last one is ``seq_len``."""
-        g = self.num_segments
-        return [((i + 1) * self.seq_len) // g for i in range(g)]
+        """Exclusive end row of each segment (segments split the queries); the last one is
+        ``seq_len``."""
+        g, L = self.num_segments, self.query_len
+        return [self.query_start + ((i + 1) * L) // g for i in range(g)]
 
     def sampled_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Positions of the sampled query rows, ``(num_segments, rows_per_segment)`` int64.

@@ -48,7 +48,9 @@ def key_codes(gathered: torch.Tensor, seq_len: int, group: int) -> torch.Tensor:
     return codes.repeat_interleave(group, dim=1).contiguous()
 
 
-def sample_attention_mask_mod(codes: torch.Tensor, window_blocks: torch.Tensor, block_size: int):
+def sample_attention_mask_mod(
+    codes: torch.Tensor, window_blocks: torch.Tensor, block_size: int, *, query_offset: int = 0
+):
     """The exact ``mask_mod`` of a SampleAttention call over ``[gathered | keys]``.
 
     Query ``q`` reads a gathered column iff its position is before ``q``'s window, and a key
@@ -65,6 +67,7 @@ def sample_attention_mask_mod(codes: torch.Tensor, window_blocks: torch.Tensor, 
         codes: ``(B, Hq, C + S)`` from :func:`key_codes`.
         window_blocks: ``(B, Hq)`` window per head, in blocks.
         block_size: tile side in tokens.
+        query_offset: position of the call's query row 0 (a multiple of ``block_size``).
     """
     _, H, L = codes.shape
     flat_codes = codes.reshape(-1)
@@ -74,8 +77,10 @@ def sample_attention_mask_mod(codes: torch.Tensor, window_blocks: torch.Tensor, 
         return torch.tensor(x, dtype=torch.int32, device=codes.device)
 
     heads, length, tile = number(H), number(L), number(block_size)
+    offset = number(query_offset)
 
     def sample_attention_mask(b, h, q_idx, kv_idx):
+        q_idx = q_idx + offset
         head = b * heads + h
         code = flat_codes[head * length + kv_idx]
         start = (q_idx // tile - flat_windows[head]) * tile  # first key of q's window
@@ -112,15 +117,16 @@ def block_maps(
         layout: the geometry.
 
     Returns:
-        ``(full, partial)``, each ``(B, Hq, N, C / block_size + N)`` bool.
+        ``(full, partial)``, each ``(B, Hq, Nq, C / block_size + N)`` bool, where ``Nq``
+        counts the query blocks from ``layout.first_query_block``.
     """
     bs, n = layout.block_size, layout.num_blocks
     Hq = window_blocks.shape[1]
     group = Hq // gathered.shape[1]
     dev = window_blocks.device
-    qb = torch.arange(n, device=dev)
+    qb = torch.arange(layout.first_query_block, n, device=dev)
     kb = torch.arange(n, device=dev)
-    start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, N) window start block
+    start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, Nq) window start block
     # Gathered part: columns before the window start, a prefix of each ascending list.
     cb = gathered.shape[-1] // bs
     before = torch.searchsorted(
@@ -140,7 +146,10 @@ def block_maps(
 def build_block_mask(
     window_blocks: torch.Tensor, gathered: torch.Tensor, layout: SampleLayout
 ) -> BlockMask:
-    """The SampleAttention ``BlockMask`` over ``(B, Hq, S, C + S)``.
+    """The SampleAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``.
+
+    Its query rows start at the first query's block, ``offset = first_query_block *
+    block_size`` (0 for a whole prompt): the caller pads the queries in front to it.
 
     Args:
         window_blocks: ``(B, Hq)`` window per head, in blocks.
@@ -159,7 +168,10 @@ def build_block_mask(
     part_num, part_idx = _kv_indices(partial)
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
     group = window_blocks.shape[1] // gathered.shape[1]
-    mask_mod = sample_attention_mask_mod(key_codes(gathered, S, group), window_blocks, bs)
+    offset = layout.first_query_block * bs
+    mask_mod = sample_attention_mask_mod(
+        key_codes(gathered, S, group), window_blocks, bs, query_offset=offset
+    )
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,
@@ -167,7 +179,7 @@ def build_block_mask(
         full_idx,
         BLOCK_SIZE=bs,
         mask_mod=mask_mod,
-        seq_lengths=(S, num_gathered + S),
+        seq_lengths=(S - offset, num_gathered + S),
         **extra,
     )
 
@@ -187,7 +199,7 @@ def gather_keys(x: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
 def pair_density(
     window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
 ) -> torch.Tensor:
-    """``(B, H)`` computed (query, key) pairs over causal pairs ``S (S + 1) / 2``.
+    """``(B, H)`` computed (query, key) pairs over the queries' causal pairs.
 
     Args:
         window_blocks: ``(B, H)`` window per head, in blocks.
@@ -195,14 +207,14 @@ def pair_density(
         layout: the geometry.
     """
     S, bs = layout.seq_len, layout.block_size
-    q = torch.arange(S, device=columns.device)
-    start = ((q // bs)[None, None, :] - window_blocks[..., None]).clamp(min=0) * bs  # (B,H,S)
+    q = torch.arange(layout.query_start, S, device=columns.device)
+    start = ((q // bs)[None, None, :] - window_blocks[..., None]).clamp(min=0) * bs  # (B,H,L)
     local = local_pairs(window_blocks, layout)
     # Columns before each query block's window start: prefix sums per block boundary.
     prefix = torch.nn.functional.pad(columns.long().cumsum(dim=-1), (1, 0))  # (B, H, S + 1)
     per_row = prefix.gather(-1, start) - prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
     per_row = per_row.clamp(min=0)
-    return (local + per_row.sum(dim=-1)).double() / (S * (S + 1) / 2)
+    return (local + per_row.sum(dim=-1)).double() / layout.causal_pairs
 
 
 def tile_coverage(
@@ -220,5 +232,5 @@ def tile_coverage(
     qb = torch.arange(n, device=dev)[:, None]
     kb = torch.arange(n, device=dev)[None, :]
     local = (kb >= qb - window_blocks[..., None, None]) | (kb < layout.sink_blocks)
-    causal = kb <= qb
+    causal = (kb <= qb) & (qb >= layout.first_query_block)
     return torch.where(local, 1.0, share[..., None, :].expand(-1, -1, n, -1)) * causal

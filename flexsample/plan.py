@@ -39,7 +39,8 @@ class PrefillPlan:
     Attributes:
         path: ``"sparse"`` (run the block mask) or ``"dense"`` (run dense causal SDPA).
         reason: why the dense path was chosen; None on the sparse path.
-        seq_len, batch_size, num_heads: ``S``, ``B`` and ``Hq`` of the planned call.
+        seq_len, batch_size, num_heads: ``S`` (keys), ``B`` and ``Hq`` of the planned call.
+        query_len: ``L``, the queries (the last ``L`` positions; ``S`` for a whole prompt).
         scale: the softmax scale the plan was made with (and :func:`run_plan` uses).
         config: the settings the plan was made with.
         notes: what about this length and config limits sparsity (see
@@ -54,11 +55,14 @@ class PrefillPlan:
             ``config.cover_rows``.
         gathered: ``(B, Hkv, C)`` positions of the columns the attention call gathers per kv
             head (padding ``S``).
-        block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S, C + S)``.
+        block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``,
+            its rows starting at the first query's block (``offset``, see
+            :func:`~flexsample.masks.build_block_mask`).
     """
 
     path: Path
     seq_len: int
+    query_len: int
     batch_size: int
     num_heads: int
     scale: float
@@ -139,7 +143,8 @@ def plan_prefill(
     syncs).
 
     Args:
-        q: ``(B, Hq, S, D)`` queries.
+        q: ``(B, Hq, L, D)`` queries: the last ``L`` positions of the ``S`` keys (``L = S``
+            for a whole prompt; a chunk of a chunked prefill has its earlier context in k).
         k: ``(B, Hkv, S, D)`` keys, ``Hq % Hkv == 0``.
         config: method settings; ``SampleConfig()`` if None.
         scale: softmax scale; ``1/sqrt(D)`` if None.
@@ -159,22 +164,27 @@ def plan_prefill(
         check_qk(q, k)
     scale = resolve_scale(q, scale)
     timer = timer or StageTimer(q.device, enabled=False)
-    B, Hq, S, _ = q.shape
-    common = {"seq_len": S, "batch_size": B, "num_heads": Hq, "scale": scale, "config": config}
+    B, Hq, L, _ = q.shape
+    S = k.shape[2]
+    common = {
+        "seq_len": S,
+        "query_len": L,
+        "batch_size": B,
+        "num_heads": Hq,
+        "scale": scale,
+        "config": config,
+    }
 
-    if config.min_seq_len is not None and S < config.min_seq_len:
-        reason = f"seq_len {S} < min_seq_len {config.min_seq_len}"
-        _log_once("min_seq_len", logging.INFO, "flexsample: dense attention (%s)", reason)
-        return PrefillPlan(path="dense", reason=reason, **common)
-
-    layout = SampleLayout.create(S, config)
     D = q.shape[-1]
-    costs = _cost_model(q) if config.min_seq_len is None or config.max_density is None else None
-    if config.min_seq_len is None and costs is not None:
-        reason = length_verdict(costs, B * Hq, D, layout)
-        if reason is not None:
-            _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
-            return PrefillPlan(path="dense", reason=reason, **common)
+    reason = dense_before_sampling(config, S, L, B * Hq, D, q.device, q.dtype)
+    if reason is not None:
+        return PrefillPlan(path="dense", reason=reason, **common)
+    layout = SampleLayout.create(S, config, query_len=L)
+    costs = (
+        _cost_model(q.device, q.dtype)
+        if config.min_seq_len is None or config.max_density is None
+        else None
+    )
 
     notes = layout.notes()
     for field, note in notes.items():
@@ -222,33 +232,81 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     Args:
         plan: from :func:`plan_prefill` on these ``q`` and ``k``.
-        q: ``(B, Hq, S, D)``.
+        q: ``(B, Hq, L, D)``, the last ``L`` positions.
         k: ``(B, Hkv, S, D)``.
         v: ``(B, Hkv, S, D)``.
 
     Returns:
-        ``(B, Hq, S, D)`` in q's dtype.
+        ``(B, Hq, L, D)`` in q's dtype.
 
     Raises:
         ValueError: ``q`` does not have the batch size, heads and length the plan was made for.
     """
     if not torch.compiler.is_compiling():
-        B, Hq, S, _ = q.shape
-        if (B, Hq, S) != (plan.batch_size, plan.num_heads, plan.seq_len):
+        B, Hq, L, _ = q.shape
+        planned = (plan.batch_size, plan.num_heads, plan.query_len, plan.seq_len)
+        if (B, Hq, L, k.shape[2]) != planned:
             raise ValueError(
-                f"the plan is for (B, Hq, S) = ({plan.batch_size}, {plan.num_heads}, "
-                f"{plan.seq_len}), got q of shape {tuple(q.shape)}"
+                f"the plan is for (B, Hq, L, S) = {planned}, got q of shape "
+                f"{tuple(q.shape)} and k of shape {tuple(k.shape)}"
             )
     if plan.path == "dense":
         return dense_causal_attention(q, k, v, plan.scale)
     keys = gather_keys(k, plan.gathered)
     values = gather_keys(v, plan.gathered)
-    return sparse_attention(q, keys, values, plan.block_mask, plan.scale)
+    # The mask's rows start at the first query's block: pad the queries in front to it (the
+    # padding rows attend their own position, and are dropped).
+    layout = plan.layout
+    lead = layout.query_start - layout.first_query_block * layout.block_size
+    if lead:
+        q = torch.nn.functional.pad(q, (0, 0, lead, 0))
+    out = sparse_attention(q, keys, values, plan.block_mask, plan.scale)
+    return out[:, :, lead:] if lead else out
 
 
-def _cost_model(q: torch.Tensor) -> CostModel | None:
+def dense_before_sampling(
+    config: SampleConfig,
+    seq_len: int,
+    query_len: int,
+    batch_heads: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> str | None:
+    """Why :func:`plan_prefill` would choose dense attention before sampling, else None.
+
+    The length checks alone, without tensors: ``config.min_seq_len``, or with
+    ``min_seq_len=None`` the device's cost model (planning plus the sparsest call against
+    dense attention). Serving engines ask it per request, to leave the requests that would
+    run dense to their own kernels.
+
+    Args:
+        config: the settings.
+        seq_len: keys ``S``.
+        query_len: queries ``L <= S`` (the last ``L`` positions).
+        batch_heads: ``B * Hq``.
+        head_dim: ``D``.
+        device, dtype: where and in what the attention would run.
+    """
+    if config.min_seq_len is not None:
+        if seq_len >= config.min_seq_len:
+            return None
+        reason = f"seq_len {seq_len} < min_seq_len {config.min_seq_len}"
+        _log_once("min_seq_len", logging.INFO, "flexsample: dense attention (%s)", reason)
+        return reason
+    costs = _cost_model(device, dtype)
+    if costs is None:
+        return None
+    layout = SampleLayout.create(seq_len, config, query_len=query_len)
+    reason = length_verdict(costs, batch_heads, head_dim, layout)
+    if reason is not None:
+        _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
+    return reason
+
+
+def _cost_model(device: torch.device, dtype: torch.dtype) -> CostModel | None:
     try:
-        return cost_model(q.device, q.dtype)
+        return cost_model(device, dtype)
     except LookupError as error:
         _log_once("no-costs", logging.WARNING, "flexsample: %s; planning every call", error)
         return None
@@ -272,9 +330,8 @@ def _density_verdict(
         if mean <= config.max_density:
             return None
         return f"density {mean:.3f} > max_density {config.max_density}"
-    S = layout.seq_len
-    pairs = float(density.sum()) * S * (S + 1) / 2
-    return density_verdict(costs, pairs, batch_heads, S, head_dim)
+    pairs = float(density.sum()) * layout.causal_pairs
+    return density_verdict(costs, pairs, batch_heads, layout, head_dim)
 
 
 def _log_once(kind: str, level: int, message: str, *args: object) -> None:

@@ -106,8 +106,8 @@ def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
     :func:`local_pairs` for one window, which the tests hold it to.
     """
     S, bs = layout.seq_len, layout.block_size
-    qb = torch.arange(layout.num_blocks, dtype=torch.int64)
-    first = qb * bs
+    qb = torch.arange(layout.first_query_block, layout.num_blocks, dtype=torch.int64)
+    first = (qb * bs).clamp(min=layout.query_start)
     last = ((qb + 1) * bs).clamp(max=S) - 1
     rows = last - first + 1
     start = (qb - window_blocks).clamp(min=0) * bs
@@ -120,8 +120,8 @@ def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
 def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
     """Causal pairs that windows of ``window_blocks`` (any shape) and the sink keep."""
     S, bs = layout.seq_len, layout.block_size
-    q = torch.arange(S, device=window_blocks.device)
-    start = ((q // bs) - window_blocks[..., None]).clamp(min=0) * bs  # (..., S)
+    q = torch.arange(layout.query_start, S, device=window_blocks.device)
+    start = ((q // bs) - window_blocks[..., None]).clamp(min=0) * bs  # (..., queries)
     sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
     return (q - start + 1 + sink).sum(dim=-1)
 
@@ -189,7 +189,8 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
         unsorted = torch.zeros_like(take).scatter_(-1, order.expand_as(take), take)
         chosen = unsorted.any(dim=3)  # (Wc, B, H, U)
         # A column at block cb is read by every query in blocks after cb + w.
-        readers = (S - (first // bs + w.view(-1, 1) + 1) * bs).clamp(min=0) * tokens  # (Wc, U)
+        first_reader = ((first // bs + w.view(-1, 1) + 1) * bs).clamp(min=layout.query_start)
+        readers = (S - first_reader).clamp(min=0) * tokens  # (Wc, U)
         pairs = torch.tensor([window_pairs(layout, c) for c in ws], device=dev)
         cost = pairs.view(-1, 1, 1).double() + (chosen * readers[:, None, None, :]).sum(
             dim=-1, dtype=torch.float64

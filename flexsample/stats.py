@@ -30,7 +30,9 @@ class SampleStats:
     Attributes:
         path: ``"sparse"`` (SampleAttention ran) or ``"dense"`` (dense causal SDPA ran).
         reason: why the dense path ran; None on the sparse path.
-        seq_len: tokens ``S``.
+        seq_len: tokens ``S`` (keys).
+        query_len: queries ``L``, the last ``L`` positions (``S`` unless a chunk of a
+            chunked prefill).
         batch_size, num_heads: ``B`` and ``Hq``.
         sampler: stage-1 implementation that ran (None on the dense path).
         layout: block geometry (None on the dense path).
@@ -55,6 +57,7 @@ class SampleStats:
     seq_len: int
     batch_size: int
     num_heads: int
+    query_len: int | None = None
     reason: str | None = None
     sampler: str | None = None
     layout: SampleLayout | None = None
@@ -75,6 +78,7 @@ class SampleStats:
             path=plan.path,
             reason=plan.reason,
             seq_len=plan.seq_len,
+            query_len=plan.query_len,
             batch_size=plan.batch_size,
             num_heads=plan.num_heads,
             sampler=plan.sampler,
@@ -134,6 +138,7 @@ class SampleStats:
             "path": self.path,
             "reason": self.reason,
             "seq_len": self.seq_len,
+            "query_len": self.query_len,
             "sampler": self.sampler,
             "mean_density": round(self.mean_density, 4),
             "mean_window": None if self.mean_window is None else round(self.mean_window),

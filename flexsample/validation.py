@@ -10,12 +10,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_qkv(q: object, k: object, v: object) -> None:
-    """Check ``q (B, Hq, S, D)``, ``k``/``v (B, Hkv, S, D)`` for causal prefill attention.
+    """Check ``q (B, Hq, L, D)``, ``k``/``v (B, Hkv, S, D)`` for causal prefill attention.
+
+    ``L <= S``: the queries are the last ``L`` positions (``L = S`` for a whole prompt, less
+    for a chunk whose earlier context is in ``k`` and ``v``).
 
     Raises:
         TypeError: a non-tensor, or a dtype that is not float32/bfloat16/float16, or mixed
             dtypes.
-        ValueError: wrong rank, mismatched batch/length/head-dim, ``Hq % Hkv != 0``, an
+        ValueError: wrong rank, mismatched batch/head-dim, q longer than k, ``Hq % Hkv != 0``, an
             empty batch, sequence or head dim, or tensors on different devices.
         NotImplementedError: an input requires grad while autograd is on: flexsample
             computes the forward pass of inference prefill only (the same at every length,
@@ -41,10 +44,10 @@ def check_qkv(q: object, k: object, v: object) -> None:
         raise ValueError(f"k and v must have the same shape: {shapes}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size: {shapes}")
-    if q.shape[2] != k.shape[2]:
+    if q.shape[2] > k.shape[2]:
         raise ValueError(
-            "q and k must have the same sequence length (causal prefill; for decode or "
-            f"chunked prefill use dense attention): {shapes}"
+            "q must not be longer than k: the queries are the last positions of the keys' "
+            f"sequence (the whole prompt, or a chunk after earlier context): {shapes}"
         )
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head_dim: {shapes}")

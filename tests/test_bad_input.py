@@ -14,7 +14,11 @@ def _ok(S=64, Hq=4, Hkv=2, D=16):
     "make, error, words",
     [
         (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
-        (lambda q, k, v: (q, k[:, :, :10], v[:, :, :10]), ValueError, "same sequence length"),
+        (
+            lambda q, k, v: (q, k[:, :, :10], v[:, :, :10]),
+            ValueError,
+            "q must not be longer than k",
+        ),
         (lambda q, k, v: (q, k, v[:, :, :10]), ValueError, "k and v must have the same shape"),
         (lambda q, k, v: (q[..., :8], k, v), ValueError, "same head_dim"),
         (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of key/value heads"),

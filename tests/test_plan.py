@@ -45,7 +45,7 @@ def test_plan_records_stage_times_with_a_timer():
 def test_run_plan_rejects_inputs_it_was_not_made_for():
     q, k, v = planted_qkv(1, 2, 1, 1100, 16, stripes=2, seed=2)
     plan = fs.plan_prefill(q, k, fs.SampleConfig.always_sparse())
-    with pytest.raises(ValueError, match=r"the plan is for \(B, Hq, S\) = \(1, 2, 1100\)"):
+    with pytest.raises(ValueError, match=r"the plan is for \(B, Hq, L, S\) = \(1, 2, 1100, 1100\)"):
         fs.run_plan(plan, q[:, :, :1000], k[:, :, :1000], v[:, :, :1000])
 
 

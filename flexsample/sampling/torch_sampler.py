@@ -80,12 +80,13 @@ def sample_column_scores_torch(
     """Per-segment sampled attention mass of each key, chunked.
 
     Same contract as :func:`~flexsample.sampling.reference.sample_column_scores_reference`:
-    q ``(B, Hq, S, D)``, k ``(B, Hkv, S, D)``; returns ``(B, Hq, num_segments, S)`` float32.
-    Arithmetic is float32 whatever the input dtype. ``compiled`` forces the per-chunk
-    function to be compiled (True) or eager (False); by default it is compiled on CPU.
+    q ``(B, Hq, L, D)`` (the last ``L`` positions), k ``(B, Hkv, S, D)``; returns
+    ``(B, Hq, num_segments, S)`` float32. Arithmetic is float32 whatever the input dtype.
+    ``compiled`` forces the per-chunk function to be compiled (True) or eager (False); by
+    default it is compiled on CPU.
     """
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
     probabilities = cpu_compiled(chunk_probabilities, q.device, compiled)
@@ -102,7 +103,7 @@ def sample_column_scores_torch(
     n_items = pos.numel()
     out = torch.zeros(B, Hkv, group * G, S, dtype=torch.float32, device=q.device)
     # Sampled queries, gathered once and pre-scaled: (B, Hkv, n_items, D) in item order.
-    q_rows = q[:, :, rows.flatten()].view(B, Hkv, group, G, r, D)
+    q_rows = q[:, :, rows.flatten() - layout.query_start].view(B, Hkv, group, G, r, D)
     q_items = q_rows.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, n_items, D).float() * scale
 
     for b in range(B):

@@ -97,6 +97,7 @@ def _row_lse_kernel(
     num_segments,
     qk_scale,
     seq_len,
+    query_start,
     mask_block,
     sink_tokens,
     GROUP: tl.constexpr,
@@ -132,7 +133,7 @@ def _row_lse_kernel(
         Q
         + b * stride_qb
         + q_head[:, None] * stride_qh
-        + pos[:, None] * stride_qm
+        + (pos - query_start)[:, None] * stride_qm
         + d[None, :] * stride_qd
     )
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
@@ -236,6 +237,7 @@ def _column_mass_kernel(
     stride_kn,
     stride_kd,
     seq_len,
+    query_start,
     num_kv_heads,
     rows_per_segment,
     num_segments,
@@ -282,7 +284,7 @@ def _column_mass_kernel(
             row_valid = local < rows_per_segment
             pos = tl.load(rows_base + local, mask=row_valid, other=0)
             q = tl.load(
-                q_base + pos[:, None] * stride_qm + d[None, :] * stride_qd,
+                q_base + (pos - query_start)[:, None] * stride_qm + d[None, :] * stride_qd,
                 mask=row_valid[:, None] & d_valid[None, :],
                 other=0.0,
             )
@@ -368,6 +370,7 @@ def _row_pass(
         G,
         scale * _LOG2E,
         layout.seq_len,
+        layout.query_start,
         layout.block_size,
         layout.sink_tokens,
         GROUP=group,
@@ -401,7 +404,8 @@ def sample_column_scores_triton(
     from :func:`launch_config`.
     """
     settings = _launch(q, block_m, block_n, num_warps)
-    B, Hq, S, _ = q.shape
+    B, Hq = q.shape[:2]
+    S = k.shape[2]
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
@@ -417,6 +421,7 @@ def sample_column_scores_triton(
         *q.stride(),
         *k.stride(),
         S,
+        layout.query_start,
         Hkv,
         r,
         G,
