@@ -103,3 +103,35 @@ def load_model(
         path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn_implementation
     )
     return lm.eval(), tokenizer
+
+
+def transformers_directory(
+    model: OfflineModel | str = SMOLLM2,
+    root: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """The model saved as a plain transformers directory (for engines that do not read
+    GGUF, e.g. vLLM), written once under ``root`` and reused.
+
+    ``root`` defaults to ``$FLEXSAMPLE_CACHE_DIR/models`` or ``~/.cache/flexsample/models``.
+    Returns the directory (``config.json``, safetensors weights, tokenizer files).
+    """
+    spec = MODELS[model] if isinstance(model, str) else model
+    if root is None:
+        base = os.environ.get("FLEXSAMPLE_CACHE_DIR")
+        root = Path(base) if base else Path.home() / ".cache" / "flexsample"
+        root = root / "models"
+    out = Path(root) / f"{spec.name}-{str(dtype).removeprefix('torch.')}"
+    if (out / "config.json").is_file():
+        return out
+    lm, tokenizer = load_model(spec, dtype=dtype)
+    # The weights are dequantised already: save them as plain weights, not as "GGUF".
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    partial = out.with_name(out.name + ".partial")
+    lm.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out)  # only a complete directory gets the final name
+    return out
