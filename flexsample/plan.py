@@ -286,7 +286,8 @@ def dense_before_sampling(
         query_len: queries ``L <= S`` (the last ``L`` positions).
         batch_heads: ``B * Hq``.
         head_dim: ``D``.
-        device, dtype: where and in what the attention would run.
+        device: where the attention would run.
+        dtype: the inputs' dtype.
     """
     if config.min_seq_len is not None:
         if seq_len >= config.min_seq_len:
