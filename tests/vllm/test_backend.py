@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,15 @@ def test_restrict_keeps_the_chosen_requests_only():
     assert sub.slot_mapping.tolist() == [100, 112] and sub.positions.tolist() == [0, 120]
     sub, tokens = backend.restrict(common, np.array([1, 2]))
     assert tokens.tolist() == list(range(1, 12)) and sub.query_start_loc_cpu.tolist() == [0, 5, 11]
+
+
+def test_every_field_of_this_vllms_batch_metadata_is_known():
+    # A field restrict() does not know would be passed through unrestricted: the builder
+    # refuses to split batches that set one (a newer vLLM's), this vLLM has none.
+    known = backend.BATCH_FREE_FIELDS | backend.RESTRICTED_FIELDS
+    assert {f.name for f in dataclasses.fields(CommonAttentionMetadata)} == known
+    common = _batch()
+    assert backend.unrestrictable_fields(common) == []
 
 
 @pytest.mark.parametrize(

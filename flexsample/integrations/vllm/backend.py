@@ -245,8 +245,33 @@ def restrict(common: CommonAttentionMetadata, reqs: np.ndarray) -> tuple:
         "_num_computed_tokens_cache": None,
         "_token_to_req_indices_cache": None,
     }
-    known = {f.name for f in dataclasses.fields(common)}
-    return dataclasses.replace(common, **{k: v for k, v in changes.items() if k in known}), tokens
+    fields = {f.name for f in dataclasses.fields(common)}
+    return dataclasses.replace(common, **{k: v for k, v in changes.items() if k in fields}), tokens
+
+
+#: Fields of CommonAttentionMetadata that do not depend on which requests are in the batch.
+BATCH_FREE_FIELDS = {"causal"}
+#: Fields :func:`restrict` restricts (every other field must be None for it to be right).
+RESTRICTED_FIELDS = {
+    "query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+    "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "positions",
+    "is_prefilling", "seq_lens_cpu_upper_bound", "dcp_local_seq_lens",
+    "dcp_local_seq_lens_cpu_upper_bound", "req_idx", "encoder_seq_lens", "encoder_seq_lens_cpu",
+    "rswa_prefix_lens", "replayssm_decode_base_cpu", "mm_req_doc_ranges",
+    "logits_indices_padded", "num_logits_indices", "max_logits_per_req",
+    "_num_computed_tokens_cache", "_token_to_req_indices_cache",
+}  # fmt: skip
+
+
+def unrestrictable_fields(common: CommonAttentionMetadata) -> list[str]:
+    """Set fields of ``common`` that :func:`restrict` does not know (a newer vLLM's): a batch
+    carrying any cannot be split safely."""
+    known = BATCH_FREE_FIELDS | RESTRICTED_FIELDS
+    return sorted(
+        f.name
+        for f in dataclasses.fields(common)
+        if f.name not in known and getattr(common, f.name) is not None
+    )
 
 
 _warned: set[str] = set()
@@ -338,6 +363,13 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
         )
         rest = np.setdiff1d(np.arange(common.num_reqs), chosen)
         wrapped = tokens = None
+        if rest.size and (unknown := unrestrictable_fields(common)):
+            _warn_once(
+                f"flexsample: batch metadata fields {unknown} are unknown to this version of "
+                f"the plugin; steps that mix flexsample's requests with others run "
+                f"{Wrapped.get_name()} whole"
+            )
+            return super().build(common_prefix_len, common, fast_build)
         if rest.size:
             sub, tokens = restrict(common, rest)
             wrapped = super().build(0, sub, fast_build)
