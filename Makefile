@@ -58,7 +58,7 @@ vllm-env: $(VLLM_BIN)/.ready
 # The plugin's tests: offline generation, chunked prefill beside decodes, the OpenAI server
 # (about 10 minutes on 2 cores). The SmolLM2 transformers directory is written to .cache once.
 vllm-test: vllm-env
-	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python -m pytest tests/vllm -p no:cacheprovider
+	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python -m pytest tests/vllm_plugin -p no:cacheprovider
 
 # Prefill through vLLM with and without the plugin (bench/results/vllm_cpu.{json,md}).
 bench-vllm: vllm-env

@@ -6,7 +6,7 @@ generates greedily with ``vllm.LLM`` in this process, and writes one JSON object
 prompt's expected key, the generated text, the key found in it, seconds per round, and the
 plugin's totals (:func:`flexsample.integrations.vllm.stats`).
 
-The tests (``tests/vllm``) and the prefill benchmark (``bench/vllm_bench.py``) call it as a
+The tests (``tests/vllm_plugin``) and the prefill benchmark (``bench/vllm_bench.py``) call it as a
 subprocess: one engine per process.
 
     python bench/vllm_run.py --backend CUSTOM --passkey 3000 --out run.json

@@ -3,7 +3,7 @@
 A prefill chunk after earlier context (chunked prefill, prefix caching) attends to keys that
 only the paged cache holds. Each platform backend lays its cache out its own way; a reader
 returns the first ``seq_len`` keys and values of one request, ``(seq_len, Hkv, D)`` each, from
-the request's row of the block table. ``tests/vllm/test_kv_cache.py`` writes with vLLM's own
+the request's row of the block table. ``tests/vllm_plugin/test_kv_cache.py`` writes with vLLM's own
 cache-update op and reads back with these.
 """
 
