@@ -334,8 +334,11 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
             if common.seq_lens_cpu_upper_bound is not None
             else common.seq_lens.cpu()
         ).numpy()
+        candidates = query_lens > 1
+        if common.is_prefilling is not None:  # not speculative-decoding rows (several tokens)
+            candidates &= common.is_prefilling.cpu().numpy().astype(bool)
         chosen = []
-        for i in np.flatnonzero(query_lens > 1):
+        for i in np.flatnonzero(candidates):
             S, L = int(seq_lens[i]), int(query_lens[i])
             if L < S and self.read_cache is None:
                 continue  # context in a cache layout flexsample cannot read (warned once)
