@@ -108,17 +108,56 @@ def test_right_padding_falls_back_to_dense_and_says_why():
     assert float((got[1, :150] - ref[1, :150]).abs().max()) < 1e-5
 
 
-def test_decode_and_chunked_prefill_are_dense_and_counted():
+def test_decode_is_dense_and_counted():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 260))
     fst.enable(model, SPARSE)
     with torch.no_grad():
-        first = model(ids[:, :200], use_cache=True)
-        model(ids[:, 200:], past_key_values=first.past_key_values, use_cache=True)
         model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert reasons(model) == {"cache offset (chunked prefill)", "decode"}
+    assert reasons(model) == {"decode"}
     decode_calls = [r for r in fst.layer_stats(model) if r.reason == "decode"]
     assert len(decode_calls) == 2 * 2  # 2 decode steps x 2 layers
+
+
+def _chunked(model, ids, mask=None, split=200):
+    """Prefill ``ids[:, :split]``, then the rest as a chunk after the cache: its logits."""
+    kwargs = {} if mask is None else {"attention_mask": mask[:, :split]}
+    with torch.no_grad():
+        first = model(ids[:, :split], use_cache=True, **kwargs)
+        if mask is not None:
+            kwargs = {"attention_mask": mask}
+        return model(ids[:, split:], past_key_values=first.past_key_values, **kwargs).logits
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded"])
+def test_chunked_prefill_runs_sparse_with_sdpas_semantics(padded):
+    if padded:
+        _, _, _, ids, mask = left_padded_batch()  # padding (87 tokens) inside the first part
+    else:
+        ids, mask = torch.randint(0, 128, (1, 300)), None
+    model = tiny_llama()
+    ref = _chunked(model, ids, mask)
+    fst.enable(model, DENSE_EQUIVALENT)
+    got = _chunked(model, ids, mask)
+    chunks = [r for r in fst.layer_stats(model) if r.q_len == 100]
+    assert [r.path for r in chunks] == ["sparse", "sparse"] and chunks[0].kv_len == 300
+    assert float((got - ref).abs().max()) < 1e-4
+    fst.disable(model)
+    fst.enable(model, SPARSE)
+    _chunked(model, ids, mask)
+    chunks = [r for r in fst.layer_stats(model) if r.q_len == 100]
+    assert all(r.path == "sparse" and r.mean_density < 1 for r in chunks)
+
+
+def test_padding_inside_a_chunk_runs_sdpa():
+    _, _, pad, ids, mask = left_padded_batch()  # 87 padding tokens, then the short prompt
+    model = tiny_llama()
+    ref = _chunked(model, ids, mask, split=50)  # the chunk starts inside the padding
+    fst.enable(model, DENSE_EQUIVALENT)
+    got = _chunked(model, ids, mask, split=50)
+    chunks = [r for r in fst.layer_stats(model) if r.q_len == 250]
+    assert {r.reason for r in chunks} == {"mask is not left-padded causal"}
+    assert float((got - ref)[:, pad - 50 :].abs().max()) < 1e-5
 
 
 def test_two_models_keep_their_own_configs():

@@ -4,11 +4,13 @@
 * the same with left padding (what ``generate()`` makes of a batch of prompts): SampleAttention
   on each row's unpadded tokens, padded query rows output zeros and no real token sees a
   padded key;
+* a prefill chunk after cached tokens (the queries are the last ``q_len`` of the keys), with
+  at most left padding in the cached part: SampleAttention with queries shorter than keys;
 * anything else runs transformers' own SDPA attention with the mask SDPA would get, and is
-  counted in the statistics with its reason: decode steps, chunked prefill (cache offset),
-  sliding-window layers (Gemma 3's local layers), non-causal attention, dropout, soft-capping,
-  attention sinks, unrecognised masks (right padding, packed sequences, custom masks), and
-  calls under autograd (flexsample has no backward pass).
+  counted in the statistics with its reason: decode steps, sliding-window layers (Gemma 3's
+  local layers), non-causal attention, dropout, soft-capping, attention sinks, unrecognised
+  masks (right padding, packed sequences, padding inside a chunk, custom masks), and calls
+  under autograd (flexsample has no backward pass).
 """
 
 from __future__ import annotations
@@ -65,24 +67,37 @@ def flexsample_mask(*args, **kwargs):
 
 
 def _left_padding_starts(kwargs: dict) -> torch.Tensor | None:
-    """First real token of each row if the mask is causal prefill with left padding only."""
+    """First real key of each row if the mask is causal prefill (or a prefill chunk: the
+    queries are the last positions of the keys) with at most left padding, before the
+    queries."""
     padding = kwargs.get("attention_mask")
+    q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
+    q_offset = kwargs.get("q_offset", 0)
     plain_causal = (
         kwargs.get("mask_function", causal_mask_function) is causal_mask_function
         and kwargs.get("local_size") is None
-        and kwargs.get("q_offset", 0) == 0
         and kwargs.get("kv_offset", 0) == 0
-        and kwargs.get("q_length") == kwargs.get("kv_length")
+        and isinstance(q_length, int)
+        and q_length > 1
+        and q_offset + q_length == kv_length
     )
-    if not plain_causal or padding is None or padding.dim() != 2:
+    if not plain_causal:
+        return None
+    batch = kwargs.get("batch_size", 1)
+    if padding is None:  # a chunk without padding (a whole prompt's mask would be None)
+        return torch.zeros(batch, dtype=torch.long)
+    if padding.dim() != 2:
         return None
     valid = padding.bool()
-    if valid.shape[-1] != kwargs.get("kv_length"):
+    if valid.shape[-1] != kv_length:
         return None
     # Left padding: each row is False...False True...True (never True then False again).
     if bool((valid[:, 1:].int() - valid[:, :-1].int()).lt(0).any()) or not bool(valid[:, -1].all()):
         return None
-    return (~valid).sum(dim=-1)
+    starts = (~valid).sum(dim=-1)
+    if q_offset and bool((starts > q_offset).any()):
+        return None  # padding inside a chunk's queries: SDPA
+    return starts
 
 
 def dense_reason(
@@ -92,8 +107,8 @@ def dense_reason(
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1:
         return "decode"
-    if q_len != kv_len:
-        return "cache offset (chunked prefill)"
+    if q_len != kv_len and attention_mask is None:
+        return "cache offset without a mask"
     if kwargs.get("sliding_window") is not None:
         return "sliding-window layer"
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -168,12 +183,14 @@ def flexsample_attention_forward(
         )
         out, call_stats = result if stats else (result, None)
         calls = [call_stats]
-    else:  # left padding: each row attends over its own real tokens only
+    else:  # left padding, or a chunk: each row attends over its own real keys only
         out = query.new_zeros((*query.shape[:3], value.shape[-1]))
+        offset = key.shape[2] - query.shape[2]  # keys before the first query (a chunk's)
         calls = []
         for b, first in enumerate(_LEFT_PADDING.get(attention_mask).tolist()):
+            q_first = max(0, first - offset)  # padded query rows output zeros
             result = flex_sample_attention(
-                query[b : b + 1, :, first:],
+                query[b : b + 1, :, q_first:],
                 key[b : b + 1, :, first:],
                 value[b : b + 1, :, first:],
                 config=config,
@@ -181,7 +198,7 @@ def flexsample_attention_forward(
                 return_stats=stats,
             )
             row, call_stats = result if stats else (result, None)
-            out[b : b + 1, :, first:] = row
+            out[b : b + 1, :, q_first:] = row
             calls.append(call_stats)
     if stats:
         record_calls(state.records, module, query, key, calls)
