@@ -186,6 +186,7 @@ class FlexSampleMetadata:
     wrapped: object | None  # the wrapped backend's metadata for the other requests
     wrapped_tokens: torch.Tensor | None  # (T_rest,) their token indices
     read_context: Reader | None  # reads a request's context from the paged cache
+    config: SampleConfig  # the builder's, which chose the requests: the impl plans with it
     log: StepLog
 
 
@@ -389,6 +390,7 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
             wrapped=wrapped,
             wrapped_tokens=tokens,
             read_context=self.read_cache,
+            config=self.flex_config,
             log=log,
         )
 
@@ -429,7 +431,6 @@ class FlexSampleAttentionImpl(Wrapped.get_impl_cls()):
         bound.apply_defaults()
         #: Why flexsample leaves this layer to the wrapped backend (None: it can run it).
         self.unsupported = unsupported_reason(bound.arguments)
-        self.flex_config = load_config()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, FlexSampleMetadata):
@@ -439,7 +440,7 @@ class FlexSampleAttentionImpl(Wrapped.get_impl_cls()):
         meta = attn_metadata
         if meta.wrapped is not None:  # the other requests, through the wrapped kernel only
             idx = meta.wrapped_tokens
-            rest = torch.empty_like(output[idx])
+            rest = output.new_empty((idx.numel(), *output.shape[1:]))
             super().forward(
                 layer,
                 query[idx],
@@ -468,7 +469,7 @@ class FlexSampleAttentionImpl(Wrapped.get_impl_cls()):
         k = k.view(-1, self.num_kv_heads, self.head_size).transpose(0, 1)[None]
         v = v.view(-1, self.num_kv_heads, self.head_size).transpose(0, 1)[None]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        plan = plan_prefill(q, k, self.flex_config, scale=self.scale)
+        plan = plan_prefill(q, k, meta.config, scale=self.scale)
         out = run_plan(plan, q, k, v)
         output[a:b] = out[0].transpose(0, 1).reshape(output[a:b].shape)
         log = meta.log
