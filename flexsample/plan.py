@@ -176,15 +176,15 @@ def plan_prefill(
     }
 
     D = q.shape[-1]
-    reason = dense_before_sampling(config, S, L, B * Hq, D, q.device, q.dtype)
-    if reason is not None:
-        return PrefillPlan(path="dense", reason=reason, **common)
     layout = SampleLayout.create(S, config, query_len=L)
     costs = (
         _cost_model(q.device, q.dtype)
         if config.min_seq_len is None or config.max_density is None
         else None
     )
+    reason = _length_reason(config, layout, costs, B * Hq, D)
+    if reason is not None:
+        return PrefillPlan(path="dense", reason=reason, **common)
 
     notes = layout.notes()
     for field, note in notes.items():
@@ -289,16 +289,27 @@ def dense_before_sampling(
         device: where the attention would run.
         dtype: the inputs' dtype.
     """
+    layout = SampleLayout.create(seq_len, config, query_len=query_len)
+    costs = _cost_model(device, dtype) if config.min_seq_len is None else None
+    return _length_reason(config, layout, costs, batch_heads, head_dim)
+
+
+def _length_reason(
+    config: SampleConfig,
+    layout: SampleLayout,
+    costs: CostModel | None,
+    batch_heads: int,
+    head_dim: int,
+) -> str | None:
+    """:func:`dense_before_sampling` on a layout and the device's cost model (None: none)."""
     if config.min_seq_len is not None:
-        if seq_len >= config.min_seq_len:
+        if layout.seq_len >= config.min_seq_len:
             return None
-        reason = f"seq_len {seq_len} < min_seq_len {config.min_seq_len}"
+        reason = f"seq_len {layout.seq_len} < min_seq_len {config.min_seq_len}"
         _log_once("min_seq_len", logging.INFO, "flexsample: dense attention (%s)", reason)
         return reason
-    costs = _cost_model(device, dtype)
     if costs is None:
         return None
-    layout = SampleLayout.create(seq_len, config, query_len=query_len)
     reason = length_verdict(costs, batch_heads, head_dim, layout)
     if reason is not None:
         _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
