@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.fx.experimental._config
@@ -14,6 +15,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .compilation import recompile_policy
 from .layout import SampleLayout
 from .selection import keep_mask
+
+logger = logging.getLogger("flexsample")
 
 
 @functools.cache
@@ -77,6 +80,10 @@ _CUDA_DENSE_ORDER = [
     SDPBackend.MATH,
 ]
 
+#: (device index, dtype, head dim, whole prompt) where cuDNN refused grouped K/V: those
+#: expand K/V to the query heads instead.
+_CUDNN_GQA_REFUSED: set[tuple[int | None, torch.dtype, int, bool]] = set()
+
 
 def dense_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -86,8 +93,10 @@ def dense_causal_attention(
     q ``(B, Hq, L, D)`` holds the last ``L`` positions of k and v's ``S`` (``L = S`` for a
     whole prompt).
 
-    On CUDA it asks SDPA for cuDNN first (K/V expanded to the query heads, which cuDNN
-    needs for GQA); elsewhere, and inside the user's own ``torch.compile``, SDPA chooses.
+    On CUDA it asks SDPA for cuDNN first. cuDNN reads grouped K/V (``Hkv < Hq``) as they
+    are; where a build refuses them (fp32, or an older cuDNN), K/V are expanded to the query
+    heads, for that case's every later call too (logged once). Elsewhere, and inside the
+    user's own ``torch.compile``, SDPA chooses.
     """
     gqa = q.shape[1] != k.shape[1]
     L, S = q.shape[2], k.shape[2]
@@ -97,6 +106,21 @@ def dense_causal_attention(
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **causal)
     if gqa:
+        key = (q.device.index, q.dtype, q.shape[-1], L == S)
+        if key not in _CUDNN_GQA_REFUSED:
+            try:
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return F.scaled_dot_product_attention(
+                        q, k, v, scale=scale, enable_gqa=True, **causal
+                    )
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # "No available kernel": this build refuses GQA
+                _CUDNN_GQA_REFUSED.add(key)
+                logger.info(
+                    "flexsample: cuDNN SDPA refused grouped K/V (%s); expanding K/V for it",
+                    str(error).splitlines()[0][:200],
+                )
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(_CUDA_DENSE_ORDER, set_priority=True):

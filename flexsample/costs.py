@@ -41,11 +41,18 @@ BUILTIN = Path(__file__).with_name("costs.json")
 def user_cache() -> Path:
     """The file :func:`calibrate` writes: ``$FLEXSAMPLE_CACHE_DIR/costs.json``, else under
     ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/flexsample/costs.json``."""
-    root = os.environ.get("FLEXSAMPLE_CACHE_DIR")
+    env = os.environ
+    return _user_cache(env.get("FLEXSAMPLE_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@functools.cache
+def _user_cache(root: str | None, xdg: str | None, home: str | None) -> Path:
+    # Asked on every planned call: the path is built once per environment (Path.home()
+    # alone takes tens of microseconds).
     if root:
         return Path(root) / "costs.json"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "flexsample" / "costs.json"
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "flexsample" / "costs.json"
 
 
 def device_name(device: torch.device) -> str:
