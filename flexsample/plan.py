@@ -22,8 +22,9 @@ from .costs import CostModel, cost_model, density_verdict, length_verdict
 from .cover import cover_rows
 from .layout import SampleLayout
 from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
+from .probe import probe_density, probe_rows
 from .sampling import resolve_sampler, run_sampler
-from .selection import ColumnSelection, kept_sampled_mass, select_columns
+from .selection import ColumnSelection, kept_sampled_mass, select_columns, window_pairs
 from .stats import Path, StageTimer
 from .validation import check_qk, resolve_scale
 
@@ -190,6 +191,14 @@ def plan_prefill(
     for field, note in notes.items():
         _log_once(field, logging.WARNING, "flexsample: %s", note)
     sampler = resolve_sampler(config.sampler, q.device)
+    if config.max_density != 1.0 and (config.max_density is not None or costs is not None):
+        with timer.stage("probe"):
+            exact = sampler == "reference"
+            least = probe_density(q, k, layout, config.alpha, scale, reference=exact)
+        reason = _probe_verdict(config, costs, least, layout, B * Hq, D)
+        if reason is not None:
+            _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)
+            return PrefillPlan(path="dense", reason=reason, **common)
     with timer.stage("sample"):
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
@@ -344,6 +353,42 @@ def _density_verdict(
         return f"density {mean:.3f} > max_density {config.max_density}"
     pairs = float(density.sum()) * layout.causal_pairs
     return density_verdict(costs, pairs, batch_heads, layout, head_dim)
+
+
+def _probe_verdict(
+    config: SampleConfig,
+    costs: CostModel | None,
+    least: torch.Tensor,
+    layout: SampleLayout,
+    batch_heads: int,
+    head_dim: int,
+) -> str | None:
+    """Why the probe says no plan can pay (None: plan it).
+
+    ``least`` is :func:`~flexsample.probe.probe_density`'s ``(B, Hq)`` estimate of the least
+    density any mask keeping ``alpha`` of the rows' mass computes.
+    """
+    mean = float(least.mean())
+    rows = probe_rows(layout).numel()
+    found = f"probe: {rows} rows per head need {mean:.3f} of their keys for alpha {config.alpha}"
+    if config.max_density is not None:
+        if mean <= config.max_density:
+            return None
+        return f"{found} > max_density {config.max_density}"
+    if costs is None:
+        return None
+    fixed = layout.fixed_window_blocks
+    window = float(window_pairs(layout, layout.min_window_blocks if fixed is None else fixed))
+    pairs = max(float(least.sum()) * layout.causal_pairs, window * batch_heads)
+    plan = costs.plan_s(batch_heads, layout.seq_len, head_dim, layout.num_sampled_rows)
+    sparse = costs.sparse_s(pairs, head_dim)
+    dense = costs.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=layout.causal_pairs)
+    if plan + sparse < dense:
+        return None
+    return (
+        f"{found}: planning ~{plan * 1e3:.3g} ms + a call at that density ~{sparse * 1e3:.3g} ms"
+        f" would not beat dense ~{dense * 1e3:.3g} ms (cost model of {costs.device}, {costs.dtype})"
+    )
 
 
 def _log_once(kind: str, level: int, message: str, *args: object) -> None:

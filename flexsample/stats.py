@@ -17,9 +17,10 @@ if TYPE_CHECKING:  # plan.py imports this module
 
 Path = Literal["sparse", "dense"]
 
-#: Stages of a sparse plan, in order (``cover`` only with ``SampleConfig.cover_rows``), and
-#: of a whole call.
-PLAN_STAGES: tuple[str, ...] = ("sample", "select", "cover", "mask")
+#: Stages of a plan, in order (``probe`` only where the density check is on, see
+#: :mod:`flexsample.probe`; ``cover`` only with ``SampleConfig.cover_rows``), and of a whole
+#: call.
+PLAN_STAGES: tuple[str, ...] = ("probe", "sample", "select", "cover", "mask")
 STAGES: tuple[str, ...] = (*PLAN_STAGES, "attention")
 
 
@@ -48,9 +49,11 @@ class SampleStats:
             mass (a lower bound, at least ``alpha``); None unless ``config.cover_rows``.
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
-        times: seconds per stage (:data:`STAGES`: ``sample``, ``select``, ``cover``, ``mask``,
-            ``attention``; ``cover`` only with ``config.cover_rows``), measured
-            with device synchronisation; on the dense path only ``attention``.
+        times: seconds per stage (:data:`STAGES`: ``probe``, ``sample``, ``select``,
+            ``cover``, ``mask``, ``attention``; ``probe`` only where the density check is on,
+            ``cover`` only with ``config.cover_rows``), measured with device
+            synchronisation; on a path decided dense before sampling, ``attention`` and
+            perhaps ``probe``.
     """
 
     path: Path

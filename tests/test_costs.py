@@ -65,14 +65,29 @@ def test_long_enough_sequences_are_planned(model):
     assert stats.path == "sparse", stats.reason
 
 
-def test_too_dense_a_selection_runs_dense_after_planning(model):
+def test_diffuse_attention_runs_dense_at_the_probe(model):
     model(dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=4e-10))
-    # Random q/k: diffuse attention, the selection keeps most pairs.
+    # Random q/k: diffuse attention; the probed rows need most of their keys.
+    q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
+    out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "dense" and stats.reason.startswith("probe: 16 rows per head need 0.")
+    assert "would not beat dense" in stats.reason
+    assert set(stats.times) == {"probe", "attention"}  # nothing was sampled
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_too_dense_a_selection_runs_dense_after_planning(model):
+    # Sparse a little dearer per pair than dense: the probe's least density (about 0.75 on
+    # random q/k, alpha 0.95) would pay, the selection's (about 1.0) does not.
+    model(
+        dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=2.2e-10, sparse_fixed_s=1e-3)
+    )
     q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
     out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
     assert stats.path == "dense" and stats.reason.startswith("density ")
     assert "would not beat dense" in stats.reason
-    assert {"sample", "select", "attention"} <= set(stats.times)  # planning was paid for
+    assert {"probe", "sample", "select", "attention"} <= set(stats.times)  # planning was paid for
     assert stats.mean_density == 1.0
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.allclose(out, ref, atol=1e-6)
@@ -84,7 +99,8 @@ def test_explicit_limits_override_the_cost_model(model):
     plan = fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=1024, max_density=1.0))
     assert plan.path == "sparse"
     plan = fs.plan_prefill(q, k, fs.SampleConfig(min_seq_len=1024, max_density=0.001))
-    assert plan.path == "dense" and plan.reason.startswith("density ")
+    # Caught by the probe already: the probed rows need more than 0.1% of their keys.
+    assert plan.path == "dense" and plan.reason.startswith("probe: ")
     assert "> max_density 0.001" in plan.reason
 
 

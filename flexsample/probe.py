@@ -1,0 +1,120 @@
+"""Stage 0 — the probe: how sparse could any mask of this input be?
+
+Planning costs a pass of the sampled rows over the keys, selection and the row cover. On
+diffuse attention (every key carries a little of the mass) all of it is wasted: the plan
+comes out too dense to beat dense attention and runs dense anyway. The probe asks first, on
+a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment): the fewest
+keys that hold ``alpha`` of each row's exact attention mass (the per-row oracle). Every mask
+that keeps ``alpha`` of these rows' mass (the row cover's guarantee) computes at least that
+many pairs on them, so their share of the rows' causal keys estimates the least density any
+plan can reach. Where even that density would not beat dense attention, the call runs dense
+before sampling.
+
+Two implementations: :func:`probe_density` (chunked float32, inductor-compiled on CPU) and
+its float64 twin ``probe_density(..., reference=True)``; tests hold them together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .layout import SampleLayout
+from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
+
+#: Rows probed per segment (its last sampled rows, the ones nearest the segment's end).
+ROWS_PER_SEGMENT = 2
+
+
+def probe_rows(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Positions of the probed rows: the last :data:`ROWS_PER_SEGMENT` sampled rows of each
+    segment (fewer where a segment samples fewer), ascending, int64."""
+    rows = layout.sampled_rows(device)
+    return rows[:, -min(ROWS_PER_SEGMENT, layout.rows_per_segment) :].flatten()
+
+
+def fewest_keys(p: torch.Tensor, alpha: float, *, numpy_sort: bool | None = None) -> torch.Tensor:
+    """The fewest keys whose probabilities add up to ``alpha`` of each row, heaviest first.
+
+    Args:
+        p: ``(..., W)`` probabilities, each row summing to 1.
+        alpha: share of the row's mass, in ``(0, 1]``.
+        numpy_sort: sort with NumPy (default: on CPU, where it takes about a seventh of
+            torch's time, 2 threads, 64 x 4096) or with torch (elsewhere).
+
+    Returns:
+        ``(...)`` int64 counts, at least 1: a key counts while the heavier ones hold less
+        than ``alpha`` (with ``alpha = 1``, rounding may leave a row's total a hair under
+        it: every nonzero key counts then).
+    """
+    if numpy_sort is None:
+        numpy_sort = p.device.type == "cpu"
+    if numpy_sort:
+        ascending = torch.from_numpy(np.sort(p.detach().cpu().contiguous().numpy(), axis=-1))
+    else:
+        ascending = p.sort(dim=-1).values
+    # In ascending order the keys heavier than key i hold total - cumsum[i].
+    cumsum = ascending.cumsum(dim=-1)
+    heavier = cumsum[..., -1:] - cumsum
+    return ((heavier < alpha) & (ascending > 0)).sum(dim=-1).clamp_min(1).to(p.device)
+
+
+def probe_density(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    alpha: float,
+    scale: float,
+    *,
+    reference: bool = False,
+    max_chunk_elems: int | None = None,
+) -> torch.Tensor:
+    """The per-row oracle's share of the probed rows' causal keys, per head.
+
+    Args:
+        q: ``(B, Hq, L, D)`` queries, the last ``L`` of the ``S`` positions.
+        k: ``(B, Hkv, S, D)`` keys, ``Hq % Hkv == 0``.
+        layout: the geometry (:func:`probe_rows` reads its sampled rows).
+        alpha: the mass each row must keep.
+        scale: softmax scale.
+        reference: compute in float64 at once (small inputs: ``B * Hq * rows * S``
+            doubles), the twin the tests compare against.
+        max_chunk_elems: bound on the elements of one probability chunk (default 2M on
+            CPU, 32M on CUDA).
+
+    Returns:
+        ``(B, Hq)`` float32: the sum over probed rows of the fewest keys holding ``alpha``
+        of the row's mass, over the sum of their causal lengths.
+    """
+    B, Hq = q.shape[:2]
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    pos = probe_rows(layout, q.device)
+    lengths = float((pos + 1).sum())
+    q_rows = q[:, :, pos - layout.query_start]  # (B, Hq, R, D)
+    if reference:
+        kk = k.double().repeat_interleave(group, dim=1)
+        logits = (q_rows.double() @ kk.transpose(-1, -2)) * scale
+        causal = torch.arange(S, device=q.device) <= pos[:, None]
+        p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return (fewest_keys(p, alpha).sum(dim=-1) / lengths).float()
+
+    if max_chunk_elems is None:
+        max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
+    probabilities = cpu_compiled(chunk_probabilities, q.device)
+    R = pos.numel()
+    chunk = max(1, max_chunk_elems // S)  # rows of S probabilities per step
+    heads = torch.arange(group, device=q.device).repeat_interleave(R)
+    counts = torch.zeros(B, Hq, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for kv in range(Hkv):
+            # The query heads sharing this kv head, every probed row of each: (group * R, D).
+            rows = q_rows[b, kv * group : (kv + 1) * group].float().reshape(group * R, -1)
+            rows = rows * scale
+            keys = k[b, kv].float()
+            for start in range(0, group * R, chunk):
+                part = slice(start, start + chunk)
+                p = probabilities(rows[part], keys, pos.repeat(group)[part])
+                needed = fewest_keys(p, alpha).float()
+                counts[b, kv * group : (kv + 1) * group].index_add_(0, heads[part], needed)
+    return counts / lengths

@@ -1,0 +1,92 @@
+"""The probe (stage 0): the per-row oracle on a few rows, fast path against its twins."""
+
+import pytest
+import torch
+
+import flexsample as fs
+from flexsample.layout import SampleLayout
+from flexsample.probe import fewest_keys, probe_density, probe_rows
+from flexsample.selection import keep_mask
+from flexsample.synthetic import planted_qkv
+
+
+def brute_fewest(row: list[float], alpha: float) -> int:
+    """Heaviest keys first, until they hold alpha: the definition, one row at a time."""
+    held, count = 0.0, 0
+    for p in sorted(row, reverse=True):
+        if held >= alpha or p <= 0:
+            break
+        held, count = held + p, count + 1
+    return max(count, 1)
+
+
+@pytest.mark.parametrize("numpy_sort", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.95, 0.99])
+def test_fewest_keys_is_the_definition(numpy_sort, alpha):
+    # Peaked rows of an awkward width, some with a zero tail (keys after a causal row).
+    p = torch.rand(7, 301, dtype=torch.float64) ** 6
+    p[2:, 250:] = 0
+    p[4, 1:] = 0  # one key holds everything
+    p = p / p.sum(dim=-1, keepdim=True)
+    got = fewest_keys(p, alpha, numpy_sort=numpy_sort)
+    assert got.tolist() == [brute_fewest(row, alpha) for row in p.tolist()]
+    assert got[4] == 1
+
+
+def test_probe_rows_are_the_last_sampled_rows_of_each_segment():
+    layout = SampleLayout.create(1000, fs.SampleConfig(), query_len=777)
+    rows = probe_rows(layout)
+    sampled = layout.sampled_rows()
+    assert rows.tolist() == sampled[:, -2:].flatten().tolist()
+    assert int(rows.min()) >= layout.query_start and int(rows.max()) == 999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, L, D",
+    [(1, 4, 2, 777, 777, 32), (2, 6, 2, 1000, 1000, 64), (2, 4, 4, 1300, 517, 32)],
+    ids=["gqa-777", "b2-1000", "chunk-517-of-1300"],
+)
+def test_fast_probe_matches_its_float64_twin(B, Hq, Hkv, S, L, D, dtype):
+    q, k, _ = planted_qkv(B, Hq, Hkv, S, D, stripes=(3, 9), stripe_width=1, dtype=dtype)
+    q = q[:, :, S - L :]
+    layout = SampleLayout.create(S, fs.SampleConfig(), query_len=L)
+    exact = probe_density(q, k, layout, 0.95, D**-0.5, reference=True)
+    # A chunk bound of a few rows splits every kv head's rows over several steps.
+    fast = probe_density(q, k, layout, 0.95, D**-0.5, max_chunk_elems=3 * S)
+    assert exact.shape == (B, Hq) and bool((exact > 0).all()) and bool((exact <= 1).all())
+    # float32 probabilities may order two near-equal keys differently: a key or so per row.
+    rows = probe_rows(layout).numel()
+    lengths = float((probe_rows(layout) + 1).sum())
+    assert (fast - exact).abs().max() <= 2 * rows / lengths
+
+
+def test_every_covered_row_keeps_at_least_the_probes_count():
+    # The probe's claim: a mask that keeps alpha of a probed row's mass keeps at least
+    # fewest_keys of its keys. The plan's row cover makes every sampled row keep alpha.
+    S, D = 1000, 32
+    q, k, _ = planted_qkv(1, 4, 2, S, D, stripes=(4, 12), stripe_width=1, signal=4.0)
+    config = fs.SampleConfig.always_sparse()
+    plan = fs.plan_prefill(q, k, config)
+    layout = plan.layout
+    pos = probe_rows(layout)
+    kk = k.double().repeat_interleave(2, dim=1)
+    logits = (q.double()[:, :, pos] @ kk.transpose(-1, -2)) * D**-0.5
+    causal = torch.arange(S) <= pos[:, None]
+    p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    needed = fewest_keys(p, config.alpha)  # (1, Hq, R)
+    keep = keep_mask(plan.window_blocks, plan.attended_columns(), layout, pos)  # (1, Hq, R, S)
+    kept_mass = (p * keep).sum(dim=-1)
+    kept_keys = keep.sum(dim=-1)
+    covered = kept_mass >= config.alpha
+    assert bool(covered.any())
+    assert bool((kept_keys[covered] >= needed[covered]).all())
+
+
+def test_probe_density_is_small_on_stripes_and_large_on_random_inputs():
+    S, D = 2048, 32
+    layout = SampleLayout.create(S, fs.SampleConfig())
+    q, k, _ = planted_qkv(1, 4, 2, S, D, stripes=(4, 12), stripe_width=1)
+    assert float(probe_density(q, k, layout, 0.95, D**-0.5).max()) < 0.1
+    q, k = torch.randn(1, 4, S, D), torch.randn(1, 2, S, D)
+    assert float(probe_density(q, k, layout, 0.95, D**-0.5).min()) > 0.5
