@@ -233,6 +233,33 @@ def check_dense_equivalent(dtype, S: int, device) -> Check:
     )  # fmt: skip
 
 
+def check_dense_path(dtype, device) -> Check:
+    """flexsample's dense path (cuDNN on grouped K/V where it takes them) against float64,
+    on an awkward GQA shape, whole prompt and a chunk."""
+    B, Hq, Hkv, S, D = 2, 8, 2, 3001, 128
+    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    group = Hq // Hkv
+    kk, vv = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    errors, bounds = [], []
+    for L in (S, 1234):
+        qq = q[:, :, S - L :]
+        allowed = torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L)
+        got = fs.dense_causal_attention(qq, k, v, D**-0.5)
+        logits = (qq.double() @ kk.transpose(-1, -2)) * D**-0.5
+        ref = logits.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
+        base = F.scaled_dot_product_attention(
+            qq.float(), k.float(), v.float(), scale=D**-0.5, enable_gqa=True, attn_mask=allowed
+        )
+        errors.append(rel_rmse(got, ref))
+        # the float32 computation's own error and the output's rounding to dtype, twice
+        bounds.append(2 * rel_rmse(base.to(dtype), ref) + 1e-5)
+    worst = max(range(2), key=lambda i: errors[i] / bounds[i])
+    return Check(
+        "dense path vs float64 (whole prompt; chunk L1234)", str(dtype),
+        f"B{B} H{Hq}/{Hkv} S{S} D{D}", errors[worst], "rel rmse", bounds[worst],
+    )  # fmt: skip
+
+
 def check_chunk_sampler(dtype, device, sampler: str) -> Check:
     """A chunk of a chunked prefill (queries the last L of S positions): the sampler against
     float64 probabilities of the same rows read from the whole prompt's queries."""
@@ -302,6 +329,7 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     checks += [check_chunk_attention(d, device) for d in (torch.float32, torch.bfloat16)]
     S = 2048 if dry else 4099
     checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]
+    checks += [check_dense_path(d, device) for d in dtypes]
     return [c.row() for c in checks]
 
 
@@ -319,9 +347,17 @@ def matmul_tflops(device: torch.device, measure) -> float | None:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def dense_sdpa(backend: SDPBackend, q, k, v):
+def dense_sdpa(backend: SDPBackend, q, k, v, *, grouped: bool = False):
+    """SDPA restricted to one backend: on K/V expanded to the query heads (made outside the
+    timed region: not every backend takes grouped K/V), or on the grouped K/V as they are."""
+    if grouped:
+
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return run
     group = q.shape[1] // k.shape[1]
-    # Not every backend takes enable_gqa: give it expanded K/V, made outside the timed region.
     k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
     def run():
@@ -334,13 +370,17 @@ def dense_sdpa(backend: SDPBackend, q, k, v):
 def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
     """Dense causal baselines in milliseconds (None where a backend cannot run the case)."""
     device = q.device
-    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+    backends = {
+        "sdpa_flash": (SDPBackend.FLASH_ATTENTION, False),
+        "sdpa_cudnn": (SDPBackend.CUDNN_ATTENTION, False),
+        "sdpa_cudnn_gqa": (SDPBackend.CUDNN_ATTENTION, True),
+    }
     if device.type != "cuda":
-        backends = {"sdpa_cpu": SDPBackend.FLASH_ATTENTION}  # PyTorch's CPU flash kernel
+        backends = {"sdpa_cpu": (SDPBackend.FLASH_ATTENTION, False)}  # PyTorch's CPU flash kernel
     times: dict[str, float | None] = {}
-    for name, backend in backends.items():
+    for name, (backend, grouped) in backends.items():
         try:
-            times[name] = measure(dense_sdpa(backend, q, k, v))
+            times[name] = measure(dense_sdpa(backend, q, k, v, grouped=grouped))
         except RuntimeError as e:  # backend unavailable for this shape/dtype
             print(f"  {name} unavailable: {str(e).splitlines()[0][:120]}")
             times[name] = None
@@ -413,12 +453,14 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 
 #: Configurations timed and scored at every length and input: the defaults (the cost model
 #: decides dense or sparse), the same selection always run sparse (what the sparse path
-#: costs where the defaults run dense), 0.2's selection (no per-row cover) and alpha 0.98.
+#: costs where the defaults run dense), 0.2's selection (no per-row cover), alpha 0.98, and
+#: the defaults with the sampled rows capped (what fewer rows cost in accuracy at 64K-128K).
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
     "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
+    "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),
 }
 
 #: Inputs: planted single-token stripes (as bench/test_frontier.py: sinks, delimiters and
@@ -494,6 +536,37 @@ def speed(
     return rows
 
 
+def profile_plan(device: torch.device, S: int, heads: tuple, calls: int = 3) -> str:
+    """torch.profiler tables of ``calls`` default plans (after a warm-up) at length ``S``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    Hq, Hkv, D = heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, _ = make_inputs(INPUTS[0], Hq, Hkv, S, D, dtype, device)
+    plan = fs.plan_prefill(q, k)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fs.plan_prefill(q, k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+    return "\n".join([
+        f"{calls} plans of S={S}, heads {Hq}/{Hkv}, D={D}, {dtype}, path {plan.path}",
+        f"kernel launches per plan: {launches / calls:.0f}",
+        "",
+        "by device time:",
+        events.table(sort_by=device_sort, row_limit=40),
+        "by host time:",
+        events.table(sort_by="self_cpu_time_total", row_limit=25),
+    ])  # fmt: skip
+
+
 def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
     out = [
         f"## GPU run on {meta['device']}",
@@ -521,14 +594,16 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         "### Speed and accuracy (ms, median)",
         "",
         "Output error: relative RMS error against dense SDPA in the same dtype. Path: what "
-        "the call ran (the defaults' cost model may choose dense). Overhead: sample + select + "
-        "cover + mask over the fastest dense kernel's time. vs fastest: the fastest of SDPA "
-        "flash, SDPA cuDNN and dense compiled flex over flexsample's whole call.",
+        "the call ran (the defaults' cost model may choose dense). Overhead: probe + sample + "
+        "select + cover + mask over the fastest dense kernel's time. SDPA flash and SDPA cuDNN "
+        "read K/V expanded to the query heads (expanded outside the timed region); cuDNN GQA "
+        "reads the grouped K/V as they are. vs fastest: the fastest of these and dense "
+        "compiled flex over flexsample's whole call.",
         "",
-        "| S | input | configuration | path | density | output error | sample | select | "
-        "cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | flex dense | "
-        "floor | vs flash | vs fastest | overhead |",
-        "|" + "---|" * 19,
+        "| S | input | configuration | path | density | output error | probe | sample | select | "
+        "cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | cuDNN GQA | "
+        "flex dense | floor | vs flash | vs fastest | overhead |",
+        "|" + "---|" * 21,
     ]
 
     def f(x, unit=""):
@@ -538,10 +613,12 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
         out.append(
             f"| {r['seq_len']} | {r['inputs']} | {r['method']} | {r['path']} | "
             f"{r['density']:.3f} | {r['output_error']:.2e} | "
-            f"{f(r['sample_ms'])} | {f(r['select_ms'])} | {f(r['cover_ms'])} | "
+            f"{f(r.get('probe_ms'))} | {f(r['sample_ms'])} | {f(r['select_ms'])} | "
+            f"{f(r['cover_ms'])} | "
             f"{f(r['mask_ms'])} | {f(r['attention_ms'])} | {f(r['flexsample_total_ms'])} | "
             f"{f(r.get('sdpa_flash_ms') or r.get('sdpa_cpu_ms'))} | "
-            f"{f(r.get('sdpa_cudnn_ms'))} | {f(r['flex_dense_ms'])} | {f(r['floor_ms'])} | "
+            f"{f(r.get('sdpa_cudnn_ms'))} | {f(r.get('sdpa_cudnn_gqa_ms'))} | "
+            f"{f(r['flex_dense_ms'])} | {f(r['floor_ms'])} | "
             f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
             f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
@@ -636,6 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         help="time the Triton sampler's launch configurations (CUDA); the fastest per GPU "
         "architecture belongs in flexsample/sampling/triton_kernel.py's LAUNCH_CONFIGS",
     )
+    p.add_argument(
+        "--profile-plan",
+        type=int,
+        metavar="S",
+        help="also profile the default planning at length S on single-token stripes "
+        "(torch.profiler: the top operators by device and host time, and the launches) into "
+        "--out/profile_plan_<S>_<device>.txt",
+    )
     args = p.parse_args(argv)
     if args.replot:
         rows = json.loads(args.replot.read_text())["speed"]
@@ -686,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"gpu_{tag}.json").write_text(json.dumps(results, indent=1))
         (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows))
 
+    if args.profile_plan:
+        text = profile_plan(device, args.profile_plan, heads)
+        (args.out / f"profile_plan_{args.profile_plan}_{tag}.txt").write_text(text)
+        print(text)
     rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
     write(rows)
     plot(rows, args.out / f"gpu_{tag}.png")

@@ -27,6 +27,9 @@ class SampleConfig:
             default 0.95.
         sample_ratio: Fraction of query rows sampled in stage 1, in ``(0, 1]``. Cost of
             sampling grows linearly with it. Paper: about 5%.
+        max_sampled_rows: ``None`` (the default): ``sample_ratio`` alone sets the sampled
+            rows. An int ``>= 1``: at most this many rows in all (at least one per segment),
+            so that sampling and the row cover stop growing with ``S^2`` at long lengths.
         num_segments: The query rows are cut into this many equal segments; the last
             ``sample_ratio * S / num_segments`` rows of each are sampled, and each segment's
             alpha-cover is added to the mask. More segments guard more query positions.
@@ -65,6 +68,7 @@ class SampleConfig:
 
     alpha: float = 0.95
     sample_ratio: float = 0.05
+    max_sampled_rows: int | None = None
     num_segments: int = 8
     cover_rows: bool = True
     window_ratio: float | None = None
@@ -82,6 +86,8 @@ class SampleConfig:
         if self.window_ratio is not None:
             _check_real("window_ratio", self.window_ratio, low=0.0, high=1.0)
         _check_int("num_segments", self.num_segments, low=1)
+        if self.max_sampled_rows is not None:
+            _check_int("max_sampled_rows", self.max_sampled_rows, low=1)
         if not isinstance(self.cover_rows, bool):
             raise TypeError(
                 f"SampleConfig.cover_rows must be a bool, got {type(self.cover_rows).__name__}"

@@ -69,6 +69,8 @@ class SampleLayout:
         num_segments = min(config.num_segments, query_len)
         shortest_segment = query_len // num_segments
         rows = math.ceil(config.sample_ratio * query_len / num_segments)
+        if config.max_sampled_rows is not None:
+            rows = min(rows, max(1, config.max_sampled_rows // num_segments))
         return cls(
             seq_len=seq_len,
             block_size=bs,

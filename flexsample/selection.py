@@ -97,6 +97,14 @@ def _units(scores: torch.Tensor, layout: SampleLayout):
     return mass, first, last, last - first + 1
 
 
+def _mass_before(mass: torch.Tensor, last: torch.Tensor, S: int) -> torch.Tensor:
+    """``(..., S + 1)``: for each token ``t``, the mass of the units ending before ``t``."""
+    per_token = torch.zeros(*mass.shape[:-1], S + 1, dtype=mass.dtype, device=mass.device)
+    # a unit counts from the token after its last one on
+    per_token.index_add_(-1, last + 1, mass)
+    return per_token.cumsum(dim=-1)
+
+
 @functools.lru_cache(maxsize=1024)
 def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
     """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep.
@@ -126,7 +134,16 @@ def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tens
     return (q - start + 1 + sink).sum(dim=-1)
 
 
-def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> ColumnSelection:
+#: Heaviest units per segment that selection weighs (:func:`select_columns`): the columns a
+#: candidate takes are the heaviest eligible ones, so where they lie among the first
+#: ``TOP_UNITS`` the result is the one the whole sorted list gives, at ``TOP_UNITS / S`` of
+#: the work per candidate (a sixteenth at 128K).
+TOP_UNITS = 8192
+
+
+def select_columns(
+    scores: torch.Tensor, layout: SampleLayout, alpha: float, *, top_units: int | None = None
+) -> ColumnSelection:
     """Choose each head's window and the fewest columns that, with it, keep ``alpha``.
 
     For every window candidate ``w`` (:meth:`SampleLayout.window_candidates`) and segment
@@ -138,11 +155,20 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     (query, key) pairs: the window's pairs plus, for each column, the queries whose window
     starts after it.
 
+    Only each segment's ``top_units`` heaviest units are weighed: a candidate whose columns
+    reach ``alpha`` among them gets exactly the columns the whole list gives; one that would
+    need lighter units is not eligible for that head (the whole-sequence window, which needs
+    no columns, always is; a fixed window, the only candidate, weighs every unit). The
+    result keeps ``alpha`` of every segment either way; it can only be denser than the
+    unbounded search's.
+
     Args:
         scores: ``(B, H, num_segments, S)`` from
             :func:`~flexsample.sampling.sample_column_scores`.
         layout: geometry of the prefill (window candidates, sink, column unit).
         alpha: CRA threshold in ``(0, 1]``.
+        top_units: units weighed per segment (default :data:`TOP_UNITS`; ``S`` or more
+            weighs them all).
 
     Returns:
         A :class:`ColumnSelection`.
@@ -157,8 +183,15 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     B, H, _, S = scores.shape
     bs = layout.block_size
     mass, first, last, tokens = _units(scores.float(), layout)
-    ordered, order = mass.sort(dim=-1, descending=True)
-    total = ordered.sum(dim=-1, keepdim=True)
+    U = mass.shape[-1]
+    top = min(U, TOP_UNITS if top_units is None else max(1, top_units))
+    if layout.fixed_window_blocks is not None:
+        top = U  # one candidate, no fallback: weigh every unit
+    if top < U:
+        ordered, order = mass.topk(top, dim=-1, sorted=True)
+    else:
+        ordered, order = mass.sort(dim=-1, descending=True)
+    total = mass.sum(dim=-1, keepdim=True)
     if layout.column_unit == "token":  # a unit is its position: no gathered copies
         last_sorted = first_sorted = order
     else:
@@ -167,27 +200,42 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
     # blocks reaches at least w * block_size keys back from any row (rows at the start of
     # their block reach no further), so the mass it is credited with holds for every row.
     last_row = torch.tensor(layout.segment_ends(), device=scores.device)[:, None] - 1  # (G, 1)
+    # Mass of the units that lie wholly before a token, for every token (the eligible mass
+    # of a window starting there, sink included): (B, H, G, S + 1).
+    before_token = _mass_before(mass, last, S)
 
     dev = scores.device
     best_cost = torch.full((B, H), float("inf"), device=dev, dtype=torch.float64)
     best_window = torch.zeros(B, H, dtype=torch.int64, device=dev)
-    best_columns = torch.zeros(B, H, mass.shape[-1], dtype=torch.bool, device=dev)
+    best_columns = torch.zeros(B, H, U, dtype=torch.bool, device=dev)
     candidates = layout.window_candidates()
     # Candidates are weighed a batch at a time (a leading dim) where the device's budget
     # allows (about 16 bytes per unit and candidate): few launches on a GPU at short lengths.
     budget = _SELECT_BUDGET_BYTES.get(dev.type, 0)
-    per_batch = max(1, budget // (16 * ordered.numel()))
+    per_batch = max(1, budget // (16 * max(ordered.numel(), B * H * U)))
+    sink_mass = before_token[..., min(layout.sink_tokens, S)]  # (B, H, G)
+    flat_order = order.flatten(-2)  # (B, H, G * top)
     for i in range(0, len(candidates), per_batch):
         ws = candidates[i : i + per_batch]
         w = torch.tensor(ws, device=dev).view(-1, 1, 1, 1, 1)  # (Wc, 1, 1, 1, 1)
         start = last_row - w * bs + 1  # (Wc, 1, 1, G, 1): the keys every row's window reaches
         eligible = (last_sorted < start) & (first_sorted >= layout.sink_tokens)
         outside = ordered * eligible
-        need = alpha * total - (total - outside.sum(dim=-1, keepdim=True))
+        # The window, the sink and whatever lies after the segment's rows hold the rest.
+        index = start.clamp(min=0, max=S).expand(-1, B, H, -1, 1)
+        eligible_all = (before_token.expand(len(ws), -1, -1, -1, -1).gather(-1, index))[..., 0]
+        eligible_all = (eligible_all - sink_mass).clamp(min=0)  # (Wc, B, H, G)
+        need = alpha * total[..., 0] - (total[..., 0] - eligible_all)
         before = outside.cumsum(dim=-1) - outside  # eligible mass of the heavier units
-        take = eligible & (before < need) & (ordered > 0)
-        unsorted = torch.zeros_like(take).scatter_(-1, order.expand_as(take), take)
-        chosen = unsorted.any(dim=3)  # (Wc, B, H, U)
+        take = eligible & (before < need[..., None]) & (ordered > 0)
+        # Where the heaviest units' eligible mass falls short of the need, lighter units would
+        # be taken too: not weighed, so that candidate is out for the head.
+        short = (outside.sum(dim=-1) < need).any(dim=-1) if top < U else None  # (Wc, B, H)
+        chosen = torch.zeros(len(ws), B, H, U, dtype=torch.uint8, device=dev)
+        chosen.scatter_reduce_(
+            -1, flat_order.expand(len(ws), -1, -1, -1), take.flatten(-2).to(torch.uint8), "amax"
+        )
+        chosen = chosen.bool()  # (Wc, B, H, U): the union over segments
         # A column at block cb is read by every query in blocks after cb + w.
         first_reader = ((first // bs + w.view(-1, 1) + 1) * bs).clamp(min=layout.query_start)
         readers = (S - first_reader).clamp(min=0) * tokens  # (Wc, U)
@@ -195,12 +243,14 @@ def select_columns(scores: torch.Tensor, layout: SampleLayout, alpha: float) -> 
         cost = pairs.view(-1, 1, 1).double() + (chosen * readers[:, None, None, :]).sum(
             dim=-1, dtype=torch.float64
         )  # (Wc, B, H)
+        if short is not None:
+            cost = cost.masked_fill(short, float("inf"))
         # The first (smallest) window wins ties, within a batch and across batches.
         cheapest, pick = cost.min(dim=0)
         better = cheapest < best_cost
         best_cost = torch.where(better, cheapest, best_cost)
         best_window = torch.where(better, w.view(-1)[pick], best_window)
-        picked = chosen.gather(0, pick[None, :, :, None].expand(1, B, H, chosen.shape[-1]))[0]
+        picked = chosen.gather(0, pick[None, :, :, None].expand(1, B, H, U))[0]
         best_columns = torch.where(better[..., None], picked, best_columns)
 
     if layout.column_unit == "block":

@@ -25,6 +25,8 @@ def test_defaults_follow_the_paper():
         ("sample_ratio", math.nan, ValueError, "sample_ratio is NaN"),
         ("window_ratio", 1.01, ValueError, "window_ratio"),
         ("window_ratio", math.inf, ValueError, "window_ratio"),
+        ("max_sampled_rows", 0, ValueError, "max_sampled_rows must be >= 1"),
+        ("max_sampled_rows", 100.0, TypeError, "max_sampled_rows must be an int"),
         ("num_segments", 0, ValueError, "num_segments must be >= 1"),
         ("num_segments", 2.0, TypeError, "num_segments must be an int"),
         ("num_segments", True, TypeError, "num_segments must be an int"),
@@ -75,3 +77,15 @@ def test_layout_geometry(seq_len):
     assert len(set(rows.flatten().tolist())) == rows.numel()  # no row sampled twice
     ends = lay.segment_ends()
     assert rows[:, -1].tolist() == [e - 1 for e in ends]
+
+
+@pytest.mark.parametrize("cap", [1, 7, 100, 2048])
+def test_max_sampled_rows_caps_the_rows_but_keeps_one_per_segment(cap):
+    S = 131072
+    free = SampleLayout.create(S, SampleConfig())
+    capped = SampleLayout.create(S, SampleConfig(max_sampled_rows=cap))
+    assert free.num_sampled_rows == 8 * math.ceil(0.05 * S / 8)  # 6560: the ratio alone
+    assert capped.num_sampled_rows == 8 * max(1, cap // 8)
+    assert int(capped.sampled_rows().max()) == S - 1
+    short = SampleLayout.create(1000, SampleConfig(max_sampled_rows=2048))
+    assert short.num_sampled_rows == SampleLayout.create(1000, SampleConfig()).num_sampled_rows

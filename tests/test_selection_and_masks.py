@@ -46,6 +46,29 @@ def test_selection_reaches_alpha_for_every_segment(cfg, alpha):
     assert sel.columns[..., : layout.sink_tokens].all()  # the sink is always kept
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_weighing_only_the_heaviest_units_keeps_alpha_and_costs_no_fewer_pairs(cfg):
+    # Random scores: many small columns, so a short list of heavy units leaves some window
+    # candidates without enough mass and the search must skip them.
+    layout = SampleLayout.create(1000, cfg)
+    scores = torch.rand(2, 3, layout.num_segments, 1000) ** 8
+    rows = layout.sampled_rows().amax(dim=-1)
+    scores = scores.masked_fill(torch.arange(1000) > rows[:, None], 0)
+    scores = scores / scores.sum(dim=-1, keepdim=True)
+    whole = select_columns(scores, layout, 0.9, top_units=1000)
+    whole_pairs = pair_density(whole.window_blocks, whole.columns, layout)
+    for top in (1, 7, 64, 300):
+        sel = select_columns(scores, layout, 0.9, top_units=top)
+        kept = kept_sampled_mass(scores, sel.window_blocks, sel.columns, layout)
+        assert (kept >= 0.9 - 1e-5).all(), top
+        density = pair_density(sel.window_blocks, sel.columns, layout)
+        assert (density >= whole_pairs - 1e-12).all(), top
+    # With every unit weighed (the default bound exceeds S here), the same selection.
+    default = select_columns(scores, layout, 0.9)
+    assert torch.equal(default.columns, whole.columns)
+    assert torch.equal(default.window_blocks, whole.window_blocks)
+
+
 def test_block_columns_are_whole_blocks():
     cfg = SampleConfig(block_size=32, column_unit="block")
     scores, layout = _scores(1, 2, 1, 700, cfg, stripes=3, stripe_width=1)
