@@ -9,10 +9,15 @@ One call does everything and writes ``gpu_<device>.json`` and ``gpu_<device>.md`
   ``flex_sample_attention`` with a dense-equivalent config against SDPA;
 * speed and accuracy, on planted inputs with single-token stripes and on diffuse random
   inputs, for the defaults (the cost model decides dense or sparse), the same selection
-  always sparse, 0.2's selection and alpha 0.98: each stage, the whole call, the path,
-  density, output error against dense SDPA; SDPA with the flash backend, SDPA with cuDNN,
-  dense compiled FlexAttention; CUDA-event medians after warm-up; and the counted floor
-  (causal FLOPs times density over the measured bf16 matrix rate).
+  always sparse, 0.2's selection, alpha 0.98 and the defaults with the sampled rows capped:
+  each stage, the whole call, the path, density, output error against dense SDPA; SDPA with
+  the flash backend, SDPA with cuDNN (expanded K/V, and grouped K/V as they are), dense
+  compiled FlexAttention; CUDA-event medians after warm-up; and the counted floor (causal
+  FLOPs times density over the measured bf16 matrix rate);
+* masks against the per-row oracle (``--frontier``, default 64K and 128K): each
+  configuration's density, output error and kept mass beside the oracle's at several
+  alphas, in float64 on 256 query rows spread over the sequence;
+* optionally (``--profile-plan S``) a torch.profiler table of the default planning.
 
 ``--dry-run`` runs the same code on CPU at small sizes (torch sampler, wall clock), to check
 the script without a GPU.
@@ -460,6 +465,7 @@ METHODS = {
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
     "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
+    "defaults, at most 4096 sampled rows": fs.SampleConfig(max_sampled_rows=4096),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),
 }
 
@@ -536,6 +542,41 @@ def speed(
     return rows
 
 
+#: Query rows :func:`frontier_rows` scores.
+FRONTIER_ROWS = 256
+#: Oracle alphas of :func:`frontier_rows`.
+ORACLE_ALPHAS = (0.95, 0.98, 0.99, 0.995)
+
+
+def frontier_rows(
+    device: torch.device, S: int, heads: tuple, rows: int = FRONTIER_ROWS
+) -> list[dict]:
+    """On single-token stripes at length ``S``: density, output error and kept mass of each
+    :data:`METHODS` plan and of the per-row oracle (:data:`ORACLE_ALPHAS`), scored in float64
+    on ``rows`` query rows spread evenly over the sequence (the whole S x S is too large)."""
+    from flexsample.oracle import evaluate_plan, oracle_frontier
+
+    Hq, Hkv, D = heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = make_inputs(INPUTS[0], Hq, Hkv, S, D, dtype, device)
+    positions = torch.linspace(0, S - 1, rows + 1, device=device)[1:].round().long()
+    out = []
+    for name, cfg in METHODS.items():
+        plan = fs.plan_prefill(q, k, cfg)
+        quality = evaluate_plan(q, k, v, plan, chunk=64, rows=positions)
+        out.append({"seq_len": S, "mask": name, "path": plan.path, **asdict(quality)})
+    oracle = oracle_frontier(q, k, v, ORACLE_ALPHAS, chunk=64, rows=positions)
+    for alpha, quality in oracle.items():
+        out.append({"seq_len": S, "mask": f"per-row oracle, alpha {alpha}", **asdict(quality)})
+    for row in out:
+        print(
+            f"  frontier S={S} {row['mask']}: density {row['density']:.4f}, "
+            f"error {row['output_error']:.2e}, kept p1 {row['kept_mass_p1']:.4f}",
+            flush=True,
+        )
+    return out
+
+
 def profile_plan(device: torch.device, S: int, heads: tuple, calls: int = 3) -> str:
     """torch.profiler tables of ``calls`` default plans (after a warm-up) at length ``S``."""
     from torch.profiler import ProfilerActivity, profile
@@ -567,7 +608,7 @@ def profile_plan(device: torch.device, S: int, heads: tuple, calls: int = 3) -> 
     ])  # fmt: skip
 
 
-def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
+def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[dict]) -> str:
     out = [
         f"## GPU run on {meta['device']}",
         "",
@@ -622,6 +663,23 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict]) -> str:
             f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
             f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
+    if frontier:
+        out += [
+            "",
+            "### Masks against the per-row oracle (single-token stripes)",
+            "",
+            f"Scored in float64 on {FRONTIER_ROWS} query rows spread evenly over the sequence "
+            "(their own causal pairs, output error and kept mass); the oracle keeps for each "
+            "row the fewest keys holding alpha of its exact mass.",
+            "",
+            "| S | mask | density | output error | kept mass min | kept mass 1st pct |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in frontier:
+            out.append(
+                f"| {r['seq_len']} | {r['mask']} | {r['density']:.4f} | "
+                f"{r['output_error']:.2e} | {r['kept_mass_min']:.4f} | {r['kept_mass_p1']:.4f} |"
+            )
     reasons = sorted({r["reason"] for r in rows if r["reason"]})
     if reasons:
         out += ["", "Why calls ran dense:", ""] + [f"- {reason}" for reason in reasons]
@@ -714,6 +772,15 @@ def main(argv: list[str] | None = None) -> int:
         "architecture belongs in flexsample/sampling/triton_kernel.py's LAUNCH_CONFIGS",
     )
     p.add_argument(
+        "--frontier",
+        type=int,
+        nargs="*",
+        metavar="S",
+        default=None,
+        help="lengths at which to score every configuration's mask and the per-row oracle on "
+        f"{FRONTIER_ROWS} rows in float64 (default: 64K and 128K; dry run 2K; none: skip)",
+    )
+    p.add_argument(
         "--profile-plan",
         type=int,
         metavar="S",
@@ -766,19 +833,30 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")
 
+    frontier: list[dict] = []
+
     def write(rows: list[dict]) -> None:  # after every row: a run cut short keeps its rows
-        results = {"meta": meta, "correctness": checks, "sampler_tuning": tuning, "speed": rows}
+        results = {
+            "meta": meta, "correctness": checks, "sampler_tuning": tuning, "speed": rows,
+            "frontier": frontier,
+        }  # fmt: skip
         (args.out / f"gpu_{tag}.json").write_text(json.dumps(results, indent=1))
-        (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows))
+        (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows, frontier))
 
     if args.profile_plan:
         text = profile_plan(device, args.profile_plan, heads)
         (args.out / f"profile_plan_{args.profile_plan}_{tag}.txt").write_text(text)
         print(text)
     rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
+    frontier_lengths = args.frontier
+    if frontier_lengths is None:
+        frontier_lengths = [2048] if args.dry_run else [65536, 131072]
+    for S in frontier_lengths:
+        frontier += frontier_rows(device, S, heads)
+        write(rows)
     write(rows)
     plot(rows, args.out / f"gpu_{tag}.png")
-    print(markdown(meta, checks, rows))
+    print(markdown(meta, checks, rows, frontier))
     return 0 if all(c["ok"] for c in checks) else 1
 
 

@@ -45,15 +45,25 @@ class MaskQuality:
     kept_mass_mean: float
 
 
-def _row_chunks(S: int, chunk: int) -> Iterator[slice]:
-    for start in range(0, S, chunk):
-        yield slice(start, min(start + chunk, S))
+def _row_chunks(rows: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    for start in range(0, rows.numel(), chunk):
+        yield rows[start : start + chunk]
 
 
-def _exact_probs(q_rows, keys, rows: slice, scale: float) -> torch.Tensor:
-    """``(c, S)`` float64 causal softmax of query rows ``rows`` (one head)."""
+def _rows(q: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The query positions to score: ``rows`` (checked), or all of them."""
+    S = q.shape[2]
+    if rows is None:
+        return torch.arange(S, device=q.device)
+    rows = torch.as_tensor(rows, device=q.device).flatten().long()
+    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= S:
+        raise ValueError(f"rows must be non-empty positions in [0, {S}), got {rows.tolist()}")
+    return rows
+
+
+def _exact_probs(q_rows, keys, pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(c, S)`` float64 causal softmax of the query rows at positions ``pos`` (one head)."""
     logits = (q_rows.double() @ keys.double().T) * scale
-    pos = torch.arange(rows.start, rows.stop, device=keys.device)
     causal = torch.arange(keys.shape[0], device=keys.device)[None, :] <= pos[:, None]
     return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
@@ -107,6 +117,7 @@ def evaluate_mask(
     *,
     scale: float | None = None,
     chunk: int = 512,
+    rows: torch.Tensor | None = None,
 ) -> MaskQuality:
     """Score a mask, given row by row, against exact attention.
 
@@ -118,6 +129,8 @@ def evaluate_mask(
             batch row ``b`` and head ``h`` attend (intersected with causality here).
         scale: softmax scale, ``1/sqrt(D)`` if None.
         chunk: query rows per step (memory ``chunk x S`` doubles).
+        rows: score only the query rows at these positions (default: all); density then
+            counts their causal pairs.
 
     Returns:
         The :class:`MaskQuality` of the mask.
@@ -125,20 +138,27 @@ def evaluate_mask(
     S = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keys = torch.arange(S, device=q.device)
+    positions = _rows(q, rows)
     acc = _Accumulator()
     for b, h, qh, kh, vh in _heads(q, k, v):
-        for rows in _row_chunks(S, chunk):
-            probs = _exact_probs(qh[rows], kh, rows, scale)
-            pos = torch.arange(rows.start, rows.stop, device=q.device)
+        for pos in _row_chunks(positions, chunk):
+            probs = _exact_probs(qh[pos], kh, pos, scale)
             keep = keep_rows(b, h, pos) & (keys[None, :] <= pos[:, None])
             acc.add(probs, keep, vh.double(), pos)
     return acc.result()
 
 
 def evaluate_plan(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan, *, chunk: int = 512
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: PrefillPlan,
+    *,
+    chunk: int = 512,
+    rows: torch.Tensor | None = None,
 ) -> MaskQuality:
-    """Score what :func:`~flexsample.run_plan` computes for ``plan`` on these inputs.
+    """Score what :func:`~flexsample.run_plan` computes for ``plan`` on these inputs (only
+    the query rows at ``rows``, if given; see :func:`evaluate_mask`).
 
     A dense plan keeps every causal pair (density 1, error 0 up to rounding).
     """
@@ -147,18 +167,19 @@ def evaluate_plan(
             q,
             k,
             v,
-            lambda b, h, rows: torch.ones(len(rows), q.shape[2], dtype=torch.bool, device=q.device),
+            lambda b, h, pos: torch.ones(len(pos), q.shape[2], dtype=torch.bool, device=q.device),
             scale=plan.scale,
             chunk=chunk,
+            rows=rows,
         )
     windows, columns, layout = plan.selection.window_blocks, plan.attended_columns(), plan.layout
 
-    def keep_rows(b: int, h: int, rows: torch.Tensor) -> torch.Tensor:
-        return keep_mask(
-            windows[b : b + 1, h : h + 1], columns[b : b + 1, h : h + 1], layout, rows
-        )[0, 0]
+    def keep_rows(b: int, h: int, pos: torch.Tensor) -> torch.Tensor:
+        return keep_mask(windows[b : b + 1, h : h + 1], columns[b : b + 1, h : h + 1], layout, pos)[
+            0, 0
+        ]
 
-    return evaluate_mask(q, k, v, keep_rows, scale=plan.scale, chunk=chunk)
+    return evaluate_mask(q, k, v, keep_rows, scale=plan.scale, chunk=chunk, rows=rows)
 
 
 def oracle_frontier(
@@ -171,6 +192,7 @@ def oracle_frontier(
     block_size: int = 128,
     scale: float | None = None,
     chunk: int = 256,
+    rows: torch.Tensor | None = None,
 ) -> dict[float, MaskQuality]:
     """The per-row oracle at each ``alpha``: every row keeps its fewest keys reaching alpha.
 
@@ -184,6 +206,7 @@ def oracle_frontier(
         block_size: tile width for ``unit="tile"``.
         scale: softmax scale, ``1/sqrt(D)`` if None.
         chunk: query rows per step.
+        rows: score only the query rows at these positions (default: all).
 
     Returns:
         ``{alpha: MaskQuality}``.
@@ -198,12 +221,12 @@ def oracle_frontier(
     S = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n = -(-S // block_size)
+    positions = _rows(q, rows)
     accs = {a: _Accumulator() for a in alphas}
     for _, _, qh, kh, vh in _heads(q, k, v):
         values = vh.double()
-        for rows in _row_chunks(S, chunk):
-            probs = _exact_probs(qh[rows], kh, rows, scale)
-            pos = torch.arange(rows.start, rows.stop, device=q.device)
+        for pos in _row_chunks(positions, chunk):
+            probs = _exact_probs(qh[pos], kh, pos, scale)
             if unit == "token":
                 units = probs
             else:

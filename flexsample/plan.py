@@ -319,10 +319,19 @@ def _length_reason(
         return reason
     if costs is None:
         return None
-    reason = length_verdict(costs, batch_heads, head_dim, layout)
+    reason = _cached_length_verdict(costs, batch_heads, head_dim, layout)
     if reason is not None:
         _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
     return reason
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_length_verdict(
+    costs: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout
+) -> str | None:
+    # Every layer of a prefill asks the same question: answered once per shape (the
+    # cost model and layout are frozen, hashable values; a new calibration is a new key).
+    return length_verdict(costs, batch_heads, head_dim, layout)
 
 
 def _cost_model(device: torch.device, dtype: torch.dtype) -> CostModel | None:

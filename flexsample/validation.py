@@ -35,35 +35,42 @@ def check_qkv(q: object, k: object, v: object) -> None:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     assert isinstance(v, torch.Tensor)
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    qs, ks, vs = q.shape, k.shape, v.shape
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape: {shapes}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k must have the same batch size: {shapes}")
-    if q.shape[2] > k.shape[2]:
+    if ks != vs:
+        raise ValueError(f"k and v must have the same shape: {_shapes(q, k, v)}")
+    if qs[0] != ks[0]:
+        raise ValueError(f"q and k must have the same batch size: {_shapes(q, k, v)}")
+    if qs[2] > ks[2]:
         raise ValueError(
             "q must not be longer than k: the queries are the last positions of the keys' "
-            f"sequence (the whole prompt, or a chunk after earlier context): {shapes}"
+            f"sequence (the whole prompt, or a chunk after earlier context): {_shapes(q, k, v)}"
         )
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head_dim: {shapes}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+    if qs[3] != ks[3]:
+        raise ValueError(f"q and k must have the same head_dim: {_shapes(q, k, v)}")
+    if ks[1] == 0 or qs[1] % ks[1]:
         raise ValueError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}): "
-            f"{shapes}"
+            f"query heads ({qs[1]}) must be a multiple of key/value heads ({ks[1]}): "
+            f"{_shapes(q, k, v)}"
         )
-    if q.shape[2] == 0 or q.shape[0] == 0 or q.shape[3] == 0:
-        raise ValueError(f"q, k, v must not be empty (batch, seq_len and head_dim >= 1): {shapes}")
+    if qs[2] == 0 or qs[0] == 0 or qs[3] == 0:
+        raise ValueError(
+            f"q, k, v must not be empty (batch, seq_len and head_dim >= 1): {_shapes(q, k, v)}"
+        )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError(
             "flexsample computes inference prefill only (no backward pass), but q, k or v "
             "requires grad: call it under torch.no_grad() or torch.inference_mode(), or use "
             "dense attention for training"
         )
+
+
+def _shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    # Formatted only for an error message: every call checks, few fail.
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
 def check_qk(q: object, k: object) -> None:

@@ -53,3 +53,19 @@ def test_bad_arguments():
         oracle_frontier(q, k, v, [0.9], unit="row")
     with pytest.raises(ValueError, match="alphas must lie in"):
         oracle_frontier(q, k, v, [1.5])
+
+
+def test_scoring_a_subset_of_rows():
+    q, k, v = _inputs()
+    plan = fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(block_size=64))
+    every = evaluate_plan(q, k, v, plan, chunk=100)
+    assert evaluate_plan(q, k, v, plan, chunk=100, rows=torch.arange(333)) == every
+    rows = torch.tensor([5, 100, 217, 332])
+    some = evaluate_plan(q, k, v, plan, chunk=3, rows=rows)
+    # Their own pairs: the plan's mask on those rows, counted by hand.
+    keep = fs.keep_mask(plan.window_blocks, plan.attended_columns(), plan.layout, rows)
+    assert some.density == pytest.approx(float(keep.sum()) / (2 * 4 * float((rows + 1).sum())))
+    oracle = oracle_frontier(q, k, v, [0.9], chunk=3, rows=rows)[0.9]
+    assert oracle.kept_mass_min >= 0.9 - 1e-9 and oracle.density <= some.density
+    with pytest.raises(ValueError, match="rows must be non-empty positions in"):
+        oracle_frontier(q, k, v, [0.9], rows=torch.tensor([333]))

@@ -37,7 +37,7 @@ def test_probe_rows_are_the_last_sampled_rows_of_each_segment():
     layout = SampleLayout.create(1000, fs.SampleConfig(), query_len=777)
     rows = probe_rows(layout)
     sampled = layout.sampled_rows()
-    assert rows.tolist() == sampled[:, -2:].flatten().tolist()
+    assert rows.tolist() == sampled[:, -1:].flatten().tolist()
     assert int(rows.min()) >= layout.query_start and int(rows.max()) == 999
 
 
