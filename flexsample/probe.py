@@ -102,20 +102,44 @@ def probe_density(
 
     if max_chunk_elems is None:
         max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
-    probabilities = cpu_compiled(chunk_probabilities, q.device)
     R = pos.numel()
-    chunk = max(1, max_chunk_elems // S)  # rows of S probabilities per step
-    heads = torch.arange(group, device=q.device).repeat_interleave(R)
-    counts = torch.zeros(B, Hq, dtype=torch.float32, device=q.device)
-    for b in range(B):
-        for kv in range(Hkv):
-            # The query heads sharing this kv head, every probed row of each: (group * R, D).
-            rows = q_rows[b, kv * group : (kv + 1) * group].float().reshape(group * R, -1)
-            rows = rows * scale
-            keys = k[b, kv].float()
-            for start in range(0, group * R, chunk):
-                part = slice(start, start + chunk)
-                p = probabilities(rows[part], keys, pos.repeat(group)[part])
-                needed = fewest_keys(p, alpha).float()
-                counts[b, kv * group : (kv + 1) * group].index_add_(0, heads[part], needed)
-    return counts / lengths
+    per_kv = group * R  # the probed rows of the query heads sharing one kv head
+    rows = (q_rows.float() * scale).reshape(B * Hkv, per_kv, -1)
+    keys = k.reshape(B * Hkv, S, -1)
+    row_pos = pos.repeat(group)  # (per_kv,)
+    if per_kv * S > max_chunk_elems:  # long rows: a few rows at a time
+        needed = _needed_in_row_chunks(rows, keys, row_pos, alpha, max_chunk_elems)
+        return needed.view(B, Hq, R).sum(dim=-1) / lengths
+    # Whole kv heads per step: one matmul each into a shared buffer, then the softmax, sort
+    # and count of the whole step at once (few launches on a GPU).
+    step = max(1, max_chunk_elems // (per_kv * S))
+    after = torch.arange(S, device=q.device)[None, :] > row_pos[:, None]  # (per_kv, S)
+    counts = torch.empty(B * Hkv, group, dtype=torch.float32, device=q.device)
+    for u0 in range(0, B * Hkv, step):
+        u1 = min(u0 + step, B * Hkv)
+        logits = torch.empty(u1 - u0, per_kv, S, dtype=torch.float32, device=q.device)
+        for i, u in enumerate(range(u0, u1)):
+            torch.matmul(rows[u], keys[u].float().T, out=logits[i])
+        p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
+        counts[u0:u1] = fewest_keys(p, alpha).view(u1 - u0, group, R).sum(dim=-1).float()
+    return counts.view(B, Hq) / lengths
+
+
+def _needed_in_row_chunks(
+    rows: torch.Tensor, keys: torch.Tensor, row_pos: torch.Tensor, alpha: float, max_elems: int
+) -> torch.Tensor:
+    """Each probed row's fewest keys, ``max_elems // S`` rows a step: ``(units, rows)``
+    float32 for ``rows (units, n, D)`` (scaled queries), ``keys (units, S, D)`` and the rows'
+    positions ``row_pos (n,)``."""
+    units, n, _ = rows.shape
+    S = keys.shape[1]
+    probabilities = cpu_compiled(chunk_probabilities, rows.device)
+    chunk = max(1, max_elems // S)
+    needed = torch.empty(units, n, dtype=torch.float32, device=rows.device)
+    for u in range(units):
+        unit_keys = keys[u].float()
+        for start in range(0, n, chunk):
+            part = slice(start, start + chunk)
+            p = probabilities(rows[u, part], unit_keys, row_pos[part])
+            needed[u, part] = fewest_keys(p, alpha).float()
+    return needed

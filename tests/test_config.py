@@ -9,6 +9,7 @@ from flexsample import SampleConfig, SampleLayout
 def test_defaults_follow_the_paper():
     c = SampleConfig()
     assert c.alpha == 0.95 and c.sample_ratio == 0.05 and c.block_size == 128
+    assert c.max_sampled_rows == 4096  # binds from about 80K tokens on
     # 0.2: the window adapts per head, columns are single tokens, the sink is a column
     assert c.window_ratio is None and c.column_unit == "token" and c.sink_blocks == 0
 
@@ -82,7 +83,7 @@ def test_layout_geometry(seq_len):
 @pytest.mark.parametrize("cap", [1, 7, 100, 2048])
 def test_max_sampled_rows_caps_the_rows_but_keeps_one_per_segment(cap):
     S = 131072
-    free = SampleLayout.create(S, SampleConfig())
+    free = SampleLayout.create(S, SampleConfig(max_sampled_rows=None))
     capped = SampleLayout.create(S, SampleConfig(max_sampled_rows=cap))
     assert free.num_sampled_rows == 8 * math.ceil(0.05 * S / 8)  # 6560: the ratio alone
     assert capped.num_sampled_rows == 8 * max(1, cap // 8)
