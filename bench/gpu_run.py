@@ -400,9 +400,20 @@ def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
 
     The stages are timed by :func:`flexsample.plan_prefill`'s own stage timer (the shipped
     code, its host syncs included); ``plan_ms`` is the whole planning call without it. A
-    plan that runs dense reports density 1 and its reason.
+    plan that runs dense reports density 1 and its reason. ``plan_peak_mib``: on CUDA, the
+    most memory one planning call held beyond its inputs (the plan it returns included),
+    beside ``qkv_mib``, the size of q, k and v.
     """
     plan = fs.plan_prefill(q, k, cfg)
+    peak = None
+    if q.device.type == "cuda":
+        del plan
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        plan = fs.plan_prefill(q, k, cfg)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     stage_ms: dict[str, list[float]] = {stage: [] for stage in fs.PLAN_STAGES}
 
     def timed_planning():
@@ -415,6 +426,8 @@ def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
     return {
         "sampler": plan.sampler,
         "path": plan.path,
+        "plan_peak_mib": peak,
+        "qkv_mib": sum(t.numel() * t.element_size() for t in (q, k, v)) / 2**20,
         "reason": plan.reason,
         "density": 1.0 if plan.density is None else float(plan.density.mean()),
         **{f"{stage}_ms": statistics.median(ms) if ms else 0.0 for stage, ms in stage_ms.items()},
@@ -664,6 +677,24 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
             f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
             f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
+    always = "defaults, always sparse"
+    planned = [r for r in rows if r["method"] == always and r.get("plan_peak_mib")]
+    if planned:
+        out += [
+            "",
+            "### Planning memory",
+            "",
+            "The most device memory one planning call (defaults, always sparse) held beyond "
+            "its inputs, the plan it returns included, beside the size of q, k and v.",
+            "",
+            "| S | input | planning peak (MiB) | q + k + v (MiB) | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in planned:
+            out.append(
+                f"| {r['seq_len']} | {r['inputs']} | {r['plan_peak_mib']:.0f} | "
+                f"{r['qkv_mib']:.0f} | {r['plan_peak_mib'] / r['qkv_mib']:.2f} |"
+            )
     if frontier:
         out += [
             "",

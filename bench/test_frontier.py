@@ -7,8 +7,11 @@ oracle at several alphas: every query row keeps its fewest keys (``oracle tokens
 tiles (``oracle tiles``) reaching alpha of its mass. Density counts computed (query, key)
 pairs over causal pairs.
 
-Inputs: planted structures (``STRUCTURES``) and q/k/v captured from SmolLM2 on a passkey
-prompt. The timed call is the whole ``flex_sample_attention`` (for the oracle rows, the oracle
+Inputs: planted structures (``STRUCTURES``), q/k/v captured from SmolLM2 on a passkey
+prompt, and from Gemma-3-270M's global-attention layers on needle prompts of 16K and 32K
+tokens (scored on 1024 query rows spread over the prompt: the whole S x S in float64 would
+take hours on 2 cores; skipped where the model is not installed, and in smoke runs). The
+timed call is the whole ``flex_sample_attention`` (for the oracle rows, the oracle
 computation itself); the numbers that matter are in ``extra_info``.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import flexsample as fs
 from conftest import run
@@ -47,6 +51,11 @@ METHODS = {
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
 SMOLLM2_LAYERS = (2, 15, 27)
+#: Gemma-3-270M's global-attention layers, the prompt lengths captured, and the query rows
+#: scored there (evenly spread, the last one included).
+GEMMA_LAYERS = (5, 11, 17)
+GEMMA_LENGTHS = (16384, 32768)
+GEMMA_ROWS = 1024
 
 
 def _smoke(config) -> bool:
@@ -66,6 +75,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "layer" in metafunc.fixturenames:
         layers = SMOLLM2_LAYERS[1:2] if smoke else SMOLLM2_LAYERS
         metafunc.parametrize("layer", layers, ids=lambda i: f"L{i}")
+    if "gemma_layer" in metafunc.fixturenames:
+        metafunc.parametrize("gemma_layer", GEMMA_LAYERS, ids=lambda i: f"L{i}")
+    if "gemma_len" in metafunc.fixturenames:
+        metafunc.parametrize("gemma_len", GEMMA_LENGTHS, ids=lambda n: f"S{n}", scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +114,11 @@ def _info(inputs: str, method: str, quality, **more) -> dict:
     }
 
 
-def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds) -> None:
+def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds, rows=None) -> None:
     as_configured = fs.plan_prefill(q, k, METHODS[method])
     config = METHODS[method].replace(min_seq_len=0, max_density=1.0)
     plan = fs.plan_prefill(q, k, config)
-    quality = evaluate_plan(q, k, v, plan)
+    quality = evaluate_plan(q, k, v, plan, rows=rows)
     benchmark.group = f"frontier {inputs}"
     run(
         benchmark,
@@ -125,12 +138,12 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds) 
     )
 
 
-def _score_oracle(benchmark, inputs: str, unit: str, q, k, v, smoke: bool) -> None:
+def _score_oracle(benchmark, inputs: str, unit: str, q, k, v, smoke: bool, rows=None) -> None:
     alphas = ORACLE_ALPHAS[2:3] if smoke else ORACLE_ALPHAS
     results: dict = {}
 
     def compute():
-        results.update(oracle_frontier(q, k, v, alphas, unit=unit))
+        results.update(oracle_frontier(q, k, v, alphas, unit=unit, rows=rows))
 
     benchmark.group = f"frontier {inputs}"
     benchmark.pedantic(compute, rounds=1, iterations=1)
@@ -183,3 +196,42 @@ def test_frontier_smollm2(benchmark, smollm2_frontier_qkv, layer, method, device
 def test_oracle_smollm2(benchmark, smollm2_frontier_qkv, layer, unit, device, smoke):
     q, k, v = (t.to(device) for t in smollm2_frontier_qkv[layer])
     _score_oracle(benchmark, f"SmolLM2 S={q.shape[2]} layer {layer}", unit, q, k, v, smoke)
+
+
+# --- q/k/v captured from Gemma-3-270M's global layers -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_frontier_qkv(smoke, gemma_len):
+    """``{layer: (q, k, v)}`` of Gemma-3-270M on one needle prompt of about ``gemma_len``
+    tokens, and the query rows to score."""
+    if smoke:
+        pytest.skip("Gemma-3-270M captures are not part of the smoke run")
+    from flexsample.integrations.haystack import needle_prompt
+    from flexsample.integrations.models import GEMMA3_270M, ModelNotInstalled, load_model
+    from flexsample.integrations.transformers import capture_attention_inputs
+
+    try:
+        model, tokenizer = load_model(GEMMA3_270M)
+    except ModelNotInstalled as error:
+        pytest.skip(str(error))
+    prompt = needle_prompt(tokenizer, gemma_len - 64, [0.2, 0.5, 0.8], seed=gemma_len)
+    ids = tokenizer(prompt.text, return_tensors="pt").input_ids
+    qkv = capture_attention_inputs(model, ids, list(GEMMA_LAYERS))
+    S = ids.shape[1]
+    rows = torch.linspace(0, S - 1, GEMMA_ROWS + 1)[1:].round().long()
+    return qkv, rows
+
+
+def test_frontier_gemma(benchmark, gemma_frontier_qkv, gemma_layer, method, device):
+    qkv, rows = gemma_frontier_qkv
+    q, k, v = (t.to(device) for t in qkv[gemma_layer])
+    inputs = f"Gemma-3-270M S={q.shape[2]} layer {gemma_layer} ({len(rows)} rows)"
+    _score_method(benchmark, inputs, method, q, k, v, device, 1, rows=rows.to(device))
+
+
+def test_oracle_gemma(benchmark, gemma_frontier_qkv, gemma_layer, device, smoke):
+    qkv, rows = gemma_frontier_qkv
+    q, k, v = (t.to(device) for t in qkv[gemma_layer])
+    inputs = f"Gemma-3-270M S={q.shape[2]} layer {gemma_layer} ({len(rows)} rows)"
+    _score_oracle(benchmark, inputs, "token", q, k, v, smoke, rows=rows.to(device))

