@@ -138,9 +138,11 @@ def plan_prefill(
     A dense plan (with its reason) comes back where sparse would not pay: before sampling,
     when the length is below ``config.min_seq_len`` or, with ``min_seq_len=None``, when the
     device's cost model (:mod:`flexsample.costs`) says planning plus the sparsest call
-    costs at least dense attention; after selection, when the plan computes more than
-    ``config.max_density`` of the causal pairs or, with ``max_density=None``, when its
-    sparse call would cost at least dense attention. Reads counts on the host (device
+    costs at least dense attention; at the probe (:mod:`flexsample.probe`), when the fewest
+    keys holding ``alpha`` of a few rows' mass already come to a density that could not
+    pay (or exceeds a numeric ``max_density``); after selection, when the plan computes
+    more than ``config.max_density`` of the causal pairs or, with ``max_density=None``,
+    when its sparse call would cost at least dense attention. Reads counts on the host (device
     syncs).
 
     Args:
@@ -149,8 +151,8 @@ def plan_prefill(
         k: ``(B, Hkv, S, D)`` keys, ``Hq % Hkv == 0``.
         config: method settings; ``SampleConfig()`` if None.
         scale: softmax scale; ``1/sqrt(D)`` if None.
-        timer: records the seconds of the ``sample``, ``select``, ``cover`` (when
-            ``config.cover_rows``) and ``mask`` stages.
+        timer: records the seconds of the ``probe`` (when it runs), ``sample``, ``select``,
+            ``cover`` (when ``config.cover_rows``) and ``mask`` stages.
 
     Returns:
         A frozen :class:`PrefillPlan`; pass it to :func:`run_plan` with the same q, k and v.
