@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .layout import SampleLayout
+from .sampling.reference import sampled_row_probabilities
 from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
 
 #: Rows probed per segment: its last sampled row. Two per segment cost 11 ms at 128K on an
@@ -30,8 +31,14 @@ ROWS_PER_SEGMENT = 1
 def probe_rows(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
     """Positions of the probed rows: the last :data:`ROWS_PER_SEGMENT` sampled rows of each
     segment (fewer where a segment samples fewer), ascending, int64."""
-    rows = layout.sampled_rows(device)
-    return rows[:, -min(ROWS_PER_SEGMENT, layout.rows_per_segment) :].flatten()
+    return layout.sampled_rows(device).flatten()[_probe_index(layout, device)]
+
+
+def _probe_index(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Where the probed rows sit among ``layout.sampled_rows().flatten()``."""
+    G, r = layout.num_segments, layout.rows_per_segment
+    index = torch.arange(G * r, device=device).view(G, r)
+    return index[:, -min(ROWS_PER_SEGMENT, r) :].flatten()
 
 
 def fewest_keys(p: torch.Tensor, alpha: float, *, numpy_sort: bool | None = None) -> torch.Tensor:
@@ -94,10 +101,8 @@ def probe_density(
     lengths = float((pos + 1).sum())
     q_rows = q[:, :, pos - layout.query_start]  # (B, Hq, R, D)
     if reference:
-        kk = k.double().repeat_interleave(group, dim=1)
-        logits = (q_rows.double() @ kk.transpose(-1, -2)) * scale
-        causal = torch.arange(S, device=q.device) <= pos[:, None]
-        p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        # The float64 oracle of every sampled row (small inputs), then the probed ones.
+        p = sampled_row_probabilities(q, k, layout, scale)[:, :, _probe_index(layout, q.device)]
         return (fewest_keys(p, alpha).sum(dim=-1) / lengths).float()
 
     if max_chunk_elems is None:

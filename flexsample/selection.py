@@ -226,11 +226,12 @@ def select_columns(
         eligible_all = (before_token.expand(len(ws), -1, -1, -1, -1).gather(-1, index))[..., 0]
         eligible_all = (eligible_all - sink_mass).clamp(min=0)  # (Wc, B, H, G)
         need = alpha * total[..., 0] - (total[..., 0] - eligible_all)
-        before = outside.cumsum(dim=-1) - outside  # eligible mass of the heavier units
+        held = outside.cumsum(dim=-1)
+        before = held - outside  # eligible mass of the heavier units
         take = eligible & (before < need[..., None]) & (ordered > 0)
         # Where the heaviest units' eligible mass falls short of the need, lighter units would
         # be taken too: not weighed, so that candidate is out for the head.
-        short = (outside.sum(dim=-1) < need).any(dim=-1) if top < U else None  # (Wc, B, H)
+        short = (held[..., -1] < need).any(dim=-1) if top < U else None  # (Wc, B, H)
         chosen = torch.zeros(len(ws), B, H, U, dtype=torch.uint8, device=dev)
         chosen.scatter_reduce_(
             -1, flat_order.expand(len(ws), -1, -1, -1), take.flatten(-2).to(torch.uint8), "amax"
