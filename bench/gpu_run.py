@@ -151,16 +151,15 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), device=device, generator=gen)
-    # One column set per kv head: what the cover reads is its group's union.
-    kv_columns = torch.rand(B, Hkv, S, device=device, generator=gen) < 0.2
-    columns = kv_columns.repeat_interleave(Hq // Hkv, dim=1)
+    # Each query head its own columns.
+    columns = torch.rand(B, Hq, S, device=device, generator=gen) < 0.2
     rows = layout.sampled_rows(device).flatten()
     p = sampled_row_probabilities(q, k, layout, D**-0.5)
     ref = (p * fs.keep_mask(windows, columns, layout, rows)).sum(dim=-1)
     if sampler == "triton":
         from flexsample.sampling.triton_kernel import row_kept_mass_triton
 
-        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, kv_columns)[0].flatten(2)
+        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns)[0].flatten(2)
     else:  # the torch cover measures every row; alpha 0 repairs none
         sel = fs.ColumnSelection(windows, columns, layout)
         got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)
@@ -206,7 +205,7 @@ def check_sparse_flex(dtype, device) -> Check:
     got = fs.sparse_attention(
         q, fs.gather_keys(k, gathered), fs.gather_keys(v, gathered), bm, D**-0.5
     )
-    cols = sel.group_columns(group)
+    cols = sel.columns
     ref = fs.sparse_attention_reference(
         q.double(), k.double(), v.double(), windows, cols, lay, D**-0.5
     )

@@ -143,7 +143,7 @@ def sparse_attention_reference(
         k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
         v: ``(B, Hkv, S, D)``.
         window_blocks: ``(B, Hq)`` window per head, in blocks.
-        columns: ``(B, Hq, S)`` bool, the columns each head attends (its group's union).
+        columns: ``(B, Hq, S)`` bool, the columns each head attends.
         layout: the geometry.
         scale: softmax scale.
 

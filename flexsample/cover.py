@@ -3,7 +3,7 @@
 :func:`~flexsample.selection.select_columns` covers each segment's *mean* sampled row; a row
 whose heavy keys differ from its segment's can keep less. This stage measures, for every
 sampled row, the share of its exact causal attention mass that its head's mask keeps (window,
-sink and its GQA group's columns: what the attention call reads), and where that is below
+sink and its own columns: what the attention call reads), and where that is below
 ``alpha`` adds the row's own heaviest missing keys until it is not (the paper's cumulative
 residual attention, per row), skipping keys too light to matter (:data:`KEY_FLOOR_DIVISOR`).
 
@@ -146,7 +146,7 @@ def cover_rows(
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    attended = selection.group_columns(group)
+    attended = selection.columns
     windows = selection.window_blocks
     positions = layout.sampled_rows(q.device).flatten()  # (G * r,) ascending
     dev = q.device
@@ -156,8 +156,7 @@ def cover_rows(
     if sampler == "triton":
         from .sampling.triton_kernel import row_kept_mass_triton
 
-        kv_columns = selection.kv_columns(group)
-        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, kv_columns)
+        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, attended)
         kept = kept.view(B, Hq, G * r)
         # Only short rows with a key above the floor to add go on to the torch repair.
         repairable = (kept < alpha) & (missing.view(B, Hq, G * r) > key_floor(alpha))

@@ -1,11 +1,12 @@
 """Mask building: a window per head plus gathered key columns -> FlexAttention ``BlockMask``.
 
-The attention call reads ``[gathered columns | all keys]``: each kv head's selected columns,
-copied into a compact prefix of ``C`` keys (a whole number of blocks), then the keys in
-order. Query block ``qb`` of head ``h`` reads
+The attention call reads ``[gathered columns | all keys]``: for each kv head, the selected
+columns of each of its query heads, copied into a compact prefix of ``C`` keys (one slice of
+a whole number of blocks per query head), then the keys in order. Query block ``qb`` of head
+``h`` reads
 
-* the gathered blocks whose columns lie before its window (the one block where the window
-  start falls is *partial*: the ``mask_mod`` checks each column's original position);
+* the blocks of its own slice whose columns lie before its window (the one block where the
+  window start falls is *partial*: the ``mask_mod`` checks each column's original position);
 * key blocks ``qb - window .. qb`` (full below the diagonal, partial on it).
 
 Sink tokens (``sink_blocks``) are columns every head selects, so they are gathered too.
@@ -34,18 +35,24 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 def key_codes(gathered: torch.Tensor, seq_len: int, group: int) -> torch.Tensor:
     """``(B, Hq, C + S)`` int32: what each key the attention call reads is, per query head.
 
-    A gathered column at original position ``p`` is coded ``-(p + 1)`` (negative), the keys
-    that follow are coded by their position ``0 .. S - 1``.
+    A query head's own gathered column at original position ``p`` is coded ``-(p + 1)``
+    (negative), the other heads' slices of its kv head's list ``-(S + 1)`` (position ``S``,
+    which no query attends), the keys that follow by their position ``0 .. S - 1``.
 
     Args:
-        gathered: ``(B, Hkv, C)`` gathered column positions (padding ``S``).
+        gathered: ``(B, Hkv, C)`` from :meth:`~flexsample.ColumnSelection.gathered`:
+            ``group`` slices of ``C / group`` positions each (padding ``S``).
         seq_len: ``S``.
         group: query heads per kv head.
     """
-    B, Hkv, _ = gathered.shape
-    tail = torch.arange(seq_len, device=gathered.device).expand(B, Hkv, seq_len)
-    codes = torch.cat([-(gathered + 1), tail], dim=-1).to(torch.int32)
-    return codes.repeat_interleave(group, dim=1).contiguous()
+    B, Hkv, C = gathered.shape
+    width = C // group
+    own = -(gathered.view(B, Hkv, group, 1, width) + 1)  # (B, Hkv, head, 1, W)
+    # (head, slice, 1): a head's own slice
+    mine = torch.eye(group, dtype=torch.bool, device=gathered.device)[:, :, None]
+    prefix = torch.where(mine, own, -(seq_len + 1)).view(B, Hkv * group, C)
+    tail = torch.arange(seq_len, device=gathered.device).expand(B, Hkv * group, seq_len)
+    return torch.cat([prefix, tail], dim=-1).to(torch.int32).contiguous()
 
 
 def sample_attention_mask_mod(
@@ -112,8 +119,9 @@ def block_maps(
 
     Args:
         window_blocks: ``(B, Hq)`` window per head, in blocks.
-        gathered: ``(B, Hkv, C)`` ascending gathered positions (padding ``S``), ``C`` a
-            multiple of the block size.
+        gathered: ``(B, Hkv, C)`` from :meth:`~flexsample.ColumnSelection.gathered`: one
+            ascending slice per query head of the group (padding ``S``), each a whole
+            number of blocks.
         layout: the geometry.
 
     Returns:
@@ -121,20 +129,21 @@ def block_maps(
         counts the query blocks from ``layout.first_query_block``.
     """
     bs, n = layout.block_size, layout.num_blocks
-    Hq = window_blocks.shape[1]
+    B, Hq = window_blocks.shape
     group = Hq // gathered.shape[1]
+    width = gathered.shape[-1] // group  # columns per query head's slice
     dev = window_blocks.device
     qb = torch.arange(layout.first_query_block, n, device=dev)
     kb = torch.arange(n, device=dev)
     start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, Nq) window start block
-    # Gathered part: columns before the window start, a prefix of each ascending list.
-    cb = gathered.shape[-1] // bs
-    before = torch.searchsorted(
-        gathered.repeat_interleave(group, dim=1).contiguous(),
-        (start.clamp(min=0) * bs).contiguous(),
-    )  # (B, Hq, N) number of columns each query block reads
-    c = torch.arange(cb, device=dev)
-    g_full = c < (before // bs)[..., None]
+    # Gathered part: in the head's own slice, the columns before the window start (a prefix
+    # of the ascending slice).
+    own = gathered.reshape(B, Hq, width)
+    before = torch.searchsorted(own, (start.clamp(min=0) * bs).contiguous())  # (B, Hq, Nq)
+    slot = torch.arange(gathered.shape[-1] // bs, device=dev)
+    c = slot - (torch.arange(Hq, device=dev) % group * (width // bs))[:, None]  # (Hq, C / bs)
+    c = c[None, :, None, :]  # block index within the head's own slice
+    g_full = (c >= 0) & (c < (before // bs)[..., None])
     g_partial = (c == (before // bs)[..., None]) & (before % bs != 0)[..., None]
     # Key part: the window; the diagonal is the only partial block.
     below = kb[None, :] < qb[:, None]

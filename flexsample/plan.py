@@ -84,13 +84,8 @@ class PrefillPlan:
         return 1 if self.gathered is None else self.num_heads // self.gathered.shape[1]
 
     def attended_columns(self) -> torch.Tensor | None:
-        """``(B, Hq, S)`` bool: the columns each head reads (its group's union); None if dense."""
-        return self._attended
-
-    @functools.cached_property
-    def _attended(self) -> torch.Tensor | None:
-        # Density, kept mass and stats all read it: computed once per plan.
-        return None if self.selection is None else self.selection.group_columns(self.group)
+        """``(B, Hq, S)`` bool: the columns each head reads (its own); None if dense."""
+        return None if self.selection is None else self.selection.columns
 
     @property
     def window_blocks(self) -> torch.Tensor | None:
@@ -205,16 +200,15 @@ def plan_prefill(
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
         selection = select_columns(scores, layout, config.alpha)
-    group = Hq // k.shape[1]
     # Checked before the cover too: the cover only adds pairs, so a selection already too
     # dense saves the cover's pass.
-    reason = _density_verdict(config, costs, selection, layout, B * Hq, D, group)
+    reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
     row_mass = None
     if reason is None and config.cover_rows:
         with timer.stage("cover"):
             cover = cover_rows(q, k, selection, config.alpha, scale, sampler)
             selection, row_mass = cover.selection, cover.row_mass
-        reason = _density_verdict(config, costs, selection, layout, B * Hq, D, group)
+        reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
         return PrefillPlan(path="dense", reason=reason, **common)
@@ -351,12 +345,11 @@ def _density_verdict(
     layout: SampleLayout,
     batch_heads: int,
     head_dim: int,
-    group: int,
 ) -> str | None:
     """Why the selection should run dense after all (None: run it sparse)."""
     if config.max_density == 1.0 or (config.max_density is None and costs is None):
         return None
-    density = pair_density(selection.window_blocks, selection.group_columns(group), layout)
+    density = pair_density(selection.window_blocks, selection.columns, layout)
     if config.max_density is not None:
         mean = float(density.mean())
         if mean <= config.max_density:

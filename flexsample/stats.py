@@ -41,7 +41,7 @@ class SampleStats:
             path): window, sink and gathered columns.
         window: ``(B, Hq)`` local window per head, in tokens (whole blocks).
         column_mask: ``(B, Hq, S)`` bool, the key columns each head reads beyond its window
-            (its GQA group's union of selected columns).
+            (its own selection: query heads sharing a kv head read only their own columns).
         scores: ``(B, Hq, num_segments, S)`` sampled column scores (stage 1 output).
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).

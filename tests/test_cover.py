@@ -62,19 +62,16 @@ def test_every_sampled_row_keeps_alpha(B, Hq, Hkv, S, D, bs, segments, ratio, dt
     alpha = cfg.alpha
     scores = sample_column_scores_reference(q, k, layout, D**-0.5)
     segment_cover = select_columns(scores, layout, alpha)
-    group = Hq // Hkv
-    before = _exact_row_mass(
-        q, k, layout, segment_cover.window_blocks, segment_cover.group_columns(group)
-    )
+    before = _exact_row_mass(q, k, layout, segment_cover.window_blocks, segment_cover.columns)
     assert float(before.min()) < alpha  # the case needs the repair
 
     cover = cover_rows(q, k, segment_cover, alpha, D**-0.5, sampler, max_chunk_elems=5 * S)
     sel = cover.selection
-    after = _exact_row_mass(q, k, layout, sel.window_blocks, sel.group_columns(group))
+    after = _exact_row_mass(q, k, layout, sel.window_blocks, sel.columns)
     tol = 1e-6 if sampler == "reference" else 1e-4
     # Short rows are left only where no missing key reaches the floor.
     still_short = after < alpha - tol
-    heaviest_missing = _heaviest_missing(q, k, layout, sel.window_blocks, sel.group_columns(group))
+    heaviest_missing = _heaviest_missing(q, k, layout, sel.window_blocks, sel.columns)
     floor = (1 - alpha) / KEY_FLOOR_DIVISOR
     assert bool((heaviest_missing[still_short] <= floor + tol).all())
     # The repair only adds: the segments' columns stay, the windows do not move.
@@ -87,7 +84,7 @@ def test_every_sampled_row_keeps_alpha(B, Hq, Hkv, S, D, bs, segments, ratio, dt
     assert float(((reported - before).abs() * untouched).max()) < tol
     floor = (1 - alpha) / KEY_FLOOR_DIVISOR
     heavy_before = _heaviest_missing(
-        q, k, layout, segment_cover.window_blocks, segment_cover.group_columns(group)
+        q, k, layout, segment_cover.window_blocks, segment_cover.columns
     )
     expected = (before < alpha) & (heavy_before > floor)
     assert abs(int(cover.repaired.sum()) - int(expected.sum())) <= 1  # fp32 vs float64 edges
@@ -105,11 +102,10 @@ def test_triton_row_kernel_matches_exact_kept_mass(
     q, k, layout, cfg = _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, sink_blocks=1)
     scores = sample_column_scores_torch(q, k, layout, D**-0.5)
     sel = select_columns(scores, layout, cfg.alpha)
-    cols = sel.group_columns(Hq // Hkv)
+    cols = sel.columns
     expect = _exact_row_mass(q, k, layout, sel.window_blocks, cols)
-    kv_cols = sel.kv_columns(Hq // Hkv).to(device)
     got, missing = row_kept_mass_triton(
-        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), kv_cols
+        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), cols.to(device)
     )
     assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
     assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4

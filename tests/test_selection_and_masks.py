@@ -17,6 +17,7 @@ from flexsample import (
     select_columns,
     tile_coverage,
 )
+from flexsample.masks import key_codes
 from flexsample.selection import ColumnSelection, window_pairs
 from flexsample.synthetic import planted_qkv
 
@@ -153,19 +154,27 @@ def test_selection_rejects_bad_scores():
         select_columns(torch.ones(1, 1, 1, 64, dtype=torch.int64), layout, 0.9)
 
 
-def test_gathered_lists_each_groups_union_in_order():
+def test_gathered_lists_each_query_heads_own_columns_in_order():
     layout = SampleLayout.create(100, SampleConfig(block_size=16))
     cols = torch.zeros(1, 4, 100, dtype=torch.bool)
     cols[0, 0, [5, 40]] = True
-    cols[0, 1, [40, 7]] = True  # same group as head 0
+    cols[0, 1, [40, 7, 90]] = True  # same kv head as head 0
     cols[0, 3, 60] = True
     sel = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout)
     gathered = sel.gathered(group=2)
-    assert gathered.shape == (1, 2, 16)  # 3 columns, rounded up to a block
-    assert gathered[0, 0, :4].tolist() == [5, 7, 40, 100]
-    assert gathered[0, 1, :2].tolist() == [60, 100]
-    assert (gathered[0, :, 3:] == 100).all()
-    assert sel.group_columns(2)[0, 1].nonzero().flatten().tolist() == [5, 7, 40]
+    # one slice per query head, 3 columns at most, rounded up to a block of 16
+    assert gathered.shape == (1, 2, 32)
+    assert gathered[0, 0, :3].tolist() == [5, 40, 100]  # head 0
+    assert gathered[0, 0, 16:20].tolist() == [7, 40, 90, 100]  # head 1
+    assert gathered[0, 1, :2].tolist() == [100, 100]  # head 2: nothing
+    assert gathered[0, 1, 16:18].tolist() == [60, 100]  # head 3
+    assert int((gathered < 100).sum()) == int(cols.sum())
+    codes = key_codes(gathered, 100, group=2)
+    assert codes.shape == (1, 4, 132)
+    # a head's own slice codes its columns, the other head's slice is never attended
+    assert codes[0, 1, :16].eq(-101).all() and codes[0, 1, 16:19].tolist() == [-8, -41, -91]
+    assert codes[0, 0, :2].tolist() == [-6, -41] and codes[0, 0, 16:32].eq(-101).all()
+    assert codes[0, 2, 32:].tolist() == list(range(100))
     empty = ColumnSelection(sel.window_blocks, torch.zeros_like(cols), layout)
     assert empty.gathered(group=2).shape == (1, 2, 0)
 
@@ -211,19 +220,19 @@ def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs):
     kept = full | (partial & mod)
     assert not (mod & ~(full | partial)).any()  # no kept element outside the listed blocks
     # map [gathered | keys] back to original positions
-    original = torch.cat([gathered, torch.arange(S).expand(B, Hkv, S)], -1)
-    original = original.repeat_interleave(group, 1)  # (B, Hq, L)
+    codes = key_codes(gathered, S, group).long()
+    original = torch.where(codes < 0, -codes - 1, codes)  # (B, Hq, L); other heads' slices: S
     dense = torch.zeros(B, Hq, S, S + 1, dtype=torch.int32)
     dense.scatter_add_(-1, original[:, :, None, :].expand(B, Hq, S, L), kept.int())
-    expect = keep_mask(sel.window_blocks, sel.group_columns(group), layout, torch.arange(S))
+    expect = keep_mask(sel.window_blocks, sel.columns, layout, torch.arange(S))
     assert dense[..., :S].max() <= 1  # no key read twice
     assert torch.equal(dense[..., :S] > 0, expect)
     assert not dense[..., S].any()  # padding is never read
 
 
 def test_pair_density_and_tile_coverage_count_the_element_mask():
-    sel, layout, group = _random_selection(2, 4, 2, 1000, 64, seed=3)
-    cols = sel.group_columns(group)
+    sel, layout, _ = _random_selection(2, 4, 2, 1000, 64, seed=3)
+    cols = sel.columns
     mask = keep_mask(sel.window_blocks, cols, layout, torch.arange(1000))
     expect = mask.sum(dim=(-1, -2)).double() / (1000 * 1001 / 2)
     assert torch.allclose(pair_density(sel.window_blocks, cols, layout), expect)

@@ -51,7 +51,7 @@ def _accumulate(
     l_keep,
     m_miss,
     qk_scale,
-    cols_kv,
+    cols_rows,
     win_start,
     sink_tokens,
     seq_len,
@@ -65,9 +65,10 @@ def _accumulate(
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     if KEEP:
-        # The columns are the kv head's (its query heads' union): one row for the tile.
-        col = tl.load(cols_kv + n, mask=n < seq_len, other=0)
-        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col[None, :] != 0)
+        # Each row reads its own query head's columns: ``cols_rows`` points at that row of
+        # the (B, Hq, S) column table.
+        col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
+        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col != 0)
         l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
         m_miss = tl.maximum(m_miss, tl.max(tl.where(keep, float("-inf"), s), axis=1))
     return m_new, l_i, l_keep, m_miss
@@ -153,7 +154,8 @@ def _row_lse_kernel(
     l_keep = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
     num_q_heads = num_kv_heads * GROUP
-    cols_kv = COLS + pid_bh.to(tl.int64) * seq_len  # (b, h_kv) row of the (B, Hkv, S) columns
+    # (b, q_head) rows of the (B, Hq, S) column table
+    cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
     win_start = pos
     if KEEP:
         w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
@@ -179,7 +181,7 @@ def _row_lse_kernel(
             l_keep,
             m_miss,
             qk_scale,
-            cols_kv,
+            cols_rows,
             win_start,
             sink_tokens,
             seq_len,
@@ -204,7 +206,7 @@ def _row_lse_kernel(
             l_keep,
             m_miss,
             qk_scale,
-            cols_kv,
+            cols_rows,
             win_start,
             sink_tokens,
             seq_len,
@@ -456,8 +458,7 @@ def row_kept_mass_triton(
         layout: the geometry (sampled rows, block size, sink).
         scale: softmax scale.
         window_blocks: ``(B, Hq)`` window per head in blocks.
-        columns: ``(B, Hkv, S)`` bool, the columns each kv head's query heads read (the
-            union of their selections, :meth:`~flexsample.ColumnSelection.kv_columns`).
+        columns: ``(B, Hq, S)`` bool, the columns each query head reads.
 
     Returns:
         ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
