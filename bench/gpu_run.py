@@ -451,7 +451,11 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
     layout = fs.SampleLayout.create(S, cfg)
     in_use = launch_config(device)
     rows = []
-    for candidate in [(64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)]:
+    candidates = [
+        (32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 64, 8), (64, 128, 4), (64, 128, 8),
+        (128, 32, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8),
+    ]  # fmt: skip
+    for candidate in candidates:
         block_m, block_n, warps = candidate
         ms = measure(
             lambda bm=block_m, bn=block_n, w=warps: sample_column_scores_triton(
