@@ -27,9 +27,9 @@ from ..layout import SampleLayout
 _LOG2E = 1.4426950408889634
 
 #: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability, the
-#: fastest measured by ``bench/gpu_run.py --tune-sampler``. Empty until measured for these
-#: kernels (flexsample 0.1's single kernel had its own table).
-LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+#: fastest measured by ``bench/gpu_run.py --tune-sampler`` (sampling 64K tokens, 32/8 heads,
+#: bf16). H100: (64, 128, 4) 7.26 ms, the default (64, 64, 4) 7.72 ms, eight others 8.3-12.1.
+LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(9, 0): (64, 128, 4)}
 #: For devices not in the table (and the interpreter).
 DEFAULT_LAUNCH_CONFIG = (64, 64, 4)
 
@@ -52,6 +52,7 @@ def _accumulate(
     m_miss,
     qk_scale,
     cols_rows,
+    tile_has_cols,
     win_start,
     sink_tokens,
     seq_len,
@@ -65,10 +66,13 @@ def _accumulate(
     rescale = tl.exp2(m_i - m_new)
     l_i = l_i * rescale + tl.sum(p, axis=1)
     if KEEP:
-        # Each row reads its own query head's columns: ``cols_rows`` points at that row of
-        # the (B, Hq, S) column table.
-        col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
-        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens) | (col != 0)
+        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens)
+        if tile_has_cols:
+            # Each row reads its own query head's columns: ``cols_rows`` points at that row
+            # of the (B, Hq, S) column table. Most key tiles of a long prompt hold none of
+            # the group's columns and skip this load.
+            col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
+            keep = keep | (col != 0)
         l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
         m_miss = tl.maximum(m_miss, tl.max(tl.where(keep, float("-inf"), s), axis=1))
     return m_new, l_i, l_keep, m_miss
@@ -82,6 +86,7 @@ def _row_lse_kernel(
     LSE,
     WINDOW,
     COLS,
+    TILE_COLS,
     KEPT,
     MISS,
     stride_qb,
@@ -156,6 +161,9 @@ def _row_lse_kernel(
     num_q_heads = num_kv_heads * GROUP
     # (b, q_head) rows of the (B, Hq, S) column table
     cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
+    # (b, h_kv) row of the (B, Hkv, ceil(S / BLOCK_N)) table: does any query head of the
+    # group select a column in key tile t
+    tile_cols = TILE_COLS + pid_bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N)
     win_start = pos
     if KEEP:
         w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
@@ -182,6 +190,7 @@ def _row_lse_kernel(
             m_miss,
             qk_scale,
             cols_rows,
+            tl.load(tile_cols + start // BLOCK_N) != 0 if KEEP else False,
             win_start,
             sink_tokens,
             seq_len,
@@ -207,6 +216,7 @@ def _row_lse_kernel(
             m_miss,
             qk_scale,
             cols_rows,
+            tl.load(tile_cols + start // BLOCK_N) != 0 if KEEP else False,
             win_start,
             sink_tokens,
             seq_len,
@@ -324,6 +334,16 @@ def _launch(
     }
 
 
+def _tiles_with_columns(columns: torch.Tensor, num_kv_heads: int, block_n: int) -> torch.Tensor:
+    """``(B, Hkv, ceil(S / block_n))`` uint8: 1 where a query head of the kv head's group
+    selects a column in that key tile (the row kernel loads the column table only there)."""
+    B, Hq, S = columns.shape
+    tiles = -(-S // block_n)
+    grouped = columns.view(B, num_kv_heads, Hq // num_kv_heads, S).any(dim=2)
+    padded = torch.nn.functional.pad(grouped, (0, tiles * block_n - S))
+    return padded.view(B, num_kv_heads, tiles, block_n).any(dim=-1).to(torch.uint8).contiguous()
+
+
 def _row_pass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -352,9 +372,10 @@ def _row_pass(
         kept, miss = torch.empty_like(lse), torch.empty_like(lse)
         window = window_blocks.to(torch.int32).contiguous()
         cols = columns.contiguous().view(torch.uint8)
+        tile_cols = _tiles_with_columns(columns, Hkv, settings["block_n"])
     else:  # unused by the kernel
         kept = miss = lse
-        window, cols = rows, rows
+        window, cols, tile_cols = rows, rows, rows
     _row_lse_kernel[(G * tiles, B * Hkv)](
         q,
         k,
@@ -362,6 +383,7 @@ def _row_pass(
         lse,
         window,
         cols,
+        tile_cols,
         kept,
         miss,
         *q.stride(),
