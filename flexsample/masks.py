@@ -138,7 +138,7 @@ def block_maps(
     start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, Nq) window start block
     # Gathered part: in the head's own slice, the columns before the window start (a prefix
     # of the ascending slice).
-    own = gathered.reshape(B, Hq, width)
+    own = gathered.reshape(B, Hq, width).contiguous()
     before = torch.searchsorted(own, (start.clamp(min=0) * bs).contiguous())  # (B, Hq, Nq)
     slot = torch.arange(gathered.shape[-1] // bs, device=dev)
     c = slot - (torch.arange(Hq, device=dev) % group * (width // bs))[:, None]  # (Hq, C / bs)

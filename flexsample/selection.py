@@ -51,13 +51,12 @@ class ColumnSelection:
         count = int(cols.sum(dim=-1).max()) if cols.numel() else 0
         bs = self.layout.block_size
         width = -(-count // bs) * bs
-        pos = torch.arange(S, device=cols.device).expand_as(cols)
-        # Selected positions first, ascending (stable sort on "not selected").
-        order = (~cols).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
-        picked = pos.gather(-1, order)
-        valid = cols.gather(-1, order)
-        own = torch.where(valid, picked, torch.full_like(picked, S))  # (B, Hq, W)
-        return own.reshape(B, Hq // group, group * width)
+        # Selected column i of a head goes to slot i (the count of selected columns before
+        # it): ascending without a sort. The rest go to a spare last slot, dropped.
+        slot = torch.where(cols, cols.cumsum(dim=-1) - 1, width)
+        own = torch.full((B, Hq, width + 1), S, dtype=torch.int64, device=cols.device)
+        own.scatter_(-1, slot, torch.arange(S, device=cols.device).expand_as(cols))
+        return own[..., :width].reshape(B, Hq // group, group * width).contiguous()
 
 
 #: Memory per device type for weighing a batch of window candidates at once in
