@@ -89,10 +89,11 @@ bench: setup
 # from cpu_selection_0.1.json: the oracle depends only on the inputs, and computing it again
 # takes about 13 min; run the oracle tests when the inputs change).
 bench-frontier: setup
-	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider -k "not oracle" \
-		--benchmark-json=bench/results/cpu_selection.json
+	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
+		-k "not oracle and not gemma" --benchmark-json=bench/results/cpu_selection.json
 	$(BIN)/python bench/report.py bench/results/cpu_selection.json \
-		bench/results/cpu_selection_0.1.json --name cpu_selection --out bench/results
+		bench/results/cpu_selection_0.1.json bench/results/cpu_selection_0.3.json \
+		--name cpu_selection --out bench/results
 	mkdir -p docs/assets/bench && cp bench/results/cpu_selection_frontier.png docs/assets/bench/
 
 # The frontier on Gemma-3-270M's global layers at 16K and 32K tokens (installs the model's
@@ -103,7 +104,7 @@ bench-frontier-gemma: setup
 	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider -k gemma \
 		--benchmark-json=bench/results/cpu_selection_gemma.json
 	$(BIN)/python bench/report.py bench/results/cpu_selection_gemma.json \
-		--name cpu_selection_gemma --out bench/results
+		bench/results/cpu_selection_gemma_0.3.json --name cpu_selection_gemma --out bench/results
 
 # Tiny sizes, one round: proves the suites and the report still run (part of `make test`).
 bench-smoke: setup
