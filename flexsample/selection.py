@@ -43,8 +43,8 @@ class ColumnSelection:
         on the host.
 
         (Up to flexsample 0.3 a kv head gathered its query heads' union, which every head
-        of the group read: on SmolLM2 at 8K that computed 20-30% more pairs for 10-20% less
-        output error, worse against the oracle at equal error.)
+        of the group read: on SmolLM2 at 8K that computed 23-37% more pairs for 8-19% less
+        output error, farther from the per-row oracle at equal error; see the frontier.)
         """
         B, Hq, S = self.columns.shape
         cols = self.columns
