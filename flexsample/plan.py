@@ -200,6 +200,8 @@ def plan_prefill(
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
         selection = select_columns(scores, layout, config.alpha)
+        if config.group_union:
+            selection = selection.shared_by_group(Hq // k.shape[1])
     # Checked before the cover too: the cover only adds pairs, so a selection already too
     # dense saves the cover's pass.
     reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
@@ -208,6 +210,8 @@ def plan_prefill(
         with timer.stage("cover"):
             cover = cover_rows(q, k, selection, config.alpha, scale, sampler)
             selection, row_mass = cover.selection, cover.row_mass
+            if config.group_union:  # a key a row's cover added serves its whole group
+                selection = selection.shared_by_group(Hq // k.shape[1])
         reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)

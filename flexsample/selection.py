@@ -32,6 +32,17 @@ class ColumnSelection:
     columns: torch.Tensor
     layout: SampleLayout
 
+    def shared_by_group(self, group: int) -> ColumnSelection:
+        """This selection with every query head's columns replaced by its GQA group's union
+        (``SampleConfig.group_union``): more mass kept, more pairs computed."""
+        B, Hq, S = self.columns.shape
+        union = self.columns.view(B, Hq // group, group, S).any(dim=2, keepdim=True)
+        return ColumnSelection(
+            window_blocks=self.window_blocks,
+            columns=union.expand(-1, -1, group, -1).reshape(B, Hq, S),
+            layout=self.layout,
+        )
+
     def gathered(self, group: int) -> torch.Tensor:
         """``(B, Hkv, group * W)`` int64: each query head's columns, gathered per kv head.
 

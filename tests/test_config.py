@@ -41,6 +41,7 @@ def test_defaults_follow_the_paper():
         ("max_density", 1.5, ValueError, "max_density must lie in"),
         ("max_density", "high", TypeError, "max_density must be a real number"),
         ("cover_rows", "yes", TypeError, "cover_rows must be a bool"),
+        ("group_union", 1, TypeError, "group_union must be a bool"),
         ("sampler", "cuda", ValueError, "sampler must be one of"),
         ("column_unit", "tile", ValueError, "column_unit must be one of"),
     ],

@@ -177,6 +177,11 @@ def test_gathered_lists_each_query_heads_own_columns_in_order():
     assert codes[0, 2, 32:].tolist() == list(range(100))
     empty = ColumnSelection(sel.window_blocks, torch.zeros_like(cols), layout)
     assert empty.gathered(group=2).shape == (1, 2, 0)
+    # group_union: every head of a group reads the group's union
+    shared = sel.shared_by_group(2).columns
+    assert shared[0, 0].nonzero().flatten().tolist() == [5, 7, 40, 90]
+    assert torch.equal(shared[0, 0], shared[0, 1]) and torch.equal(shared[0, 2], shared[0, 3])
+    assert shared[0, 2].nonzero().flatten().tolist() == [60]
 
 
 def _random_selection(B, Hq, Hkv, S, bs, seed):
