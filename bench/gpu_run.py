@@ -185,9 +185,10 @@ def check_row_cover(S: int, device, sampler: str) -> Check:
     )  # fmt: skip
 
 
-def check_sparse_flex(dtype, device) -> Check:
+def check_sparse_flex(dtype, device, shared: bool = False) -> Check:
     """Gathered columns + compiled FlexAttention against the float64 element-mask oracle, on
-    random windows and columns.
+    random windows and columns (one slice per query head, or with ``shared`` one per kv head
+    holding the group's union, as the defaults plan).
 
     Bound: twice the error of PyTorch's own computation of the same masked attention in
     ``dtype`` (FlashAttention's rule), fp32 included.
@@ -200,6 +201,8 @@ def check_sparse_flex(dtype, device) -> Check:
     columns = torch.rand(B, Hq, S, device=device, generator=gen) < 0.1
     sel = fs.ColumnSelection(windows, columns, lay)
     group = Hq // Hkv
+    if shared:
+        sel = sel.shared_by_group(group)
     gathered = sel.gathered(group)
     bm = fs.build_block_mask(windows, gathered, lay)
     got = fs.sparse_attention(
@@ -215,7 +218,8 @@ def check_sparse_flex(dtype, device) -> Check:
         scale=D**-0.5,
     )  # fmt: skip
     return Check(
-        "gathered columns + compiled flex vs float64 oracle", str(dtype),
+        f"gathered columns{' (group union)' if shared else ''} + compiled flex vs float64 "
+        "oracle", str(dtype),
         f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}", rel_rmse(got, ref), "rel rmse",
         2 * rel_rmse(base, ref) + 1e-6,
     )  # fmt: skip
@@ -328,7 +332,7 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     checks.append(check_sampler_vs_torch(4096 if dry else 32768, device, sampler))
     checks += [check_row_kept_mass(s, d, device, sampler) for s in shapes for d in dtypes]
     checks.append(check_row_cover(4096 if dry else 32768, device, sampler))
-    checks += [check_sparse_flex(d, device) for d in dtypes]
+    checks += [check_sparse_flex(d, device, shared) for shared in (False, True) for d in dtypes]
     checks += [check_chunk_sampler(d, device, sampler) for d in dtypes]
     checks += [check_chunk_attention(d, device) for d in (torch.float32, torch.bfloat16)]
     S = 2048 if dry else 4099

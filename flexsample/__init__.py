@@ -24,7 +24,13 @@ from .sampling import (
     sample_column_scores_reference,
     sample_column_scores_torch,
 )
-from .selection import ColumnSelection, keep_mask, kept_sampled_mass, select_columns
+from .selection import (
+    ColumnSelection,
+    GatheredColumns,
+    keep_mask,
+    kept_sampled_mass,
+    select_columns,
+)
 from .stats import PLAN_STAGES, STAGES, SampleStats, StageTimer
 
 __version__ = "0.3.0"
@@ -33,6 +39,7 @@ __all__ = [
     "PLAN_STAGES",
     "STAGES",
     "ColumnSelection",
+    "GatheredColumns",
     "PrefillPlan",
     "RowCover",
     "SampleConfig",

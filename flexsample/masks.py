@@ -2,10 +2,10 @@
 
 The attention call reads ``[gathered columns | all keys]``: for each kv head, the selected
 columns of each of its query heads, copied into a compact prefix of ``C`` keys (one slice of
-a whole number of blocks per query head), then the keys in order. Query block ``qb`` of head
-``h`` reads
+a whole number of blocks per query head, or one for the whole group where it shares its
+columns), then the keys in order. Query block ``qb`` of head ``h`` reads
 
-* the blocks of its own slice whose columns lie before its window (the one block where the
+* the blocks of its slice whose columns lie before its window (the one block where the
   window start falls is *partial*: the ``mask_mod`` checks each column's original position);
 * key blocks ``qb - window .. qb`` (full below the diagonal, partial on it).
 
@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import SampleLayout
-from .selection import local_pairs
+from .selection import GatheredColumns, local_pairs
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
 # after torch 2.6; pass it only where it exists.
@@ -32,26 +32,24 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 )
 
 
-def key_codes(gathered: torch.Tensor, seq_len: int, group: int) -> torch.Tensor:
+def key_codes(gathered: GatheredColumns, seq_len: int) -> torch.Tensor:
     """``(B, Hq, C + S)`` int32: what each key the attention call reads is, per query head.
 
-    A query head's own gathered column at original position ``p`` is coded ``-(p + 1)``
-    (negative), the other heads' slices of its kv head's list ``-(S + 1)`` (position ``S``,
-    which no query attends), the keys that follow by their position ``0 .. S - 1``.
+    A column of the slice a query head reads, at original position ``p``, is coded
+    ``-(p + 1)`` (negative), the other slices of its kv head's list ``-(S + 1)`` (position
+    ``S``, which no query attends), the keys that follow by their position ``0 .. S - 1``.
 
     Args:
-        gathered: ``(B, Hkv, C)`` from :meth:`~flexsample.ColumnSelection.gathered`:
-            ``group`` slices of ``C / group`` positions each (padding ``S``).
+        gathered: from :meth:`~flexsample.ColumnSelection.gathered`.
         seq_len: ``S``.
-        group: query heads per kv head.
     """
-    B, Hkv, C = gathered.shape
-    width = C // group
-    own = -(gathered.view(B, Hkv, group, 1, width) + 1)  # (B, Hkv, head, 1, W)
-    # (head, slice, 1): a head's own slice
-    mine = torch.eye(group, dtype=torch.bool, device=gathered.device)[:, :, None]
+    positions, group, slices = gathered.positions, gathered.group, gathered.slices
+    B, Hkv, C = positions.shape
+    own = -(positions.view(B, Hkv, 1, slices, gathered.width) + 1)  # (B, Hkv, 1, slice, W)
+    slice_ids = torch.arange(slices, device=positions.device)
+    mine = (gathered.slice_of_head()[:, None] == slice_ids[None, :])[:, :, None]  # (j, s, 1)
     prefix = torch.where(mine, own, -(seq_len + 1)).view(B, Hkv * group, C)
-    tail = torch.arange(seq_len, device=gathered.device).expand(B, Hkv * group, seq_len)
+    tail = torch.arange(seq_len, device=positions.device).expand(B, Hkv * group, seq_len)
     return torch.cat([prefix, tail], dim=-1).to(torch.int32).contiguous()
 
 
@@ -113,15 +111,14 @@ def _kv_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_maps(
-    window_blocks: torch.Tensor, gathered: torch.Tensor, layout: SampleLayout
+    window_blocks: torch.Tensor, gathered: GatheredColumns, layout: SampleLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which ``(query block, kv block)`` pairs are full and which partial.
 
     Args:
         window_blocks: ``(B, Hq)`` window per head, in blocks.
-        gathered: ``(B, Hkv, C)`` from :meth:`~flexsample.ColumnSelection.gathered`: one
-            ascending slice per query head of the group (padding ``S``), each a whole
-            number of blocks.
+        gathered: from :meth:`~flexsample.ColumnSelection.gathered`: ``C`` positions per
+            kv head in ascending slices of whole blocks (padding ``S``).
         layout: the geometry.
 
     Returns:
@@ -129,20 +126,19 @@ def block_maps(
         counts the query blocks from ``layout.first_query_block``.
     """
     bs, n = layout.block_size, layout.num_blocks
-    B, Hq = window_blocks.shape
-    group = Hq // gathered.shape[1]
-    width = gathered.shape[-1] // group  # columns per query head's slice
+    Hq = window_blocks.shape[1]
+    width = gathered.width  # columns per slice
     dev = window_blocks.device
     qb = torch.arange(layout.first_query_block, n, device=dev)
     kb = torch.arange(n, device=dev)
     start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, Nq) window start block
-    # Gathered part: in the head's own slice, the columns before the window start (a prefix
-    # of the ascending slice).
-    own = gathered.reshape(B, Hq, width).contiguous()
+    # Gathered part: in the slice the head reads, the columns before the window start (a
+    # prefix of the ascending slice).
+    own = gathered.per_query_head().contiguous()
     before = torch.searchsorted(own, (start.clamp(min=0) * bs).contiguous())  # (B, Hq, Nq)
-    slot = torch.arange(gathered.shape[-1] // bs, device=dev)
-    c = slot - (torch.arange(Hq, device=dev) % group * (width // bs))[:, None]  # (Hq, C / bs)
-    c = c[None, :, None, :]  # block index within the head's own slice
+    slot = torch.arange(gathered.positions.shape[-1] // bs, device=dev)
+    first = gathered.slice_of_head().repeat(Hq // gathered.group) * (width // bs)  # (Hq,)
+    c = (slot[None, :] - first[:, None])[None, :, None, :]  # block index within the slice
     g_full = (c >= 0) & (c < (before // bs)[..., None])
     g_partial = (c == (before // bs)[..., None]) & (before % bs != 0)[..., None]
     # Key part: the window; the diagonal is the only partial block.
@@ -153,7 +149,7 @@ def block_maps(
 
 
 def build_block_mask(
-    window_blocks: torch.Tensor, gathered: torch.Tensor, layout: SampleLayout
+    window_blocks: torch.Tensor, gathered: GatheredColumns, layout: SampleLayout
 ) -> BlockMask:
     """The SampleAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``.
 
@@ -162,7 +158,7 @@ def build_block_mask(
 
     Args:
         window_blocks: ``(B, Hq)`` window per head, in blocks.
-        gathered: ``(B, Hkv, C)`` from :meth:`ColumnSelection.gathered`.
+        gathered: from :meth:`~flexsample.ColumnSelection.gathered`.
         layout: the geometry.
 
     Returns:
@@ -171,15 +167,14 @@ def build_block_mask(
         skipping them, so it serves the forward pass only.
     """
     S, bs = layout.seq_len, layout.block_size
-    num_gathered = gathered.shape[-1]
+    num_gathered = gathered.positions.shape[-1]
     full, partial = block_maps(window_blocks, gathered, layout)
     full_num, full_idx = _kv_indices(full)
     part_num, part_idx = _kv_indices(partial)
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
-    group = window_blocks.shape[1] // gathered.shape[1]
     offset = layout.first_query_block * bs
     mask_mod = sample_attention_mask_mod(
-        key_codes(gathered, S, group), window_blocks, bs, query_offset=offset
+        key_codes(gathered, S), window_blocks, bs, query_offset=offset
     )
     return BlockMask.from_kv_blocks(
         part_num,
@@ -193,15 +188,16 @@ def build_block_mask(
     )
 
 
-def gather_keys(x: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+def gather_keys(x: torch.Tensor, gathered: GatheredColumns) -> torch.Tensor:
     """``[x at the gathered positions | x]`` along the sequence: ``(B, Hkv, C + S, D)``.
 
     Padding positions (``S``) read key ``S - 1``; the mask never lets a query attend them.
     """
-    if gathered.shape[-1] == 0:
+    positions = gathered.positions
+    if positions.shape[-1] == 0:
         return x
     S, D = x.shape[-2:]
-    index = gathered.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
+    index = positions.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
     return torch.cat([x.gather(2, index), x], dim=2)
 
 

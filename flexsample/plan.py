@@ -24,7 +24,13 @@ from .layout import SampleLayout
 from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
 from .probe import probe_density, probe_rows
 from .sampling import resolve_sampler, run_sampler
-from .selection import ColumnSelection, kept_sampled_mass, select_columns, window_pairs
+from .selection import (
+    ColumnSelection,
+    GatheredColumns,
+    kept_sampled_mass,
+    select_columns,
+    window_pairs,
+)
 from .stats import Path, StageTimer
 from .validation import check_qk, resolve_scale
 
@@ -54,8 +60,8 @@ class PrefillPlan:
         row_mass: ``(B, Hq, num_segments, rows_per_segment)`` kept share of each sampled
             row's mass (a lower bound, see :class:`~flexsample.cover.RowCover`); None unless
             ``config.cover_rows``.
-        gathered: ``(B, Hkv, C)`` positions of the columns the attention call gathers per kv
-            head (padding ``S``).
+        gathered: the columns the attention call gathers per kv head (one slice per query
+            head, or one per kv head where the group shares its columns).
         block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``,
             its rows starting at the first query's block (``offset``, see
             :func:`~flexsample.masks.build_block_mask`).
@@ -75,13 +81,13 @@ class PrefillPlan:
     scores: torch.Tensor | None = None
     selection: ColumnSelection | None = None
     row_mass: torch.Tensor | None = None
-    gathered: torch.Tensor | None = None
+    gathered: GatheredColumns | None = None
     block_mask: BlockMask | None = None
 
     @property
     def group(self) -> int:
         """Query heads per kv head."""
-        return 1 if self.gathered is None else self.num_heads // self.gathered.shape[1]
+        return 1 if self.gathered is None else self.gathered.group
 
     def attended_columns(self) -> torch.Tensor | None:
         """``(B, Hq, S)`` bool: the columns each head reads (its own); None if dense."""

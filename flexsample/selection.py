@@ -13,6 +13,44 @@ from .layout import SampleLayout
 
 
 @dataclass(frozen=True, eq=False)
+class GatheredColumns:
+    """The key positions each kv head gathers in front of its keys for the attention call.
+
+    Kv head ``h``'s list holds ``slices`` ascending slices of ``width`` positions each,
+    padded with ``S`` (a position no query attends); ``width`` is a whole number of blocks.
+    With ``slices == group`` every query head has its own slice (query head ``h * group + j``
+    reads slice ``j``); with ``slices == 1`` the group shares one (``group_union``), gathered
+    once.
+
+    Attributes:
+        positions: ``(B, Hkv, slices * width)`` int64.
+        group: query heads per kv head.
+        slices: ``group`` or 1.
+    """
+
+    positions: torch.Tensor
+    group: int
+    slices: int
+
+    @property
+    def width(self) -> int:
+        """Positions per slice."""
+        return self.positions.shape[-1] // self.slices
+
+    def slice_of_head(self) -> torch.Tensor:
+        """``(group,)`` int64: the slice query head ``j`` of a group reads."""
+        heads = torch.arange(self.group, device=self.positions.device)
+        return heads * self.slices // self.group
+
+    def per_query_head(self) -> torch.Tensor:
+        """``(B, Hq, width)``: the slice each query head reads (a copy when slices are
+        shared)."""
+        B, Hkv, _ = self.positions.shape
+        lists = self.positions.view(B, Hkv, self.slices, self.width)
+        return lists[:, :, self.slice_of_head()].reshape(B, Hkv * self.group, self.width)
+
+
+@dataclass(frozen=True, eq=False)
 class ColumnSelection:
     """What stage 2 chose for every head: a window and a set of key columns.
 
@@ -26,11 +64,14 @@ class ColumnSelection:
         columns: ``(B, Hq, S)`` bool, the key columns each query head selected (the sink
             tokens included).
         layout: the geometry they were chosen for.
+        shared_by: runs of this many consecutive query heads have the same columns (1: no
+            promise; set by :meth:`shared_by_group`), so :meth:`gathered` lists them once.
     """
 
     window_blocks: torch.Tensor
     columns: torch.Tensor
     layout: SampleLayout
+    shared_by: int = 1
 
     def shared_by_group(self, group: int) -> ColumnSelection:
         """This selection with every query head's columns replaced by its GQA group's union
@@ -41,33 +82,35 @@ class ColumnSelection:
             window_blocks=self.window_blocks,
             columns=union.expand(-1, -1, group, -1).reshape(B, Hq, S),
             layout=self.layout,
+            shared_by=group,
         )
 
-    def gathered(self, group: int) -> torch.Tensor:
-        """``(B, Hkv, group * W)`` int64: each query head's columns, gathered per kv head.
+    def gathered(self, group: int) -> GatheredColumns:
+        """The columns the attention call gathers per kv head (``group`` query heads each).
 
-        Every query head reads only its own columns: kv head ``h``'s list holds one slice of
-        ``W`` positions per query head of its group (query head ``h * group + j`` owns
-        slice ``j``), each ascending and padded with ``S``, a position no query attends.
-        ``W`` is the largest count over batch and query heads, rounded up to whole blocks
-        (at least one block when any column is selected, 0 when none is). Reads the count
-        on the host.
+        One slice per query head of the group, each holding that head's own columns; one
+        slice per kv head where the group shares its columns (``shared_by`` a multiple of
+        ``group``). ``width`` is the largest count over batch and heads, rounded up to whole
+        blocks (at least one block when any column is selected, 0 when none is). Reads the
+        count on the host.
 
-        (Up to flexsample 0.3 a kv head gathered its query heads' union, which every head
-        of the group read: on SmolLM2 at 8K that computed 23-37% more pairs for 8-19% less
-        output error, farther from the per-row oracle at equal error; see the frontier.)
+        (Up to flexsample 0.3 the group's union was the only choice; per-head columns
+        (``group_union=False``) compute 23-37% fewer pairs on SmolLM2 at 8K for 8-19% more
+        output error, nearer the per-row oracle at equal error; see the frontier.)
         """
         B, Hq, S = self.columns.shape
-        cols = self.columns
+        slices = 1 if self.shared_by % group == 0 else group
+        cols = self.columns[:, :: group // slices]  # one head per slice
         count = int(cols.sum(dim=-1).max()) if cols.numel() else 0
         bs = self.layout.block_size
         width = -(-count // bs) * bs
         # Selected column i of a head goes to slot i (the count of selected columns before
         # it): ascending without a sort. The rest go to a spare last slot, dropped.
         slot = torch.where(cols, cols.cumsum(dim=-1) - 1, width)
-        own = torch.full((B, Hq, width + 1), S, dtype=torch.int64, device=cols.device)
+        own = torch.full((*cols.shape[:2], width + 1), S, dtype=torch.int64, device=cols.device)
         own.scatter_(-1, slot, torch.arange(S, device=cols.device).expand_as(cols))
-        return own[..., :width].reshape(B, Hq // group, group * width).contiguous()
+        positions = own[..., :width].reshape(B, Hq // group, slices * width).contiguous()
+        return GatheredColumns(positions=positions, group=group, slices=slices)
 
 
 #: Memory per device type for weighing a batch of window candidates at once in

@@ -56,24 +56,29 @@ def test_alpha_one_keeps_every_block_on_random_inputs():
 
 
 @pytest.mark.parametrize(
-    "B, Hq, Hkv, S, D, bs",
+    "B, Hq, Hkv, S, D, bs, shared",
     [
-        pytest.param(2, 4, 2, 1000, 64, 64, id="B2-H4/2-S1000-bs64"),
-        pytest.param(1, 3, 1, 517, 32, 128, id="B1-H3/1-S517-bs128"),
-        pytest.param(1, 2, 2, 700, 80, 32, id="B1-H2/2-S700-D80-bs32"),
+        pytest.param(2, 4, 2, 1000, 64, 64, False, id="B2-H4/2-S1000-bs64"),
+        pytest.param(1, 3, 1, 517, 32, 128, False, id="B1-H3/1-S517-bs128"),
+        pytest.param(1, 2, 2, 700, 80, 32, False, id="B1-H2/2-S700-D80-bs32"),
+        pytest.param(2, 6, 2, 777, 64, 64, True, id="B2-H6/2-S777-bs64-group-union"),
     ],
 )
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
 )
-def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, bs, dtype):
-    """Random windows and columns: gather + BlockMask + compiled flex == the element mask."""
+def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, bs, shared, dtype):
+    """Random windows and columns: gather + BlockMask + compiled flex == the element mask
+    (one slice per query head, or one per kv head for the group's union)."""
     q, k, v = _qkv(B, Hq, Hkv, S, D, dtype)
     lay = SampleLayout.create(S, SampleConfig(block_size=bs))
     windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
     sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay)
     group = Hq // Hkv
+    if shared:
+        sel = sel.shared_by_group(group)
     gathered = sel.gathered(group)
+    assert gathered.slices == (1 if shared else group)
     bm = build_block_mask(windows, gathered, lay)
     got = sparse_attention(q, gather_keys(k, gathered), gather_keys(v, gathered), bm, D**-0.5)
     cols = sel.columns

@@ -162,34 +162,58 @@ def test_gathered_lists_each_query_heads_own_columns_in_order():
     cols[0, 3, 60] = True
     sel = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout)
     gathered = sel.gathered(group=2)
+    positions = gathered.positions
     # one slice per query head, 3 columns at most, rounded up to a block of 16
-    assert gathered.shape == (1, 2, 32)
-    assert gathered[0, 0, :3].tolist() == [5, 40, 100]  # head 0
-    assert gathered[0, 0, 16:20].tolist() == [7, 40, 90, 100]  # head 1
-    assert gathered[0, 1, :2].tolist() == [100, 100]  # head 2: nothing
-    assert gathered[0, 1, 16:18].tolist() == [60, 100]  # head 3
-    assert int((gathered < 100).sum()) == int(cols.sum())
-    codes = key_codes(gathered, 100, group=2)
+    assert (gathered.slices, gathered.width) == (2, 16) and positions.shape == (1, 2, 32)
+    assert positions[0, 0, :3].tolist() == [5, 40, 100]  # head 0
+    assert positions[0, 0, 16:20].tolist() == [7, 40, 90, 100]  # head 1
+    assert positions[0, 1, :2].tolist() == [100, 100]  # head 2: nothing
+    assert positions[0, 1, 16:18].tolist() == [60, 100]  # head 3
+    assert int((positions < 100).sum()) == int(cols.sum())
+    codes = key_codes(gathered, 100)
     assert codes.shape == (1, 4, 132)
     # a head's own slice codes its columns, the other head's slice is never attended
     assert codes[0, 1, :16].eq(-101).all() and codes[0, 1, 16:19].tolist() == [-8, -41, -91]
     assert codes[0, 0, :2].tolist() == [-6, -41] and codes[0, 0, 16:32].eq(-101).all()
     assert codes[0, 2, 32:].tolist() == list(range(100))
     empty = ColumnSelection(sel.window_blocks, torch.zeros_like(cols), layout)
-    assert empty.gathered(group=2).shape == (1, 2, 0)
-    # group_union: every head of a group reads the group's union
-    shared = sel.shared_by_group(2).columns
-    assert shared[0, 0].nonzero().flatten().tolist() == [5, 7, 40, 90]
-    assert torch.equal(shared[0, 0], shared[0, 1]) and torch.equal(shared[0, 2], shared[0, 3])
-    assert shared[0, 2].nonzero().flatten().tolist() == [60]
+    assert empty.gathered(group=2).positions.shape == (1, 2, 0)
 
 
-def _random_selection(B, Hq, Hkv, S, bs, seed):
+def test_group_union_is_gathered_once_per_kv_head():
+    layout = SampleLayout.create(100, SampleConfig(block_size=16))
+    cols = torch.zeros(1, 4, 100, dtype=torch.bool)
+    cols[0, 0, [5, 40]] = True
+    cols[0, 1, [40, 7, 90]] = True
+    cols[0, 3, 60] = True
+    shared = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout).shared_by_group(2)
+    assert shared.columns[0, 0].nonzero().flatten().tolist() == [5, 7, 40, 90]
+    assert torch.equal(shared.columns[0, 0], shared.columns[0, 1])
+    assert shared.columns[0, 2].nonzero().flatten().tolist() == [60]
+    gathered = shared.gathered(group=2)
+    # one slice per kv head, which both of its query heads read
+    assert (gathered.slices, gathered.width) == (1, 16) and gathered.positions.shape == (1, 2, 16)
+    assert gathered.positions[0, 0, :5].tolist() == [5, 7, 40, 90, 100]
+    assert gathered.positions[0, 1, :2].tolist() == [60, 100]
+    per_head = gathered.per_query_head()
+    assert torch.equal(per_head[0, 0], per_head[0, 1])
+    assert torch.equal(per_head[0, 3], per_head[0, 2])
+    codes = key_codes(gathered, 100)
+    assert codes.shape == (1, 4, 116)
+    assert codes[0, 0, :4].tolist() == codes[0, 1, :4].tolist() == [-6, -8, -41, -91]
+    # the same selection without the promise gathers one slice per query head
+    plain = ColumnSelection(shared.window_blocks, shared.columns, layout).gathered(group=2)
+    assert plain.slices == 2 and plain.positions.shape == (1, 2, 32)
+
+
+def _random_selection(B, Hq, Hkv, S, bs, seed, shared=False):
     gen = torch.Generator().manual_seed(seed)
     layout = SampleLayout.create(S, SampleConfig(block_size=bs))
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), generator=gen)
     cols = torch.rand(B, Hq, S, generator=gen) < 0.08
     sel = ColumnSelection(windows, cols, layout)
+    if shared:
+        sel = sel.shared_by_group(Hq // Hkv)
     return sel, layout, Hq // Hkv
 
 
@@ -198,14 +222,17 @@ def _random_selection(B, Hq, Hkv, S, bs, seed):
     [(1, 2, 1, 300, 16), (2, 4, 2, 1000, 64), (1, 3, 3, 513, 128), (2, 6, 2, 257, 32)],
     ids=["B1-H2/1-S300-bs16", "B2-H4/2-S1000-bs64", "B1-H3/3-S513-bs128", "B2-H6/2-S257-bs32"],
 )
-def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs):
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "group-union"])
+def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs, shared):
     """Over [gathered | keys], the BlockMask's kept elements (full blocks whole, partial
     blocks through the mask_mod) map back to exactly keep_mask's original keys, and the
-    mask_mod is True on every full block."""
-    sel, layout, group = _random_selection(B, Hq, Hkv, S, bs, seed=S)
+    mask_mod is True on every full block; with per-head slices and with one shared slice
+    per kv head (group_union)."""
+    sel, layout, group = _random_selection(B, Hq, Hkv, S, bs, seed=S, shared=shared)
     gathered = sel.gathered(group)
+    assert gathered.slices == (1 if shared else group)
     bm = build_block_mask(sel.window_blocks, gathered, layout)
-    C = gathered.shape[-1]
+    C = gathered.positions.shape[-1]
     L = C + S
     assert bm.shape == (B, Hq, S, L)
     mod = create_mask(bm.mask_mod, B, Hq, S, L, device="cpu")
@@ -225,7 +252,7 @@ def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs):
     kept = full | (partial & mod)
     assert not (mod & ~(full | partial)).any()  # no kept element outside the listed blocks
     # map [gathered | keys] back to original positions
-    codes = key_codes(gathered, S, group).long()
+    codes = key_codes(gathered, S).long()
     original = torch.where(codes < 0, -codes - 1, codes)  # (B, Hq, L); other heads' slices: S
     dense = torch.zeros(B, Hq, S, S + 1, dtype=torch.int32)
     dense.scatter_add_(-1, original[:, :, None, :].expand(B, Hq, S, L), kept.int())
