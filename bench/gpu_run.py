@@ -9,7 +9,7 @@ One call does everything and writes ``gpu_<device>.json`` and ``gpu_<device>.md`
   ``flex_sample_attention`` with a dense-equivalent config against SDPA;
 * speed and accuracy, on planted inputs with single-token stripes and on diffuse random
   inputs, for the defaults (the cost model decides dense or sparse), the same selection
-  always sparse, 0.2's selection, alpha 0.98 and the defaults with other caps on sampled rows:
+  always sparse, 0.2's selection, alpha 0.98, per-head columns and a lower cap on sampled rows:
   each stage, the whole call, the path, density, output error against dense SDPA; SDPA with
   the flash backend, SDPA with cuDNN (expanded K/V, and grouped K/V as they are), dense
   compiled FlexAttention; CUDA-event medians after warm-up; and the counted floor (causal
@@ -478,15 +478,16 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 
 #: Configurations timed and scored at every length and input: the defaults (the cost model
 #: decides dense or sparse), the same selection always run sparse (what the sparse path
-#: costs where the defaults run dense), 0.2's selection (no per-row cover), alpha 0.98, and
-#: the defaults with the sampled rows uncapped (0.3's sampling) and capped at 2048 (what
-#: fewer rows cost in accuracy at 64K-128K; the default cap, 4096, binds from 80K on).
+#: costs where the defaults run dense), 0.2's selection (no per-row cover), alpha 0.98, each
+#: query head reading its own columns (``group_union=False``; the defaults read the GQA
+#: group's union), and the sampled rows capped at 2048 (what fewer rows cost in accuracy at
+#: 64K-128K; the default cap, 4096, binds from 80K on).
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
     "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
-    "defaults, no cap on sampled rows": fs.SampleConfig(max_sampled_rows=None),
+    "per-head columns (group_union=False)": fs.SampleConfig(group_union=False),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),
 }
 
