@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import SampleLayout
-from .selection import GatheredColumns, local_pairs
+from .selection import GatheredColumns, local_pairs, query_blocks
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
 # after torch 2.6; pass it only where it exists.
@@ -211,15 +211,15 @@ def pair_density(
         columns: ``(B, H, S)`` bool, the columns each head attends.
         layout: the geometry.
     """
-    S, bs = layout.seq_len, layout.block_size
-    q = torch.arange(layout.query_start, S, device=columns.device)
-    start = ((q // bs)[None, None, :] - window_blocks[..., None]).clamp(min=0) * bs  # (B,H,L)
+    qb, _, rows = query_blocks(layout, columns.device)
+    start = (qb - window_blocks[..., None]).clamp(min=0) * layout.block_size  # (B, H, blocks)
     local = local_pairs(window_blocks, layout)
-    # Columns before each query block's window start: prefix sums per block boundary.
+    # Columns before each query block's window start (the same for all its queries), the
+    # sink's excepted (the window count holds it): prefix sums at block boundaries.
     prefix = torch.nn.functional.pad(columns.long().cumsum(dim=-1), (1, 0))  # (B, H, S + 1)
-    per_row = prefix.gather(-1, start) - prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
-    per_row = per_row.clamp(min=0)
-    return (local + per_row.sum(dim=-1)).double() / layout.causal_pairs
+    sink = prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
+    before = (prefix.gather(-1, start) - sink).clamp(min=0)
+    return (local + (before * rows).sum(dim=-1)).double() / layout.causal_pairs
 
 
 def tile_coverage(

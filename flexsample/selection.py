@@ -153,33 +153,38 @@ def _mass_before(mass: torch.Tensor, last: torch.Tensor, S: int) -> torch.Tensor
     return per_token.cumsum(dim=-1)
 
 
-@functools.lru_cache(maxsize=1024)
-def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
-    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep.
-
-    Closed form per query block, on the host (int64 over ``num_blocks`` elements, cached per
-    layout and window: every layer of a prefill asks the same): the twin of
-    :func:`local_pairs` for one window, which the tests hold it to.
-    """
-    S, bs = layout.seq_len, layout.block_size
-    qb = torch.arange(layout.first_query_block, layout.num_blocks, dtype=torch.int64)
+def query_blocks(layout: SampleLayout, device: torch.device | str = "cpu"):
+    """``(qb, first, rows)``, int64 over the query blocks: each block's index, its first
+    query and its number of queries (the window and the columns before it are the same for
+    every query of a block, so pair counts sum per block, not per query)."""
+    bs = layout.block_size
+    qb = torch.arange(layout.first_query_block, layout.num_blocks, device=device)
     first = (qb * bs).clamp(min=layout.query_start)
-    last = ((qb + 1) * bs).clamp(max=S) - 1
-    rows = last - first + 1
-    start = (qb - window_blocks).clamp(min=0) * bs
-    # sum over q in the block of (q - start + 1), plus the sink keys before the window
-    total = (first + last) * rows // 2 - rows * (start - 1)
-    total += rows * start.clamp(max=layout.sink_tokens)
-    return int(total.sum())
+    rows = ((qb + 1) * bs).clamp(max=layout.seq_len) - first
+    return qb, first, rows
 
 
 def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
-    """Causal pairs that windows of ``window_blocks`` (any shape) and the sink keep."""
-    S, bs = layout.seq_len, layout.block_size
-    q = torch.arange(layout.query_start, S, device=window_blocks.device)
-    start = ((q // bs) - window_blocks[..., None]).clamp(min=0) * bs  # (..., queries)
-    sink = torch.minimum(torch.full_like(start, layout.sink_tokens), start)
-    return (q - start + 1 + sink).sum(dim=-1)
+    """Causal pairs that windows of ``window_blocks`` (any shape) and the sink keep.
+
+    Closed form per query block: query ``q`` keeps keys ``start .. q`` of its block's window
+    and the sink keys before ``start``.
+    """
+    qb, first, rows = query_blocks(layout, window_blocks.device)
+    start = (qb - window_blocks[..., None]).clamp(min=0) * layout.block_size  # (..., blocks)
+    last = first + rows - 1
+    total = (
+        (first + last) * rows // 2 - rows * (start - 1) + rows * start.clamp(max=layout.sink_tokens)
+    )
+    return total.sum(dim=-1)
+
+
+@functools.lru_cache(maxsize=1024)
+def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
+    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep (on
+    the host: :func:`local_pairs` of one window; cached per layout and window, as every layer
+    of a prefill asks the same)."""
+    return int(local_pairs(torch.tensor(window_blocks), layout))
 
 
 #: Heaviest units per segment that selection weighs (:func:`select_columns`): the columns a

@@ -284,14 +284,27 @@ def test_window_candidates():
 
 
 @pytest.mark.parametrize(
-    "S, bs, sink", [(1000, 64, 0), (1300, 128, 1), (517, 16, 3), (128, 128, 0)]
-)
-def test_window_pairs_closed_form_matches_local_pairs(S, bs, sink):
+    "S, bs, sink, query_len",
+    [(1000, 64, 0, 1000), (1300, 128, 1, 1300), (517, 16, 3, 517), (128, 128, 0, 128),
+     (1000, 64, 1, 333)],
+)  # fmt: skip
+def test_window_pairs_count_the_definition(S, bs, sink, query_len):
+    """The closed form per query block against counting, query by query, the keys ``j <= q``
+    in q's block's window or in the sink (a chunk's last queries too)."""
     from flexsample.selection import local_pairs
 
-    layout = SampleLayout.create(S, SampleConfig(block_size=bs, sink_blocks=sink, min_window=bs))
-    for w in range(layout.num_blocks + 2):
-        assert window_pairs(layout, w) == int(local_pairs(torch.tensor(w), layout)), w
+    cfg = SampleConfig(block_size=bs, sink_blocks=sink, min_window=bs)
+    layout = SampleLayout.create(S, cfg, query_len=query_len)
+    q = torch.arange(S - query_len, S)[:, None]
+    j = torch.arange(S)[None, :]
+    windows = list(range(layout.num_blocks + 2))
+    for w in windows:
+        start = ((q // bs) - w).clamp(min=0) * bs
+        kept = (j <= q) & ((j >= start) | (j < layout.sink_tokens))
+        assert window_pairs(layout, w) == int(kept.sum()), w
+    batched = local_pairs(torch.tensor([windows, windows[::-1]]), layout)  # any shape
+    expect = [window_pairs(layout, w) for w in windows]
+    assert batched.tolist() == [expect, expect[::-1]]
 
 
 @pytest.mark.parametrize("unit", ["token", "block"])
