@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
-from flexsample.probe import probe_density, probe_rows
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import rel_max, rel_rmse
@@ -319,30 +318,6 @@ def check_chunk_attention(dtype, device) -> Check:
     )  # fmt: skip
 
 
-def check_probe(shape, dtype, device) -> Check:
-    """The probe (on CUDA a compiled bisection per row, no sort) against its float64 twin
-    (an exact sort), on planted inputs with a chunk's queries.
-
-    Bound: the bisection is a lower bound within a key and 0.1% of each row's count; float32
-    probabilities may order near-equal keys differently, a key or so a row more.
-    """
-    B, Hq, Hkv, S, L, D = shape
-    q, k, _ = planted_qkv(
-        B, Hq, Hkv, S, D, stripes=(3, 9), stripe_width=1, seed=5, dtype=dtype, device=device
-    )
-    q = q[:, :, S - L :]
-    layout = fs.SampleLayout.create(S, fs.SampleConfig(), query_len=L)
-    exact = probe_density(q, k, layout, 0.95, D**-0.5, reference=True)
-    fast = probe_density(q, k, layout, 0.95, D**-0.5)
-    rows = probe_rows(layout)
-    lengths = float((rows + 1).sum())
-    bound = (3 * rows.numel() + 1e-3 * float(exact.max()) * lengths) / lengths
-    return Check(
-        "probe (bisection) vs float64 probe (sort)", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} L{L}"
-        f" D{D}", float((fast - exact).abs().max()), "max abs density", bound,
-    )  # fmt: skip
-
-
 def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     """Every correctness check of the GPU run (fewer shapes with ``dry``)."""
     sampler = "triton" if device.type == "cuda" else "torch"
@@ -359,8 +334,6 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     checks.append(check_row_cover(4096 if dry else 32768, device, sampler))
     checks += [check_sparse_flex(d, device, shared) for shared in (False, True) for d in dtypes]
     checks += [check_chunk_sampler(d, device, sampler) for d in dtypes]
-    probe_shapes = [(1, 4, 2, 777, 777, 64), (2, 8, 2, 3001, 1234, 128)]
-    checks += [check_probe(s, d, device) for s in probe_shapes for d in dtypes[:2]]
     checks += [check_chunk_attention(d, device) for d in (torch.float32, torch.bfloat16)]
     S = 2048 if dry else 4099
     checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]

@@ -11,10 +11,7 @@ plan can reach. Where even that density would not beat dense attention, the call
 before sampling.
 
 Two implementations: :func:`probe_density` (chunked float32, inductor-compiled on CPU) and
-its float64 twin ``probe_density(..., reference=True)``; tests hold them together. Each
-row's count comes from a sort on CPU (:func:`fewest_keys`, NumPy) and from a bisection on
-its threshold on CUDA (:func:`fewest_keys_lower_bound`, compiled: a sort of 256 rows of
-128K keys was most of the probe's 5.4 ms on an H100).
+its float64 twin ``probe_density(..., reference=True)``; tests hold them together.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import numpy as np
 import torch
 
 from .layout import SampleLayout
-from .sampling import triton_available
 from .sampling.reference import sampled_row_probabilities
 from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
 
@@ -69,63 +65,6 @@ def fewest_keys(p: torch.Tensor, alpha: float, *, numpy_sort: bool | None = None
     cumsum = ascending.cumsum(dim=-1)
     heavier = cumsum[..., -1:] - cumsum
     return ((heavier < alpha) & (ascending > 0)).sum(dim=-1).clamp_min(1).to(p.device)
-
-
-#: Bisection steps of :func:`fewest_keys_lower_bound`: each halves the threshold's interval
-#: in log2, which starts ``log2(S / (1 - alpha))`` wide (21 at 128K keys and alpha 0.95), so
-#: 16 steps find it to a factor of ``2 ** (21 / 2 ** 16)``, 1.0002.
-BISECTION_STEPS = 16
-
-
-def fewest_keys_lower_bound(
-    p: torch.Tensor, alpha: float, *, compiled: bool = False
-) -> torch.Tensor:
-    """A lower bound on :func:`fewest_keys`, within a hair of it, without a sort.
-
-    Bisects each row's threshold ``t`` (in log2, :data:`BISECTION_STEPS` passes over ``p``)
-    where the keys of at least ``t`` first hold less than ``alpha``: all of those count, and
-    the rest of ``alpha`` needs at least ``(alpha - their mass) / t`` more keys, none heavier
-    than ``t``. The search starts at ``(1 - alpha) / W``, below which all keys together hold
-    less than ``1 - alpha``.
-
-    Args:
-        p: ``(..., W)`` float32 probabilities, each row summing to 1.
-        alpha: share of the row's mass, in ``(0, 1]``.
-        compiled: run the bisection compiled by inductor (one fused pass a step).
-
-    Returns:
-        ``(...)`` int64, at least 1 and at most the row's nonzero keys (a lower bound of
-        :func:`fewest_keys` up to float rounding in the last key).
-    """
-    if alpha >= 1:  # every nonzero key counts (rounding may leave a row's total under 1)
-        return (p > 0).sum(dim=-1).clamp_min(1)
-    bisect = cpu_compiled(_bisect, p.device, compiled=compiled)
-    return bisect(p, torch.tensor(alpha, dtype=p.dtype, device=p.device))
-
-
-def _bisect(p: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    # alpha as a 0-d tensor: one compiled graph serves every alpha.
-    nonzero = (p > 0).sum(dim=-1)
-    lo = torch.log2((1 - alpha) / p.shape[-1]).expand(p.shape[:-1]).clone()
-    hi = torch.zeros_like(lo)
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        held = torch.where(p >= torch.exp2(mid)[..., None], p, 0.0).sum(dim=-1)
-        enough = held >= alpha
-        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
-    t = torch.exp2(hi)
-    heavy = p >= t[..., None]
-    held = torch.where(heavy, p, 0.0).sum(dim=-1)
-    more = ((alpha - held) / t).ceil().clamp_min(0).long()
-    return torch.minimum(heavy.sum(dim=-1) + more, nonzero).clamp_min(1)
-
-
-def _row_counts(p: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Each row's count of the fewest keys: exact by sort on CPU, the compiled bisection's
-    lower bound on CUDA (eager where Triton, which inductor needs there, is missing)."""
-    if p.device.type == "cpu":
-        return fewest_keys(p, alpha)
-    return fewest_keys_lower_bound(p, alpha, compiled=triton_available())
 
 
 def probe_density(
@@ -187,7 +126,7 @@ def probe_density(
         for i, u in enumerate(range(u0, u1)):
             torch.matmul(rows[u], keys[u].float().T, out=logits[i])
         p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
-        counts[u0:u1] = _row_counts(p, alpha).view(u1 - u0, group, R).sum(dim=-1).float()
+        counts[u0:u1] = fewest_keys(p, alpha).view(u1 - u0, group, R).sum(dim=-1).float()
     return counts.view(B, Hq) / lengths
 
 
@@ -207,5 +146,5 @@ def _needed_in_row_chunks(
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             p = probabilities(rows[u, part], unit_keys, row_pos[part])
-            needed[u, part] = _row_counts(p, alpha).float()
+            needed[u, part] = fewest_keys(p, alpha).float()
     return needed
