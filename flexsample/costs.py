@@ -227,18 +227,29 @@ def _fit(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
     return tuple(float(c) for c in best)
 
 
-def _median_time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+def _median_times(fns, device: torch.device, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn within every repeat (after one
+    warm-up call each, which compiles): a slow stretch of a shared machine then slows every
+    function of a round alike, not one of them, and the fitted ratios hold."""
+    for fn in fns:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, samples in zip(fns, times, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+#: The sparse call is timed with fixed windows of these shares of the sequence: densities
+#: from near the floor to where dense attention usually wins, so the fitted rate per pair is
+#: the slope over the densities the verdicts weigh.
+CALIBRATION_WINDOWS = (0.05, 0.3, 0.6)
 
 
 def calibrate(
@@ -247,13 +258,13 @@ def calibrate(
     *,
     lengths: tuple[int, ...] | None = None,
     heads: tuple[int, int, int] | None = None,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> CostModel:
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
-    Times dense causal SDPA, the default planning, and the sparse call at two densities
-    (fixed windows of 2% and 25%), each at three lengths, on planted inputs with
-    single-token stripes, and fits each
+    Times dense causal SDPA, the default planning, and the sparse call at three densities
+    (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
+    lengths, on planted inputs with single-token stripes, and fits each
     cost as fixed + rates x work (non-negative least squares). Pass the result to
     :func:`save` to use it from then on.
 
@@ -263,7 +274,7 @@ def calibrate(
         lengths: the sequence lengths (default 2048, 4096 and 8192 on CPU; 8192, 32768 and
             65536 on CUDA).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
-        repeats: timed repeats per point (median), after one warm-up.
+        repeats: timed rounds (median), after one warm-up call of each.
     """
     from .attention import dense_causal_attention
     from .config import SampleConfig
@@ -285,16 +296,20 @@ def calibrate(
                 1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
                 device=device, signal=max(10.0, math.log(100 * S / 64)),
             )  # fmt: skip
-            run_dense = functools.partial(dense_causal_attention, q, k, v, D**-0.5)
-            dense.append(((Hq * S * (S + 1) / 2 * D,), _median_time(run_dense, device, repeats)))
             layout = SampleLayout.create(S, plan_config)
             rows = layout.num_segments * layout.rows_per_segment
-            run_plan_only = functools.partial(plan_prefill, q, k, plan_config)
-            work = (Hq * S, Hq * S * rows * D)
-            plan.append((work, _median_time(run_plan_only, device, repeats)))
-            for ratio in (0.02, 0.25):  # two densities at each length
-                p = plan_prefill(q, k, plan_config.replace(window_ratio=ratio))
-                seconds = _median_time(functools.partial(run_plan, p, q, k, v), device, repeats)
+            plans = [
+                plan_prefill(q, k, plan_config.replace(window_ratio=r)) for r in CALIBRATION_WINDOWS
+            ]
+            fns = [
+                functools.partial(dense_causal_attention, q, k, v, D**-0.5),
+                functools.partial(plan_prefill, q, k, plan_config),
+                *(functools.partial(run_plan, p, q, k, v) for p in plans),
+            ]
+            dense_s, plan_s, *sparse_s = _median_times(fns, device, repeats)
+            dense.append(((Hq * S * (S + 1) / 2 * D,), dense_s))
+            plan.append(((Hq * S, Hq * S * rows * D), plan_s))
+            for p, seconds in zip(plans, sparse_s, strict=True):
                 sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
     dense_fit, plan_fit, sparse_fit = _fit(dense), _fit(plan), _fit(sparse)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

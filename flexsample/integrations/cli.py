@@ -157,8 +157,9 @@ def _add_calibrate(commands) -> None:
         description="Time dense causal SDPA, flexsample's planning and its sparse call on "
         "this device, fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
-        "call on this device reads it). Its default dtypes take about half a minute on a "
-        "2-core CPU and under a minute on an H100.",
+        "call on this device reads it). Its three default dtypes take about a minute on a "
+        "2-core CPU the first time (compiling; 15 s per dtype after) and under a minute on "
+        "an H100.",
     )
     calibrate.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"
