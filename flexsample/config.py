@@ -23,8 +23,9 @@ class SampleConfig:
     Attributes:
         alpha: Cumulative residual attention (CRA) threshold in ``(0, 1]``. For every query
             segment, the window, sink and selected columns keep at least this fraction of
-            the sampled rows' attention mass. Higher is more accurate and denser. Paper
-            default 0.95.
+            the sampled rows' attention mass, and with ``cover_rows`` (the default) every
+            sampled row keeps at least this fraction of its own. Higher is more accurate and
+            denser. Paper default 0.95.
         sample_ratio: Fraction of query rows sampled in stage 1, in ``(0, 1]``. Cost of
             sampling grows linearly with it. Paper: about 5%.
         max_sampled_rows: At most this many sampled rows in all (at least one per segment),

@@ -15,7 +15,7 @@ from flexsample import SampleConfig
 
 #: The command-line options that set SampleConfig fields: ``option -> (field, help)``.
 CONFIG_OPTIONS = {
-    "--alpha": ("alpha", "CRA threshold: attention mass each query segment keeps"),
+    "--alpha": ("alpha", "CRA threshold: attention mass every sampled query row keeps"),
     "--sample-ratio": ("sample_ratio", "fraction of query rows sampled"),
     "--window-ratio": (
         "window_ratio",
