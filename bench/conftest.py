@@ -18,6 +18,25 @@ import pytest
 import torch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-benchmark reads the commit when it saves, at the end of a run that can take an
+    # hour; a commit made meanwhile would be named for code the run never imported. Read it
+    # now, before any benchmark runs.
+    from pytest_benchmark.utils import get_commit_info
+
+    config.stash[_START_COMMIT] = get_commit_info()
+
+
+_START_COMMIT = pytest.StashKey[dict]()
+
+
+def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
+    start = config.stash.get(_START_COMMIT, None)
+    if start and start.get("id") != commit_info.get("id"):
+        commit_info.clear()
+        commit_info.update(start, note="commit at the start of the run (it moved during it)")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("flexsample")
     group.addoption("--smoke", action="store_true", help="tiny sizes, one round: check only")
