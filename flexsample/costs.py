@@ -264,15 +264,16 @@ def calibrate(
 
     Times dense causal SDPA, the default planning, and the sparse call at three densities
     (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
-    lengths, on planted inputs with single-token stripes, and fits each
+    or four lengths, on planted inputs with single-token stripes, and fits each
     cost as fixed + rates x work (non-negative least squares). Pass the result to
     :func:`save` to use it from then on.
 
     Args:
         device: where to measure.
         dtype: the dtype the model will serve.
-        lengths: the sequence lengths (default 2048, 4096 and 8192 on CPU; 8192, 32768 and
-            65536 on CUDA).
+        lengths: the sequence lengths (default 1024 to 8192 on CPU, four: planning's
+            three rates fitted to three lengths followed each run's noise, its cost at 2K
+            varied from 13 to 20 ms; 8192, 32768 and 65536 on CUDA).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed rounds (median), after one warm-up call of each.
     """
@@ -283,7 +284,7 @@ def calibrate(
 
     device = torch.device(device)
     gpu = device.type == "cuda"
-    lengths = lengths or ((8192, 32768, 65536) if gpu else (2048, 4096, 8192))
+    lengths = lengths or ((8192, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
     dense, plan, sparse = [], [], []
