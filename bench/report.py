@@ -78,13 +78,14 @@ def prefill_rows(benches: list[dict]) -> list[dict]:
     by_len: dict = defaultdict(dict)
     for b in benches:
         info = b.get("extra_info", {})
-        if info.get("kind") in ("dense", "flexsample") and "passkey" in info:
+        if info.get("kind") in ("dense", "flexsample", "always sparse") and "passkey" in info:
             by_len[info["seq_len"]][info["kind"]] = b
     rows = []
     for seq_len, pair in sorted(by_len.items()):
-        if set(pair) != {"dense", "flexsample"}:
+        if not {"dense", "flexsample"} <= set(pair):
             continue
         d, f = pair["dense"], pair["flexsample"]
+        always = pair.get("always sparse")
         fi = f["extra_info"]
         densities = [x for x in fi["layer_density"] if x is not None]
         rows.append({
@@ -94,6 +95,7 @@ def prefill_rows(benches: list[dict]) -> list[dict]:
             "sample_s": fi["sample_s"] + fi["select_s"] + fi["mask_s"],
             "attention_s": fi["attention_s"], "passkey": fi["passkey"],
             "dense_answer": d["extra_info"]["answer"], "flexsample_answer": fi["answer"],
+            "always_sparse_s": ms(always) / 1e3 if always else None,
         })  # fmt: skip
     return rows
 
@@ -209,13 +211,18 @@ def _prefill_section(prefill: list[dict]) -> list[str]:
     lines += [
         "### SmolLM2-135M prefill (time to first token)",
         "",
-        "| S | dense | flexsample | speedup | mean density | sampling+select+mask | "
-        "sparse attention | pass key | dense answer | flexsample answer |",
-        "|" + "---|" * 10,
+        "| S | dense | flexsample | every layer sparse | speedup | mean density | "
+        "sampling+select+mask | sparse attention | pass key | dense answer | "
+        "flexsample answer |",
+        "|" + "---|" * 11,
     ]
     for r in prefill:
+        if r.get("always_sparse_s") is not None:
+            always = f"{r['always_sparse_s']:.2f} s ({r['dense_s'] / r['always_sparse_s']:.2f}x)"
+        else:
+            always = "n/a"
         lines.append(
-            f"| {r['seq_len']} | {r['dense_s']:.2f} s | {r['flexsample_s']:.2f} s | "
+            f"| {r['seq_len']} | {r['dense_s']:.2f} s | {r['flexsample_s']:.2f} s | {always} | "
             f"{r['speedup']:.2f}x | {r['mean_density']:.3f} | {r['sample_s']:.2f} s | "
             f"{r['attention_s']:.2f} s | {r['passkey']} | {r['dense_answer']} | "
             f"{r['flexsample_answer']} |"

@@ -37,7 +37,12 @@ def _prefill(model, ids):
     return call
 
 
-@pytest.mark.parametrize("mode", ["dense", "flexsample"])
+#: flexsample's modes: its defaults (the cost model may run a layer dense), and every layer's
+#: prefill sparse (what the cost model's verdicts are measured against).
+CONFIGS = {"flexsample": SampleConfig(), "always sparse": SampleConfig.always_sparse()}
+
+
+@pytest.mark.parametrize("mode", ["dense", *CONFIGS])
 def test_prefill(benchmark, smollm2, prompt_len, mode, device, rounds, smoke):
     model, tokenizer = smollm2
     model.to(device)
@@ -45,8 +50,8 @@ def test_prefill(benchmark, smollm2, prompt_len, mode, device, rounds, smoke):
     ids = tokenizer(prompt.text, return_tensors="pt").input_ids.to(device)
     fst.disable(model)
     info = {"kind": mode, "seq_len": ids.shape[1], "passkey": prompt.answer}
-    if mode == "flexsample":
-        fst.enable(model, SampleConfig())
+    if mode in CONFIGS:
+        fst.enable(model, CONFIGS[mode])
         _prefill(model, ids)()  # statistics of one prefill (compiles on first use)
         fst.reset_stats(model)
         _prefill(model, ids)()
