@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+_START_COMMIT = pytest.StashKey[dict]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # pytest-benchmark reads the commit when it saves, at the end of a run that can take an
@@ -25,9 +27,6 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_benchmark.utils import get_commit_info
 
     config.stash[_START_COMMIT] = get_commit_info()
-
-
-_START_COMMIT = pytest.StashKey[dict]()
 
 
 def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:

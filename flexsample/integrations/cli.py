@@ -96,8 +96,8 @@ def _add_demo(commands) -> None:
         default=DEMO_LENGTH,
         help=f"prompt length in tokens, {MIN_DEMO_LENGTH} to {SMOLLM2.context} (SmolLM2's "
         "context) (default %(default)s: on a 2-core CPU, shorter prompts spend too little of "
-        "the prefill in attention for sparse attention to pay, and the cost model runs more "
-        "layers dense; try --length 4096)",
+        "the prefill in attention for sparse attention to gain more than the run-to-run "
+        "noise, and the cost model runs more layers dense; try --length 4096)",
     )
     demo.add_argument(
         "--depth",

@@ -97,11 +97,11 @@ def cache_root() -> Path:
 
 
 #: ``flexsample demo``'s prompt length: SmolLM2's context less room for the answer. At 4K
-#: tokens on a 2-core CPU, attention is about a third of this small model's prefill and the
-#: CPU FlexAttention kernel takes about twice SDPA's time per computed pair, so sparse
-#: prefill did not pay there (``flexsample demo --length 4096`` shows it). At 8K attention is
-#: 44% of the prefill and sparse prefill pays, by little: 1.16x on a quiet machine (72bdd60),
-#: and a run under load from other jobs came out 0.92x (7e0fc6a).
+#: tokens on a 2-core CPU, attention is about a third of this small model's prefill, and
+#: sparse prefill measured level with dense within the noise (0.94x in
+#: ``bench/results/lm_eval_niah``, 1.10x in ``bench/results/cpu_prefill_modes.md``). At 8K
+#: attention is 44% of the prefill and sparse prefill pays, by little: ``make demo`` 1.16x on
+#: a quiet machine (72bdd60), 0.92x in a run under load from other jobs (7e0fc6a).
 DEMO_LENGTH = 8000
 #: Shortest demo prompt: below this every layer of a small model runs dense anyway.
 MIN_DEMO_LENGTH = 1024
