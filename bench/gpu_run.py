@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
+from flexsample.masks import bucketed_shape, pad_sequence
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import rel_max, rel_rmse
@@ -185,10 +186,11 @@ def check_row_cover(S: int, device, sampler: str) -> Check:
     )  # fmt: skip
 
 
-def check_sparse_flex(dtype, device, shared: bool = False) -> Check:
+def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "triton") -> Check:
     """Gathered columns + compiled FlexAttention against the float64 element-mask oracle, on
     random windows and columns (one slice per query head, or with ``shared`` one per kv head
-    holding the group's union, as the defaults plan).
+    holding the group's union, as the defaults plan). ``backend="flash"``: FlashAttention-4,
+    on the mask and tensors padded to their buckets, as :func:`flexsample.run_plan` runs it.
 
     Bound: twice the error of PyTorch's own computation of the same masked attention in
     ``dtype`` (FlashAttention's rule), fp32 included.
@@ -204,10 +206,19 @@ def check_sparse_flex(dtype, device, shared: bool = False) -> Check:
     if shared:
         sel = sel.shared_by_group(group)
     gathered = sel.gathered(group)
-    bm = fs.build_block_mask(windows, gathered, lay)
-    got = fs.sparse_attention(
-        q, fs.gather_keys(k, gathered), fs.gather_keys(v, gathered), bm, D**-0.5
-    )
+    if backend == "flash":
+        rows, keys = bucketed_shape(lay, gathered.positions.shape[-1])
+        bm = fs.build_block_mask(windows, gathered, lay, padded=(rows, keys))
+        got = fs.sparse_attention(
+            pad_sequence(q, rows), fs.gather_keys(k, gathered, keys),
+            fs.gather_keys(v, gathered, keys), bm, D**-0.5, "flash",
+        )[:, :, :S]  # fmt: skip
+    else:
+        bm = fs.build_block_mask(windows, gathered, lay)
+        got = fs.sparse_attention(
+            q, fs.gather_keys(k, gathered), fs.gather_keys(v, gathered), bm, D**-0.5
+        )
+    failed = fs.flash_unavailable(device, dtype, D) if backend == "flash" else None
     cols = sel.columns
     ref = fs.sparse_attention_reference(
         q.double(), k.double(), v.double(), windows, cols, lay, D**-0.5
@@ -218,25 +229,26 @@ def check_sparse_flex(dtype, device, shared: bool = False) -> Check:
         scale=D**-0.5,
     )  # fmt: skip
     return Check(
-        f"gathered columns{' (group union)' if shared else ''} + compiled flex vs float64 "
-        "oracle", str(dtype),
-        f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}", rel_rmse(got, ref), "rel rmse",
-        2 * rel_rmse(base, ref) + 1e-6,
+        f"gathered columns{' (group union)' if shared else ''} + compiled flex "
+        f"({backend}{', FAILED: ' + failed if failed else ''}) vs float64 oracle", str(dtype),
+        f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}", math.inf if failed else rel_rmse(got, ref),
+        "rel rmse", 2 * rel_rmse(base, ref) + 1e-6,
     )  # fmt: skip
 
 
-def check_dense_equivalent(dtype, S: int, device) -> Check:
+def check_dense_equivalent(dtype, S: int, device, backend: str = "auto") -> Check:
     """The whole call with a dense-equivalent config against SDPA."""
     B, Hq, Hkv, D = 1, 32, 8, 128
     q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
-    out = fs.flex_sample_attention(q, k, v, config=fs.SampleConfig.dense_equivalent())
+    cfg = fs.SampleConfig.dense_equivalent(backend=backend)
+    out, stats = fs.flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     ref = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
     )
     base = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     bound = 1e-4 if dtype == torch.float32 else 2 * rel_rmse(base, ref) + 1e-6
     return Check(
-        "flex_sample_attention(dense-equivalent) vs SDPA", str(dtype),
+        f"flex_sample_attention(dense-equivalent, {stats.backend}) vs SDPA", str(dtype),
         f"B{B} H{Hq}/{Hkv} S{S} D{D}", rel_rmse(out, ref), "rel rmse", bound,
     )  # fmt: skip
 
@@ -333,10 +345,19 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     checks += [check_row_kept_mass(s, d, device, sampler) for s in shapes for d in dtypes]
     checks.append(check_row_cover(4096 if dry else 32768, device, sampler))
     checks += [check_sparse_flex(d, device, shared) for shared in (False, True) for d in dtypes]
+    flash = flash_reason(device) is None
+    if flash:
+        checks += [
+            check_sparse_flex(d, device, shared, "flash")
+            for shared in (False, True)
+            for d in (torch.bfloat16, torch.float16)
+        ]
     checks += [check_chunk_sampler(d, device, sampler) for d in dtypes]
     checks += [check_chunk_attention(d, device) for d in (torch.float32, torch.bfloat16)]
     S = 2048 if dry else 4099
     checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]
+    if flash:
+        checks.append(check_dense_equivalent(torch.bfloat16, S, device, "triton"))
     checks += [check_dense_path(d, device) for d in dtypes]
     return [c.row() for c in checks]
 
@@ -392,10 +413,21 @@ def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
         except RuntimeError as e:  # backend unavailable for this shape/dtype
             print(f"  {name} unavailable: {str(e).splitlines()[0][:120]}")
             times[name] = None
-    # Dense causal attention through the same compiled FlexAttention call flexsample makes.
-    dense_plan = fs.plan_prefill(q, k, fs.SampleConfig.dense_equivalent(), scale=scale)
+    # Dense causal attention through the same compiled FlexAttention call flexsample makes,
+    # on each backend that runs here.
+    triton = fs.SampleConfig.dense_equivalent(backend="triton")
+    dense_plan = fs.plan_prefill(q, k, triton, scale=scale)
     times["flex_dense"] = measure(lambda: fs.run_plan(dense_plan, q, k, v))
+    times["flex_dense_flash"] = None
+    if flash_reason(device) is None:
+        flash = fs.plan_prefill(q, k, triton.replace(backend="flash"), scale=scale)
+        times["flex_dense_flash"] = measure(lambda: fs.run_plan(flash, q, k, v))
     return times
+
+
+def flash_reason(device: torch.device) -> str | None:
+    """Why FlexAttention's FlashAttention-4 backend cannot run here (bf16, D=128)."""
+    return fs.flash_unavailable(device, torch.bfloat16, 128)
 
 
 def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
@@ -429,6 +461,7 @@ def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
     return {
         "sampler": plan.sampler,
         "path": plan.path,
+        "backend": plan.backend if plan.path == "sparse" else "sdpa",
         "plan_peak_mib": peak,
         "qkv_mib": sum(t.numel() * t.element_size() for t in (q, k, v)) / 2**20,
         "reason": plan.reason,
@@ -481,12 +514,15 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 #: costs where the defaults run dense), 0.2's selection (no per-row cover), alpha 0.98, each
 #: query head reading its own columns (``group_union=False``; the defaults read the GQA
 #: group's union), and the sampled rows capped at 2048 (what fewer rows cost in accuracy at
-#: 64K-128K; the default cap, 4096, binds from 80K on).
+#: 64K-128K; the default cap, 4096, binds from 80K on). The defaults run the sparse call on
+#: FlashAttention-4 where it is installed; "alpha 0.98, Triton backend" times FlexAttention's
+#: Triton kernel beside it at a density where the call's kernel matters.
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
     "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
+    "alpha 0.98, Triton backend": fs.SampleConfig(alpha=0.98, backend="triton"),
     "per-head columns (group_union=False)": fs.SampleConfig(group_union=False),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),
 }
@@ -564,6 +600,9 @@ def speed(
     return rows
 
 
+#: Results of the optional sections (``--host-overhead``, ``--buckets``) for the report.
+EXTRA: dict = {}
+
 #: Query rows :func:`frontier_rows` scores.
 FRONTIER_ROWS = 256
 #: Oracle alphas of :func:`frontier_rows`.
@@ -630,6 +669,98 @@ def profile_plan(device: torch.device, S: int, heads: tuple, calls: int = 3) -> 
     ])  # fmt: skip
 
 
+def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int = 200) -> dict:
+    """Host microseconds per call on the dense path, which the GPU waits for at short lengths.
+
+    Each function is called ``calls`` times without synchronising (its GPU work queues
+    behind), timed on the host: SDPA on cuDNN with grouped K/V (the baseline), flexsample's
+    ``dense_causal_attention``, ``run_plan`` of a dense plan, ``plan_prefill`` deciding dense
+    by length, and the whole ``flex_sample_attention``; plus a cProfile table of the last.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    Hq, Hkv, D = heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = _randn_qkv(1, Hq, Hkv, S, D, device, dtype)
+    cfg = fs.SampleConfig(min_seq_len=10 * S)  # dense by length, as the defaults at 8K
+    cuda = device.type == "cuda"
+    baseline = SDPBackend.CUDNN_ATTENTION if cuda else SDPBackend.FLASH_ATTENTION  # CPU: dry run
+    plan = fs.plan_prefill(q, k, cfg)
+    fns = {
+        "sdpa_cudnn_gqa": dense_sdpa(baseline, q, k, v, grouped=True),
+        "dense_causal_attention": lambda: fs.dense_causal_attention(q, k, v, D**-0.5),
+        "run_plan_dense": lambda: fs.run_plan(plan, q, k, v),
+        "plan_prefill_dense": lambda: fs.plan_prefill(q, k, cfg),
+        "flex_sample_attention": lambda: fs.flex_sample_attention(q, k, v, config=cfg),
+    }
+    out: dict = {"seq_len": S, "calls": calls}
+    for name, fn in fns.items():
+        samples = []
+        for _ in range(5):
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out[f"{name}_us"] = statistics.median(samples)
+        print(f"  host {name}: {out[f'{name}_us']:.1f} us per call", flush=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fns["flex_sample_attention"]()
+    profiler.disable()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+    out["profile"] = text.getvalue()
+    return out
+
+
+#: Prompt lengths of :func:`bucket_compilations`: ten distinct lengths from 5000 to 12000.
+BUCKET_LENGTHS = (5000, 5500, 6000, 6200, 7000, 7700, 8000, 9000, 11000, 12000)
+
+
+def bucket_compilations(
+    device: torch.device, heads: tuple, lengths: tuple[int, ...] = BUCKET_LENGTHS
+) -> list[dict]:
+    """Ten prompt lengths through ``flex_sample_attention`` (every layer sparse, default
+    backend) after a Dynamo reset: per length, the backend, the padded shape, the first
+    call's seconds (compilation included) and the number of compiled FlexAttention
+    variants so far (Dynamo's cache entries)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    Hq, Hkv, D = heads
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = fs.SampleConfig.always_sparse()
+    torch._dynamo.reset()
+    rows = []
+    for S in lengths:
+        q, k, v = make_inputs(INPUTS[0], Hq, Hkv, S, D, dtype, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        plan = fs.plan_prefill(q, k, cfg)
+        fs.run_plan(plan, q, k, v)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row = {
+            "seq_len": S, "backend": plan.backend, "padded": plan.padded,
+            "first_call_s": time.perf_counter() - start,
+            "flex_compilations": len(_debug_get_cache_entry_list(flex_attention.__code__)),
+        }  # fmt: skip
+        rows.append(row)
+        print(f"  bucket {row}", flush=True)
+    return rows
+
+
 def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[dict]) -> str:
     out = [
         f"## GPU run on {meta['device']}",
@@ -640,6 +771,8 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
         else f"torch {meta['torch']} (dry run)",
         "",
         f"code at commit {meta.get('commit') or 'unknown'}; command: `{meta['command']}`",
+        "",
+        f"FlexAttention's FlashAttention-4 backend: {meta.get('flash', 'not checked')}",
         "",
         "### Correctness",
         "",
@@ -660,13 +793,15 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
         "the call ran (the defaults' cost model may choose dense). Overhead: probe + sample + "
         "select + cover + mask over the fastest dense kernel's time. SDPA flash and SDPA cuDNN "
         "read K/V expanded to the query heads (expanded outside the timed region); cuDNN GQA "
-        "reads the grouped K/V as they are. vs fastest: the fastest of these and dense "
-        "compiled flex over flexsample's whole call.",
+        "reads the grouped K/V as they are. Flex dense: the same compiled FlexAttention call "
+        "with every causal tile, on its Triton backend and (where installed) FlashAttention-4. "
+        "Kernel: what ran the call (sdpa: the dense path). vs fastest: the fastest of these "
+        "dense kernels over flexsample's whole call.",
         "",
-        "| S | input | configuration | path | density | output error | probe | sample | select | "
-        "cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | cuDNN GQA | "
-        "flex dense | floor | vs flash | vs fastest | overhead |",
-        "|" + "---|" * 21,
+        "| S | input | configuration | path | kernel | density | output error | probe | sample | "
+        "select | cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | cuDNN GQA | "
+        "flex dense | flex dense FA4 | floor | vs flash | vs fastest | overhead |",
+        "|" + "---|" * 23,
     ]
 
     def f(x, unit=""):
@@ -675,13 +810,13 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
     for r in rows:
         out.append(
             f"| {r['seq_len']} | {r['inputs']} | {r['method']} | {r['path']} | "
-            f"{r['density']:.3f} | {r['output_error']:.2e} | "
+            f"{r.get('backend', 'n/a')} | {r['density']:.3f} | {r['output_error']:.2e} | "
             f"{f(r.get('probe_ms'))} | {f(r['sample_ms'])} | {f(r['select_ms'])} | "
             f"{f(r['cover_ms'])} | "
             f"{f(r['mask_ms'])} | {f(r['attention_ms'])} | {f(r['flexsample_total_ms'])} | "
             f"{f(r.get('sdpa_flash_ms') or r.get('sdpa_cpu_ms'))} | "
             f"{f(r.get('sdpa_cudnn_ms'))} | {f(r.get('sdpa_cudnn_gqa_ms'))} | "
-            f"{f(r['flex_dense_ms'])} | {f(r['floor_ms'])} | "
+            f"{f(r['flex_dense_ms'])} | {f(r.get('flex_dense_flash_ms'))} | {f(r['floor_ms'])} | "
             f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
             f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
@@ -719,6 +854,38 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
             out.append(
                 f"| {r['seq_len']} | {r['mask']} | {r['density']:.4f} | "
                 f"{r['output_error']:.2e} | {r['kept_mass_min']:.4f} | {r['kept_mass_p1']:.4f} |"
+            )
+    host = EXTRA.get("host_overhead")
+    if host:
+        out += [
+            "",
+            f"### Host time per call on the dense path (S={host['seq_len']}, microseconds)",
+            "",
+            f"Median of 5 rounds of {host['calls']} calls without synchronising (the GPU work "
+            "queues behind): what the GPU waits for where attention itself is short.",
+            "",
+            "| SDPA cuDNN GQA | dense_causal_attention | run_plan (dense) | plan_prefill "
+            "(dense by length) | flex_sample_attention |",
+            "|---|---|---|---|---|",
+            f"| {host['sdpa_cudnn_gqa_us']:.1f} | {host['dense_causal_attention_us']:.1f} | "
+            f"{host['run_plan_dense_us']:.1f} | {host['plan_prefill_dense_us']:.1f} | "
+            f"{host['flex_sample_attention_us']:.1f} |",
+        ]
+    buckets = EXTRA.get("buckets")
+    if buckets:
+        out += [
+            "",
+            "### Compilations over ten prompt lengths (every layer sparse, default backend)",
+            "",
+            "After a Dynamo reset; first call's seconds include planning and compilation.",
+            "",
+            "| S | kernel | padded (rows, keys) | first call (s) | compiled flex variants |",
+            "|---|---|---|---|---|",
+        ]
+        for r in buckets:
+            out.append(
+                f"| {r['seq_len']} | {r['backend']} | {r['padded']} | "
+                f"{r['first_call_s']:.2f} | {r['flex_compilations']} |"
             )
     reasons = sorted({r["reason"] for r in rows if r["reason"]})
     if reasons:
@@ -821,6 +988,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{FRONTIER_ROWS} rows in float64 (default: 64K and 128K; dry run 2K; none: skip)",
     )
     p.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="time the host's work per call on the dense path at 8K (and cProfile it)",
+    )
+    p.add_argument(
+        "--buckets",
+        action="store_true",
+        help="run ten prompt lengths (5000-12000) every layer sparse after a Dynamo reset and "
+        "count FlexAttention compilations (FlashAttention-4 compiles per padded shape)",
+    )
+    p.add_argument(
         "--profile-plan",
         type=int,
         metavar="S",
@@ -849,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         triton_version = None
     meta = {
+        "flash": flash_reason(device) or "FlashAttention-4 available",
         "device": torch.cuda.get_device_name()
         if device.type == "cuda"
         else platform.processor() or "cpu",
@@ -878,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows: list[dict]) -> None:  # after every row: a run cut short keeps its rows
         results = {
             "meta": meta, "correctness": checks, "sampler_tuning": tuning, "speed": rows,
-            "frontier": frontier,
+            "frontier": frontier, **EXTRA,
         }  # fmt: skip
         (args.out / f"gpu_{tag}.json").write_text(json.dumps(results, indent=1))
         (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows, frontier))
@@ -887,6 +1066,12 @@ def main(argv: list[str] | None = None) -> int:
         text = profile_plan(device, args.profile_plan, heads)
         (args.out / f"profile_plan_{args.profile_plan}_{tag}.txt").write_text(text)
         print(text)
+    if args.host_overhead:
+        EXTRA["host_overhead"] = host_overhead(device, heads, *((512, 20) if args.dry_run else ()))
+        print(EXTRA["host_overhead"]["profile"])
+    if args.buckets:
+        several = tuple(n // 4 for n in BUCKET_LENGTHS[:4]) if args.dry_run else BUCKET_LENGTHS
+        EXTRA["buckets"] = bucket_compilations(device, heads, several)
     rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
     frontier_lengths = args.frontier
     if frontier_lengths is None:

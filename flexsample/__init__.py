@@ -13,11 +13,16 @@ a call runs dense because sparse would not pay.
 """
 
 from .api import flex_sample_attention
-from .attention import dense_causal_attention, sparse_attention, sparse_attention_reference
+from .attention import (
+    dense_causal_attention,
+    flash_unavailable,
+    sparse_attention,
+    sparse_attention_reference,
+)
 from .config import SampleConfig
 from .cover import RowCover, cover_rows
 from .layout import SampleLayout
-from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
+from .masks import bucket_length, build_block_mask, gather_keys, pair_density, tile_coverage
 from .plan import PrefillPlan, dense_before_sampling, plan_prefill, run_plan
 from .sampling import (
     sample_column_scores,
@@ -47,10 +52,12 @@ __all__ = [
     "SampleStats",
     "StageTimer",
     "__version__",
+    "bucket_length",
     "build_block_mask",
     "cover_rows",
     "dense_before_sampling",
     "dense_causal_attention",
+    "flash_unavailable",
     "flex_sample_attention",
     "gather_keys",
     "keep_mask",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+from typing import Literal
 
 import torch
 import torch.fx.experimental._config
@@ -19,14 +21,95 @@ from .selection import keep_mask
 logger = logging.getLogger("flexsample")
 
 
+#: FlexAttention backends of the sparse call: ``"triton"`` is FlexAttention's own kernel
+#: (Triton on CUDA, inductor's C++ template on CPU), ``"flash"`` its FlashAttention-4
+#: backend (CuTe DSL kernels, CUDA compute capability 9.0 and later, fp16 and bf16).
+Backend = Literal["triton", "flash"]
+
+#: Head dims FlashAttention-4's forward kernels are built for.
+_FLASH_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
 @functools.cache
 def compiled_flex_attention():
-    """``flex_attention`` compiled once with dynamic shapes.
+    """``flex_attention`` compiled once with dynamic shapes (the ``"triton"`` backend).
 
     Dynamic shapes make one compiled kernel serve every sequence length (and batch sizes
     above one), instead of a recompilation per new prompt length.
     """
     return torch.compile(flex_attention, dynamic=True)
+
+
+@functools.cache
+def compiled_static_flex_attention():
+    """``flex_attention`` compiled per static shape (the ``"flash"`` backend, which has no
+    dynamic shapes): callers pad lengths to :func:`~flexsample.masks.bucket_length`, so
+    distinct prompt lengths share few compilations."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _flash_import_error() -> str | None:
+    try:
+        importlib.import_module("flash_attn.cute")
+    except Exception as error:  # ImportError, or a broken CUDA/CuTe install underneath
+        return f"flash_attn.cute does not import ({type(error).__name__}: {error})"
+    return None
+
+
+def flash_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why FlexAttention's FlashAttention-4 backend cannot run this call (None: it can).
+
+    It needs CUDA compute capability 9.0 or later, fp16 or bf16, a head dim FlashAttention-4
+    is built for, and ``flash_attn.cute`` (``pip install "flexsample[flash]"``).
+    """
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16, got {dtype}"
+    if head_dim not in _FLASH_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {_FLASH_HEAD_DIMS}"
+    major, minor = _capability(device.index)
+    if major < 9:
+        return f"needs compute capability 9.0 or later, got {major}.{minor}"
+    return _flash_import_error() or _FLASH_FAILED.get((device.index, dtype, head_dim))
+
+
+#: (device index, dtype, head dim) where a FlashAttention-4 call failed, and its error:
+#: ``"auto"`` plans those on Triton from then on.
+_FLASH_FAILED: dict[tuple[int | None, torch.dtype, int], str] = {}
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def resolve_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> Backend:
+    """The backend a sparse call runs: ``"auto"`` picks ``"flash"`` where
+    :func:`flash_unavailable` finds nothing against it (logged once), else ``"triton"``.
+
+    Raises:
+        ValueError: ``"flash"`` requested where it cannot run (the message says why).
+    """
+    if requested == "triton":
+        return "triton"
+    reason = flash_unavailable(device, dtype, head_dim)
+    if requested == "flash":
+        if reason is not None:
+            raise ValueError(f"SampleConfig.backend='flash' cannot run here: {reason}")
+        return "flash"
+    if reason is None:
+        return "flash"
+    if device.type == "cuda" and reason not in _logged_flash_reasons:
+        _logged_flash_reasons.add(reason)
+        logger.info("flexsample: FlexAttention's Triton backend (FLASH: %s)", reason)
+    return "triton"
+
+
+_logged_flash_reasons: set[str] = set()
 
 
 def sparse_attention(
@@ -35,6 +118,9 @@ def sparse_attention(
     v: torch.Tensor,
     block_mask: BlockMask,
     scale: float,
+    backend: Backend = "triton",
+    *,
+    static_shapes: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention through compiled FlexAttention.
 
@@ -46,6 +132,10 @@ def sparse_attention(
         v: ``(B, Hkv, L, D)``.
         block_mask: a ``BlockMask`` over ``(B, Hq, S, L)``.
         scale: softmax scale.
+        backend: ``"triton"`` or ``"flash"`` (see ``SampleConfig.backend``).
+        static_shapes: compile per static shape (pad lengths to
+            :func:`~flexsample.masks.bucket_length` to share compilations) instead of once
+            with dynamic shapes; default: only for ``"flash"``, which needs it.
 
     Returns:
         ``(B, Hq, S, D)`` in q's dtype.
@@ -59,8 +149,12 @@ def sparse_attention(
         "scale": scale,
         "enable_gqa": q.shape[1] != k.shape[1],
     }
+    if backend == "flash":
+        kwargs["kernel_options"] = {"BACKEND": "FLASH"}
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return flex_attention(q, k, v, **kwargs)
+    static = backend == "flash" if static_shapes is None else static_shapes
+    compiled = compiled_static_flex_attention if static else compiled_flex_attention
     # Past the recompile limit Dynamo would run eager flex_attention: dense and slow. No duck
     # sizing: the mask's lookup tables must not share a symbol with the key length (see
     # flexsample.masks.sample_attention_mask_mod).
@@ -68,7 +162,26 @@ def sparse_attention(
         recompile_policy(fail_on_limit=True),
         torch.fx.experimental._config.patch(use_duck_shape=False),
     ):
-        return compiled_flex_attention()(q, k, v, **kwargs)
+        try:
+            return compiled()(q, k, v, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if backend != "flash":
+                raise
+            # FlashAttention-4 is young: a case it cannot compile runs on Triton, visibly,
+            # and later plans of this kind choose Triton (flash_unavailable says why).
+            message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            _FLASH_FAILED[(q.device.index, q.dtype, q.shape[-1])] = (
+                f"a FlashAttention-4 call failed ({message})"
+            )
+            logger.warning(
+                "flexsample: FlashAttention-4 failed, this call and later ones run on "
+                "FlexAttention's Triton backend: %s",
+                message,
+            )
+            del kwargs["kernel_options"]
+            return compiled_flex_attention()(q, k, v, **kwargs)
 
 
 #: Dense kernels in order of preference on CUDA: cuDNN is the fastest on Hopper (about 1.8x

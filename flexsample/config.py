@@ -11,6 +11,8 @@ Sampler = Literal["auto", "triton", "torch", "reference"]
 SAMPLERS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 ColumnUnit = Literal["token", "block"]
 COLUMN_UNITS: tuple[str, ...] = ("token", "block")
+BackendChoice = Literal["auto", "triton", "flash"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "flash")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,14 @@ class SampleConfig:
         sampler: Stage-1 implementation: ``"auto"`` (Triton on CUDA when available, torch
             otherwise), ``"triton"``, ``"torch"`` or ``"reference"`` (dense oracle, small
             inputs only).
+        backend: FlexAttention backend of the sparse call: ``"auto"`` (the default):
+            ``"flash"`` where it can run (CUDA compute capability 9.0+, fp16/bf16, and
+            ``flash_attn.cute`` installed: ``pip install "flexsample[flash]"``), else
+            ``"triton"``. ``"triton"``: FlexAttention's own kernel (Triton on CUDA, C++ on
+            CPU), compiled once for every length. ``"flash"``: its FlashAttention-4 backend,
+            compiled per static shape, so lengths are padded to a few buckets
+            (:func:`~flexsample.masks.bucket_length`); an error where it cannot run.
+            ``stats.backend`` says which ran.
     """
 
     alpha: float = 0.95
@@ -91,6 +101,7 @@ class SampleConfig:
     min_seq_len: int | None = None
     max_density: float | None = None
     sampler: Sampler = "auto"
+    backend: BackendChoice = "auto"
 
     def __post_init__(self) -> None:
         _check_real("alpha", self.alpha, low=0.0, high=1.0, low_open=True)
@@ -126,6 +137,10 @@ class SampleConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"SampleConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"SampleConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
             )
 
     def replace(self, **changes: object) -> SampleConfig:

@@ -149,7 +149,11 @@ def block_maps(
 
 
 def build_block_mask(
-    window_blocks: torch.Tensor, gathered: GatheredColumns, layout: SampleLayout
+    window_blocks: torch.Tensor,
+    gathered: GatheredColumns,
+    layout: SampleLayout,
+    *,
+    padded: tuple[int, int] | None = None,
 ) -> BlockMask:
     """The SampleAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``.
 
@@ -160,6 +164,11 @@ def build_block_mask(
         window_blocks: ``(B, Hq)`` window per head, in blocks.
         gathered: from :meth:`~flexsample.ColumnSelection.gathered`.
         layout: the geometry.
+        padded: ``(query rows, keys)``, multiples of the block size at least ``S - offset``
+            and ``C + S``: a mask over that larger shape, for a kernel compiled per static
+            shape (see :func:`bucket_length`). The extra query blocks read no key block (no
+            work), the extra keys no query; the caller pads q at the end and keys and
+            values after ``C + S`` (see :func:`pad_sequence`).
 
     Returns:
         A ``BlockMask`` for ``flex_attention`` with keys and values laid out by
@@ -168,14 +177,21 @@ def build_block_mask(
     """
     S, bs = layout.seq_len, layout.block_size
     num_gathered = gathered.positions.shape[-1]
+    offset = layout.first_query_block * bs
+    rows, keys = S - offset, num_gathered + S
     full, partial = block_maps(window_blocks, gathered, layout)
+    codes = key_codes(gathered, S)
+    if padded is not None:
+        rows, keys = _check_padded(padded, rows, keys, bs)
+        grow = (0, keys // bs - full.shape[-1], 0, rows // bs - full.shape[-2])
+        full = torch.nn.functional.pad(full, grow)
+        partial = torch.nn.functional.pad(partial, grow)
+        # Padding keys sit after every query (position S): never attended.
+        codes = torch.nn.functional.pad(codes, (0, keys - codes.shape[-1]), value=S)
     full_num, full_idx = _kv_indices(full)
     part_num, part_idx = _kv_indices(partial)
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
-    offset = layout.first_query_block * bs
-    mask_mod = sample_attention_mask_mod(
-        key_codes(gathered, S), window_blocks, bs, query_offset=offset
-    )
+    mask_mod = sample_attention_mask_mod(codes, window_blocks, bs, query_offset=offset)
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,
@@ -183,22 +199,76 @@ def build_block_mask(
         full_idx,
         BLOCK_SIZE=bs,
         mask_mod=mask_mod,
-        seq_lengths=(S - offset, num_gathered + S),
+        seq_lengths=(rows, keys),
         **extra,
     )
 
 
-def gather_keys(x: torch.Tensor, gathered: GatheredColumns) -> torch.Tensor:
+def _check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> tuple[int, int]:
+    padded_rows, padded_keys = padded
+    if padded_rows < rows or padded_keys < keys or padded_rows % block or padded_keys % block:
+        raise ValueError(
+            f"padded shape {padded} must be multiples of the block size {block} at least "
+            f"(query rows, keys) = {(rows, keys)}"
+        )
+    return padded_rows, padded_keys
+
+
+def bucket_length(n: int, block_size: int) -> int:
+    """The length a static-shape kernel pads ``n`` to: the smallest multiple of
+    ``block_size`` of the form ``2^k`` or ``3 * 2^k`` (at most 1.5x the next multiple of
+    the block, and 11 sizes from 1K to 32K).
+
+    Distinct prompt lengths then share few compiled kernels; the padding costs memory for
+    the padded copies of q, k and v, not attention work (see :func:`build_block_mask`).
+    """
+    if n < 1 or block_size < 1:
+        raise ValueError(f"n and block_size must be positive, got {n}, {block_size}")
+    blocks = -(-n // block_size)
+    size = 1
+    while True:
+        for candidate in (size, 3 * size // 2):
+            if candidate >= blocks:
+                return candidate * block_size
+        size *= 2
+
+
+def bucketed_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:
+    """``(query rows, keys)`` of a padded mask (:func:`build_block_mask`): the mask's rows
+    ``S - offset`` and keys ``C + S``, each padded to :func:`bucket_length`."""
+    bs, S = layout.block_size, layout.seq_len
+    rows = S - layout.first_query_block * bs
+    return bucket_length(rows, bs), bucket_length(num_gathered + S, bs)
+
+
+def pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x (B, H, n, D)`` with zero rows appended along the sequence to ``length``."""
+    extra = length - x.shape[-2]
+    return x if extra == 0 else torch.nn.functional.pad(x, (0, 0, 0, extra))
+
+
+def gather_keys(
+    x: torch.Tensor, gathered: GatheredColumns, length: int | None = None
+) -> torch.Tensor:
     """``[x at the gathered positions | x]`` along the sequence: ``(B, Hkv, C + S, D)``.
 
     Padding positions (``S``) read key ``S - 1``; the mask never lets a query attend them.
+    With ``length``, zero rows follow up to that length (a padded shape, see
+    :func:`build_block_mask`), in the same copy.
     """
     positions = gathered.positions
-    if positions.shape[-1] == 0:
-        return x
     S, D = x.shape[-2:]
-    index = positions.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
-    return torch.cat([x.gather(2, index), x], dim=2)
+    parts = []
+    if positions.shape[-1]:
+        index = positions.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
+        parts.append(x.gather(2, index))
+    parts.append(x)
+    extra = 0 if length is None else length - positions.shape[-1] - S
+    if extra < 0:
+        raise ValueError(f"length {length} is shorter than C + S = {positions.shape[-1] + S}")
+    if extra:
+        parts.append(x.new_zeros(*x.shape[:2], extra, D))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def pair_density(

@@ -16,12 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .attention import dense_causal_attention, sparse_attention
+from .attention import Backend, dense_causal_attention, resolve_backend, sparse_attention
 from .config import SampleConfig
 from .costs import CostModel, cost_model, density_verdict, length_verdict
 from .cover import cover_rows
 from .layout import SampleLayout
-from .masks import build_block_mask, gather_keys, pair_density, tile_coverage
+from .masks import (
+    bucketed_shape,
+    build_block_mask,
+    gather_keys,
+    pad_sequence,
+    pair_density,
+    tile_coverage,
+)
 from .probe import probe_density, probe_rows
 from .sampling import resolve_sampler, run_sampler
 from .selection import (
@@ -64,7 +71,12 @@ class PrefillPlan:
             head, or one per kv head where the group shares its columns).
         block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``,
             its rows starting at the first query's block (``offset``, see
-            :func:`~flexsample.masks.build_block_mask`).
+            :func:`~flexsample.masks.build_block_mask`), or over ``padded``.
+        backend: the FlexAttention backend the sparse call runs (``"triton"`` or
+            ``"flash"``, see ``SampleConfig.backend``); None on the dense path.
+        padded: ``(query rows, keys)`` the mask and the call are padded to for the
+            ``"flash"`` backend's static shapes (:func:`~flexsample.masks.bucket_length`);
+            None when not padded.
     """
 
     path: Path
@@ -83,6 +95,8 @@ class PrefillPlan:
     row_mass: torch.Tensor | None = None
     gathered: GatheredColumns | None = None
     block_mask: BlockMask | None = None
+    backend: Backend | None = None
+    padded: tuple[int, int] | None = None
 
     @property
     def group(self) -> int:
@@ -161,11 +175,22 @@ def plan_prefill(
     Raises:
         TypeError, ValueError: bad inputs or config (see :func:`flexsample.flex_sample_attention`).
     """
-    config = _DEFAULT_CONFIG if config is None else config
     if not torch.compiler.is_compiling():
-        if not isinstance(config, SampleConfig):
-            raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
         check_qk(q, k)
+    return _plan_prefill(q, k, config, scale, timer)
+
+
+def _plan_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SampleConfig | None,
+    scale: float | None,
+    timer: StageTimer | None,
+) -> PrefillPlan:
+    """:func:`plan_prefill` on q and k already checked (by the caller)."""
+    config = _DEFAULT_CONFIG if config is None else config
+    if not isinstance(config, SampleConfig):
+        raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
     scale = resolve_scale(q, scale)
     timer = timer or StageTimer(q.device, enabled=False)
     B, Hq, L, _ = q.shape
@@ -180,7 +205,12 @@ def plan_prefill(
     }
 
     D = q.shape[-1]
-    layout = SampleLayout.create(S, config, query_len=L)
+    # Resolved first: a backend that cannot run here is an error on every path.
+    if torch.compiler.is_compiling():
+        backend: Backend = "flash" if config.backend == "flash" else "triton"
+    else:
+        backend = resolve_backend(config.backend, q.device, q.dtype, D)
+    layout = _layout(S, config, L)
     costs = (
         _cost_model(q.device, q.dtype)
         if config.min_seq_len is None or config.max_density is None
@@ -224,7 +254,10 @@ def plan_prefill(
         return PrefillPlan(path="dense", reason=reason, **common)
     with timer.stage("mask"):
         gathered = selection.gathered(Hq // k.shape[1])
-        block_mask = build_block_mask(selection.window_blocks, gathered, layout)
+        padded = None
+        if backend == "flash":  # compiled per static shape: pad to a few sizes
+            padded = bucketed_shape(layout, gathered.positions.shape[-1])
+        block_mask = build_block_mask(selection.window_blocks, gathered, layout, padded=padded)
     return PrefillPlan(
         path="sparse",
         notes=tuple(notes.values()),
@@ -235,6 +268,8 @@ def plan_prefill(
         row_mass=row_mass,
         gathered=gathered,
         block_mask=block_mask,
+        backend=backend,
+        padded=padded,
         **common,
     )
 
@@ -267,16 +302,31 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             )
     if plan.path == "dense":
         return dense_causal_attention(q, k, v, plan.scale)
-    keys = gather_keys(k, plan.gathered)
-    values = gather_keys(v, plan.gathered)
+    L = q.shape[2]
+    padded_rows, padded_keys = plan.padded or (None, None)
+    keys = gather_keys(k, plan.gathered, padded_keys)
+    values = gather_keys(v, plan.gathered, padded_keys)
     # The mask's rows start at the first query's block: pad the queries in front to it (the
-    # padding rows attend their own position, and are dropped).
+    # padding rows attend their own position, and are dropped), and at the end to a padded
+    # shape (rows that read no key block).
     layout = plan.layout
     lead = layout.query_start - layout.first_query_block * layout.block_size
     if lead:
         q = torch.nn.functional.pad(q, (0, 0, lead, 0))
-    out = sparse_attention(q, keys, values, plan.block_mask, plan.scale)
-    return out[:, :, lead:] if lead else out
+    if padded_rows is not None:
+        q = pad_sequence(q, padded_rows)
+    out = sparse_attention(
+        q,
+        keys,
+        values,
+        plan.block_mask,
+        plan.scale,
+        plan.backend or "triton",
+        static_shapes=plan.padded is not None,
+    )
+    if lead or padded_rows is not None:
+        out = out[:, :, lead : lead + L]
+    return out
 
 
 def dense_before_sampling(
@@ -338,6 +388,12 @@ def _cached_length_verdict(
     # Every layer of a prefill asks the same question: answered once per shape (the
     # cost model and layout are frozen, hashable values; a new calibration is a new key).
     return length_verdict(costs, batch_heads, head_dim, layout)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(seq_len: int, config: SampleConfig, query_len: int) -> SampleLayout:
+    # Every layer of a prefill lays out the same shape: once per shape and config.
+    return SampleLayout.create(seq_len, config, query_len=query_len)
 
 
 def _cost_model(device: torch.device, dtype: torch.dtype) -> CostModel | None:

@@ -36,6 +36,8 @@ class SampleStats:
             chunked prefill).
         batch_size, num_heads: ``B`` and ``Hq``.
         sampler: stage-1 implementation that ran (None on the dense path).
+        backend: the FlexAttention backend of the sparse call, ``"triton"`` or ``"flash"``
+            (None on the dense path, which runs SDPA: cuDNN first on CUDA).
         layout: block geometry (None on the dense path).
         density: ``(B, Hq)`` computed (query, key) pairs over causal pairs (None on the dense
             path): window, sink and gathered columns.
@@ -63,6 +65,7 @@ class SampleStats:
     query_len: int | None = None
     reason: str | None = None
     sampler: str | None = None
+    backend: str | None = None
     layout: SampleLayout | None = None
     density: torch.Tensor | None = None
     window: torch.Tensor | None = None
@@ -85,6 +88,7 @@ class SampleStats:
             batch_size=plan.batch_size,
             num_heads=plan.num_heads,
             sampler=plan.sampler,
+            backend=plan.backend if plan.path == "sparse" else None,
             layout=plan.layout,
             density=plan.density,
             window=None
@@ -143,6 +147,7 @@ class SampleStats:
             "seq_len": self.seq_len,
             "query_len": self.query_len,
             "sampler": self.sampler,
+            "backend": self.backend,
             "mean_density": round(self.mean_density, 4),
             "mean_window": None if self.mean_window is None else round(self.mean_window),
             "mean_columns": None

@@ -1,0 +1,163 @@
+"""The sparse call's FlexAttention backends: choosing one, and the padded static shapes that
+FlashAttention-4 (``backend="flash"``) compiles for.
+
+FlashAttention-4 itself needs a Hopper or later GPU (``bench/gpu_run.py`` runs it); here the
+same padded masks and static-shape compilation run through FlexAttention's CPU kernel, and
+must give the unpadded call's output.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from flexsample import (
+    ColumnSelection,
+    SampleConfig,
+    SampleLayout,
+    bucket_length,
+    build_block_mask,
+    flash_unavailable,
+    flex_sample_attention,
+    gather_keys,
+    plan_prefill,
+    run_plan,
+    sparse_attention,
+)
+from flexsample.attention import resolve_backend
+from flexsample.masks import bucketed_shape, pad_sequence
+
+
+def _qkv(B, Hq, Hkv, S, D, dtype=torch.float32):
+    return (
+        torch.randn(B, Hq, S, D, dtype=dtype),
+        torch.randn(B, Hkv, S, D, dtype=dtype),
+        torch.randn(B, Hkv, S, D, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 1025, 3000, 8193, 100_000, 131_072])
+@pytest.mark.parametrize("block", [64, 128])
+def test_bucket_length_pads_to_a_few_sizes(n, block):
+    got = bucket_length(n, block)
+    blocks = -(-n // block)
+    assert got % block == 0 and got >= n
+    assert got <= max(1.5 * blocks * block, block)
+    size = got // block  # 2^k or 3 * 2^k
+    while size % 2 == 0:
+        size //= 2
+    assert size in (1, 3)
+
+
+def test_ten_lengths_share_three_buckets():
+    lengths = [5000, 5500, 6000, 6200, 7000, 7700, 8000, 9000, 11000, 12000]
+    assert len({bucket_length(n, 128) for n in lengths}) == 3
+
+
+def test_bucket_length_rejects_non_positive_sizes():
+    with pytest.raises(ValueError, match="positive"):
+        bucket_length(0, 128)
+
+
+def test_backend_is_validated_and_auto_runs_triton_on_cpu():
+    with pytest.raises(ValueError, match=r"SampleConfig\.backend must be one of"):
+        SampleConfig(backend="cudnn")
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 128) == "triton"
+    with pytest.raises(ValueError, match="backend='flash' cannot run here: needs a CUDA device"):
+        resolve_backend("flash", torch.device("cpu"), torch.bfloat16, 128)
+    q, k, v = _qkv(1, 2, 1, 300, 16)
+    with pytest.raises(ValueError, match="backend='flash'"):
+        flex_sample_attention(q, k, v, config=SampleConfig(backend="flash"))
+
+
+def test_flash_unavailable_names_the_reason():
+    cuda = torch.device("cuda", 0)  # checked before the device is touched
+    assert "float16 or bfloat16" in flash_unavailable(cuda, torch.float32, 128)
+    assert "head_dim 80" in flash_unavailable(cuda, torch.bfloat16, 80)
+    assert "CUDA device" in flash_unavailable(torch.device("cpu"), torch.bfloat16, 128)
+
+
+def test_stats_say_which_backend_ran():
+    q, k, v = _qkv(1, 4, 2, 700, 32)
+    _, sparse = flex_sample_attention(
+        q, k, v, config=SampleConfig.always_sparse(block_size=64), return_stats=True
+    )
+    assert sparse.backend == "triton" and sparse.summary()["backend"] == "triton"
+    _, dense = flex_sample_attention(
+        q, k, v, config=SampleConfig(min_seq_len=10_000), return_stats=True
+    )
+    assert dense.backend is None
+
+
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, D, bs, shared",
+    [
+        pytest.param(2, 4, 2, 1000, 64, 64, True, id="B2-H4/2-S1000-bs64-union"),
+        pytest.param(1, 3, 1, 517, 32, 128, False, id="B1-H3/1-S517-bs128"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padded_mask_gives_the_unpadded_output(B, Hq, Hkv, S, D, bs, shared, dtype):
+    """A mask padded to bucketed (rows, keys), with zero rows after q and after the
+    gathered keys and values, computes the unpadded call's rows exactly."""
+    q, k, v = _qkv(B, Hq, Hkv, S, D, dtype)
+    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
+    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
+    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay)
+    group = Hq // Hkv
+    if shared:
+        sel = sel.shared_by_group(group)
+    gathered = sel.gathered(group)
+    keys, values = gather_keys(k, gathered), gather_keys(v, gathered)
+    want = sparse_attention(q, keys, values, build_block_mask(windows, gathered, lay), D**-0.5)
+    rows, length = bucketed_shape(lay, gathered.positions.shape[-1])
+    assert rows > S and length > keys.shape[2]  # these sizes pad both
+    padded = build_block_mask(windows, gathered, lay, padded=(rows, length))
+    got = sparse_attention(
+        pad_sequence(q, rows),
+        gather_keys(k, gathered, length),
+        gather_keys(v, gathered, length),
+        padded,
+        D**-0.5,
+    )
+    assert got.shape[2] == rows
+    torch.testing.assert_close(got[:, :, :S], want)  # the same up to summation order
+
+
+def test_padded_shapes_are_checked():
+    lay = SampleLayout.create(300, SampleConfig(block_size=64))
+    sel = ColumnSelection(torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, 300).bool(), lay)
+    with pytest.raises(ValueError, match="padded shape"):
+        build_block_mask(sel.window_blocks, sel.gathered(1), lay, padded=(256, 512))
+    with pytest.raises(ValueError, match="shorter than"):
+        gather_keys(torch.zeros(1, 2, 300, 8), sel.gathered(1), 200)
+
+
+def test_static_shapes_compile_once_per_bucket():
+    """The static-shape compilation FlashAttention-4 needs: ten prompt lengths (whole
+    prompts and chunks, B=2, GQA) run padded plans through ``run_plan``, compiling once per
+    distinct padded shape, not once per length, with the unpadded plans' outputs.
+
+    Counted from Dynamo's cache entries of ``flex_attention`` (the padded calls run first,
+    so that no dynamic-shape entry can serve them)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    cfg = SampleConfig.always_sparse(block_size=128, sampler="torch")
+    cases, shapes = [], set()
+    for S in [1030, 1100, 1150, 1200, 1290, 1300, 1400, 1450, 1500, 1530]:
+        q, k, v = _qkv(2, 4, 2, S, 32)
+        if S % 3 == 0:  # a chunk: the last 700 queries
+            q = q[:, :, -700:].contiguous()
+        plan = plan_prefill(q, k, cfg)
+        padded = bucketed_shape(plan.layout, plan.gathered.positions.shape[-1])
+        shapes.add(padded)
+        mask = build_block_mask(plan.window_blocks, plan.gathered, plan.layout, padded=padded)
+        bucketed = dataclasses.replace(plan, padded=padded, block_mask=mask)
+        cases.append((plan, q, k, v, run_plan(bucketed, q, k, v)))
+    static = len(_debug_get_cache_entry_list(flex_attention.__code__))
+    print(f"10 lengths: {len(shapes)} padded shapes, {static} static compilations")
+    assert static == len(shapes) <= 5  # ten lengths, five (rows, keys) buckets here
+    for plan, q, k, v, got in cases:
+        torch.testing.assert_close(got, run_plan(plan, q, k, v))
