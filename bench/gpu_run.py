@@ -208,7 +208,7 @@ def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "trito
     gathered = sel.gathered(group)
     if backend == "flash":
         rows, keys = bucketed_shape(lay, gathered.positions.shape[-1])
-        bm = fs.build_block_mask(windows, gathered, lay, padded=(rows, keys))
+        bm = fs.build_block_mask(windows, gathered, lay, padded=(rows, keys), backend="flash")
         got = fs.sparse_attention(
             pad_sequence(q, rows), fs.gather_keys(k, gathered, keys),
             fs.gather_keys(v, gathered, keys), bm, D**-0.5, "flash",

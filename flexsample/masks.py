@@ -54,7 +54,12 @@ def key_codes(gathered: GatheredColumns, seq_len: int) -> torch.Tensor:
 
 
 def sample_attention_mask_mod(
-    codes: torch.Tensor, window_blocks: torch.Tensor, block_size: int, *, query_offset: int = 0
+    codes: torch.Tensor,
+    window_blocks: torch.Tensor,
+    block_size: int,
+    *,
+    query_offset: int = 0,
+    static: bool = False,
 ):
     """The exact ``mask_mod`` of a SampleAttention call over ``[gathered | keys]``.
 
@@ -66,20 +71,23 @@ def sample_attention_mask_mod(
     only flat 1-D tensors are indexed, every number is a 0-d tensor (a captured Python int
     becomes a symbol under ``dynamic=True``), and the call runs without duck sizing (see
     :func:`flexsample.attention.sparse_attention`). ``tests/test_attention.py`` compiles it
-    over batch sizes, head counts and lengths.
+    over batch sizes, head counts and lengths. FlashAttention-4's code generator takes
+    captured tensors but not 0-d ones ("Expected TensorSSA, but got int"); it compiles per
+    static shape, where plain Python ints are constants: ``static=True`` uses those.
 
     Args:
         codes: ``(B, Hq, C + S)`` from :func:`key_codes`.
         window_blocks: ``(B, Hq)`` window per head, in blocks.
         block_size: tile side in tokens.
         query_offset: position of the call's query row 0 (a multiple of ``block_size``).
+        static: the numbers as Python ints, for a kernel compiled per static shape.
     """
     _, H, L = codes.shape
     flat_codes = codes.reshape(-1)
     flat_windows = window_blocks.to(torch.int32).reshape(-1).contiguous()
 
-    def number(x: int) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=codes.device)
+    def number(x: int) -> torch.Tensor | int:
+        return x if static else torch.tensor(x, dtype=torch.int32, device=codes.device)
 
     heads, length, tile = number(H), number(L), number(block_size)
     offset = number(query_offset)
@@ -154,6 +162,7 @@ def build_block_mask(
     layout: SampleLayout,
     *,
     padded: tuple[int, int] | None = None,
+    backend: str = "triton",
 ) -> BlockMask:
     """The SampleAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``.
 
@@ -169,6 +178,8 @@ def build_block_mask(
             shape (see :func:`bucket_length`). The extra query blocks read no key block (no
             work), the extra keys no query; the caller pads q at the end and keys and
             values after ``C + S`` (see :func:`pad_sequence`).
+        backend: the FlexAttention backend the mask is for (``"flash"``: its ``mask_mod``
+            holds its numbers as Python ints, see :func:`sample_attention_mask_mod`).
 
     Returns:
         A ``BlockMask`` for ``flex_attention`` with keys and values laid out by
@@ -191,7 +202,9 @@ def build_block_mask(
     full_num, full_idx = _kv_indices(full)
     part_num, part_idx = _kv_indices(partial)
     extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
-    mask_mod = sample_attention_mask_mod(codes, window_blocks, bs, query_offset=offset)
+    mask_mod = sample_attention_mask_mod(
+        codes, window_blocks, bs, query_offset=offset, static=backend == "flash"
+    )
     return BlockMask.from_kv_blocks(
         part_num,
         part_idx,

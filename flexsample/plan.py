@@ -257,7 +257,9 @@ def _plan_prefill(
         padded = None
         if backend == "flash":  # compiled per static shape: pad to a few sizes
             padded = bucketed_shape(layout, gathered.positions.shape[-1])
-        block_mask = build_block_mask(selection.window_blocks, gathered, layout, padded=padded)
+        block_mask = build_block_mask(
+            selection.window_blocks, gathered, layout, padded=padded, backend=backend
+        )
     return PrefillPlan(
         path="sparse",
         notes=tuple(notes.values()),

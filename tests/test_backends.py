@@ -161,3 +161,30 @@ def test_static_shapes_compile_once_per_bucket():
     assert static == len(shapes) <= 5  # ten lengths, five (rows, keys) buckets here
     for plan, q, k, v, got in cases:
         torch.testing.assert_close(got, run_plan(plan, q, k, v))
+
+
+def test_flash_mask_mod_means_the_same_mask():
+    """FlashAttention-4's ``mask_mod`` holds its numbers as Python ints (its code generator
+    refuses 0-d tensors); evaluated eagerly it must be the same mask as the default one."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from flexsample.masks import key_codes, sample_attention_mask_mod
+
+    B, Hq, Hkv, S, bs = 2, 4, 2, 700, 64
+    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
+    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
+    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay).shared_by_group(Hq // Hkv)
+    gathered = sel.gathered(Hq // Hkv)
+    codes = key_codes(gathered, S)
+    masks = [
+        create_mask(
+            sample_attention_mask_mod(codes, windows, bs, query_offset=128, static=static),
+            B,
+            Hq,
+            S - 128,
+            codes.shape[-1],
+            device="cpu",
+        )
+        for static in (False, True)
+    ]
+    assert masks[0].any() and torch.equal(masks[0], masks[1])
