@@ -719,7 +719,9 @@ def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int 
         torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
-    out["profile"] = text.getvalue()
+    # File names relative to the repository and the interpreter's folders, not this machine's.
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    out["profile"] = text.getvalue().replace(root, "").replace(sys.prefix + os.sep, "")
     return out
 
 

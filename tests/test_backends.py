@@ -188,3 +188,34 @@ def test_flash_mask_mod_means_the_same_mask():
         for static in (False, True)
     ]
     assert masks[0].any() and torch.equal(masks[0], masks[1])
+
+
+def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
+    """A FlashAttention-4 call that fails runs on Triton with a warning, and the failure is
+    remembered for later plans (``flash_unavailable``). (On CPU FlexAttention ignores the
+    FLASH option, so the failure is simulated: the error H200 runs raised before 6bfffe8.)"""
+    from flexsample import attention
+
+    def failing_compile():
+        def run(*args, **kwargs):
+            assert kwargs["kernel_options"] == {"BACKEND": "FLASH"}
+            raise ValueError("Expected TensorSSA, but got <class 'int'>")
+
+        return run
+
+    monkeypatch.setattr(attention, "_FLASH_FAILED", {})
+    monkeypatch.setattr(attention, "compiled_static_flex_attention", failing_compile)
+    B, Hq, Hkv, S, D, bs = 1, 4, 2, 600, 64, 64
+    q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16)
+    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
+    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
+    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay).shared_by_group(Hq // Hkv)
+    gathered = sel.gathered(Hq // Hkv)
+    keys, values = gather_keys(k, gathered), gather_keys(v, gathered)
+    mask = build_block_mask(windows, gathered, lay)
+    want = sparse_attention(q, keys, values, mask, D**-0.5)
+    with caplog.at_level("WARNING", logger="flexsample"):
+        got = sparse_attention(q, keys, values, mask, D**-0.5, "flash")
+    torch.testing.assert_close(got, want)
+    assert "FlashAttention-4 failed" in caplog.text and "TensorSSA" in caplog.text
+    assert list(attention._FLASH_FAILED) == [(None, torch.bfloat16, D)]
