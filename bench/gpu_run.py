@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
 from flexsample.masks import bucketed_shape, pad_sequence
+from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import rel_max, rel_rmse
@@ -926,32 +926,6 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def code_commit() -> str:
-    """The commit of the code that runs: ``FLEXSAMPLE_COMMIT`` if set, else git's, else
-    ``"unknown"``.
-
-    git is asked only when this file's repository is a git checkout of its own: a copy of
-    the tree inside another checkout (a device machine's working folder, say) would
-    otherwise report the enclosing repository's commit.
-    """
-    if os.environ.get("FLEXSAMPLE_COMMIT"):
-        return os.environ["FLEXSAMPLE_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        top = subprocess.check_output(
-            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
-            text=True, stderr=subprocess.DEVNULL,
-        ).strip()  # fmt: skip
-        if Path(top).resolve() != root:
-            return "unknown"
-        return subprocess.check_output(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            text=True, stderr=subprocess.DEVNULL,
-        ).strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

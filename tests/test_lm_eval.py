@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -109,6 +110,7 @@ def test_compare_runs_the_real_evaluator_dense_and_flexsample(tmp_path):
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     assert saved["config"]["min_seq_len"] == 256
+    assert saved["commit"] and saved["torch"] == torch.__version__  # which code ran
     assert "| flexsample_passkey_1k | 3 |" in (tmp_path / "comparison.md").read_text()
 
 

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ...provenance import provenance
 from . import CONFIG_FIELDS, TASKS_DIR, FlexSampleLM
 
 SUBCOMMANDS = ("run", "ls", "validate")
@@ -101,6 +102,7 @@ def compare(
     from rich.console import Console
 
     console = console or Console()
+    started = provenance()
     args = simple_parse_args_string(model_args) if model_args else {}
     lm = FlexSampleLM(attention="dense", **args)
     manager = TaskManager(include_path=str(TASKS_DIR), metadata=args)
@@ -125,7 +127,13 @@ def compare(
         dense_t, sparse_t = row["dense_prefill_s"], row["flexsample_prefill_s"]
         row["prefill_speedup"] = dense_t / sparse_t if dense_t and sparse_t else None
         rows.append(row)
-    report = {"model_args": args, "limit": limit, "config": lm.sample_config.__dict__, "rows": rows}
+    report = {
+        **started,
+        "model_args": args,
+        "limit": limit,
+        "config": lm.sample_config.__dict__,
+        "rows": rows,
+    }
     markdown = comparison_markdown(report)
     console.print(markdown)
     if output is not None:
@@ -154,4 +162,10 @@ def comparison_markdown(report: dict) -> str:
             f"{num(r['dense_prefill_s'], '.2f')} | {num(r['flexsample_prefill_s'], '.2f')} | "
             f"{num(r['prefill_speedup'], '.2f')}x |"
         )
+    if "commit" in report:
+        lines += [
+            "",
+            f"code at commit {report['commit']} (flexsample {report['flexsample']}, torch "
+            f"{report['torch']}), started {report['started']}",
+        ]
     return "\n".join(lines) + "\n"
