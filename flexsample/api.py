@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import SampleConfig
-from .plan import _plan_prefill, run_plan
+from .plan import plan_prefill_checked, run_plan
 from .stats import SampleStats, StageTimer
 from .validation import check_qkv
 
@@ -57,7 +57,7 @@ def flex_sample_attention(
     if not torch.compiler.is_compiling():
         check_qkv(q, k, v)
     timer = StageTimer(q.device, enabled=return_stats)
-    plan = _plan_prefill(q, k, config, scale, timer)  # q, k, v checked above
+    plan = plan_prefill_checked(q, k, config, scale, timer)  # q, k, v checked above
     with timer.stage("attention"):
         out = run_plan(plan, q, k, v)
     return (out, SampleStats.from_plan(plan, timer.times)) if return_stats else out

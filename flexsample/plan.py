@@ -177,17 +177,18 @@ def plan_prefill(
     """
     if not torch.compiler.is_compiling():
         check_qk(q, k)
-    return _plan_prefill(q, k, config, scale, timer)
+    return plan_prefill_checked(q, k, config, scale, timer)
 
 
-def _plan_prefill(
+def plan_prefill_checked(
     q: torch.Tensor,
     k: torch.Tensor,
     config: SampleConfig | None,
     scale: float | None,
     timer: StageTimer | None,
 ) -> PrefillPlan:
-    """:func:`plan_prefill` on q and k already checked (by the caller)."""
+    """:func:`plan_prefill` without checking q and k again: for callers that checked them
+    (:func:`~flexsample.flex_sample_attention` checks q, k and v once per call)."""
     config = _DEFAULT_CONFIG if config is None else config
     if not isinstance(config, SampleConfig):
         raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
