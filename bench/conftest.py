@@ -12,10 +12,11 @@ number.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
+
+from flexsample.timing import interleaved_medians
 
 _START_COMMIT = pytest.StashKey[dict]()
 
@@ -88,25 +89,12 @@ def run(benchmark, fn, device: torch.device, rounds: int, **info):
 
 
 def interleaved_ms(fns: dict, device: torch.device, rounds: int) -> dict[str, float]:
-    """Median milliseconds of each function, timed in interleaved rounds.
-
-    One round calls every function once, in order; ``rounds`` rounds follow one warm-up call
-    of each. Ratios between functions then compare measurements taken under the same machine
-    conditions (on a shared 2-core machine, the same call varies by 10-20% over minutes).
+    """Median milliseconds of each function, timed in interleaved rounds after one warm-up
+    call each (:func:`flexsample.timing.interleaved_medians`; device time on CUDA), so that
+    ratios between them compare measurements taken under the same machine conditions.
 
     Returns:
         ``{f"{name}_ms": median}`` for each entry of ``fns``.
     """
-    timed = {name: Timed(fn, device) for name, fn in fns.items()}
-    for fn in timed.values():
-        fn()
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in timed.items():
-            start = time.perf_counter()
-            fn()
-            wall[name].append((time.perf_counter() - start) * 1e3)
-    return {
-        f"{name}_ms": statistics.median(fn.device_ms[1:] if fn.device_ms else wall[name])
-        for name, fn in timed.items()
-    }
+    medians = interleaved_medians(list(fns.values()), device, rounds, clock="device")
+    return {f"{name}_ms": seconds * 1e3 for name, seconds in zip(fns, medians, strict=True)}

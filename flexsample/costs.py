@@ -26,14 +26,13 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .layout import SampleLayout
+from .timing import interleaved_medians
 
 BUILTIN = Path(__file__).with_name("costs.json")
 
@@ -227,25 +226,6 @@ def _fit(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
     return tuple(float(c) for c in best)
 
 
-def _median_times(fns, device: torch.device, repeats: int) -> list[float]:
-    """Median seconds of each of ``fns``, timed in turn within every repeat (after one
-    warm-up call each, which compiles): a slow stretch of a shared machine then slows every
-    function of a round alike, not one of them, and the fitted ratios hold."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, samples in zip(fns, times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
-
-
 #: The sparse call is timed with fixed windows of these shares of the sequence: densities
 #: from near the floor to where dense attention usually wins, so the fitted rate per pair is
 #: the slope over the densities the verdicts weigh.
@@ -307,7 +287,7 @@ def calibrate(
                 functools.partial(plan_prefill, q, k, plan_config),
                 *(functools.partial(run_plan, p, q, k, v) for p in plans),
             ]
-            dense_s, plan_s, *sparse_s = _median_times(fns, device, repeats)
+            dense_s, plan_s, *sparse_s = interleaved_medians(fns, device, repeats)
             dense.append(((Hq * S * (S + 1) / 2 * D,), dense_s))
             plan.append(((Hq * S, Hq * S * rows * D), plan_s))
             for p, seconds in zip(plans, sparse_s, strict=True):

@@ -1,0 +1,66 @@
+"""Timing several functions fairly on a shared machine: interleaved rounds, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+Clock = Literal["wall", "device"]
+
+
+def interleaved_medians(
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    rounds: int,
+    *,
+    clock: Clock = "wall",
+) -> list[float]:
+    """Median seconds of each of ``fns``, timed in turn within every round.
+
+    Each function is called once first (compilation, autotuning), untimed. Then every round
+    calls each function once, in order: a slow stretch of a shared machine slows every
+    function of that round alike, so ratios between them hold (on a 2-core CPU the same call
+    varies by 10-20% over minutes).
+
+    Args:
+        fns: functions without arguments.
+        device: where they run; on CUDA the device is synchronised around each call.
+        rounds: timed rounds (>= 1).
+        clock: ``"wall"``: host seconds from before the call to its device work's end (what
+            a caller waits for, host work included); ``"device"``: on CUDA the time between
+            two events around the call (the GPU's own time), elsewhere wall seconds.
+
+    Returns:
+        One median per function, in seconds, in the order of ``fns``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if clock not in ("wall", "device"):
+        raise ValueError(f"clock must be 'wall' or 'device', got {clock!r}")
+    cuda = device.type == "cuda"
+    events = cuda and clock == "device"
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, samples, strict=True):
+            if cuda:
+                torch.cuda.synchronize(device)
+            if events:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+                continue
+            begin = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - begin)
+    return [statistics.median(times) for times in samples]
