@@ -19,15 +19,8 @@ from flexsample import (
     sparse_attention_reference,
 )
 from flexsample.synthetic import planted_qkv
+from flexsample.testing import random_qkv as _qkv
 from flexsample.testing import rel_rmse
-
-
-def _qkv(B, Hq, Hkv, S, D, dtype=torch.float32):
-    return (
-        torch.randn(B, Hq, S, D, dtype=dtype),
-        torch.randn(B, Hkv, S, D, dtype=dtype),
-        torch.randn(B, Hkv, S, D, dtype=dtype),
-    )
 
 
 def _sdpa(q, k, v):

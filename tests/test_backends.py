@@ -26,14 +26,7 @@ from flexsample import (
 )
 from flexsample.attention import resolve_backend
 from flexsample.masks import bucketed_shape, pad_sequence
-
-
-def _qkv(B, Hq, Hkv, S, D, dtype=torch.float32):
-    return (
-        torch.randn(B, Hq, S, D, dtype=dtype),
-        torch.randn(B, Hkv, S, D, dtype=dtype),
-        torch.randn(B, Hkv, S, D, dtype=dtype),
-    )
+from flexsample.testing import random_qkv as _qkv
 
 
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 1025, 3000, 8193, 100_000, 131_072])
