@@ -48,7 +48,7 @@ from flexsample.masks import bucketed_shape, pad_sequence
 from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
-from flexsample.testing import rel_max, rel_rmse
+from flexsample.testing import random_qkv, random_selection, rel_max, rel_rmse
 
 
 def timer(device: torch.device, warmup: int = 2, reps: int = 5, min_total_s: float = 0.2):
@@ -104,20 +104,12 @@ class Check:
         return {**asdict(self), "ok": self.ok}
 
 
-def _randn_qkv(B, Hq, Hkv, S, D, device, dtype):
-    return (
-        torch.randn(B, Hq, S, D, device=device, dtype=dtype),
-        torch.randn(B, Hkv, S, D, device=device, dtype=dtype),
-        torch.randn(B, Hkv, S, D, device=device, dtype=dtype),
-    )
-
-
 def check_sampler_vs_oracle(shape, dtype, device, sampler: str) -> Check:
     """The stage-1 sampler against the float64 oracle on random inputs."""
     B, Hq, Hkv, S, D, bs = shape
     cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1)
     layout = fs.SampleLayout.create(S, cfg)
-    q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    q, k, _ = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     ref = fs.sample_column_scores_reference(q, k, layout, D**-0.5)
     got = fs.sample_column_scores(q, k, cfg.replace(sampler=sampler), scale=D**-0.5)
     return Check(
@@ -149,7 +141,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     B, Hq, Hkv, S, D, bs = shape
     cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1, sink_blocks=1)
     layout = fs.SampleLayout.create(S, cfg)
-    q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    q, k, _ = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     gen = torch.Generator(device=device).manual_seed(3)
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), device=device, generator=gen)
     # Each query head its own columns.
@@ -196,15 +188,10 @@ def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "trito
     ``dtype`` (FlashAttention's rule), fp32 included.
     """
     B, Hq, Hkv, S, D, bs = 2, 8, 2, 1000, 128, 128
-    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
-    lay = fs.SampleLayout.create(S, fs.SampleConfig(block_size=bs))
+    q, k, v = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     gen = torch.Generator(device=device).manual_seed(0)
-    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq), device=device, generator=gen)
-    columns = torch.rand(B, Hq, S, device=device, generator=gen) < 0.1
-    sel = fs.ColumnSelection(windows, columns, lay)
-    group = Hq // Hkv
-    if shared:
-        sel = sel.shared_by_group(group)
+    sel = random_selection(B, Hq, Hkv, S, bs, shared=shared, device=device, generator=gen)
+    lay, windows, group = sel.layout, sel.window_blocks, Hq // Hkv
     gathered = sel.gathered(group)
     if backend == "flash":
         rows, keys = bucketed_shape(lay, gathered.positions.shape[-1])
@@ -239,7 +226,7 @@ def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "trito
 def check_dense_equivalent(dtype, S: int, device, backend: str = "auto") -> Check:
     """The whole call with a dense-equivalent config against SDPA."""
     B, Hq, Hkv, D = 1, 32, 8, 128
-    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    q, k, v = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     cfg = fs.SampleConfig.dense_equivalent(backend=backend)
     out, stats = fs.flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     ref = F.scaled_dot_product_attention(
@@ -257,7 +244,7 @@ def check_dense_path(dtype, device) -> Check:
     """flexsample's dense path (cuDNN on grouped K/V where it takes them) against float64,
     on an awkward GQA shape, whole prompt and a chunk."""
     B, Hq, Hkv, S, D = 2, 8, 2, 3001, 128
-    q, k, v = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    q, k, v = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     group = Hq // Hkv
     kk, vv = (t.double().repeat_interleave(group, 1) for t in (k, v))
     errors, bounds = [], []
@@ -284,7 +271,7 @@ def check_chunk_sampler(dtype, device, sampler: str) -> Check:
     """A chunk of a chunked prefill (queries the last L of S positions): the sampler against
     float64 probabilities of the same rows read from the whole prompt's queries."""
     B, Hq, Hkv, S, L, D = 2, 8, 2, 3000, 1234, 128
-    q, k, _ = _randn_qkv(B, Hq, Hkv, S, D, device, dtype)
+    q, k, _ = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     cfg = fs.SampleConfig(num_segments=5, sample_ratio=0.1)
     layout = fs.SampleLayout.create(S, cfg, query_len=L)
     rows = layout.sampled_rows(device).flatten()
@@ -539,7 +526,7 @@ def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
             1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
             signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
         )  # fmt: skip
-    return _randn_qkv(1, Hq, Hkv, S, D, device, dtype)
+    return random_qkv(1, Hq, Hkv, S, D, dtype, device)
 
 
 def speed(
@@ -683,7 +670,7 @@ def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int 
 
     Hq, Hkv, D = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = _randn_qkv(1, Hq, Hkv, S, D, device, dtype)
+    q, k, v = random_qkv(1, Hq, Hkv, S, D, dtype, device)
     cfg = fs.SampleConfig(min_seq_len=10 * S)  # dense by length, as the defaults at 8K
     cuda = device.type == "cuda"
     baseline = SDPBackend.CUDNN_ATTENTION if cuda else SDPBackend.FLASH_ATTENTION  # CPU: dry run

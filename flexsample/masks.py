@@ -187,9 +187,8 @@ def build_block_mask(
         skipping them, so it serves the forward pass only.
     """
     S, bs = layout.seq_len, layout.block_size
-    num_gathered = gathered.positions.shape[-1]
     offset = layout.first_query_block * bs
-    rows, keys = S - offset, num_gathered + S
+    rows, keys = mask_shape(layout, gathered.positions.shape[-1])
     full, partial = block_maps(window_blocks, gathered, layout)
     codes = key_codes(gathered, S)
     if padded is not None:
@@ -246,12 +245,18 @@ def bucket_length(n: int, block_size: int) -> int:
         size *= 2
 
 
+def mask_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:
+    """``(query rows, keys)`` of the unpadded mask (:func:`build_block_mask`): rows from
+    the first query's block, ``S - offset``, and keys ``C + S``."""
+    S = layout.seq_len
+    return S - layout.first_query_block * layout.block_size, num_gathered + S
+
+
 def bucketed_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:
-    """``(query rows, keys)`` of a padded mask (:func:`build_block_mask`): the mask's rows
-    ``S - offset`` and keys ``C + S``, each padded to :func:`bucket_length`."""
-    bs, S = layout.block_size, layout.seq_len
-    rows = S - layout.first_query_block * bs
-    return bucket_length(rows, bs), bucket_length(num_gathered + S, bs)
+    """``(query rows, keys)`` of a padded mask (:func:`build_block_mask`): those of
+    :func:`mask_shape`, each padded to :func:`bucket_length`."""
+    rows, keys = mask_shape(layout, num_gathered)
+    return bucket_length(rows, layout.block_size), bucket_length(keys, layout.block_size)
 
 
 def pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -88,7 +88,7 @@ class SampleStats:
             batch_size=plan.batch_size,
             num_heads=plan.num_heads,
             sampler=plan.sampler,
-            backend=plan.backend if plan.path == "sparse" else None,
+            backend=plan.backend,
             layout=plan.layout,
             density=plan.density,
             window=None

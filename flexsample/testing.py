@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .config import SampleConfig
+from .layout import SampleLayout
+from .selection import ColumnSelection
+
 
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error ``||x - ref|| / ||ref||``, computed in float64."""
@@ -33,3 +37,24 @@ def random_qkv(
         torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
         torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
     )
+
+
+def random_selection(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    S: int,
+    block_size: int,
+    *,
+    shared: bool = False,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> ColumnSelection:
+    """Random windows (0 to all blocks) and columns (each key with probability 0.1) per head:
+    masks of every shape for checking the attention call against its element-mask oracle.
+    ``shared``: each GQA group reads its union (as ``SampleConfig.group_union``)."""
+    layout = SampleLayout.create(S, SampleConfig(block_size=block_size))
+    draw = {"device": device, "generator": generator}
+    windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), **draw)
+    selection = ColumnSelection(windows, torch.rand(B, Hq, S, **draw) < 0.1, layout)
+    return selection.shared_by_group(Hq // Hkv) if shared else selection

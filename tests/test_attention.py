@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flexsample import (
-    ColumnSelection,
     SampleConfig,
-    SampleLayout,
     build_block_mask,
     flex_sample_attention,
     gather_keys,
@@ -20,7 +18,7 @@ from flexsample import (
 )
 from flexsample.synthetic import planted_qkv
 from flexsample.testing import random_qkv as _qkv
-from flexsample.testing import rel_rmse
+from flexsample.testing import random_selection, rel_rmse
 
 
 def _sdpa(q, k, v):
@@ -64,12 +62,8 @@ def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, 
     """Random windows and columns: gather + BlockMask + compiled flex == the element mask
     (one slice per query head, or one per kv head for the group's union)."""
     q, k, v = _qkv(B, Hq, Hkv, S, D, dtype)
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
-    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
-    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay)
-    group = Hq // Hkv
-    if shared:
-        sel = sel.shared_by_group(group)
+    sel = random_selection(B, Hq, Hkv, S, bs, shared=shared)
+    lay, windows, group = sel.layout, sel.window_blocks, Hq // Hkv
     gathered = sel.gathered(group)
     assert gathered.slices == (1 if shared else group)
     bm = build_block_mask(windows, gathered, lay)

@@ -27,6 +27,7 @@ from flexsample import (
 from flexsample.attention import resolve_backend
 from flexsample.masks import bucketed_shape, pad_sequence
 from flexsample.testing import random_qkv as _qkv
+from flexsample.testing import random_selection
 
 
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 1025, 3000, 8193, 100_000, 131_072])
@@ -94,13 +95,9 @@ def test_padded_mask_gives_the_unpadded_output(B, Hq, Hkv, S, D, bs, shared, dty
     """A mask padded to bucketed (rows, keys), with zero rows after q and after the
     gathered keys and values, computes the unpadded call's rows exactly."""
     q, k, v = _qkv(B, Hq, Hkv, S, D, dtype)
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
-    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
-    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay)
-    group = Hq // Hkv
-    if shared:
-        sel = sel.shared_by_group(group)
-    gathered = sel.gathered(group)
+    sel = random_selection(B, Hq, Hkv, S, bs, shared=shared)
+    lay, windows = sel.layout, sel.window_blocks
+    gathered = sel.gathered(Hq // Hkv)
     keys, values = gather_keys(k, gathered), gather_keys(v, gathered)
     want = sparse_attention(q, keys, values, build_block_mask(windows, gathered, lay), D**-0.5)
     rows, length = bucketed_shape(lay, gathered.positions.shape[-1])
@@ -164,10 +161,8 @@ def test_flash_mask_mod_means_the_same_mask():
     from flexsample.masks import key_codes, sample_attention_mask_mod
 
     B, Hq, Hkv, S, bs = 2, 4, 2, 700, 64
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
-    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
-    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay).shared_by_group(Hq // Hkv)
-    gathered = sel.gathered(Hq // Hkv)
+    sel = random_selection(B, Hq, Hkv, S, bs, shared=True)
+    windows, gathered = sel.window_blocks, sel.gathered(Hq // Hkv)
     codes = key_codes(gathered, S)
     masks = [
         create_mask(
@@ -200,12 +195,10 @@ def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
     monkeypatch.setattr(attention, "compiled_static_flex_attention", failing_compile)
     B, Hq, Hkv, S, D, bs = 1, 4, 2, 600, 64, 64
     q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16)
-    lay = SampleLayout.create(S, SampleConfig(block_size=bs))
-    windows = torch.randint(0, lay.num_blocks + 1, (B, Hq))
-    sel = ColumnSelection(windows, torch.rand(B, Hq, S) < 0.1, lay).shared_by_group(Hq // Hkv)
+    sel = random_selection(B, Hq, Hkv, S, bs, shared=True)
     gathered = sel.gathered(Hq // Hkv)
     keys, values = gather_keys(k, gathered), gather_keys(v, gathered)
-    mask = build_block_mask(windows, gathered, lay)
+    mask = build_block_mask(sel.window_blocks, gathered, sel.layout)
     want = sparse_attention(q, keys, values, mask, D**-0.5)
     with caplog.at_level("WARNING", logger="flexsample"):
         got = sparse_attention(q, keys, values, mask, D**-0.5, "flash")
