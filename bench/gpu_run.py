@@ -669,10 +669,10 @@ def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int 
     import pstats
 
     Hq, Hkv, D = heads
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     q, k, v = random_qkv(1, Hq, Hkv, S, D, dtype, device)
     cfg = fs.SampleConfig(min_seq_len=10 * S)  # dense by length, as the defaults at 8K
-    cuda = device.type == "cuda"
     baseline = SDPBackend.CUDNN_ATTENTION if cuda else SDPBackend.FLASH_ATTENTION  # CPU: dry run
     plan = fs.plan_prefill(q, k, cfg)
     fns = {
@@ -687,13 +687,13 @@ def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int 
         samples = []
         for _ in range(5):
             fn()
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             samples.append((time.perf_counter() - start) / calls * 1e6)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
         out[f"{name}_us"] = statistics.median(samples)
         print(f"  host {name}: {out[f'{name}_us']:.1f} us per call", flush=True)
@@ -702,7 +702,7 @@ def host_overhead(device: torch.device, heads: tuple, S: int = 8192, calls: int 
     for _ in range(calls):
         fns["flex_sample_attention"]()
     profiler.disable()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
