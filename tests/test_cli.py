@@ -76,3 +76,18 @@ def test_demo_explains_a_faster_prefill_without_excuses():
     text = "\n".join(explain(_result(37.0, 20.0, 34.7, 17.3, 2.2, 0.476)))
     assert "slower than dense" not in text
     assert "1.07x, flexsample faster" in text
+
+
+def test_demo_explains_a_prefill_that_ran_dense_in_every_layer():
+    """At lengths where the cost model sends every layer dense, the demo must not describe
+    block-sparse attention or blame the sparse kernel (it did at 2K before)."""
+    result = _result(20.0, 4.0, 20.3, 4.1, 0.02, 1.0)
+    reason = "seq_len 2048: planning ~9 ms + the sparsest call ~6 ms would not beat dense ~3 ms"
+    result.layers = [
+        {"layer": i, "calls": 3, "sparse": 0, "fallbacks": {reason: 3}} for i in range(30)
+    ]
+    text = "\n".join(explain(result))
+    assert f"flexsample ran dense attention in every layer ({reason})" in text
+    assert "0.02 s deciding so" in text
+    assert "block-sparse" not in text and "FlexAttention kernel" not in text
+    assert "0.99x, flexsample slower" in text

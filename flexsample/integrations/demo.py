@@ -8,6 +8,7 @@ too, not only on a terminal.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import statistics
@@ -200,13 +201,34 @@ def explain(result: DemoResult) -> list[str]:
         f"({share:.0%}); the other {rest:.2f} s (embeddings, projections, MLPs) is the same "
         "for both methods."
     ]
-    sparse_s = flex.attention_s - flex.overhead_s
+    if result.layers and not any(row["sparse"] for row in result.layers):
+        reasons: collections.Counter[str] = collections.Counter()
+        for row in result.layers:
+            reasons.update(row["fallbacks"])
+        reason = reasons.most_common(1)[0][0] if reasons else "no reason recorded"
+        lines.append(
+            f"flexsample ran dense attention in every layer ({reason}): {flex.attention_s:.2f} s"
+            f", of which {flex.overhead_s:.2f} s deciding so, against dense SDPA's "
+            f"{dense.attention_s:.2f} s ({result.attention_speedup:.2f}x)."
+        )
+    else:
+        lines += _explain_sparse(dense, flex, result.attention_speedup)
+    verdict = "faster" if result.prefill_speedup > 1 else "slower"
     lines.append(
+        f"Prefill (time to first token): {result.prefill_speedup:.2f}x, flexsample {verdict}."
+    )
+    if flex.correct != dense.correct:
+        lines.append("The answers differ: flexsample lost the pass key that dense attention found.")
+    return lines
+
+
+def _explain_sparse(dense: MethodRun, flex: MethodRun, speedup: float) -> list[str]:
+    sparse_s = flex.attention_s - flex.overhead_s
+    lines = [
         f"flexsample attention: {flex.attention_s:.2f} s = sampling, selection, row cover and mask "
         f"{flex.overhead_s:.2f} s + block-sparse attention {sparse_s:.2f} s at density "
-        f"{flex.density:.3f}, against dense SDPA's {dense.attention_s:.2f} s "
-        f"({result.attention_speedup:.2f}x)."
-    )
+        f"{flex.density:.3f}, against dense SDPA's {dense.attention_s:.2f} s ({speedup:.2f}x)."
+    ]
     if flex.attention_s >= dense.attention_s:
         per_pair = sparse_s / (flex.density * dense.attention_s)
         lines.append(
@@ -215,12 +237,6 @@ def explain(result: DemoResult) -> list[str]:
             f"pays here only below density {1 / per_pair:.2f} (before sampling costs), and "
             f"this prompt's masks kept {flex.density:.2f}."
         )
-    verdict = "faster" if result.prefill_speedup > 1 else "slower"
-    lines.append(
-        f"Prefill (time to first token): {result.prefill_speedup:.2f}x, flexsample {verdict}."
-    )
-    if flex.correct != dense.correct:
-        lines.append("The answers differ: flexsample lost the pass key that dense attention found.")
     return lines
 
 
