@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
+from flexsample.attention import resolve_backend
+from flexsample.costs import cost_model
 from flexsample.masks import bucketed_shape, pad_sequence
 from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
@@ -267,6 +269,25 @@ def check_dense_path(dtype, device) -> Check:
     )  # fmt: skip
 
 
+def check_flex_dense(dtype, device, backend: str) -> Check:
+    """The dense call through FlexAttention (every causal tile, padded to a bucket) against
+    float64, on an awkward GQA shape: what the dense path runs where the cost model finds it
+    faster than SDPA."""
+    B, Hq, Hkv, S, D = 2, 8, 2, 3001, 128
+    q, k, v = random_qkv(B, Hq, Hkv, S, D, dtype, device)
+    got = fs.flex_dense_attention(q, k, v, D**-0.5, backend)
+    group = Hq // Hkv
+    kk, vv = (t.double().repeat_interleave(group, 1) for t in (k, v))
+    ref = F.scaled_dot_product_attention(q.double(), kk, vv, is_causal=True)
+    base = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True
+    )
+    return Check(
+        f"flex dense attention ({backend}) vs float64", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D}",
+        rel_rmse(got, ref), "rel rmse", 2 * rel_rmse(base.to(dtype), ref) + 1e-5,
+    )  # fmt: skip
+
+
 def check_chunk_sampler(dtype, device, sampler: str) -> Check:
     """A chunk of a chunked prefill (queries the last L of S positions): the sampler against
     float64 probabilities of the same rows read from the whole prompt's queries."""
@@ -346,6 +367,10 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
     if flash:
         checks.append(check_dense_equivalent(torch.bfloat16, S, device, "triton"))
     checks += [check_dense_path(d, device) for d in dtypes]
+    if flash:
+        checks += [check_flex_dense(d, device, "flash") for d in (torch.bfloat16, torch.float16)]
+    elif dry:  # the same check on the Triton backend (the CPU template), to try the script
+        checks.append(check_flex_dense(torch.bfloat16, device, "triton"))
     return [c.row() for c in checks]
 
 
@@ -448,7 +473,7 @@ def time_flexsample(q, k, v, cfg: fs.SampleConfig, measure) -> dict[str, float]:
     return {
         "sampler": plan.sampler,
         "path": plan.path,
-        "backend": plan.backend if plan.path == "sparse" else "sdpa",
+        "backend": plan.backend or "sdpa",
         "plan_peak_mib": peak,
         "qkv_mib": sum(t.numel() * t.element_size() for t in (q, k, v)) / 2**20,
         "reason": plan.reason,
@@ -750,6 +775,14 @@ def bucket_compilations(
     return rows
 
 
+def _cost_model_line(model: dict | str | None) -> str:
+    if not isinstance(model, dict):
+        return str(model or "not recorded")
+    flex = model.get("flex_dense_pair_s")
+    dense = "SDPA" if flex is None else "the faster of SDPA and FlexAttention dense"
+    return f"{model['source']} (sparse call on {model.get('backend', 'triton')}; dense: {dense})"
+
+
 def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[dict]) -> str:
     out = [
         f"## GPU run on {meta['device']}",
@@ -762,6 +795,8 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
         f"code at commit {meta.get('commit') or 'unknown'}; command: `{meta['command']}`",
         "",
         f"FlexAttention's FlashAttention-4 backend: {meta.get('flash', 'not checked')}",
+        "",
+        f"Cost model the defaults used: {_cost_model_line(meta.get('cost_model'))}",
         "",
         "### Correctness",
         "",
@@ -784,8 +819,9 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
         "read K/V expanded to the query heads (expanded outside the timed region); cuDNN GQA "
         "reads the grouped K/V as they are. Flex dense: the same compiled FlexAttention call "
         "with every causal tile, on its Triton backend and (where installed) FlashAttention-4. "
-        "Kernel: what ran the call (sdpa: the dense path). vs fastest: the fastest of these "
-        "dense kernels over flexsample's whole call.",
+        "Kernel: what ran the call (sdpa: SDPA's dense path; flash on the dense path: "
+        "FlexAttention's FlashAttention-4 with every causal tile). vs fastest: the fastest of "
+        "these dense kernels over flexsample's whole call.",
         "",
         "| S | input | configuration | path | kernel | density | output error | probe | sample | "
         "select | cover | mask | attention | flexsample | SDPA flash | SDPA cuDNN | cuDNN GQA | "
@@ -1003,6 +1039,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python3 bench/gpu_run.py " + " ".join(argv or sys.argv[1:]),
     }
     meta["matmul_tflops"] = matmul_tflops(device, measure)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backend = resolve_backend("auto", device, dtype, heads[2])
+    try:
+        meta["cost_model"] = cost_model(device, dtype, backend).to_json()
+    except LookupError as error:
+        meta["cost_model"] = str(error)
     print(json.dumps(meta), flush=True)
     checks = [] if args.skip_correctness else check_correctness(device, args.dry_run)
     for c in checks:

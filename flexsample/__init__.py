@@ -16,6 +16,7 @@ from .api import flex_sample_attention
 from .attention import (
     dense_causal_attention,
     flash_unavailable,
+    flex_dense_attention,
     sparse_attention,
     sparse_attention_reference,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "dense_before_sampling",
     "dense_causal_attention",
     "flash_unavailable",
+    "flex_dense_attention",
     "flex_sample_attention",
     "gather_keys",
     "keep_mask",

@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compilation import recompile_policy
 from .layout import SampleLayout
+from .masks import bucket_length, causal_block_mask, pad_sequence
 from .selection import keep_mask
 
 logger = logging.getLogger("flexsample")
@@ -184,6 +185,41 @@ def sparse_attention(
             return compiled_flex_attention()(q, k, v, **kwargs)
 
 
+#: Tile side of :func:`flex_dense_attention`'s mask (FlashAttention-4's tile).
+DENSE_BLOCK_SIZE = 128
+
+
+def flex_dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: Backend = "flash"
+) -> torch.Tensor:
+    """Dense causal attention of a whole prompt through compiled FlexAttention: every causal
+    tile (:func:`~flexsample.masks.causal_block_mask`), static shapes padded to
+    :func:`~flexsample.masks.bucket_length` so that prompt lengths share compilations.
+
+    On Hopper with FlashAttention-4 (``backend="flash"``) this is the fastest dense kernel at
+    long lengths (H200, 32 query heads on 8 kv heads, D=128, bf16, 128K tokens: 231.7 ms
+    against cuDNN's 247.7, ``bench/results/gpu_NVIDIA_H200_fa4_128k.md``); the plan's cost
+    model says where it beats SDPA (:meth:`~flexsample.costs.CostModel.dense_kernel`).
+
+    Args:
+        q: ``(B, Hq, S, D)``.
+        k, v: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
+        scale: softmax scale.
+        backend: the FlexAttention backend (see ``SampleConfig.backend``).
+
+    Returns:
+        ``(B, Hq, S, D)`` in q's dtype.
+    """
+    S = q.shape[2]
+    if k.shape[2] != S:
+        raise ValueError(f"flex_dense_attention runs whole prompts: q has {S} rows, k {k.shape[2]}")
+    padded = bucket_length(S, DENSE_BLOCK_SIZE)
+    mask = causal_block_mask(S, padded, DENSE_BLOCK_SIZE, q.device)
+    q, k, v = (pad_sequence(x, padded) for x in (q, k, v))
+    out = sparse_attention(q, k, v, mask, scale, backend, static_shapes=True)
+    return out[:, :, :S]
+
+
 #: Dense kernels in order of preference on CUDA: cuDNN is the fastest on Hopper (about 1.8x
 #: FlashAttention-2 at 128K on an H100); SDPA skips the ones that cannot run a case.
 _CUDA_DENSE_ORDER = [
@@ -218,6 +254,10 @@ def dense_causal_attention(
     causal = {"is_causal": True} if L == S else {"attn_mask": causal_lower_right(L, S)}
     if q.device.type != "cuda" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **causal)
+    if L == S:
+        out = _cudnn_direct(q, k, v, scale)
+        if out is not None:
+            return out
     if gqa:
         key = (q.device.index, q.dtype, q.shape[-1], L == S)
         if key not in _CUDNN_GQA_REFUSED:
@@ -238,6 +278,45 @@ def dense_causal_attention(
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     with sdpa_kernel(_CUDA_DENSE_ORDER, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)
+
+
+#: (device index, dtype, head dim, grouped) where cuDNN's op refused a direct call.
+_CUDNN_DIRECT_REFUSED: set[tuple[int | None, torch.dtype, int, bool]] = set()
+
+
+def _cudnn_direct(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """A whole prompt's causal attention on cuDNN's ATen op, without SDPA's dispatch: the
+    same kernel SDPA picks first, for half the host time (35 against 76 us a call on an H200,
+    ``bench/results/gpu_NVIDIA_H200_flash_smoke.txt``: at 8K tokens that is 4% of the call).
+
+    Only where SDPA would run cuDNN too (fp16/bf16, head dim a multiple of 8 up to 128, unit
+    stride in the head dim); None where not, or where the op refuses the case (remembered).
+    """
+    D = q.shape[-1]
+    key = (q.device.index, q.dtype, D, q.shape[1] != k.shape[1])
+    if (
+        key in _CUDNN_DIRECT_REFUSED
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or D % 8
+        or D > 128
+        or any(x.stride(-1) != 1 for x in (q, k, v))
+    ):
+        return None
+    try:
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, False, 0.0, True, False, scale=scale
+        )[0]
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        _CUDNN_DIRECT_REFUSED.add(key)
+        logger.info(
+            "flexsample: cuDNN's attention op refused a direct call (%s); using SDPA",
+            str(error).splitlines()[0][:200],
+        )
+        return None
 
 
 def sparse_attention_reference(

@@ -8,9 +8,13 @@ counts, so each is modelled as a fixed cost plus rates:
 * planning: ``B * Hq * S`` (selection and mask work per key: sorting, the window candidates)
   plus ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three passes of
   the sampled rows over the keys);
-* the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``.
+* the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``;
+* where the sparse call runs on FlashAttention-4 (``backend="flash"``), dense causal attention
+  through the same FlexAttention kernel with every causal tile, which beats cuDNN's SDPA on
+  Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
 
-The rates are measured per device and dtype by :func:`calibrate` (``flexsample calibrate``),
+The rates are measured per device, dtype and FlexAttention backend by :func:`calibrate`
+(``flexsample calibrate``),
 cached under the user's cache directory, and otherwise taken from the table shipped with the
 package (``flexsample/costs.json``: the devices the project measured) or, for an unknown
 device, from a measured device of the same kind. :func:`cost_model` says which in ``source``.
@@ -87,19 +91,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds that dense attention, planning and the sparse call take on one device and dtype.
+    """Seconds that dense attention, planning and the sparse call take on one device, dtype and
+    FlexAttention backend.
 
     Attributes:
         device: the device key (:func:`device_name`).
         kind: the device type, ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        dense_fixed_s, dense_pair_s: dense causal attention: fixed seconds, and seconds per
-            (query, key) pair and head-dim element.
+        dense_fixed_s, dense_pair_s: dense causal SDPA (cuDNN first on CUDA): fixed seconds,
+            and seconds per (query, key) pair and head-dim element.
         plan_fixed_s, plan_token_s, plan_pair_s: planning: fixed seconds, seconds per key
             and head, and seconds per (sampled row, key) product and head-dim element.
         sparse_fixed_s, sparse_pair_s: the sparse call: fixed seconds, and seconds per
             computed pair and head-dim element.
         source: where the numbers come from (a calibration's date, the built-in table).
+        backend: the FlexAttention backend the sparse call was measured on (``"triton"``
+            or ``"flash"``, see ``SampleConfig.backend``).
+        flex_dense_fixed_s, flex_dense_pair_s: dense causal attention of a whole prompt
+            through FlexAttention on ``backend`` (every causal tile), as for SDPA; None
+            where not measured (it is measured for ``"flash"`` only: on Triton it is slower
+            than SDPA).
     """
 
     device: str
@@ -113,15 +124,44 @@ class CostModel:
     sparse_fixed_s: float
     sparse_pair_s: float
     source: str = ""
+    backend: str = "triton"
+    flex_dense_fixed_s: float | None = None
+    flex_dense_pair_s: float | None = None
+
+    def sdpa_s(
+        self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
+    ) -> float:
+        """Estimated seconds of dense causal SDPA: ``seq_len (seq_len + 1) / 2`` pairs per
+        head, or ``causal_pairs`` (a chunk's queries, see :attr:`SampleLayout.causal_pairs`)."""
+        per_head = seq_len * (seq_len + 1) / 2 if causal_pairs is None else causal_pairs
+        return self.dense_fixed_s + self.dense_pair_s * batch_heads * per_head * head_dim
+
+    def flex_dense_s(self, batch_heads: int, seq_len: int, head_dim: int) -> float | None:
+        """Estimated seconds of a whole prompt's dense causal attention through FlexAttention
+        on :attr:`backend`; None where not measured."""
+        if self.flex_dense_pair_s is None:
+            return None
+        pairs = batch_heads * seq_len * (seq_len + 1) / 2
+        return (self.flex_dense_fixed_s or 0.0) + self.flex_dense_pair_s * pairs * head_dim
+
+    def dense_kernel(
+        self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
+    ) -> tuple[str, float]:
+        """The faster dense kernel and its estimated seconds: ``("sdpa", s)``, or
+        ``("flex", s)`` for a whole prompt (``causal_pairs`` None) where FlexAttention's
+        dense call was measured faster. Chunks (``causal_pairs`` given) run SDPA."""
+        sdpa = self.sdpa_s(batch_heads, seq_len, head_dim, causal_pairs=causal_pairs)
+        flex = (
+            None if causal_pairs is not None else self.flex_dense_s(batch_heads, seq_len, head_dim)
+        )
+        return ("flex", flex) if flex is not None and flex < sdpa else ("sdpa", sdpa)
 
     def dense_s(
         self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
     ) -> float:
-        """Estimated seconds of dense causal attention: ``seq_len (seq_len + 1) / 2`` pairs
-        per head, or ``causal_pairs`` (a chunk's queries, see
-        :attr:`SampleLayout.causal_pairs`)."""
-        per_head = seq_len * (seq_len + 1) / 2 if causal_pairs is None else causal_pairs
-        return self.dense_fixed_s + self.dense_pair_s * batch_heads * per_head * head_dim
+        """Estimated seconds of dense causal attention on the faster kernel
+        (:meth:`dense_kernel`): what a sparse plan must beat."""
+        return self.dense_kernel(batch_heads, seq_len, head_dim, causal_pairs=causal_pairs)[1]
 
     def plan_s(self, batch_heads: int, seq_len: int, head_dim: int, sampled_rows: int) -> float:
         """Estimated seconds of planning (sample, select, cover, mask)."""
@@ -147,20 +187,40 @@ def _entries(path: Path) -> list[dict]:
         return []
 
 
+#: Fields an entry may leave out (files written before they existed), with their defaults.
+_OPTIONAL = {
+    f.name: f.default
+    for f in dataclasses.fields(CostModel)
+    if f.default is not dataclasses.MISSING and f.name != "source"
+}
+
+
 def _model(entry: dict, source: str) -> CostModel | None:
     """The entry as a model; None for an entry of another version's format."""
     fields = {f.name for f in dataclasses.fields(CostModel)}
-    if set(entry) != fields:
+    if not set(entry) <= fields or not fields - set(_OPTIONAL) <= set(entry):
         return None
-    return CostModel(**{**entry, "source": f"{source}: {entry['source']}"})
+    return CostModel(**{**_OPTIONAL, **entry, "source": f"{source}: {entry['source']}"})
+
+
+def _backend(entry: dict) -> str:
+    return entry.get("backend", "triton")
 
 
 @functools.cache
-def _lookup(name: str, kind: str, dtype: str, cache_file: str) -> CostModel:
-    for path, label in ((Path(cache_file), "calibrated"), (BUILTIN, "built-in")):
-        for entry in _entries(path):
-            if entry.get("device") == name and entry.get("dtype") == dtype:
-                model = _model(entry, label)
+def _lookup(name: str, kind: str, dtype: str, backend: str, cache_file: str) -> CostModel:
+    files = ((Path(cache_file), "calibrated"), (BUILTIN, "built-in"))
+    # This device with the backend asked for, then with the other one (its sparse rates and
+    # dense kernels are then the other backend's, as the source says).
+    for same_backend in (True, False):
+        for path, label in files:
+            for entry in _entries(path):
+                if (entry.get("device"), entry.get("dtype")) != (name, dtype):
+                    continue
+                if (_backend(entry) == backend) != same_backend:
+                    continue
+                note = label if same_backend else f"{label}, {_backend(entry)} backend"
+                model = _model(entry, note)
                 if model is not None:
                     return model
     for entry in _entries(BUILTIN):  # a device of the same kind that the project measured
@@ -172,9 +232,10 @@ def _lookup(name: str, kind: str, dtype: str, cache_file: str) -> CostModel:
     raise LookupError(f"no cost model for {kind} {dtype}")
 
 
-def cost_model(device: torch.device, dtype: torch.dtype) -> CostModel:
-    """The cost model for ``device`` and ``dtype``: this machine's calibration if there is one,
-    else the built-in entry for this device, else the built-in entry of a device of the
+def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton") -> CostModel:
+    """The cost model for ``device``, ``dtype`` and the sparse call's FlexAttention
+    ``backend``: this machine's calibration if there is one, else the built-in entry for this
+    device (of this backend, else of the other), else the built-in entry of a device of the
     same kind (the project's CPU, or its H100), saying so in ``source``.
 
     Raises:
@@ -182,15 +243,15 @@ def cost_model(device: torch.device, dtype: torch.dtype) -> CostModel:
             every call it is given (and logs why once).
     """
     device = torch.device(device)
-    return _lookup(device_name(device), device.type, _dtype_name(dtype), str(user_cache()))
+    name, dtype_name = device_name(device), _dtype_name(dtype)
+    return _lookup(name, device.type, dtype_name, backend, str(user_cache()))
 
 
 def save(model: CostModel, path: Path | None = None) -> Path:
     """Add (or replace) ``model`` in the cost file ``path`` (default :func:`user_cache`)."""
     path = path or user_cache()
-    entries = [
-        e for e in _entries(path) if (e["device"], e["dtype"]) != (model.device, model.dtype)
-    ]
+    key = (model.device, model.dtype, model.backend)
+    entries = [e for e in _entries(path) if (e["device"], e["dtype"], _backend(e)) != key]
     entries.append(model.to_json())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"models": entries}, indent=1) + "\n")
@@ -245,8 +306,10 @@ def calibrate(
     Times dense causal SDPA, the default planning, and the sparse call at three densities
     (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
     or four lengths, on planted inputs with single-token stripes, and fits each
-    cost as fixed + rates x work (non-negative least squares). Pass the result to
-    :func:`save` to use it from then on.
+    cost as fixed + rates x work (non-negative least squares). The sparse call runs on the
+    backend ``SampleConfig.backend="auto"`` picks here; where that is FlashAttention-4, dense
+    causal attention through it (:func:`~flexsample.attention.flex_dense_attention`) is
+    timed and fitted too. Pass the result to :func:`save` to use it from then on.
 
     Args:
         device: where to measure.
@@ -257,7 +320,7 @@ def calibrate(
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed rounds (median), after one warm-up call of each.
     """
-    from .attention import dense_causal_attention
+    from .attention import dense_causal_attention, flex_dense_attention, resolve_backend
     from .config import SampleConfig
     from .plan import plan_prefill, run_plan
     from .synthetic import planted_qkv
@@ -267,7 +330,8 @@ def calibrate(
     lengths = lengths or ((8192, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
-    dense, plan, sparse = [], [], []
+    backend = resolve_backend(plan_config.backend, device, dtype, D)
+    dense, plan, sparse, flex_dense = [], [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():
         for S in lengths:
@@ -287,12 +351,18 @@ def calibrate(
                 functools.partial(plan_prefill, q, k, plan_config),
                 *(functools.partial(run_plan, p, q, k, v) for p in plans),
             ]
+            if backend == "flash":
+                fns.append(functools.partial(flex_dense_attention, q, k, v, D**-0.5, backend))
             dense_s, plan_s, *sparse_s = interleaved_medians(fns, device, repeats)
-            dense.append(((Hq * S * (S + 1) / 2 * D,), dense_s))
+            pairs = (Hq * S * (S + 1) / 2 * D,)
+            if backend == "flash":
+                flex_dense.append((pairs, sparse_s.pop()))
+            dense.append((pairs, dense_s))
             plan.append(((Hq * S, Hq * S * rows * D), plan_s))
             for p, seconds in zip(plans, sparse_s, strict=True):
                 sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
     dense_fit, plan_fit, sparse_fit = _fit(dense), _fit(plan), _fit(sparse)
+    flex_fit = _fit(flex_dense) if flex_dense else (None, None)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     shape = f"Hq={Hq} Hkv={Hkv} D={D}, S in {', '.join(map(str, lengths))}"
     return CostModel(
@@ -307,7 +377,16 @@ def calibrate(
         sparse_fixed_s=sparse_fit[0],
         sparse_pair_s=sparse_fit[1],
         source=f"flexsample calibrate, {stamp}, torch {torch.__version__}, {shape}",
+        backend=backend,
+        flex_dense_fixed_s=flex_fit[0],
+        flex_dense_pair_s=flex_fit[1],
     )
+
+
+def chunk_pairs(layout: SampleLayout) -> int | None:
+    """``causal_pairs`` for :meth:`CostModel.dense_s`: None for a whole prompt, the causal
+    pairs of a chunk's queries otherwise."""
+    return None if layout.query_start == 0 else layout.causal_pairs
 
 
 def length_verdict(
@@ -327,7 +406,7 @@ def length_verdict(
     rows = layout.num_segments * layout.rows_per_segment
     plan = model.plan_s(batch_heads, S, head_dim, rows)
     best = plan + model.sparse_s(floor, head_dim)
-    dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=layout.causal_pairs)
+    dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=chunk_pairs(layout))
     if best < dense:
         return None
     queries = "" if layout.query_start == 0 else f" ({layout.query_len} queries)"
@@ -344,7 +423,7 @@ def density_verdict(
     """Why the planned sparse call would not beat dense attention (None if it would)."""
     sparse = model.sparse_s(pairs, head_dim)
     causal = layout.causal_pairs
-    dense = model.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=causal)
+    dense = model.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=chunk_pairs(layout))
     if sparse < dense:
         return None
     density = pairs / (batch_heads * causal)

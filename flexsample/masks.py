@@ -17,6 +17,7 @@ so eager FlexAttention and ``BlockMask.to_dense`` mean the same attention as com
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -214,6 +215,41 @@ def build_block_mask(
         seq_lengths=(rows, keys),
         **extra,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def causal_block_mask(
+    seq_len: int, padded: int, block_size: int, device: torch.device
+) -> BlockMask:
+    """The dense causal ``BlockMask`` of a ``seq_len``-token prompt over ``(padded, padded)``
+    (broadcast over batch and heads): every tile below the diagonal whole, the diagonal
+    partial, and no tile for the query blocks past ``seq_len`` (padding costs no work).
+
+    Cached per shape: every layer of a prefill, and every prompt of one bucket
+    (:func:`bucket_length`), shares one mask.
+    """
+    rows, _ = _check_padded((padded, padded), seq_len, seq_len, block_size)
+    blocks, n = -(-seq_len // block_size), rows // block_size
+    qb = torch.arange(n, device=device)[:, None]
+    kb = torch.arange(n, device=device)[None, :]
+    real = qb < blocks
+    full_num, full_idx = _kv_indices(((kb < qb) & real)[None, None])
+    part_num, part_idx = _kv_indices(((kb == qb) & real)[None, None])
+    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
+    return BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=_causal,
+        seq_lengths=(padded, padded),
+        **extra,
+    )
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
 
 
 def _check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> tuple[int, int]:

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .attention import Backend, dense_causal_attention, resolve_backend, sparse_attention
+from .attention import (
+    DENSE_BLOCK_SIZE,
+    Backend,
+    dense_causal_attention,
+    flex_dense_attention,
+    resolve_backend,
+    sparse_attention,
+)
 from .config import SampleConfig
-from .costs import CostModel, cost_model, density_verdict, length_verdict
+from .costs import CostModel, chunk_pairs, cost_model, density_verdict, length_verdict
 from .cover import cover_rows
 from .layout import SampleLayout
 from .masks import (
+    bucket_length,
     bucketed_shape,
     build_block_mask,
     gather_keys,
@@ -51,7 +59,8 @@ class PrefillPlan:
     """What SampleAttention decided for one causal prefill (the result of :func:`plan_prefill`).
 
     Attributes:
-        path: ``"sparse"`` (run the block mask) or ``"dense"`` (run dense causal SDPA).
+        path: ``"sparse"`` (run the block mask) or ``"dense"`` (run dense causal attention:
+            SDPA, or FlexAttention with every causal tile where ``backend`` is set).
         reason: why the dense path was chosen; None on the sparse path.
         seq_len, batch_size, num_heads: ``S`` (keys), ``B`` and ``Hq`` of the planned call.
         query_len: ``L``, the queries (the last ``L`` positions; ``S`` for a whole prompt).
@@ -72,8 +81,10 @@ class PrefillPlan:
         block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``,
             its rows starting at the first query's block (``offset``, see
             :func:`~flexsample.masks.build_block_mask`), or over ``padded``.
-        backend: the FlexAttention backend the sparse call runs (``"triton"`` or
-            ``"flash"``, see ``SampleConfig.backend``); None on the dense path.
+        backend: the FlexAttention backend the call runs (``"triton"`` or ``"flash"``, see
+            ``SampleConfig.backend``); on the dense path ``"flash"`` where the cost model
+            found FlexAttention's FlashAttention-4 dense call faster than SDPA
+            (:func:`~flexsample.attention.flex_dense_attention`), else None (SDPA).
         padded: ``(query rows, keys)`` the mask and the call are padded to for the
             ``"flash"`` backend's static shapes (:func:`~flexsample.masks.bucket_length`);
             None when not padded.
@@ -213,13 +224,17 @@ def plan_prefill_checked(
         backend = resolve_backend(config.backend, q.device, q.dtype, D)
     layout = _layout(S, config, L)
     costs = (
-        _cost_model(q.device, q.dtype)
+        _cost_model(q.device, q.dtype, backend)
         if config.min_seq_len is None or config.max_density is None
         else None
     )
+
+    def dense(reason: str) -> PrefillPlan:
+        return _dense_plan(reason, common, layout, backend, q.device, q.dtype, D)
+
     reason = _length_reason(config, layout, costs, B * Hq, D)
     if reason is not None:
-        return PrefillPlan(path="dense", reason=reason, **common)
+        return dense(reason)
 
     notes = layout.notes()
     for field, note in notes.items():
@@ -232,7 +247,7 @@ def plan_prefill_checked(
         reason = _probe_verdict(config, costs, least, layout, B * Hq, D)
         if reason is not None:
             _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)
-            return PrefillPlan(path="dense", reason=reason, **common)
+            return dense(reason)
     with timer.stage("sample"):
         scores = run_sampler(sampler, q, k, layout, scale)
     with timer.stage("select"):
@@ -252,7 +267,7 @@ def plan_prefill_checked(
         reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
-        return PrefillPlan(path="dense", reason=reason, **common)
+        return dense(reason)
     with timer.stage("mask"):
         gathered = selection.gathered(Hq // k.shape[1])
         padded = None
@@ -304,6 +319,8 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                 f"{tuple(q.shape)} and k of shape {tuple(k.shape)}"
             )
     if plan.path == "dense":
+        if plan.backend is not None:
+            return flex_dense_attention(q, k, v, plan.scale, plan.backend)
         return dense_causal_attention(q, k, v, plan.scale)
     L = q.shape[2]
     padded_rows, padded_keys = plan.padded or (None, None)
@@ -332,6 +349,31 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
+def _dense_plan(
+    reason: str,
+    common: dict,
+    layout: SampleLayout,
+    backend: Backend,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+) -> PrefillPlan:
+    """A dense plan on the faster dense kernel: FlexAttention on FlashAttention-4 for a whole
+    prompt where this device's cost model measured it faster than SDPA, else SDPA."""
+    if backend == "flash" and layout.query_start == 0 and not torch.compiler.is_compiling():
+        costs = _cost_model(device, dtype, backend, quiet=True)  # SDPA needs none
+        batch_heads = common["batch_size"] * common["num_heads"]
+        if (
+            costs is not None
+            and costs.dense_kernel(batch_heads, layout.seq_len, head_dim)[0] == "flex"
+        ):
+            padded = bucket_length(layout.seq_len, DENSE_BLOCK_SIZE)
+            return PrefillPlan(
+                path="dense", reason=reason, backend=backend, padded=(padded, padded), **common
+            )
+    return PrefillPlan(path="dense", reason=reason, **common)
+
+
 def dense_before_sampling(
     config: SampleConfig,
     seq_len: int,
@@ -358,7 +400,8 @@ def dense_before_sampling(
         dtype: the inputs' dtype.
     """
     layout = SampleLayout.create(seq_len, config, query_len=query_len)
-    costs = _cost_model(device, dtype) if config.min_seq_len is None else None
+    backend = resolve_backend(config.backend, device, dtype, head_dim)
+    costs = _cost_model(device, dtype, backend) if config.min_seq_len is None else None
     return _length_reason(config, layout, costs, batch_heads, head_dim)
 
 
@@ -399,11 +442,15 @@ def _layout(seq_len: int, config: SampleConfig, query_len: int) -> SampleLayout:
     return SampleLayout.create(seq_len, config, query_len=query_len)
 
 
-def _cost_model(device: torch.device, dtype: torch.dtype) -> CostModel | None:
+def _cost_model(
+    device: torch.device, dtype: torch.dtype, backend: Backend, *, quiet: bool = False
+) -> CostModel | None:
+    """This device's cost model; None (logged once unless ``quiet``) where there is none."""
     try:
-        return cost_model(device, dtype)
+        return cost_model(device, dtype, backend)
     except LookupError as error:
-        _log_once("no-costs", logging.WARNING, "flexsample: %s; planning every call", error)
+        if not quiet:
+            _log_once("no-costs", logging.WARNING, "flexsample: %s; planning every call", error)
         return None
 
 
@@ -455,7 +502,7 @@ def _probe_verdict(
     pairs = max(float(least.sum()) * layout.causal_pairs, window * batch_heads)
     plan = costs.plan_s(batch_heads, layout.seq_len, head_dim, layout.num_sampled_rows)
     sparse = costs.sparse_s(pairs, head_dim)
-    dense = costs.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=layout.causal_pairs)
+    dense = costs.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=chunk_pairs(layout))
     if plan + sparse < dense:
         return None
     return (

@@ -36,8 +36,10 @@ class SampleStats:
             chunked prefill).
         batch_size, num_heads: ``B`` and ``Hq``.
         sampler: stage-1 implementation that ran (None on the dense path).
-        backend: the FlexAttention backend of the sparse call, ``"triton"`` or ``"flash"``
-            (None on the dense path, which runs SDPA: cuDNN first on CUDA).
+        backend: the FlexAttention backend that ran the call, ``"triton"`` or ``"flash"``;
+            on the dense path ``"flash"`` where the dense call ran on FlexAttention's
+            FlashAttention-4 kernel (faster than SDPA there, by the cost model), None where
+            SDPA ran (cuDNN first on CUDA).
         layout: block geometry (None on the dense path).
         density: ``(B, Hq)`` computed (query, key) pairs over causal pairs (None on the dense
             path): window, sink and gathered columns.

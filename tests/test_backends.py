@@ -205,3 +205,57 @@ def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
     torch.testing.assert_close(got, want)
     assert "FlashAttention-4 failed" in caplog.text and "TensorSSA" in caplog.text
     assert list(attention._FLASH_FAILED) == [(None, torch.bfloat16, D)]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, S", [(1, 4, 4, 300), (2, 4, 2, 517), (1, 6, 2, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flex_dense_attention_equals_sdpa(B, Hq, Hkv, S, dtype):
+    """The dense call through FlexAttention (every causal tile, padded to a bucket, static
+    shapes: what runs on FlashAttention-4) against SDPA, its twin."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from flexsample.attention import flex_dense_attention
+    from flexsample.masks import causal_block_mask
+
+    q, k, v = _qkv(B, Hq, Hkv, S, 64, dtype)
+    got = flex_dense_attention(q, k, v, 0.125, "triton")
+    ref = scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=Hq != Hkv)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got, ref, **tol)
+    # The padded query blocks read no key block: padding costs no attention work.
+    padded = bucket_length(S, 128)
+    mask = causal_block_mask(S, padded, 128, q.device)
+    blocks = -(-S // 128)
+    assert (
+        int(mask.kv_num_blocks[..., blocks:].sum() + mask.full_kv_num_blocks[..., blocks:].sum())
+        == 0
+    )
+    with pytest.raises(ValueError, match="whole prompts"):
+        flex_dense_attention(q[:, :, 1:], k, v, 0.125, "triton")
+
+
+def test_dense_plans_run_flexattention_where_the_cost_model_says_it_is_faster(monkeypatch):
+    """With FlashAttention-4 (simulated: on CPU FlexAttention ignores the FLASH option) and a
+    cost model whose FlexAttention dense call beats SDPA, a call decided dense runs it; a
+    chunk runs SDPA."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from flexsample import costs, plan
+
+    model = costs.CostModel(
+        device="test", kind="cpu", dtype="float32", dense_fixed_s=1e-3, dense_pair_s=2e-11,
+        plan_fixed_s=10.0, plan_token_s=0.0, plan_pair_s=0.0, sparse_fixed_s=1e-3,
+        sparse_pair_s=2e-11, source="test", backend="flash", flex_dense_fixed_s=0.0,
+        flex_dense_pair_s=1e-11,
+    )  # fmt: skip
+    monkeypatch.setattr(plan, "resolve_backend", lambda *args: "flash")
+    monkeypatch.setattr(plan, "cost_model", lambda device, dtype, backend: model)
+    q, k, v = _qkv(2, 4, 2, 700, 32)
+    out, stats = flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "dense" and stats.backend == "flash", stats.reason
+    assert "planning" in stats.reason  # planning at 10 s never pays
+    assert plan.plan_prefill(q, k).padded == (768, 768)
+    ref = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    _, stats = flex_sample_attention(q[:, :, -300:], k, v, return_stats=True)
+    assert stats.path == "dense" and stats.backend is None  # a chunk: SDPA

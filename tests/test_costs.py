@@ -32,7 +32,7 @@ def model(monkeypatch):
     """Make plan_prefill use a given cost model; returns a setter."""
 
     def use(m: costs.CostModel) -> None:
-        monkeypatch.setattr("flexsample.plan.cost_model", lambda device, dtype: m)
+        monkeypatch.setattr("flexsample.plan.cost_model", lambda device, dtype, backend="triton": m)
 
     use(MODEL)
     return use
@@ -139,3 +139,46 @@ def test_calibrate_measures_a_usable_model():
     assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
     assert m.dense_pair_s > 0 and m.plan_pair_s >= 0 and m.sparse_pair_s >= 0
     assert "flexsample calibrate" in m.source
+
+
+def test_dense_kernel_is_the_faster_one_measured():
+    """FlexAttention's dense call (measured only on the FlashAttention-4 backend) is chosen
+    for whole prompts where it is cheaper than SDPA; chunks and unmeasured models use SDPA."""
+    flash = dataclasses.replace(
+        MODEL, backend="flash", flex_dense_fixed_s=4e-3, flex_dense_pair_s=1e-11
+    )
+    # Fixed 1 ms + 2e-11 per pair-element for SDPA, 4 ms + 1e-11 for flex: flex wins above
+    # 3 ms / 1e-11 = 3e8 pair-elements.
+    short, long = 1024, 8192  # 16 heads, D=64: 5.4e8 and 3.4e10 pair-elements
+    assert flash.dense_kernel(16, long, 64)[0] == "flex"
+    assert flash.dense_s(16, long, 64) == pytest.approx(flash.flex_dense_s(16, long, 64))
+    assert flash.dense_kernel(2, short, 16)[0] == "sdpa"  # 1.7e7: the fixed cost decides
+    chunk = long * 100  # a chunk's pairs: SDPA, whatever the rates
+    assert flash.dense_kernel(16, long, 64, causal_pairs=chunk)[0] == "sdpa"
+    assert MODEL.dense_kernel(16, long, 64)[0] == "sdpa"  # flex dense unmeasured
+    assert MODEL.flex_dense_s(16, long, 64) is None
+
+
+def test_lookup_is_per_backend_and_reads_older_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costs, "device_name", lambda device: "my device")
+    costs._lookup.cache_clear()
+    triton = dataclasses.replace(MODEL, device="my device", sparse_pair_s=3e-11)
+    # A file written before the backend fields existed.
+    old = {k: v for k, v in triton.to_json().items() if k not in costs._OPTIONAL}
+    (tmp_path / "costs.json").write_text(json.dumps({"models": [old]}))
+    cpu = torch.device("cpu")
+    found = costs.cost_model(cpu, torch.float32, "triton")
+    assert found.backend == "triton" and found.sparse_pair_s == 3e-11
+    assert found.flex_dense_pair_s is None
+    # No flash entry yet: the triton one serves, saying so.
+    fallback = costs.cost_model(cpu, torch.float32, "flash")
+    assert fallback.sparse_pair_s == 3e-11 and "triton backend" in fallback.source
+    flash = dataclasses.replace(
+        triton, backend="flash", sparse_pair_s=2e-11, flex_dense_pair_s=1e-11
+    )
+    costs.save(flash)
+    assert len(json.loads((tmp_path / "costs.json").read_text())["models"]) == 2
+    assert costs.cost_model(cpu, torch.float32, "flash").sparse_pair_s == 2e-11
+    assert costs.cost_model(cpu, torch.float32, "triton").sparse_pair_s == 3e-11
+    costs._lookup.cache_clear()
