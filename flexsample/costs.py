@@ -261,14 +261,21 @@ def save(model: CostModel, path: Path | None = None) -> Path:
 
 def _fit(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
     """Least squares ``seconds = fixed + sum(rate_i * work_i)`` through ``(work, seconds)``
-    points, every coefficient non-negative: of the fits of every subset of the terms whose
-    coefficients all come out non-negative, the one with the smallest residual.
+    points in relative terms (each residual over its point's seconds), every coefficient
+    non-negative: of the fits of every subset of the terms whose coefficients all come out
+    non-negative, the one with the smallest residual.
+
+    Relative, because the points span decades (8K to 64K tokens is 64x the work): an absolute
+    fit follows the longest length and can lose a fixed cost that decides the short ones
+    (on an H200 it made FlashAttention-4's dense call look faster than cuDNN at 8K, where
+    it is 27% slower).
 
     Returns:
         ``(fixed, rate_1, ..., rate_n)``.
     """
-    x = torch.tensor([(1.0, *work) for work, _ in points], dtype=torch.float64)
-    y = torch.tensor([seconds for _, seconds in points], dtype=torch.float64)
+    seconds = torch.tensor([s for _, s in points], dtype=torch.float64).clamp_min(1e-12)
+    x = torch.tensor([(1.0, *work) for work, _ in points], dtype=torch.float64) / seconds[:, None]
+    y = torch.ones_like(seconds)
     scale = x.abs().amax(dim=0).clamp_min(1e-300)  # work counts span many decades
     best, best_residual = torch.zeros(x.shape[1], dtype=torch.float64), float(y.square().sum())
     for subset in itertools.product((False, True), repeat=x.shape[1]):
@@ -417,17 +424,34 @@ def length_verdict(
     )
 
 
+#: Shares of planning's time that follow selection: the row cover and the mask together,
+#: and the mask alone. Lower ends of what was measured (H200, ``bench/gpu_run.py``: cover +
+#: mask 37-39% at 32K-128K, 68% at 8K, mask 9-15%; 2-core CPU at 2K: 37% and 6%), so that
+#: the verdict after selection counts the planning still ahead, not only the sparse call.
+PLAN_SHARE_AFTER_SELECT = 0.35
+PLAN_SHARE_MASK = 0.06
+
+
 def density_verdict(
-    model: CostModel, pairs: float, batch_heads: int, layout: SampleLayout, head_dim: int
+    model: CostModel,
+    pairs: float,
+    batch_heads: int,
+    layout: SampleLayout,
+    head_dim: int,
+    planning_left: float = 0.0,
 ) -> str | None:
-    """Why the planned sparse call would not beat dense attention (None if it would)."""
-    sparse = model.sparse_s(pairs, head_dim)
-    causal = layout.causal_pairs
-    dense = model.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=chunk_pairs(layout))
+    """Why the planned sparse call, with the share ``planning_left`` of planning still to
+    run (:data:`PLAN_SHARE_AFTER_SELECT`, :data:`PLAN_SHARE_MASK`), would not beat dense
+    attention (None if it would). Planning already done is spent either way."""
+    S = layout.seq_len
+    left = planning_left * model.plan_s(batch_heads, S, head_dim, layout.num_sampled_rows)
+    sparse = model.sparse_s(pairs, head_dim) + left
+    dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=chunk_pairs(layout))
     if sparse < dense:
         return None
-    density = pairs / (batch_heads * causal)
+    density = pairs / (batch_heads * layout.causal_pairs)
+    rest = f" + the rest of planning ~{left * 1e3:.3g} ms" if left else ""
     return (
-        f"density {density:.3f}: the sparse call ~{sparse * 1e3:.3g} ms would not beat dense "
-        f"~{dense * 1e3:.3g} ms (cost model of {model.device}, {model.dtype})"
+        f"density {density:.3f}: the sparse call ~{(sparse - left) * 1e3:.3g} ms{rest} would "
+        f"not beat dense ~{dense * 1e3:.3g} ms (cost model of {model.device}, {model.dtype})"
     )

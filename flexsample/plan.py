@@ -25,7 +25,15 @@ from .attention import (
     sparse_attention,
 )
 from .config import SampleConfig
-from .costs import CostModel, chunk_pairs, cost_model, density_verdict, length_verdict
+from .costs import (
+    PLAN_SHARE_AFTER_SELECT,
+    PLAN_SHARE_MASK,
+    CostModel,
+    chunk_pairs,
+    cost_model,
+    density_verdict,
+    length_verdict,
+)
 from .cover import cover_rows
 from .layout import SampleLayout
 from .masks import (
@@ -164,12 +172,14 @@ def plan_prefill(
     A dense plan (with its reason) comes back where sparse would not pay: before sampling,
     when the length is below ``config.min_seq_len`` or, with ``min_seq_len=None``, when the
     device's cost model (:mod:`flexsample.costs`) says planning plus the sparsest call
-    costs at least dense attention; at the probe (:mod:`flexsample.probe`), when the fewest
-    keys holding ``alpha`` of a few rows' mass already come to a density that could not
-    pay (or exceeds a numeric ``max_density``); after selection, when the plan computes
-    more than ``config.max_density`` of the causal pairs or, with ``max_density=None``,
-    when its sparse call would cost at least dense attention. Reads counts on the host (device
-    syncs).
+    costs at least dense attention; at the probe (:mod:`flexsample.probe`), when its
+    estimate of the least density a mask keeping ``alpha`` of a few rows' mass computes
+    could not pay (or exceeds a numeric ``max_density``); after selection, when the plan
+    computes more than ``config.max_density`` of the causal pairs or, with
+    ``max_density=None``, when its sparse call plus the planning still ahead would cost at
+    least dense attention. Dense plans run the faster dense kernel (SDPA, or FlexAttention
+    on FlashAttention-4 for a whole prompt where the cost model measured it faster). Reads
+    counts on the host (device syncs).
 
     Args:
         q: ``(B, Hq, L, D)`` queries: the last ``L`` positions of the ``S`` keys (``L = S``
@@ -243,7 +253,9 @@ def plan_prefill_checked(
     if config.max_density != 1.0 and (config.max_density is not None or costs is not None):
         with timer.stage("probe"):
             exact = sampler == "reference"
-            least = probe_density(q, k, layout, config.alpha, scale, reference=exact)
+            least = probe_density(
+                q, k, layout, config.alpha, scale, group_union=config.group_union, reference=exact
+            )
         reason = _probe_verdict(config, costs, least, layout, B * Hq, D)
         if reason is not None:
             _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)
@@ -256,7 +268,8 @@ def plan_prefill_checked(
             selection = selection.shared_by_group(Hq // k.shape[1])
     # Checked before the cover too: the cover only adds pairs, so a selection already too
     # dense saves the cover's pass.
-    reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
+    after_select = PLAN_SHARE_AFTER_SELECT if config.cover_rows else PLAN_SHARE_MASK
+    reason = _density_verdict(config, costs, selection, layout, B * Hq, D, after_select)
     row_mass = None
     if reason is None and config.cover_rows:
         with timer.stage("cover"):
@@ -264,7 +277,7 @@ def plan_prefill_checked(
             selection, row_mass = cover.selection, cover.row_mass
             if config.group_union:  # a key a row's cover added serves its whole group
                 selection = selection.shared_by_group(Hq // k.shape[1])
-        reason = _density_verdict(config, costs, selection, layout, B * Hq, D)
+        reason = _density_verdict(config, costs, selection, layout, B * Hq, D, PLAN_SHARE_MASK)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
         return dense(reason)
@@ -461,8 +474,10 @@ def _density_verdict(
     layout: SampleLayout,
     batch_heads: int,
     head_dim: int,
+    planning_left: float,
 ) -> str | None:
-    """Why the selection should run dense after all (None: run it sparse)."""
+    """Why the selection should run dense after all (None: run it sparse), counting the
+    share ``planning_left`` of planning still ahead (:func:`~flexsample.costs.density_verdict`)."""
     if config.max_density == 1.0 or (config.max_density is None and costs is None):
         return None
     density = pair_density(selection.window_blocks, selection.columns, layout)
@@ -472,7 +487,7 @@ def _density_verdict(
             return None
         return f"density {mean:.3f} > max_density {config.max_density}"
     pairs = float(density.sum()) * layout.causal_pairs
-    return density_verdict(costs, pairs, batch_heads, layout, head_dim)
+    return density_verdict(costs, pairs, batch_heads, layout, head_dim, planning_left)
 
 
 def _probe_verdict(
@@ -490,7 +505,9 @@ def _probe_verdict(
     """
     mean = float(least.mean())
     rows = probe_rows(layout).numel()
-    found = f"probe: {rows} rows per head need {mean:.3f} of their keys for alpha {config.alpha}"
+    found = (
+        f"probe: {rows} rows per head put the least density at {mean:.3f} for alpha {config.alpha}"
+    )
     if config.max_density is not None:
         if mean <= config.max_density:
             return None

@@ -41,7 +41,12 @@ def model(monkeypatch):
 def test_fit_recovers_rates_and_stays_non_negative():
     assert costs._fit([((0.0,), 2.0), ((1.0,), 5.0), ((3.0,), 11.0)]) == pytest.approx((2, 3))
     fixed, rate = costs._fit([((1.0,), 5.0), ((2.0,), 4.0)])  # noise: time falls with work
-    assert rate == 0.0 and fixed == pytest.approx(4.5)
+    # The fixed cost alone, fitted in relative terms: sum(1/y) / sum(1/y^2).
+    assert rate == 0.0 and fixed == pytest.approx(0.45 / 0.1025)
+    # A small fixed cost that decides the short lengths survives a long length's weight
+    # (an absolute fit loses it: 1e-3 against 1e-1 of seconds).
+    points = [((w,), 4e-4 + 1e-9 * w) for w in (1e5, 1e6, 1e8)]
+    assert costs._fit(points) == pytest.approx((4e-4, 1e-9), rel=1e-6)
     # Two terms over many decades, as planning's keys and (row, key) products.
     points = [((s, s * s * 1e3), 1e-3 + 2e-8 * s + 3e-14 * s * s * 1e3) for s in (2e3, 8e3, 3e4)]
     assert costs._fit(points) == pytest.approx((1e-3, 2e-8, 3e-14), rel=1e-6)
@@ -70,20 +75,25 @@ def test_diffuse_attention_runs_dense_at_the_probe(model):
     # Random q/k: diffuse attention; the probed rows need most of their keys.
     q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
     out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
-    assert stats.path == "dense" and stats.reason.startswith("probe: 8 rows per head need 0.")
+    assert stats.path == "dense" and stats.reason.startswith(
+        "probe: 8 rows per head put the least density at "
+    )
     assert "would not beat dense" in stats.reason
     assert set(stats.times) == {"probe", "attention"}  # nothing was sampled
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.allclose(out, ref, atol=1e-6)
 
 
-def test_too_dense_a_selection_runs_dense_after_planning(model):
+def test_too_dense_a_selection_runs_dense_after_planning(model, monkeypatch):
     # Sparse a little dearer per pair than dense: the probe's least density (about 0.75 on
     # random q/k, alpha 0.95) would pay, the selection's (about 1.0) does not.
     model(
         dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=2.2e-10, sparse_fixed_s=1e-3)
     )
     q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
+    # A probe that (wrongly) estimates 0.75, as the per-row oracle alone does on these
+    # inputs: the verdict after selection must still catch it.
+    monkeypatch.setattr("flexsample.plan.probe_density", lambda *a, **kw: torch.full((1, 4), 0.75))
     out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
     assert stats.path == "dense" and stats.reason.startswith("density ")
     assert "would not beat dense" in stats.reason
