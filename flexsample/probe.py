@@ -92,8 +92,9 @@ def _row_needs(
     needed = (p >= lightest[..., None]) & (p > 0)
     S = p.shape[-1]
     keys = torch.arange(S, device=p.device)
-    # Needed keys in [j, row] (p is zero after the row): a suffix sum.
-    within = needed.flip(-1).cumsum(dim=-1, dtype=torch.int32).flip(-1)
+    # Needed keys in [j, row] (p is zero after the row): all of them less those before j.
+    before = needed.cumsum(dim=-1, dtype=torch.int32)
+    within = before[..., -1:] - before + needed
     span = row_pos[:, None] - keys + 1  # (n, S): keys in [j, row]
     half = (2 * within >= span) & (span >= 1)
     start = torch.where(half, keys, row_pos[:, None] + 1).amin(dim=-1)
