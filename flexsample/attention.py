@@ -242,9 +242,11 @@ def dense_causal_attention(
     q ``(B, Hq, L, D)`` holds the last ``L`` positions of k and v's ``S`` (``L = S`` for a
     whole prompt).
 
-    On CUDA it asks SDPA for cuDNN first. cuDNN reads grouped K/V (``Hkv < Hq``) as they
-    are; where a build refuses them (fp32, or an older cuDNN), K/V are expanded to the query
-    heads, for that case's every later call too (logged once). Elsewhere, and inside the
+    On CUDA a whole prompt in fp16/bf16 runs cuDNN's attention op directly (SDPA's first
+    choice there, for half its host time); otherwise it asks SDPA for cuDNN first. cuDNN
+    reads grouped K/V (``Hkv < Hq``) as they are; where a build refuses them (fp32, or an
+    older cuDNN), K/V are expanded to the query heads, for that case's every later call too
+    (logged once). Elsewhere, and inside the
     user's own ``torch.compile``, SDPA chooses.
     """
     gqa = q.shape[1] != k.shape[1]

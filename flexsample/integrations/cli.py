@@ -155,7 +155,9 @@ def _add_calibrate(commands) -> None:
         "calibrate",
         help="measure this device's cost model (when sparse attention pays) and cache it",
         description="Time dense causal SDPA, flexsample's planning and its sparse call on "
-        "this device, fit the cost model that decides when a call runs dense "
+        "this device (on the FlexAttention backend the defaults pick there; with "
+        "FlashAttention-4 also FlexAttention's dense call, which the dense path then runs "
+        "where it is faster), fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
         "call on this device reads it). Its three default dtypes take about a minute on a "
         "2-core CPU the first time (compiling; 15 s per dtype after) and under a minute on "
