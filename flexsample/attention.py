@@ -203,7 +203,8 @@ def flex_dense_attention(
 
     Args:
         q: ``(B, Hq, S, D)``.
-        k, v: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
+        k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
+        v: ``(B, Hkv, S, D)``.
         scale: softmax scale.
         backend: the FlexAttention backend (see ``SampleConfig.backend``).
 
