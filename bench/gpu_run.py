@@ -29,6 +29,7 @@ the script without a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -338,8 +339,10 @@ def check_chunk_attention(dtype, device) -> Check:
     )  # fmt: skip
 
 
-def check_correctness(device: torch.device, dry: bool) -> list[dict]:
-    """Every correctness check of the GPU run (fewer shapes with ``dry``)."""
+def check_correctness(device: torch.device, dry: bool, on_check=None) -> list[dict]:
+    """Every correctness check of the GPU run (fewer shapes with ``dry``), in turn:
+    ``on_check(rows)`` after each, so that a run cut short keeps the checks it made (with
+    FlashAttention-4 the section takes minutes: each padded shape compiles once)."""
     sampler = "triton" if device.type == "cuda" else "torch"
     shapes = [
         (1, 4, 2, 1000, 64, 64),
@@ -348,30 +351,39 @@ def check_correctness(device: torch.device, dry: bool) -> list[dict]:
         (1, 3, 3, 517, 80, 32),
     ][: 2 if dry else 4]
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    checks = [check_sampler_vs_oracle(s, d, device, sampler) for s in shapes for d in dtypes]
-    checks.append(check_sampler_vs_torch(4096 if dry else 32768, device, sampler))
-    checks += [check_row_kept_mass(s, d, device, sampler) for s in shapes for d in dtypes]
-    checks.append(check_row_cover(4096 if dry else 32768, device, sampler))
-    checks += [check_sparse_flex(d, device, shared) for shared in (False, True) for d in dtypes]
+    half = (torch.bfloat16, torch.float16)
     flash = flash_reason(device) is None
-    if flash:
-        checks += [
-            check_sparse_flex(d, device, shared, "flash")
-            for shared in (False, True)
-            for d in (torch.bfloat16, torch.float16)
-        ]
-    checks += [check_chunk_sampler(d, device, sampler) for d in dtypes]
-    checks += [check_chunk_attention(d, device) for d in (torch.float32, torch.bfloat16)]
     S = 2048 if dry else 4099
-    checks += [check_dense_equivalent(d, S, device) for d in (torch.float32, torch.bfloat16)]
+    p = functools.partial
+    todo = [p(check_sampler_vs_oracle, s, d, device, sampler) for s in shapes for d in dtypes]
+    todo.append(p(check_sampler_vs_torch, 4096 if dry else 32768, device, sampler))
+    todo += [p(check_row_kept_mass, s, d, device, sampler) for s in shapes for d in dtypes]
+    todo.append(p(check_row_cover, 4096 if dry else 32768, device, sampler))
+    todo += [p(check_sparse_flex, d, device, shared) for shared in (False, True) for d in dtypes]
     if flash:
-        checks.append(check_dense_equivalent(torch.bfloat16, S, device, "triton"))
-    checks += [check_dense_path(d, device) for d in dtypes]
+        todo += [p(check_sparse_flex, d, device, sh, "flash") for sh in (False, True) for d in half]
+    todo += [p(check_chunk_sampler, d, device, sampler) for d in dtypes]
+    todo += [p(check_chunk_attention, d, device) for d in (torch.float32, torch.bfloat16)]
+    todo += [p(check_dense_equivalent, d, S, device) for d in (torch.float32, torch.bfloat16)]
     if flash:
-        checks += [check_flex_dense(d, device, "flash") for d in (torch.bfloat16, torch.float16)]
+        todo.append(p(check_dense_equivalent, torch.bfloat16, S, device, "triton"))
+    todo += [p(check_dense_path, d, device) for d in dtypes]
+    if flash:
+        todo += [p(check_flex_dense, d, device, "flash") for d in half]
     elif dry:  # the same check on the Triton backend (the CPU template), to try the script
-        checks.append(check_flex_dense(torch.bfloat16, device, "triton"))
-    return [c.row() for c in checks]
+        todo.append(p(check_flex_dense, torch.bfloat16, device, "triton"))
+    rows: list[dict] = []
+    for check in todo:
+        c = check().row()
+        rows.append(c)
+        print(
+            f"  {'ok ' if c['ok'] else 'BAD'} {c['check']} {c['dtype']} {c['shape']}: "
+            f"{c['error']:.2e} <= {c['bound']:.1e}",
+            flush=True,
+        )
+        if on_check:
+            on_check(rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1046,17 +1058,10 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as error:
         meta["cost_model"] = str(error)
     print(json.dumps(meta), flush=True)
-    checks = [] if args.skip_correctness else check_correctness(device, args.dry_run)
-    for c in checks:
-        print(
-            f"  {'ok ' if c['ok'] else 'BAD'} {c['check']} {c['dtype']} {c['shape']}: "
-            f"{c['error']:.2e} <= {c['bound']:.1e}",
-            flush=True,
-        )
-    tuning = tune_sampler(device, measure) if args.tune_sampler else []
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")
-
+    checks: list[dict] = []
+    tuning: list[dict] = []
     frontier: list[dict] = []
 
     def write(rows: list[dict]) -> None:  # after every row: a run cut short keeps its rows
@@ -1067,6 +1072,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"gpu_{tag}.json").write_text(json.dumps(results, indent=1))
         (args.out / f"gpu_{tag}.md").write_text(markdown(meta, checks, rows, frontier))
 
+    def record(done: list[dict]) -> None:  # after every check: a run cut short keeps them
+        checks[:] = done
+        write([])
+
+    if not args.skip_correctness:
+        check_correctness(device, args.dry_run, on_check=record)
+    tuning = tune_sampler(device, measure) if args.tune_sampler else []
     if args.profile_plan:
         text = profile_plan(device, args.profile_plan, heads)
         (args.out / f"profile_plan_{args.profile_plan}_{tag}.txt").write_text(text)
