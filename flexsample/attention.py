@@ -247,8 +247,7 @@ def dense_causal_attention(
     choice there, for half its host time); otherwise it asks SDPA for cuDNN first. cuDNN
     reads grouped K/V (``Hkv < Hq``) as they are; where a build refuses them (fp32, or an
     older cuDNN), K/V are expanded to the query heads, for that case's every later call too
-    (logged once). Elsewhere, and inside the
-    user's own ``torch.compile``, SDPA chooses.
+    (logged once). Elsewhere, and inside the user's own ``torch.compile``, SDPA chooses.
     """
     gqa = q.shape[1] != k.shape[1]
     L, S = q.shape[2], k.shape[2]

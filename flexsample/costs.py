@@ -14,10 +14,10 @@ counts, so each is modelled as a fixed cost plus rates:
   Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
 
 The rates are measured per device, dtype and FlexAttention backend by :func:`calibrate`
-(``flexsample calibrate``),
-cached under the user's cache directory, and otherwise taken from the table shipped with the
-package (``flexsample/costs.json``: the devices the project measured) or, for an unknown
-device, from a measured device of the same kind. :func:`cost_model` says which in ``source``.
+(``flexsample calibrate``), cached under the user's cache directory, and otherwise taken
+from the table shipped with the package (``flexsample/costs.json``: the devices the project
+measured) or, for an unknown device, from a measured device of the same kind.
+:func:`cost_model` says which in ``source``.
 """
 
 from __future__ import annotations
@@ -360,10 +360,10 @@ def calibrate(
             ]
             if backend == "flash":
                 fns.append(functools.partial(flex_dense_attention, q, k, v, D**-0.5, backend))
-            dense_s, plan_s, *sparse_s = interleaved_medians(fns, device, repeats)
+            dense_s, plan_s, *rest = interleaved_medians(fns, device, repeats)
+            sparse_s, flex_s = rest[: len(plans)], rest[len(plans) :]
             pairs = (Hq * S * (S + 1) / 2 * D,)
-            if backend == "flash":
-                flex_dense.append((pairs, sparse_s.pop()))
+            flex_dense += [(pairs, seconds) for seconds in flex_s]
             dense.append((pairs, dense_s))
             plan.append(((Hq * S, Hq * S * rows * D), plan_s))
             for p, seconds in zip(plans, sparse_s, strict=True):

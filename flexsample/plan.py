@@ -240,7 +240,7 @@ def plan_prefill_checked(
     )
 
     def dense(reason: str) -> PrefillPlan:
-        return _dense_plan(reason, common, layout, backend, q.device, q.dtype, D)
+        return _dense_plan(reason, common, layout, backend, costs, q.device, q.dtype, D)
 
     reason = _length_reason(config, layout, costs, B * Hq, D)
     if reason is not None:
@@ -367,14 +367,16 @@ def _dense_plan(
     common: dict,
     layout: SampleLayout,
     backend: Backend,
+    costs: CostModel | None,
     device: torch.device,
     dtype: torch.dtype,
     head_dim: int,
 ) -> PrefillPlan:
     """A dense plan on the faster dense kernel: FlexAttention on FlashAttention-4 for a whole
-    prompt where this device's cost model measured it faster than SDPA, else SDPA."""
+    prompt where this device's cost model (``costs``, or looked up where the config's
+    explicit limits left it unread) measured it faster than SDPA, else SDPA."""
     if backend == "flash" and layout.query_start == 0 and not torch.compiler.is_compiling():
-        costs = _cost_model(device, dtype, backend, quiet=True)  # SDPA needs none
+        costs = costs or _cost_model(device, dtype, backend, quiet=True)  # SDPA needs none
         batch_heads = common["batch_size"] * common["num_heads"]
         if (
             costs is not None

@@ -3,12 +3,14 @@
 Planning costs a pass of the sampled rows over the keys, selection and the row cover. On
 diffuse attention (every key carries a little of the mass) all of it is wasted: the plan
 comes out too dense to beat dense attention and runs dense anyway. The probe asks first, on
-a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment): the fewest
-keys that hold ``alpha`` of each row's exact attention mass (the per-row oracle). Every mask
-that keeps ``alpha`` of these rows' mass (the row cover's guarantee) computes at least that
-many pairs on them, so their share of the rows' causal keys estimates the least density any
-plan can reach. Where even that density would not beat dense attention, the call runs dense
-before sampling.
+a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment), which
+keys each row needs: the fewest that hold ``alpha`` of its exact attention mass (the per-row
+oracle). Every mask that keeps ``alpha`` of these rows' mass (the row cover's guarantee)
+computes at least that many pairs on them; a mask shaped like SampleAttention's (a window
+and columns every later query reads) computes what its cheapest window and those keys as
+columns come to, which is near 1 where the rows need different keys. The larger of the two
+estimates the least density any plan can reach; where even that would not beat dense
+attention, the call runs dense before sampling.
 
 Two implementations: :func:`probe_density` (chunked float32, inductor-compiled on CPU) and
 its float64 twin ``probe_density(..., reference=True)``; tests hold them together.
