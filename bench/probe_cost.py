@@ -7,6 +7,12 @@ single-token stripes and on random q/k, in the Llama-3-8B attention shape (32 qu
 kv heads, D=128, bf16) on CUDA, or a small shape on CPU (``--dry-run``).
 
     PYTHONPATH=. python3 bench/probe_cost.py --lengths 32768 131072
+
+With ``--vs-selection`` it prints, instead of times, the probe's estimate beside the density
+the default selection reaches (planned always sparse) on the frontier benchmark's planted
+structures and random q/k (8 query heads on 2 kv heads, D=64, float32, CPU):
+
+    PYTHONPATH=. python3 bench/probe_cost.py --vs-selection --lengths 2048 8192
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--dry-run", action="store_true", help="CPU, a small shape")
+    p.add_argument(
+        "--vs-selection",
+        action="store_true",
+        help="CPU: the estimate beside the selection's density on planted structures",
+    )
     args = p.parse_args(argv)
+    if args.vs_selection:
+        estimate_vs_selection(args.lengths)
+        return
     device = torch.device("cpu" if args.dry_run else "cuda")
     Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
     dtype = torch.float32 if args.dry_run else torch.bfloat16
@@ -58,6 +72,28 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"S={S} {name}: probe {probe_s * 1e3:.2f} ms (estimate {estimate:.3f}), "
                 f"sampling {sample_s * 1e3:.2f} ms ({sampler})",
+                flush=True,
+            )
+
+
+def estimate_vs_selection(lengths: list[int]) -> None:
+    """The probe's estimate and the default selection's density, per planted structure."""
+    from test_frontier import STRUCTURES  # bench/ is the script's directory
+
+    D = 64
+    config = fs.SampleConfig.always_sparse()
+    print(json.dumps({"commit": code_commit(), "torch": torch.__version__, "device": "cpu"}))
+    for S in lengths:
+        cases = {name: planted_qkv(1, 8, 2, S, D, seed=1, **kw) for name, kw in STRUCTURES.items()}
+        torch.manual_seed(0)
+        cases["random q/k"] = random_qkv(1, 8, 2, S, D)
+        for name, (q, k, _) in cases.items():
+            plan = fs.plan_prefill(q, k, config)
+            estimate = float(probe_density(q, k, plan.layout, config.alpha, D**-0.5).mean())
+            selected = float(plan.density.mean())
+            print(
+                f"S={S} {name}: estimate {estimate:.3f}, selection {selected:.3f} "
+                f"({estimate / selected:.2f}x)",
                 flush=True,
             )
 

@@ -169,7 +169,8 @@ def probe_density(
     group's heads with ``group_union``) come to the fewest. The first alone is blind to rows
     that need different keys: on random q/k at 128K it said 0.74 where the selection came
     out at 1.0 (H200, ``bench/gpu_run.py``). On the planted inputs of the frontier benchmark
-    the second is within 0.9x to 1.35x of the selection's density (8K, CPU).
+    the second is within 0.91x to 1.36x of the selection's density at 8K (CPU,
+    ``bench/probe_cost.py --vs-selection``).
 
     Args:
         q: ``(B, Hq, L, D)`` queries, the last ``L`` of the ``S`` positions.
