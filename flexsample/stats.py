@@ -187,6 +187,8 @@ class StageTimer:
             return
         self._sync()
         start = time.perf_counter()
-        yield
-        self._sync()
+        # named for torch.profiler (bench/plan_stages.py attributes launches and syncs to it)
+        with torch.profiler.record_function(f"flexsample::{name}"):
+            yield
+            self._sync()
         self.times[name] = time.perf_counter() - start

@@ -1,0 +1,175 @@
+"""Where planning's time goes: per stage, wall time, device busy time, launches and syncs.
+
+Each stage of ``flexsample.plan_prefill`` (probe, sample, select, cover, mask) is named for
+torch.profiler by the plan's ``StageTimer``; this profiles ``--calls`` plans per length and
+input (after a warm-up plan) and attributes to every stage:
+
+* wall: the stage's wall clock (the timer synchronises the device around it);
+* device: the time the device was busy with its kernels (where that is far below wall, the
+  stage is bound by the host: launches, syncs, Python), and its most expensive kernels;
+* launches: kernel launches (CUDA), or ATen operators on CPU (``--dry-run``);
+* syncs: calls that wait for the device (stream/device synchronisations and device-to-host
+  copies such as ``.item()``, ``nonzero``, ``int(tensor)``).
+
+Inputs: planted single-token stripes and random q/k in the Llama-3-8B attention shape (32
+query heads, 8 kv heads, D=128, bf16), planned at the defaults and always sparse (where the
+defaults choose dense attention the later stages do not run).
+
+    PYTHONPATH=. python3 bench/plan_stages.py --lengths 8192 32768 131072
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import defaultdict
+
+import torch
+from gpu_run import INPUTS, make_inputs
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import flexsample as fs
+from flexsample.provenance import code_commit
+from flexsample.stats import StageTimer
+
+#: Host calls that wait for the device.
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+#: Kernels listed per stage, by device time (on CPU: operators, by host time).
+TOP_OPS = 6
+
+CONFIGS = {
+    "defaults": fs.SampleConfig(),
+    "always sparse": fs.SampleConfig(min_seq_len=0, max_density=1.0),
+}
+
+
+def _short(name: str) -> str:
+    """A kernel's name without its template arguments."""
+    return name.split("<", 1)[0].split("(", 1)[0][:60]
+
+
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+def stage_anatomy(q, k, config, calls: int) -> tuple[str, dict[str, dict]]:
+    """Profile ``calls`` plans; per stage: wall, device and host ms, launches, syncs (means)."""
+    cuda = q.device.type == "cuda"
+    fs.plan_prefill(q, k, config)  # warm-up: compilation, caches
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    walls: dict[str, float] = defaultdict(float)
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            timer = StageTimer(q.device, enabled=True)
+            plan = fs.plan_prefill(q, k, config, timer=timer)
+            for name, seconds in timer.times.items():
+                walls[name] += seconds
+    events = prof.events()
+    # Each kernel once (the profiler lists some twice), without the ranges' own device-side
+    # annotations.
+    kernels = list({
+        (e.name, e.time_range.start, e.time_range.end): e
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("flexsample::")
+    }.values())  # fmt: skip
+    stages: dict[str, dict] = {}
+    for event in events:
+        if not event.name.startswith("flexsample::"):
+            continue
+        row = stages.setdefault(
+            event.name.split("::", 1)[1],
+            {"device_ms": 0.0, "launches": 0, "syncs": 0, "memcpys": 0, "top": defaultdict(float)},
+        )
+        # The stage syncs before and inside its range: the kernels that ran within it are its.
+        start, end = event.time_range.start, event.time_range.end
+        mine = sorted(
+            (k for k in kernels if start <= k.time_range.start and k.time_range.end <= end),
+            key=lambda k: k.time_range.start,
+        )
+        busy_until = start
+        for kernel in mine:  # the union of the kernels' intervals (streams may overlap)
+            row["device_ms"] += (
+                max(0, kernel.time_range.end - max(kernel.time_range.start, busy_until)) / 1e3
+            )
+            busy_until = max(busy_until, kernel.time_range.end)
+            row["top"][_short(kernel.name)] += kernel.time_range.elapsed_us() / 1e3
+        for child in _descendants(event):
+            if not cuda and child.name.startswith("aten::"):
+                row["top"][child.name] += child.self_cpu_time_total / 1e3
+            if child.name in LAUNCH_EVENTS or (not cuda and child.name.startswith("aten::")):
+                row["launches"] += 1
+            elif child.name in SYNC_EVENTS:
+                row["syncs"] += 1
+            elif child.name in ("cudaMemcpyAsync", "cudaMemcpy") and cuda:
+                row["memcpys"] += 1  # most read a scalar back: a sync too
+    out = {}
+    for name, row in stages.items():
+        top = sorted(row.pop("top").items(), key=lambda item: -item[1])[:TOP_OPS]
+        out[name] = {
+            "wall_ms": round(walls[name] * 1e3 / calls, 3),
+            **{key: round(value / calls, 3) for key, value in row.items()},
+            "top_ops_ms": {op: round(ms / calls, 3) for op, ms in top},
+        }
+    return plan.path, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--calls", type=int, default=3, help="profiled plans per row (means)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, a small shape")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    meta = {"commit": code_commit(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        meta["device"] = torch.cuda.get_device_name()
+    print(json.dumps(meta), flush=True)
+    print(
+        "| S | input | config | path | stage | wall ms | device ms | launches | syncs | memcpys |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for S in args.lengths:
+        for name in INPUTS:
+            q, k, _ = make_inputs(name, Hq, Hkv, S, D, dtype, device)
+            for label, config in CONFIGS.items():
+                path, stages = stage_anatomy(q, k, config, args.calls)
+                for stage, r in stages.items():
+                    rows.append({"S": S, "input": name, "config": label, "stage": stage, **r})
+                    print(
+                        f"| {S} | {name} | {label} | {path} | {stage} | {r['wall_ms']:.2f} | "
+                        f"{r['device_ms']:.2f} | {r['launches']:.0f} | {r['syncs']:.0f} | "
+                        f"{r['memcpys']:.0f} |",
+                        flush=True,
+                    )
+                    if r["top_ops_ms"]:
+                        ops = ", ".join(f"{op} {ms:.2f}" for op, ms in r["top_ops_ms"].items())
+                        print(f"|  |  |  |  | ({stage}: {ops}) |  |  |  |  |  |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "meta": meta,
+                    "configs": {k: dataclasses.asdict(c) for k, c in CONFIGS.items()},
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
