@@ -7,8 +7,9 @@ sink and its own columns: what the attention call reads), and where that is belo
 ``alpha`` adds the row's own heaviest missing keys until it is not (the paper's cumulative
 residual attention, per row), skipping keys too light to matter (:data:`KEY_FLOOR_DIVISOR`).
 
-The measurement runs in the Triton row kernel on CUDA (one more pass over K) or in chunked
-torch (float64 with the reference sampler); the repair runs in torch on the short rows only.
+The measurement runs in a Triton row kernel on CUDA (a pass over the keys before each row's
+window, reusing the sampler's log-sum-exp) or in chunked torch (float64 with the reference
+sampler); the repair runs in torch on the short rows only.
 Memory stays ``chunk x S`` per step, never ``rows x S``.
 """
 
@@ -124,6 +125,7 @@ def cover_rows(
     sampler: str,
     *,
     max_chunk_elems: int | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> RowCover:
     """Make every sampled row keep at least ``alpha`` of its attention mass.
 
@@ -137,6 +139,9 @@ def cover_rows(
             row kernel, ``"torch"`` in chunked float32 torch, ``"reference"`` in float64.
         max_chunk_elems: bound on the elements of one probability chunk (default 2M on
             CPU, 32M on CUDA).
+        row_lse: with the Triton sampler, the sampled rows' log-sum-exp from its first pass
+            (:func:`~flexsample.sampling.run_sampler_with_lse` on the same q, k and layout):
+            the measurement then skips that pass. Ignored by the other samplers.
 
     Returns:
         A :class:`RowCover`.
@@ -156,19 +161,22 @@ def cover_rows(
     if sampler == "triton":
         from .sampling.triton_kernel import row_kept_mass_triton
 
-        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, attended)
+        kept, missing = row_kept_mass_triton(q, k, layout, scale, windows, attended, lse=row_lse)
         kept = kept.view(B, Hq, G * r)
-        # Only short rows with a key above the floor to add go on to the torch repair.
+        # Only short rows with a key above the floor to add go on to the torch repair,
+        # grouped per (batch, kv head) in row order: two reads on the host, whatever B, Hkv.
         repairable = (kept < alpha) & (missing.view(B, Hq, G * r) > key_floor(alpha))
         b_idx, h_idx, r_idx = repairable.nonzero().unbind(-1)
-        order = torch.argsort(r_idx, stable=True)
-        b_idx, h_idx, r_idx = b_idx[order], h_idx[order], r_idx[order]
         items = {}
-        for b in range(B):
-            for kv in range(Hkv):
-                mine = (b_idx == b) & (h_idx // group == kv)
-                if bool(mine.any()):
-                    items[(b, kv)] = (h_idx[mine], r_idx[mine])
+        if b_idx.numel():
+            owner = b_idx * Hkv + h_idx // group
+            order = torch.argsort(owner * (G * r) + r_idx, stable=True)
+            h_idx, r_idx, owner = h_idx[order], r_idx[order], owner[order]
+            counts = torch.bincount(owner, minlength=B * Hkv).tolist()
+            heads, rows = h_idx.split(counts), r_idx.split(counts)
+            for slot, count in enumerate(counts):
+                if count:
+                    items[divmod(slot, Hkv)] = (heads[slot], rows[slot])
     else:
         kept = torch.empty(B, Hq, G * r, dtype=torch.float32, device=dev)
         slots = torch.arange(G * r * group, device=dev)

@@ -46,7 +46,7 @@ from .masks import (
     tile_coverage,
 )
 from .probe import probe_density, probe_rows
-from .sampling import resolve_sampler, run_sampler
+from .sampling import resolve_sampler, run_sampler_with_lse
 from .selection import (
     ColumnSelection,
     GatheredColumns,
@@ -261,7 +261,7 @@ def plan_prefill_checked(
             _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)
             return dense(reason)
     with timer.stage("sample"):
-        scores = run_sampler(sampler, q, k, layout, scale)
+        scores, row_lse = run_sampler_with_lse(sampler, q, k, layout, scale)
     with timer.stage("select"):
         selection = select_columns(scores, layout, config.alpha)
         if config.group_union:
@@ -273,7 +273,7 @@ def plan_prefill_checked(
     row_mass = None
     if reason is None and config.cover_rows:
         with timer.stage("cover"):
-            cover = cover_rows(q, k, selection, config.alpha, scale, sampler)
+            cover = cover_rows(q, k, selection, config.alpha, scale, sampler, row_lse=row_lse)
             selection, row_mass = cover.selection, cover.row_mass
             if config.group_union:  # a key a row's cover added serves its whole group
                 selection = selection.shared_by_group(Hq // k.shape[1])

@@ -97,19 +97,45 @@ def test_every_sampled_row_keeps_alpha(B, Hq, Hkv, S, D, bs, segments, ratio, dt
 def test_triton_row_kernel_matches_exact_kept_mass(
     B, Hq, Hkv, S, D, bs, segments, ratio, dtype, device
 ):
-    from flexsample.sampling.triton_kernel import row_kept_mass_triton
+    from flexsample.sampling.triton_kernel import (
+        row_kept_mass_triton,
+        sample_scores_and_lse_triton,
+    )
 
     q, k, layout, cfg = _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, sink_blocks=1)
     scores = sample_column_scores_torch(q, k, layout, D**-0.5)
     sel = select_columns(scores, layout, cfg.alpha)
     cols = sel.columns
     expect = _exact_row_mass(q, k, layout, sel.window_blocks, cols)
+    q, k = q.to(device), k.to(device)
+    windows, cols_d = sel.window_blocks.to(device), cols.to(device)
+    heaviest = _heaviest_missing(q.cpu(), k.cpu(), layout, sel.window_blocks, cols)
+    # Its own log-sum-exp pass, and the one the sampler computed on the way (the plan's path).
+    _, lse = sample_scores_and_lse_triton(q, k, layout, D**-0.5)
+    for given in (None, lse):
+        got, missing = row_kept_mass_triton(q, k, layout, D**-0.5, windows, cols_d, lse=given)
+        assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
+        assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
+        assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("sink_blocks", [0, 2])
+def test_triton_row_kernel_on_random_windows_and_columns(sink_blocks, device):
+    """Windows from none to past the first key (a negative start), columns anywhere: the
+    kernel that skips the window's and the sink's keys against float64."""
+    from flexsample.sampling.triton_kernel import row_kept_mass_triton
+
+    q, k, layout, _ = _case(2, 6, 2, 777, 32, 32, 4, 0.1, torch.float32, sink_blocks=sink_blocks)
+    windows = torch.randint(0, layout.num_blocks + 2, (2, 6))
+    columns = torch.rand(2, 6, 777) < 0.15
+    expect = _exact_row_mass(q, k, layout, windows, columns)
+    heaviest = _heaviest_missing(q, k, layout, windows, columns)
     got, missing = row_kept_mass_triton(
-        q.to(device), k.to(device), layout, D**-0.5, sel.window_blocks.to(device), cols.to(device)
+        q.to(device), k.to(device), layout, 32**-0.5, windows.to(device), columns.to(device)
     )
-    assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
     assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
-    heaviest = _heaviest_missing(q, k, layout, sel.window_blocks, cols)
     assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
 
 

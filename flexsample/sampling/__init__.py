@@ -110,3 +110,16 @@ def run_sampler(
     if name == "torch":
         return sample_column_scores_torch(q, k, layout, scale)
     return sample_column_scores_reference(q, k, layout, scale)
+
+
+def run_sampler_with_lse(
+    name: str, q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`run_sampler`, and on Triton the sampled rows' log-sum-exp its first pass
+    computed (None for the other samplers), which the per-row cover reuses
+    (:func:`flexsample.cover.cover_rows`'s ``row_lse``)."""
+    if name == "triton":
+        from .triton_kernel import sample_scores_and_lse_triton
+
+        return sample_scores_and_lse_triton(q, k, layout, scale)
+    return run_sampler(name, q, k, layout, scale), None

@@ -9,6 +9,9 @@ Imported lazily (only when the Triton sampler runs), so the package works withou
 * ``_column_mass_kernel`` takes one tile of keys and one segment: it loads the keys once,
   then, per query head of the group, streams the segment's sampled rows, turns their logits
   into normalised probabilities with the log-sum-exp, and sums them over the rows.
+* ``_row_missing_kernel`` (the per-row cover's measurement, stage 2b) takes the same tiles of
+  rows as the first kernel and, with their log-sum-exp known, sums the probability of the
+  keys each row's mask misses (between the sink and its window, not among its columns).
 
 Every output element is written by exactly one program in a fixed order: results are
 deterministic (no atomics).
@@ -43,39 +46,13 @@ def launch_config(device: torch.device) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _accumulate(
-    s,
-    n,
-    m_i,
-    l_i,
-    l_keep,
-    m_miss,
-    qk_scale,
-    cols_rows,
-    tile_has_cols,
-    win_start,
-    sink_tokens,
-    seq_len,
-    KEEP: tl.constexpr,
-):
+def _accumulate(s, m_i, l_i, qk_scale):
     # One key tile of the online softmax sum: running max ``m_i`` (scaled logits, log2
-    # units), sum ``l_i`` of exp2 and, with KEEP, the part ``l_keep`` of it on kept keys and
-    # the largest raw logit ``m_miss`` of a key the mask misses.
+    # units) and sum ``l_i`` of exp2.
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
-    rescale = tl.exp2(m_i - m_new)
-    l_i = l_i * rescale + tl.sum(p, axis=1)
-    if KEEP:
-        keep = (n[None, :] >= win_start[:, None]) | (n[None, :] < sink_tokens)
-        if tile_has_cols:
-            # Each row reads its own query head's columns: ``cols_rows`` points at that row
-            # of the (B, Hq, S) column table. Most key tiles of a long prompt hold none of
-            # the group's columns and skip this load.
-            col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
-            keep = keep | (col != 0)
-        l_keep = l_keep * rescale + tl.sum(tl.where(keep, p, 0.0), axis=1)
-        m_miss = tl.maximum(m_miss, tl.max(tl.where(keep, float("-inf"), s), axis=1))
-    return m_new, l_i, l_keep, m_miss
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
+    return m_new, l_i
 
 
 @triton.jit
@@ -84,11 +61,6 @@ def _row_lse_kernel(
     K,
     ROWS,
     LSE,
-    WINDOW,
-    COLS,
-    TILE_COLS,
-    KEPT,
-    MISS,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -102,12 +74,8 @@ def _row_lse_kernel(
     tiles_per_segment,
     num_segments,
     qk_scale,
-    seq_len,
     query_start,
-    mask_block,
-    sink_tokens,
     GROUP: tl.constexpr,
-    KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -154,20 +122,6 @@ def _row_lse_kernel(
     # the tile's first row need no causal mask; only the last one or two do.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # scaled, log2 units
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # With KEEP, also the part of the sum that the row's mask keeps (same running max):
-    # keys in its window (from ``win_start``), in the sink, or among its head's columns.
-    l_keep = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
-    num_q_heads = num_kv_heads * GROUP
-    # (b, q_head) rows of the (B, Hq, S) column table
-    cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
-    # (b, h_kv) row of the (B, Hkv, ceil(S / BLOCK_N)) table: does any query head of the
-    # group select a column in key tile t
-    tile_cols = TILE_COLS + pid_bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N)
-    win_start = pos
-    if KEEP:
-        w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
-        win_start = (pos // mask_block - w) * mask_block
     prefix_end = tl.max(pos, axis=0) + 1
     first_row = tl.min(tl.where(row_valid, pos, prefix_end), axis=0)
     unmasked_end = ((first_row + 1) // BLOCK_N) * BLOCK_N
@@ -181,21 +135,7 @@ def _row_lse_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        m_i, l_i, l_keep, m_miss = _accumulate(
-            s,
-            n,
-            m_i,
-            l_i,
-            l_keep,
-            m_miss,
-            qk_scale,
-            cols_rows,
-            tl.load(tile_cols + start // BLOCK_N) != 0 if KEEP else False,
-            win_start,
-            sink_tokens,
-            seq_len,
-            KEEP,
-        )
+        m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
     for start in range(unmasked_end, prefix_end, BLOCK_N):
         n = start + offs_n
         k = tl.load(
@@ -207,30 +147,11 @@ def _row_lse_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
-        m_i, l_i, l_keep, m_miss = _accumulate(
-            s,
-            n,
-            m_i,
-            l_i,
-            l_keep,
-            m_miss,
-            qk_scale,
-            cols_rows,
-            tl.load(tile_cols + start // BLOCK_N) != 0 if KEEP else False,
-            win_start,
-            sink_tokens,
-            seq_len,
-            KEEP,
-        )
+        m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
 
     # lse[b, h_kv, seg, local, head_in_group], in log2 units of the scaled logits.
     out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
     tl.store(LSE + out_offs, m_i + tl.log2(l_i), mask=row_valid)
-    if KEEP:
-        tl.store(KEPT + out_offs, l_keep / l_i, mask=row_valid)
-        # The heaviest missing key's probability: exp2(scaled logit - lse).
-        lse = m_i + tl.log2(l_i)
-        tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
 
 
 @triton.jit
@@ -311,6 +232,108 @@ def _column_mass_kernel(
         tl.store(out_base + g * num_segments * seq_len + n, acc * inv_rows, mask=n_valid)
 
 
+@triton.jit
+def _row_missing_kernel(
+    Q,
+    K,
+    ROWS,
+    LSE,
+    WINDOW,
+    COLS,
+    TILE_COLS,
+    MISSED,
+    MISS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    num_kv_heads,
+    rows_per_segment,
+    tiles_per_segment,
+    num_segments,
+    qk_scale,
+    seq_len,
+    query_start,
+    mask_block,
+    sink_tokens,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The cover's measurement, with each row's log-sum-exp known (the sampler's first pass):
+    # the mass its mask misses and its heaviest missed key. Same tiling as _row_lse_kernel.
+    # Only keys between the sink and the row's window can be missed, so the loop stops at the
+    # tile's latest window start (keys from there on are in the window, or after the row:
+    # the window test excludes both), and each element costs one FMA, one exp2 and two
+    # masked reductions: no running max, no rescaling.
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = pid_tile // tiles_per_segment
+    tile = pid_tile % tiles_per_segment
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
+
+    slot = tl.arange(0, BLOCK_M)
+    head_in_group = slot % GROUP
+    local = tile * ROWS_PER_TILE + slot // GROUP
+    row_valid = (slot < ROWS_PER_TILE * GROUP) & (local < rows_per_segment)
+    pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+    q_head = h_kv * GROUP + head_in_group
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + q_head[:, None] * stride_qh
+        + (pos - query_start)[:, None] * stride_qm
+        + d[None, :] * stride_qd,
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
+    lse = tl.load(LSE + out_offs, mask=row_valid, other=0.0)  # log2 units, scaled logits
+    num_q_heads = num_kv_heads * GROUP
+    w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
+    # An invalid slot's window starts at 0: it misses nothing.
+    win_start = tl.where(row_valid, tl.maximum((pos // mask_block - w) * mask_block, 0), 0)
+    cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
+    tile_cols = TILE_COLS + pid_bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    offs_n = tl.arange(0, BLOCK_N)
+    missed = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
+    for start in range((sink_tokens // BLOCK_N) * BLOCK_N, tl.max(win_start, axis=0), BLOCK_N):
+        n = start + offs_n
+        k = tl.load(
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=(n[:, None] < seq_len) & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens)
+        if tl.load(tile_cols + start // BLOCK_N) != 0:
+            col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
+            miss = miss & (col == 0)
+        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
+        m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
+    tl.store(MISSED + out_offs, missed, mask=row_valid)
+    tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
+
+
 def _launch(
     q: torch.Tensor, block_m: int | None, block_n: int | None, num_warps: int | None
 ) -> dict:
@@ -345,47 +368,21 @@ def _tiles_with_columns(columns: torch.Tensor, num_kv_heads: int, block_n: int) 
 
 
 def _row_pass(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: SampleLayout,
-    scale: float,
-    settings: dict,
-    window_blocks: torch.Tensor | None = None,
-    columns: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple | None, torch.Tensor, int]:
-    """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), kept, rows, block_m)``.
-
-    With ``window_blocks`` and ``columns``, ``kept`` is each sampled row's kept share of its
-    mass and the probability of its heaviest missing key, in the layout of the log-sum-exp
-    (else None).
-    """
-    B, Hq, _, _ = q.shape
+    q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float, settings: dict
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), rows, block_m, tiles)``."""
+    B = q.shape[0]
     Hkv = k.shape[1]
-    group = Hq // Hkv
+    group = q.shape[1] // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    block_m = max(settings["block_m"], 16, triton.next_power_of_2(group))
+    block_m, tiles = _row_tiling(settings, group, r)
     rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    tiles = triton.cdiv(r, block_m // group)
     lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
-    keep = window_blocks is not None
-    if keep:
-        kept, miss = torch.empty_like(lse), torch.empty_like(lse)
-        window = window_blocks.to(torch.int32).contiguous()
-        cols = columns.contiguous().view(torch.uint8)
-        tile_cols = _tiles_with_columns(columns, Hkv, settings["block_n"])
-    else:  # unused by the kernel
-        kept = miss = lse
-        window, cols, tile_cols = rows, rows, rows
     _row_lse_kernel[(G * tiles, B * Hkv)](
         q,
         k,
         rows,
         lse,
-        window,
-        cols,
-        tile_cols,
-        kept,
-        miss,
         *q.stride(),
         *k.stride(),
         Hkv,
@@ -393,17 +390,20 @@ def _row_pass(
         tiles,
         G,
         scale * _LOG2E,
-        layout.seq_len,
         layout.query_start,
-        layout.block_size,
-        layout.sink_tokens,
         GROUP=group,
-        KEEP=keep,
         BLOCK_M=block_m,
         BLOCK_N=settings["block_n"],
         **settings["common"],
     )
-    return lse, (kept, miss) if keep else None, rows, block_m
+    return lse, rows, block_m, tiles
+
+
+def _row_tiling(settings: dict, group: int, rows_per_segment: int) -> tuple[int, int]:
+    """``(block_m, tiles per segment)`` of the row kernels: block_m (row, query head) pairs
+    per program, at least the GQA group."""
+    block_m = max(settings["block_m"], 16, triton.next_power_of_2(group))
+    return block_m, triton.cdiv(rows_per_segment, block_m // group)
 
 
 def sample_column_scores_triton(
@@ -427,13 +427,31 @@ def sample_column_scores_triton(
     column kernel; ``block_n`` is the key tile width (a power of two). Each left at None comes
     from :func:`launch_config`.
     """
+    return sample_scores_and_lse_triton(
+        q, k, layout, scale, block_m=block_m, block_n=block_n, num_warps=num_warps
+    )[0]
+
+
+def sample_scores_and_lse_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_column_scores_triton` and the sampled rows' log-sum-exp it computed on
+    the way, ``(B, Hkv, num_segments, rows_per_segment, group)`` float32 in log2 units of the
+    scaled logits: what :func:`row_kept_mass_triton` needs, so the cover skips that pass."""
     settings = _launch(q, block_m, block_n, num_warps)
     B, Hq = q.shape[:2]
     S = k.shape[2]
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    lse, _, rows, block_m = _row_pass(q, k, layout, scale, settings)
+    lse, rows, block_m, _ = _row_pass(q, k, layout, scale, settings)
     out = torch.zeros(B, Hkv, group, G, S, dtype=torch.float32, device=q.device)
     block_n = settings["block_n"]
     _column_mass_kernel[(triton.cdiv(S, block_n), G, B * Hkv)](
@@ -456,7 +474,7 @@ def sample_column_scores_triton(
         BLOCK_N=block_n,
         **settings["common"],
     )
-    return out.view(B, Hq, G, S)
+    return out.view(B, Hq, G, S), lse
 
 
 def row_kept_mass_triton(
@@ -466,13 +484,14 @@ def row_kept_mass_triton(
     scale: float,
     window_blocks: torch.Tensor,
     columns: torch.Tensor,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Share of each sampled row's exact attention mass that its head's mask keeps, and the
     probability of the heaviest key it misses.
 
-    One Triton launch, one pass over K per GQA group (the log-sum-exp kernel with the kept
-    part summed beside the total). The twin of the torch measurement in
-    :func:`flexsample.cover.cover_rows`.
+    One pass over the keys between the sink and each row's window, per GQA group
+    (``_row_missing_kernel``), given the rows' log-sum-exp; without ``lse``, the log-sum-exp
+    pass runs first. The twin of the torch measurement in :func:`flexsample.cover.cover_rows`.
 
     Args:
         q: ``(B, Hq, S, D)`` queries on CUDA (or CPU under ``TRITON_INTERPRET=1``).
@@ -481,6 +500,8 @@ def row_kept_mass_triton(
         scale: softmax scale.
         window_blocks: ``(B, Hq)`` window per head in blocks.
         columns: ``(B, Hq, S)`` bool, the columns each query head reads.
+        lse: the sampled rows' log-sum-exp from :func:`sample_scores_and_lse_triton` on the
+            same q, k, layout and scale (None: computed here).
 
     Returns:
         ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
@@ -488,8 +509,41 @@ def row_kept_mass_triton(
     """
     settings = _launch(q, None, None, None)
     B, Hq, _, _ = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    _, out, _, _ = _row_pass(q, k, layout, scale, settings, window_blocks, columns)
+    if lse is None:
+        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
+    else:
+        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+    block_m, tiles = _row_tiling(settings, group, r)
+    missed, miss = torch.empty_like(lse), torch.empty_like(lse)
+    _row_missing_kernel[(G * tiles, B * Hkv)](
+        q,
+        k,
+        rows,
+        lse,
+        window_blocks.to(torch.int32).contiguous(),
+        columns.contiguous().view(torch.uint8),
+        _tiles_with_columns(columns, Hkv, settings["block_n"]),
+        missed,
+        miss,
+        *q.stride(),
+        *k.stride(),
+        Hkv,
+        r,
+        tiles,
+        G,
+        scale * _LOG2E,
+        layout.seq_len,
+        layout.query_start,
+        layout.block_size,
+        layout.sink_tokens,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=settings["block_n"],
+        **settings["common"],
+    )
     # (B, Hkv, G, r, group) -> (B, Hq, G, r)
-    kept, miss = (t.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r) for t in out)
-    return kept, miss
+    missed, miss = (t.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r) for t in (missed, miss))
+    return (1.0 - missed).clamp_(min=0.0), miss
