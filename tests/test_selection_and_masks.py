@@ -17,7 +17,7 @@ from flexsample import (
     select_columns,
     tile_coverage,
 )
-from flexsample.masks import key_codes
+from flexsample.masks import block_map_indices, block_maps, key_codes, kv_block_indices
 from flexsample.selection import ColumnSelection, window_pairs
 from flexsample.synthetic import planted_qkv
 
@@ -215,6 +215,35 @@ def _random_selection(B, Hq, Hkv, S, bs, seed, shared=False):
     if shared:
         sel = sel.shared_by_group(Hq // Hkv)
     return sel, layout, Hq // Hkv
+
+
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, L, bs, density",
+    [
+        (1, 2, 1, 300, 300, 16, 0.08),
+        (2, 4, 2, 1000, 1000, 64, 0.08),
+        (1, 3, 3, 513, 513, 128, 0.3),
+        (2, 6, 2, 257, 257, 32, 0.0),  # no column: no gathered block
+        (2, 4, 2, 1000, 333, 64, 0.08),  # a chunk: its query blocks start mid-prompt
+        (1, 2, 2, 40, 40, 64, 0.1),  # one block
+    ],
+)
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "group-union"])
+def test_block_indices_are_the_block_maps_indices(B, Hq, Hkv, S, L, bs, density, shared):
+    """The fast twin: indices written from counts equal those of the dense block maps."""
+    gen = torch.Generator().manual_seed(S + L)
+    layout = SampleLayout.create(S, SampleConfig(block_size=bs), query_len=L)
+    windows = torch.randint(0, layout.num_blocks + 2, (B, Hq), generator=gen)
+    sel = ColumnSelection(windows, torch.rand(B, Hq, S, generator=gen) < density, layout)
+    if shared:
+        sel = sel.shared_by_group(Hq // Hkv)
+    gathered = sel.gathered(Hq // Hkv)
+    full, partial = block_maps(sel.window_blocks, gathered, layout)
+    expect = (*block_map_indices(full), *block_map_indices(partial))
+    got = kv_block_indices(sel.window_blocks, gathered, layout)
+    names = ("full num", "full idx", "partial num", "partial idx")
+    for name, g, e in zip(names, got, expect, strict=True):
+        assert g.dtype == e.dtype and torch.equal(g, e), name
 
 
 @pytest.mark.parametrize(
