@@ -58,6 +58,37 @@ def _descendants(event):
         yield from _descendants(child)
 
 
+def _device_time_per_range(prof) -> dict[tuple[str, int], tuple[float, dict[str, float]]]:
+    """Per ``(range name, occurrence)``: the device's busy ms within it (the union of its
+    kernels' intervals) and ms per kernel name, from the profiler's raw activity list (each
+    kernel once). The stage syncs the device before and inside its range, so the kernels that
+    ran within it are its own."""
+    raw = prof.profiler.kineto_results.events()  # torch 2.11 and 2.13
+    ranges: list[tuple[str, int, int]] = []
+    kernels: dict[object, tuple[str, int, int]] = {}
+    for e in raw:
+        start, end = e.start_ns(), e.start_ns() + e.duration_ns()
+        if e.name().startswith("flexsample::"):  # user annotation (CPU) or its GPU twin
+            if e.device_type() == DeviceType.CPU:
+                ranges.append((e.name(), start, end))
+        elif e.device_type() == DeviceType.CUDA:
+            kernels.setdefault((e.correlation_id(), e.name()), (e.name(), start, end))
+    ordered = sorted(kernels.values(), key=lambda k: k[1])
+    out: dict[tuple[str, int], tuple[float, dict[str, float]]] = {}
+    seen: dict[str, int] = defaultdict(int)
+    for name, start, end in sorted(ranges, key=lambda r: r[1]):
+        busy_ns, busy_until, per_kernel = 0, start, defaultdict(float)
+        for kernel, k_start, k_end in ordered:
+            if k_start < start or k_end > end:
+                continue
+            busy_ns += max(0, k_end - max(k_start, busy_until))
+            busy_until = max(busy_until, k_end)
+            per_kernel[_short(kernel)] += (k_end - k_start) / 1e6
+        out[(name, seen[name])] = (busy_ns / 1e6, dict(per_kernel))
+        seen[name] += 1
+    return out
+
+
 def stage_anatomy(q, k, config, calls: int) -> tuple[str, dict[str, dict]]:
     """Profile ``calls`` plans; per stage: wall, device and host ms, launches, syncs (means)."""
     cuda = q.device.type == "cuda"
@@ -73,13 +104,8 @@ def stage_anatomy(q, k, config, calls: int) -> tuple[str, dict[str, dict]]:
             for name, seconds in timer.times.items():
                 walls[name] += seconds
     events = prof.events()
-    # Each kernel once (the profiler lists some twice), without the ranges' own device-side
-    # annotations.
-    kernels = list({
-        (e.name, e.time_range.start, e.time_range.end): e
-        for e in events
-        if e.device_type == DeviceType.CUDA and not e.name.startswith("flexsample::")
-    }.values())  # fmt: skip
+    busy = _device_time_per_range(prof) if cuda else {}
+    seen: dict[str, int] = defaultdict(int)
     stages: dict[str, dict] = {}
     for event in events:
         if not event.name.startswith("flexsample::"):
@@ -88,19 +114,12 @@ def stage_anatomy(q, k, config, calls: int) -> tuple[str, dict[str, dict]]:
             event.name.split("::", 1)[1],
             {"device_ms": 0.0, "launches": 0, "syncs": 0, "memcpys": 0, "top": defaultdict(float)},
         )
-        # The stage syncs before and inside its range: the kernels that ran within it are its.
-        start, end = event.time_range.start, event.time_range.end
-        mine = sorted(
-            (k for k in kernels if start <= k.time_range.start and k.time_range.end <= end),
-            key=lambda k: k.time_range.start,
-        )
-        busy_until = start
-        for kernel in mine:  # the union of the kernels' intervals (streams may overlap)
-            row["device_ms"] += (
-                max(0, kernel.time_range.end - max(kernel.time_range.start, busy_until)) / 1e3
-            )
-            busy_until = max(busy_until, kernel.time_range.end)
-            row["top"][_short(kernel.name)] += kernel.time_range.elapsed_us() / 1e3
+        occurrence = (event.name, seen[event.name])
+        seen[event.name] += 1
+        device_ms, per_kernel = busy.get(occurrence, (0.0, {}))
+        row["device_ms"] += device_ms
+        for kernel, ms in per_kernel.items():
+            row["top"][kernel] += ms
         for child in _descendants(event):
             if not cuda and child.name.startswith("aten::"):
                 row["top"][child.name] += child.self_cpu_time_total / 1e3

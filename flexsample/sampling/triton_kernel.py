@@ -8,7 +8,8 @@ Imported lazily (only when the Triton sampler runs), so the package works withou
   log-sum-exp.
 * ``_column_mass_kernel`` takes one tile of keys and one segment: it loads the keys once,
   then, per query head of the group, streams the segment's sampled rows, turns their logits
-  into normalised probabilities with the log-sum-exp, and sums them over the rows.
+  into normalised probabilities with the log-sum-exp, and sums them over the rows (into a
+  tile-shaped accumulator, reduced once).
 * ``_row_missing_kernel`` (the per-row cover's measurement, stage 2b) takes the same tiles of
   rows as the first kernel and, with their log-sum-exp known, sums the probability of the
   keys each row's mask misses (between the sink and its window, not among its columns).
@@ -209,9 +210,12 @@ def _column_mass_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     lse_base = LSE + (pid_bh * num_segments + seg) * rows_per_segment * GROUP
     out_base = OUT + ((pid_bh * GROUP) * num_segments + seg) * seq_len
+    last_key = pid_n * BLOCK_N + BLOCK_N - 1
     for g in tl.static_range(GROUP):
         q_base = Q + b * stride_qb + (h_kv * GROUP + g) * stride_qh
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Summed over the rows once, at the end: a reduction across the rows per step would
+        # cost more than the exp2 it sums.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, rows_per_segment, BLOCK_M):
             local = start + offs_m
             row_valid = local < rows_per_segment
@@ -223,13 +227,19 @@ def _column_mass_kernel(
             )
             if UPCAST:
                 q = q.to(tl.float32)
+            # An invalid row's log-sum-exp is +inf: its probabilities are 0.
             lse = tl.load(lse_base + local * GROUP + g, mask=row_valid, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
-            keep = row_valid[:, None] & (n[None, :] <= pos[:, None])
-            acc += tl.sum(tl.where(keep, p, 0.0), axis=0)
+            # The rows ascend: where the first one is at or after the tile's last key, every
+            # key here is causal for every row.
+            if tl.load(rows_base + start) >= last_key:
+                acc += p
+            else:
+                acc += tl.where(n[None, :] <= pos[:, None], p, 0.0)
         # out[b, h_kv, g, seg, n]
-        tl.store(out_base + g * num_segments * seq_len + n, acc * inv_rows, mask=n_valid)
+        column = tl.sum(acc, axis=0) * inv_rows
+        tl.store(out_base + g * num_segments * seq_len + n, column, mask=n_valid)
 
 
 @triton.jit
@@ -313,6 +323,8 @@ def _row_missing_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     missed = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
+    # No branch in the loop (it would stop Triton pipelining the K loads): the column table
+    # is read only in tiles where the group has a column, through the load's mask.
     for start in range((sink_tokens // BLOCK_N) * BLOCK_N, tl.max(win_start, axis=0), BLOCK_N):
         n = start + offs_n
         k = tl.load(
@@ -323,11 +335,10 @@ def _row_missing_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens)
-        if tl.load(tile_cols + start // BLOCK_N) != 0:
-            col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
-            miss = miss & (col == 0)
         p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        in_tile = (n < seq_len) & (tl.load(tile_cols + start // BLOCK_N) != 0)
+        col = tl.load(cols_rows[:, None] + n[None, :], mask=in_tile[None, :], other=0)
+        miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens) & (col == 0)
         missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
         m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
     tl.store(MISSED + out_offs, missed, mask=row_valid)
