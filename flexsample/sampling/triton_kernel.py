@@ -336,8 +336,9 @@ def _row_missing_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
-        in_tile = (n < seq_len) & (tl.load(tile_cols + start // BLOCK_N) != 0)
-        col = tl.load(cols_rows[:, None] + n[None, :], mask=in_tile[None, :], other=0)
+        # all of the tile's keys where it holds a column of the group, none elsewhere
+        readable = tl.where(tl.load(tile_cols + start // BLOCK_N) != 0, seq_len, 0)
+        col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < readable, other=0)
         miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens) & (col == 0)
         missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
         m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
