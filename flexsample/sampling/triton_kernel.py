@@ -323,8 +323,12 @@ def _row_missing_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     missed = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
-    # No branch in the loop (it would stop Triton pipelining the K loads): the column table
-    # is read only in tiles where the group has a column, through the load's mask.
+    # Key tiles past the sink, before every valid row's window and holding no column: every
+    # key there is missed by every row, and the tile needs no mask. (A loop without this
+    # branch, masking every tile, measured 15.8 ms at 128K tokens on an H200 against 9.8.)
+    lo = tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N
+    first_window = tl.min(tl.where(row_valid, win_start, seq_len), axis=0)
+    open_end = tl.maximum(lo, (first_window // BLOCK_N) * BLOCK_N)
     for start in range((sink_tokens // BLOCK_N) * BLOCK_N, tl.max(win_start, axis=0), BLOCK_N):
         n = start + offs_n
         k = tl.load(
@@ -336,12 +340,17 @@ def _row_missing_kernel(
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
-        # all of the tile's keys where it holds a column of the group, none elsewhere
-        readable = tl.where(tl.load(tile_cols + start // BLOCK_N) != 0, seq_len, 0)
-        col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < readable, other=0)
-        miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens) & (col == 0)
-        missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
-        m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
+        tile_flag = tl.load(tile_cols + start // BLOCK_N)  # any column of the group here
+        if (start >= lo) & (start + BLOCK_N <= open_end) & (tile_flag == 0):
+            missed += tl.sum(p, axis=1)
+            m_miss = tl.maximum(m_miss, tl.max(s, axis=1))
+        else:
+            miss = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens)
+            if tile_flag != 0:
+                col = tl.load(cols_rows[:, None] + n[None, :], mask=n[None, :] < seq_len, other=0)
+                miss = miss & (col == 0)
+            missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
+            m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
     tl.store(MISSED + out_offs, missed, mask=row_valid)
     tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
 
