@@ -57,6 +57,60 @@ def _accumulate(s, m_i, l_i, qk_scale):
 
 
 @triton.jit
+def _row_tile(
+    Q,
+    ROWS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    num_kv_heads,
+    rows_per_segment,
+    tiles_per_segment,
+    num_segments,
+    query_start,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # A row kernel's program: one kv head, one segment, and a tile of BLOCK_M (row, query
+    # head) pairs: BLOCK_M // GROUP consecutive sampled rows for each of the GROUP query
+    # heads that share this kv head, so every K tile is loaded once for the whole GQA group.
+    # Returns its coordinates, rows and their queries, and each pair's offset in the
+    # (B, Hkv, G, r, group) row tables.
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seg = pid_tile // tiles_per_segment
+    tile = pid_tile % tiles_per_segment
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
+    slot = tl.arange(0, BLOCK_M)
+    head_in_group = slot % GROUP
+    local = tile * ROWS_PER_TILE + slot // GROUP
+    row_valid = (slot < ROWS_PER_TILE * GROUP) & (local < rows_per_segment)
+    pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+    q_head = h_kv * GROUP + head_in_group
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + q_head[:, None] * stride_qh
+        + (pos - query_start)[:, None] * stride_qm
+        + d[None, :] * stride_qd,
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
+    return pid_bh, b, h_kv, q_head, row_valid, pos, q, d, d_valid, out_offs
+
+
+@triton.jit
 def _row_lse_kernel(
     Q,
     K,
@@ -84,36 +138,11 @@ def _row_lse_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program: one kv head, one segment, and a tile of BLOCK_M (row, query head) pairs:
-    # BLOCK_M // GROUP consecutive sampled rows for each of the GROUP query heads that share
-    # this kv head, so every K tile is loaded once for the whole GQA group.
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = pid_tile // tiles_per_segment
-    tile = pid_tile % tiles_per_segment
-    b = pid_bh // num_kv_heads
-    h_kv = pid_bh % num_kv_heads
-    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
-
-    slot = tl.arange(0, BLOCK_M)
-    head_in_group = slot % GROUP
-    local = tile * ROWS_PER_TILE + slot // GROUP
-    row_valid = (slot < ROWS_PER_TILE * GROUP) & (local < rows_per_segment)
-    pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = d < HEAD_DIM
-
-    q_head = h_kv * GROUP + head_in_group
-    q_ptrs = (
-        Q
-        + b * stride_qb
-        + q_head[:, None] * stride_qh
-        + (pos - query_start)[:, None] * stride_qm
-        + d[None, :] * stride_qd
-    )
-    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    _, b, h_kv, _, row_valid, pos, q, d, d_valid, out_offs = _row_tile(
+        Q, ROWS, stride_qb, stride_qh, stride_qm, stride_qd, num_kv_heads, rows_per_segment,
+        tiles_per_segment, num_segments, query_start, GROUP, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
+        UPCAST,
+    )  # fmt: skip
     k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -151,7 +180,6 @@ def _row_lse_kernel(
         m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
 
     # lse[b, h_kv, seg, local, head_in_group], in log2 units of the scaled logits.
-    out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
     tl.store(LSE + out_offs, m_i + tl.log2(l_i), mask=row_valid)
 
 
@@ -284,34 +312,11 @@ def _row_missing_kernel(
     # tile's latest window start (keys from there on are in the window, or after the row:
     # the window test excludes both), and each element costs one FMA, one exp2 and two
     # masked reductions: no running max, no rescaling.
-    pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seg = pid_tile // tiles_per_segment
-    tile = pid_tile % tiles_per_segment
-    b = pid_bh // num_kv_heads
-    h_kv = pid_bh % num_kv_heads
-    ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
-
-    slot = tl.arange(0, BLOCK_M)
-    head_in_group = slot % GROUP
-    local = tile * ROWS_PER_TILE + slot // GROUP
-    row_valid = (slot < ROWS_PER_TILE * GROUP) & (local < rows_per_segment)
-    pos = tl.load(ROWS + seg * rows_per_segment + local, mask=row_valid, other=0)
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = d < HEAD_DIM
-    q_head = h_kv * GROUP + head_in_group
-    q = tl.load(
-        Q
-        + b * stride_qb
-        + q_head[:, None] * stride_qh
-        + (pos - query_start)[:, None] * stride_qm
-        + d[None, :] * stride_qd,
-        mask=row_valid[:, None] & d_valid[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-    out_offs = ((pid_bh * num_segments + seg) * rows_per_segment + local) * GROUP + head_in_group
+    pid_bh, b, h_kv, q_head, row_valid, pos, q, d, d_valid, out_offs = _row_tile(
+        Q, ROWS, stride_qb, stride_qh, stride_qm, stride_qd, num_kv_heads, rows_per_segment,
+        tiles_per_segment, num_segments, query_start, GROUP, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
+        UPCAST,
+    )  # fmt: skip
     lse = tl.load(LSE + out_offs, mask=row_valid, other=0.0)  # log2 units, scaled logits
     num_q_heads = num_kv_heads * GROUP
     w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)

@@ -1,0 +1,37 @@
+"""The GPU benchmark scripts' CPU dry runs: they must not rot between GPU sessions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "bench")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_plan_stages_dry_run(tmp_path):
+    out = _run("plan_stages.py", "--dry-run", "--lengths", "2048", "--calls", "1",
+               "--json", str(tmp_path / "stages.json"))  # fmt: skip
+    for stage in ("sample", "select", "cover", "mask"):
+        assert f"| {stage} |" in out
+    assert (tmp_path / "stages.json").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_probe_cost_dry_run():
+    out = _run("probe_cost.py", "--dry-run", "--lengths", "2048", "--rounds", "1")
+    assert "S=2048 random q/k: probe" in out
