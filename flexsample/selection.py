@@ -192,6 +192,10 @@ def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
 #: ``TOP_UNITS`` the result is the one the whole sorted list gives, at ``TOP_UNITS / S`` of
 #: the work per candidate (a sixteenth at 128K).
 TOP_UNITS = 8192
+#: Units weighed first (:func:`select_columns`): a head whose answer these already decide
+#: (every candidate they leave short costs more over them than the winner) is not weighed
+#: again over :data:`TOP_UNITS`. Heads with sharp attention need a few hundred columns.
+FIRST_UNITS = 1024
 
 
 def select_columns(
@@ -213,7 +217,10 @@ def select_columns(
     need lighter units is not eligible for that head (the whole-sequence window, which needs
     no columns, always is; a fixed window, the only candidate, weighs every unit). The
     result keeps ``alpha`` of every segment either way; it can only be denser than the
-    unbounded search's.
+    unbounded search's. The search first weighs the :data:`FIRST_UNITS` heaviest, and weighs
+    ``top_units`` only for the heads where a candidate those leave short could still win:
+    the same result (up to the order of equal masses), with far less work where attention
+    is sharp.
 
     Args:
         scores: ``(B, H, num_segments, S)`` from
@@ -233,13 +240,60 @@ def select_columns(
     scores = _check_scores(scores, layout)
     if not (0.0 < alpha <= 1.0):  # also rejects NaN
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    B, H, _, S = scores.shape
     bs = layout.block_size
     mass, first, last, tokens = _units(scores.float(), layout)
     U = mass.shape[-1]
     top = min(U, TOP_UNITS if top_units is None else max(1, top_units))
     if layout.fixed_window_blocks is not None:
         top = U  # one candidate, no fallback: weigh every unit
+    units = (first, last, tokens)
+    short_list = min(top, FIRST_UNITS)
+    if short_list < top:
+        # Weigh the heaviest FIRST_UNITS first. A candidate they leave short would take at
+        # least those units' columns, so their cost bounds its cost from below: where every
+        # such bound exceeds the cheapest candidate that fits, the head's answer is final.
+        # The other heads are weighed again over ``top`` units (one read on the host).
+        window, columns, undecided = _cheapest_candidates(mass, units, layout, alpha, short_list)
+        redo = undecided.flatten().nonzero().squeeze(-1)
+        if redo.numel():
+            B, H = window.shape
+            sub = mass.flatten(0, 1)[redo][None]  # (1, heads, G, U)
+            w2, c2, _ = _cheapest_candidates(sub, units, layout, alpha, top)
+            window = window.flatten().index_copy(0, redo, w2[0]).view(B, H)
+            columns = columns.flatten(0, 1).index_copy(0, redo, c2[0]).view(B, H, U)
+    else:
+        window, columns, _ = _cheapest_candidates(mass, units, layout, alpha, top)
+    if layout.column_unit == "block":
+        columns = columns.repeat_interleave(bs, dim=-1)[..., : layout.seq_len]
+    columns[..., : layout.sink_tokens] = True  # the sink: columns every head keeps
+    return ColumnSelection(window_blocks=window, columns=columns, layout=layout)
+
+
+def _cheapest_candidates(
+    mass: torch.Tensor,
+    units: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    layout: SampleLayout,
+    alpha: float,
+    top: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_columns`' search over the ``top`` heaviest units of each segment.
+
+    Args:
+        mass: ``(B, H, G, U)`` sampled mass per unit.
+        units: each unit's first token, last token and token count, ``(U,)`` each.
+        layout: the geometry.
+        alpha: CRA threshold.
+        top: units weighed per segment (``U``: all).
+
+    Returns:
+        ``(window (B, H) int64, columns (B, H, U) bool, undecided (B, H) bool)``: the
+        cheapest candidate that fits among the ``top`` units, and where a candidate they
+        leave short might still be cheaper (its cost over them, a lower bound of its cost
+        over all units, is at most the winner's).
+    """
+    first, last, tokens = units
+    B, H, _, U = mass.shape
+    S, bs = layout.seq_len, layout.block_size
     if top < U:
         ordered, order = mass.topk(top, dim=-1, sorted=True)
     else:
@@ -252,15 +306,16 @@ def select_columns(
     # Each segment's window is measured from its last sampled row, in tokens: a window of w
     # blocks reaches at least w * block_size keys back from any row (rows at the start of
     # their block reach no further), so the mass it is credited with holds for every row.
-    last_row = torch.tensor(layout.segment_ends(), device=scores.device)[:, None] - 1  # (G, 1)
+    last_row = torch.tensor(layout.segment_ends(), device=mass.device)[:, None] - 1  # (G, 1)
     # Mass of the units that lie wholly before a token, for every token (the eligible mass
     # of a window starting there, sink included): (B, H, G, S + 1).
     before_token = _mass_before(mass, last, S)
 
-    dev = scores.device
+    dev = mass.device
     best_cost = torch.full((B, H), float("inf"), device=dev, dtype=torch.float64)
     best_window = torch.zeros(B, H, dtype=torch.int64, device=dev)
     best_columns = torch.zeros(B, H, U, dtype=torch.bool, device=dev)
+    least_short = torch.full((B, H), float("inf"), device=dev, dtype=torch.float64)
     candidates = layout.window_candidates()
     # Candidates are weighed a batch at a time (a leading dim) where the device's budget
     # allows (about 16 bytes per unit and candidate): few launches on a GPU at short lengths.
@@ -283,7 +338,7 @@ def select_columns(
         before = held - outside  # eligible mass of the heavier units
         take = eligible & (before < need[..., None]) & (ordered > 0)
         # Where the heaviest units' eligible mass falls short of the need, lighter units would
-        # be taken too: not weighed, so that candidate is out for the head.
+        # be taken too: not weighed, so that candidate is out for the head here.
         short = (held[..., -1] < need).any(dim=-1) if top < U else None  # (Wc, B, H)
         chosen = torch.zeros(len(ws), B, H, U, dtype=torch.uint8, device=dev)
         chosen.scatter_reduce_(
@@ -298,6 +353,8 @@ def select_columns(
             dim=-1, dtype=torch.float64
         )  # (Wc, B, H)
         if short is not None:
+            bound = cost.masked_fill(~short, float("inf")).amin(dim=0)
+            least_short = torch.minimum(least_short, bound)
             cost = cost.masked_fill(short, float("inf"))
         # The first (smallest) window wins ties, within a batch and across batches.
         cheapest, pick = cost.min(dim=0)
@@ -306,11 +363,7 @@ def select_columns(
         best_window = torch.where(better, w.view(-1)[pick], best_window)
         picked = chosen.gather(0, pick[None, :, :, None].expand(1, B, H, U))[0]
         best_columns = torch.where(better[..., None], picked, best_columns)
-
-    if layout.column_unit == "block":
-        best_columns = best_columns.repeat_interleave(bs, dim=-1)[..., :S]
-    best_columns[..., : layout.sink_tokens] = True  # the sink: columns every head keeps
-    return ColumnSelection(window_blocks=best_window, columns=best_columns, layout=layout)
+    return best_window, best_columns, least_short <= best_cost
 
 
 def keep_mask(

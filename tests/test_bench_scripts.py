@@ -35,3 +35,9 @@ def test_plan_stages_dry_run(tmp_path):
 def test_probe_cost_dry_run():
     out = _run("probe_cost.py", "--dry-run", "--lengths", "2048", "--rounds", "1")
     assert "S=2048 random q/k: probe" in out
+
+
+@pytest.mark.slow
+def test_select_tiers_planted():
+    out = _run("select_tiers.py", "--lengths", "2048", "--rounds", "1", "--no-smollm2")
+    assert out.count("same selection: True") == 2

@@ -70,6 +70,46 @@ def test_weighing_only_the_heaviest_units_keeps_alpha_and_costs_no_fewer_pairs(c
     assert torch.equal(default.window_blocks, whole.window_blocks)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("structure", ["diffuse", "stripes"])
+def test_a_short_first_list_gives_the_same_selection(cfg, structure, monkeypatch):
+    """Weighing the heaviest FIRST_UNITS first, then all ``top_units`` for the heads not yet
+    decided, selects what weighing ``top_units`` at once selects; on sharp attention no head
+    is weighed twice."""
+    from flexsample import selection
+
+    if structure == "diffuse":
+        layout = SampleLayout.create(1000, cfg)
+        scores = torch.rand(2, 3, layout.num_segments, 1000) ** 8
+        rows = layout.sampled_rows().amax(dim=-1)
+        scores = scores.masked_fill(torch.arange(1000) > rows[:, None], 0)
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        scores, layout = _scores(2, 4, 2, 1000, cfg, stripes=(2, 5), stripe_width=1)
+    weighed = []
+    search = selection._cheapest_candidates
+
+    def spy(mass, *args):
+        weighed.append(mass.shape[0] * mass.shape[1])
+        return search(mass, *args)
+
+    monkeypatch.setattr(selection, "_cheapest_candidates", spy)
+    for top in (64, 300, 1000):
+        monkeypatch.setattr(selection, "FIRST_UNITS", top)
+        once = select_columns(scores, layout, 0.9, top_units=top)
+        monkeypatch.setattr(selection, "FIRST_UNITS", 12)
+        weighed.clear()
+        tiered = select_columns(scores, layout, 0.9, top_units=top)
+        assert torch.equal(tiered.window_blocks, once.window_blocks), top
+        assert torch.equal(tiered.columns, once.columns), top
+        assert weighed[0] == scores.shape[0] * scores.shape[1]  # every head once
+    if structure == "stripes" and layout.fixed_window_blocks is None:
+        monkeypatch.setattr(selection, "FIRST_UNITS", 64)
+        weighed.clear()
+        select_columns(scores, layout, 0.9, top_units=1000)
+        assert weighed == [scores.shape[0] * scores.shape[1]]  # none weighed again
+
+
 def test_block_columns_are_whole_blocks():
     cfg = SampleConfig(block_size=32, column_unit="block")
     scores, layout = _scores(1, 2, 1, 700, cfg, stripes=3, stripe_width=1)
