@@ -6,6 +6,7 @@ so "covered by the window" means the same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -138,10 +139,12 @@ class SampleLayout:
 
         Segment ``g`` samples its last ``rows_per_segment`` rows, in ascending order, so the
         final rows of the prompt (which usually ask the question) are always sampled.
+
+        One tensor per layout and device, shared by every caller (each stage of every layer
+        asks; building it copies from the host, which on a GPU waits for the work queued
+        before): read it, do not write to it.
         """
-        ends = torch.tensor(self.segment_ends(), dtype=torch.int64, device=device)
-        offsets = torch.arange(self.rows_per_segment, dtype=torch.int64, device=device)
-        return ends[:, None] - self.rows_per_segment + offsets[None, :]
+        return _sampled_rows(self, torch.device(device))
 
     def notes(self) -> dict[str, str]:
         """Why this geometry cannot give a sparse mask: ``{config field: explanation}``.
@@ -164,3 +167,10 @@ class SampleLayout:
                 f"{self.num_blocks} blocks of seq_len {self.seq_len}: dense (density 1.0)"
             )
         return notes
+
+
+@functools.lru_cache(maxsize=64)
+def _sampled_rows(layout: SampleLayout, device: torch.device) -> torch.Tensor:
+    ends = torch.tensor(layout.segment_ends(), dtype=torch.int64, device=device)
+    offsets = torch.arange(layout.rows_per_segment, dtype=torch.int64, device=device)
+    return ends[:, None] - layout.rows_per_segment + offsets[None, :]

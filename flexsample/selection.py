@@ -306,7 +306,7 @@ def _cheapest_candidates(
     # Each segment's window is measured from its last sampled row, in tokens: a window of w
     # blocks reaches at least w * block_size keys back from any row (rows at the start of
     # their block reach no further), so the mass it is credited with holds for every row.
-    last_row = torch.tensor(layout.segment_ends(), device=mass.device)[:, None] - 1  # (G, 1)
+    windows, window_pair_counts, last_row = _candidate_tensors(layout, mass.device)
     # Mass of the units that lie wholly before a token, for every token (the eligible mass
     # of a window starting there, sink included): (B, H, G, S + 1).
     before_token = _mass_before(mass, last, S)
@@ -325,7 +325,7 @@ def _cheapest_candidates(
     flat_order = order.flatten(-2)  # (B, H, G * top)
     for i in range(0, len(candidates), per_batch):
         ws = candidates[i : i + per_batch]
-        w = torch.tensor(ws, device=dev).view(-1, 1, 1, 1, 1)  # (Wc, 1, 1, 1, 1)
+        w = windows[i : i + per_batch].view(-1, 1, 1, 1, 1)  # (Wc, 1, 1, 1, 1)
         start = last_row - w * bs + 1  # (Wc, 1, 1, G, 1): the keys every row's window reaches
         eligible = (last_sorted < start) & (first_sorted >= layout.sink_tokens)
         outside = ordered * eligible
@@ -348,7 +348,7 @@ def _cheapest_candidates(
         # A column at block cb is read by every query in blocks after cb + w.
         first_reader = ((first // bs + w.view(-1, 1) + 1) * bs).clamp(min=layout.query_start)
         readers = (S - first_reader).clamp(min=0) * tokens  # (Wc, U)
-        pairs = torch.tensor([window_pairs(layout, c) for c in ws], device=dev)
+        pairs = window_pair_counts[i : i + per_batch]
         cost = pairs.view(-1, 1, 1).double() + (chosen * readers[:, None, None, :]).sum(
             dim=-1, dtype=torch.float64
         )  # (Wc, B, H)
@@ -364,6 +364,22 @@ def _cheapest_candidates(
         picked = chosen.gather(0, pick[None, :, :, None].expand(1, B, H, U))[0]
         best_columns = torch.where(better[..., None], picked, best_columns)
     return best_window, best_columns, least_short <= best_cost
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_tensors(
+    layout: SampleLayout, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On ``device``, once per layout (every layer of a prefill asks, and each copy from the
+    host waits on a GPU for the work queued before it): the window candidates ``(Wc,)``,
+    their window and sink pairs ``(Wc,)`` and each segment's last sampled row ``(G, 1)``."""
+    candidates = layout.window_candidates()
+    pairs = [window_pairs(layout, c) for c in candidates]
+    return (
+        torch.tensor(candidates, device=device),
+        torch.tensor(pairs, device=device),
+        layout.sampled_rows(device)[:, -1:],
+    )
 
 
 def keep_mask(
@@ -422,6 +438,6 @@ def kept_sampled_mass(
     Returns:
         ``(B, H, num_segments)``, at least ``alpha`` for the selection's own columns.
     """
-    ends = torch.tensor(layout.segment_ends(), device=scores.device) - 1
-    keep = keep_mask(window_blocks, columns, layout, ends)  # (B, H, G, S)
+    last_rows = layout.sampled_rows(scores.device)[:, -1]
+    keep = keep_mask(window_blocks, columns, layout, last_rows)  # (B, H, G, S)
     return (scores * keep).sum(dim=-1) / scores.sum(dim=-1).clamp_min(1e-30)
