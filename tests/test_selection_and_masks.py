@@ -71,15 +71,15 @@ def test_weighing_only_the_heaviest_units_keeps_alpha_and_costs_no_fewer_pairs(c
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("structure", ["diffuse", "stripes"])
+@pytest.mark.parametrize("structure", ["diffuse", "stripes", "chunk"])
 def test_a_short_first_list_gives_the_same_selection(cfg, structure, monkeypatch):
     """Weighing the heaviest FIRST_UNITS first, then all ``top_units`` for the heads not yet
     decided, selects what weighing ``top_units`` at once selects; on sharp attention no head
     is weighed twice."""
     from flexsample import selection
 
-    if structure == "diffuse":
-        layout = SampleLayout.create(1000, cfg)
+    if structure in ("diffuse", "chunk"):  # a chunk: the last 400 queries of 1000 keys
+        layout = SampleLayout.create(1000, cfg, query_len=400 if structure == "chunk" else None)
         scores = torch.rand(2, 3, layout.num_segments, 1000) ** 8
         rows = layout.sampled_rows().amax(dim=-1)
         scores = scores.masked_fill(torch.arange(1000) > rows[:, None], 0)
