@@ -26,7 +26,7 @@ import torch
 from .layout import SampleLayout
 from .sampling.reference import sampled_row_probabilities
 from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
-from .selection import local_pairs
+from .selection import column_readers, window_candidate_tables
 
 #: Rows probed per segment: its last sampled row. Two per segment cost 11 ms at 128K on an
 #: H100 (32 heads; the sort of each row dominates), 4% of cuDNN's dense time.
@@ -137,13 +137,9 @@ def _candidate_tables(
     """Selection's window candidates ``(c,)`` in blocks, their window pairs ``(c,)`` and, per
     candidate and key, the queries that read the key as a column ``(c, S)`` (every layer of
     a prefill shares them)."""
-    S, bs = layout.seq_len, layout.block_size
-    candidates = torch.tensor(layout.window_candidates(), device=device)
-    window = local_pairs(candidates, layout).float()
-    key_block = torch.arange(S, device=device) // bs
-    first_reader = ((key_block + candidates[:, None] + 1) * bs).clamp(min=layout.query_start)
-    readers = (S - first_reader).clamp(min=0).float()
-    return candidates, window, readers
+    candidates, window = window_candidate_tables(layout, device)
+    keys = torch.arange(layout.seq_len, device=device)
+    return candidates, window.float(), column_readers(layout, candidates, keys).float()
 
 
 def probe_density(

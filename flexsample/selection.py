@@ -306,7 +306,8 @@ def _cheapest_candidates(
     # Each segment's window is measured from its last sampled row, in tokens: a window of w
     # blocks reaches at least w * block_size keys back from any row (rows at the start of
     # their block reach no further), so the mass it is credited with holds for every row.
-    windows, window_pair_counts, last_row = _candidate_tensors(layout, mass.device)
+    windows, window_pair_counts = window_candidate_tables(layout, mass.device)
+    last_row = layout.sampled_rows(mass.device)[:, -1:]  # (G, 1)
     # Mass of the units that lie wholly before a token, for every token (the eligible mass
     # of a window starting there, sink included): (B, H, G, S + 1).
     before_token = _mass_before(mass, last, S)
@@ -345,9 +346,7 @@ def _cheapest_candidates(
             -1, flat_order.expand(len(ws), -1, -1, -1), take.flatten(-2).to(torch.uint8), "amax"
         )
         chosen = chosen.bool()  # (Wc, B, H, U): the union over segments
-        # A column at block cb is read by every query in blocks after cb + w.
-        first_reader = ((first // bs + w.view(-1, 1) + 1) * bs).clamp(min=layout.query_start)
-        readers = (S - first_reader).clamp(min=0) * tokens  # (Wc, U)
+        readers = column_readers(layout, w.view(-1), first) * tokens  # (Wc, U)
         pairs = window_pair_counts[i : i + per_batch]
         cost = pairs.view(-1, 1, 1).double() + (chosen * readers[:, None, None, :]).sum(
             dim=-1, dtype=torch.float64
@@ -367,19 +366,26 @@ def _cheapest_candidates(
 
 
 @functools.lru_cache(maxsize=64)
-def _candidate_tensors(
+def window_candidate_tables(
     layout: SampleLayout, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On ``device``, once per layout (every layer of a prefill asks, and each copy from the
-    host waits on a GPU for the work queued before it): the window candidates ``(Wc,)``,
-    their window and sink pairs ``(Wc,)`` and each segment's last sampled row ``(G, 1)``."""
-    candidates = layout.window_candidates()
-    pairs = [window_pairs(layout, c) for c in candidates]
-    return (
-        torch.tensor(candidates, device=device),
-        torch.tensor(pairs, device=device),
-        layout.sampled_rows(device)[:, -1:],
-    )
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window candidates ``(c,)`` int64 in blocks and the causal pairs each keeps with
+    the sink ``(c,)`` int64 (:func:`local_pairs`), on ``device``, once per layout: selection
+    and the probe weigh the same candidates on every layer of a prefill (and a copy from the
+    host waits on a GPU for the work queued before it). Shared: read them, do not write."""
+    candidates = torch.tensor(layout.window_candidates(), device=device)
+    return candidates, local_pairs(candidates, layout)
+
+
+def column_readers(
+    layout: SampleLayout, windows: torch.Tensor, first_token: torch.Tensor
+) -> torch.Tensor:
+    """``(c, n)``: for windows of ``windows (c,)`` blocks, how many queries read a column
+    whose first token is ``first_token (n,)`` as a column: every query in the blocks after
+    the column's block plus the window (earlier ones reach it with their window)."""
+    bs = layout.block_size
+    first_reader = ((first_token // bs + windows[:, None] + 1) * bs).clamp(min=layout.query_start)
+    return (layout.seq_len - first_reader).clamp(min=0)
 
 
 def keep_mask(
