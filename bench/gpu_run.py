@@ -339,10 +339,13 @@ def check_chunk_attention(dtype, device) -> Check:
     )  # fmt: skip
 
 
-def check_correctness(device: torch.device, dry: bool, on_check=None) -> list[dict]:
+def check_correctness(
+    device: torch.device, dry: bool, on_check=None, kernels_only: bool = False
+) -> list[dict]:
     """Every correctness check of the GPU run (fewer shapes with ``dry``), in turn:
     ``on_check(rows)`` after each, so that a run cut short keeps the checks it made (with
-    FlashAttention-4 the section takes minutes: each padded shape compiles once)."""
+    FlashAttention-4 the section takes minutes: each padded shape compiles once).
+    ``kernels_only``: the sampler's and the row cover's checks alone (no attention call)."""
     sampler = "triton" if device.type == "cuda" else "torch"
     shapes = [
         (1, 4, 2, 1000, 64, 64),
@@ -359,19 +362,22 @@ def check_correctness(device: torch.device, dry: bool, on_check=None) -> list[di
     todo.append(p(check_sampler_vs_torch, 4096 if dry else 32768, device, sampler))
     todo += [p(check_row_kept_mass, s, d, device, sampler) for s in shapes for d in dtypes]
     todo.append(p(check_row_cover, 4096 if dry else 32768, device, sampler))
-    todo += [p(check_sparse_flex, d, device, shared) for shared in (False, True) for d in dtypes]
-    if flash:
-        todo += [p(check_sparse_flex, d, device, sh, "flash") for sh in (False, True) for d in half]
     todo += [p(check_chunk_sampler, d, device, sampler) for d in dtypes]
-    todo += [p(check_chunk_attention, d, device) for d in (torch.float32, torch.bfloat16)]
-    todo += [p(check_dense_equivalent, d, S, device) for d in (torch.float32, torch.bfloat16)]
-    if flash:
-        todo.append(p(check_dense_equivalent, torch.bfloat16, S, device, "triton"))
-    todo += [p(check_dense_path, d, device) for d in dtypes]
-    if flash:
-        todo += [p(check_flex_dense, d, device, "flash") for d in half]
-    elif dry:  # the same check on the Triton backend (the CPU template), to try the script
-        todo.append(p(check_flex_dense, torch.bfloat16, device, "triton"))
+    if not kernels_only:
+        todo += [p(check_sparse_flex, d, device, sh) for sh in (False, True) for d in dtypes]
+        if flash:
+            todo += [
+                p(check_sparse_flex, d, device, sh, "flash") for sh in (False, True) for d in half
+            ]
+        todo += [p(check_chunk_attention, d, device) for d in (torch.float32, torch.bfloat16)]
+        todo += [p(check_dense_equivalent, d, S, device) for d in (torch.float32, torch.bfloat16)]
+        if flash:
+            todo.append(p(check_dense_equivalent, torch.bfloat16, S, device, "triton"))
+        todo += [p(check_dense_path, d, device) for d in dtypes]
+        if flash:
+            todo += [p(check_flex_dense, d, device, "flash") for d in half]
+        elif dry:  # the same check on the Triton backend (the CPU template), to try the script
+            todo.append(p(check_flex_dense, torch.bfloat16, device, "triton"))
     rows: list[dict] = []
     for check in todo:
         c = check().row()
@@ -978,6 +984,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument(
+        "--kernel-checks",
+        action="store_true",
+        help="only the sampler's and the row cover's checks against float64 and torch, then stop",
+    )
+    p.add_argument(
         "--replot",
         type=Path,
         metavar="JSON",
@@ -1076,6 +1087,9 @@ def main(argv: list[str] | None = None) -> int:
         checks[:] = done
         write([])
 
+    if args.kernel_checks:
+        check_correctness(device, args.dry_run, on_check=record, kernels_only=True)
+        return 0
     if not args.skip_correctness:
         check_correctness(device, args.dry_run, on_check=record)
     tuning = tune_sampler(device, measure) if args.tune_sampler else []

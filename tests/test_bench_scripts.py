@@ -41,3 +41,10 @@ def test_probe_cost_dry_run():
 def test_select_tiers_planted():
     out = _run("select_tiers.py", "--lengths", "2048", "--rounds", "1", "--no-smollm2")
     assert out.count("same selection: True") == 2
+
+
+@pytest.mark.slow
+def test_gpu_run_kernel_checks_dry_run(tmp_path):
+    out = _run("gpu_run.py", "--dry-run", "--kernel-checks", "--out", str(tmp_path))
+    assert "row kept mass" in out and "BAD" not in out
+    assert (tmp_path / "gpu_dry_run.md").exists()
