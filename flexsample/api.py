@@ -56,8 +56,10 @@ def flex_sample_attention(
     """
     if not torch.compiler.is_compiling():
         check_qkv(q, k, v)
-    timer = StageTimer(q.device, enabled=return_stats)
+    if not return_stats:
+        return run_plan(plan_prefill_checked(q, k, config, scale, None), q, k, v)
+    timer = StageTimer(q.device, enabled=True)
     plan = plan_prefill_checked(q, k, config, scale, timer)  # q, k, v checked above
     with timer.stage("attention"):
         out = run_plan(plan, q, k, v)
-    return (out, SampleStats.from_plan(plan, timer.times)) if return_stats else out
+    return out, SampleStats.from_plan(plan, timer.times)

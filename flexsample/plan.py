@@ -61,6 +61,11 @@ logger = logging.getLogger("flexsample")
 _DEFAULT_CONFIG = SampleConfig()
 _logged_kinds: set[str] = set()
 
+#: Dense plans decided by length alone, per (q's shape, S, dtype, device, config, scale,
+#: backend), with the cost model they were decided on (a new model decides again).
+_DENSE_BY_LENGTH: dict[tuple, tuple[CostModel | None, PrefillPlan]] = {}
+_MAX_DENSE_BY_LENGTH = 1024
+
 
 @dataclass(frozen=True, eq=False)
 class PrefillPlan:
@@ -215,8 +220,25 @@ def plan_prefill_checked(
         raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
     scale = resolve_scale(q, scale)
     timer = timer or StageTimer(q.device, enabled=False)
-    B, Hq, L, _ = q.shape
+    B, Hq, L, D = q.shape
     S = k.shape[2]
+    # Resolved first: a backend that cannot run here is an error on every path.
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        backend: Backend = "flash" if config.backend == "flash" else "triton"
+    else:
+        backend = resolve_backend(config.backend, q.device, q.dtype, D)
+    costs = (
+        _cost_model(q.device, q.dtype, backend)
+        if config.min_seq_len is None or config.max_density is None
+        else None
+    )
+    # A length that runs dense runs dense on every call of its shape: the plan is made once
+    # (on an H200 at 4K tokens, making it took a tenth of the call's time).
+    key = (q.shape, S, q.dtype, q.device, config, scale, backend)
+    known = _DENSE_BY_LENGTH.get(key)
+    if known is not None and known[0] is costs:
+        return known[1]
     common = {
         "seq_len": S,
         "query_len": L,
@@ -225,26 +247,19 @@ def plan_prefill_checked(
         "scale": scale,
         "config": config,
     }
-
-    D = q.shape[-1]
-    # Resolved first: a backend that cannot run here is an error on every path.
-    if torch.compiler.is_compiling():
-        backend: Backend = "flash" if config.backend == "flash" else "triton"
-    else:
-        backend = resolve_backend(config.backend, q.device, q.dtype, D)
     layout = _layout(S, config, L)
-    costs = (
-        _cost_model(q.device, q.dtype, backend)
-        if config.min_seq_len is None or config.max_density is None
-        else None
-    )
 
     def dense(reason: str) -> PrefillPlan:
         return _dense_plan(reason, common, layout, backend, costs, q.device, q.dtype, D)
 
     reason = _length_reason(config, layout, costs, B * Hq, D)
     if reason is not None:
-        return dense(reason)
+        plan = dense(reason)
+        if not compiling:
+            if len(_DENSE_BY_LENGTH) >= _MAX_DENSE_BY_LENGTH:
+                _DENSE_BY_LENGTH.clear()
+            _DENSE_BY_LENGTH[key] = (costs, plan)
+        return plan
 
     notes = layout.notes()
     for field, note in notes.items():
@@ -436,7 +451,8 @@ def _length_reason(
         return reason
     if costs is None:
         return None
-    reason = _cached_length_verdict(costs, batch_heads, head_dim, layout)
+    probes = config.max_density != 1.0  # as plan_prefill: the probe runs unless 1.0
+    reason = _cached_length_verdict(costs, batch_heads, head_dim, layout, probes)
     if reason is not None:
         _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
     return reason
@@ -444,11 +460,11 @@ def _length_reason(
 
 @functools.lru_cache(maxsize=4096)
 def _cached_length_verdict(
-    costs: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout
+    costs: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout, probe: bool
 ) -> str | None:
     # Every layer of a prefill asks the same question: answered once per shape (the
     # cost model and layout are frozen, hashable values; a new calibration is a new key).
-    return length_verdict(costs, batch_heads, head_dim, layout)
+    return length_verdict(costs, batch_heads, head_dim, layout, probe=probe)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -62,12 +62,40 @@ def test_short_sequences_run_dense_without_planning(model):
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+def test_a_dense_length_is_decided_once_per_shape_and_cost_model(model):
+    q, k, _ = planted_qkv(1, 4, 2, 1024, 32, stripes=4, stripe_width=1)
+    first = fs.plan_prefill(q, k)
+    assert first.path == "dense"
+    assert fs.plan_prefill(q, k) is first  # the same shape: the same plan, made once
+    assert fs.plan_prefill(q, k, scale=0.1) is not first  # another scale is another plan
+    assert fs.plan_prefill(q[:, :, :1000], k[:, :, :1000]) is not first
+    # A new cost model (a calibration) decides again: here sparse pays.
+    model(dataclasses.replace(MODEL, dense_pair_s=2e-9))
+    assert fs.plan_prefill(q, k).path == "sparse"
+
+
 def test_long_enough_sequences_are_planned(model):
     # Dense ten times dearer per pair: sparse pays from short lengths on.
     model(dataclasses.replace(MODEL, dense_pair_s=2e-10))
     q, k, v = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
     _, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
     assert stats.path == "sparse", stats.reason
+
+
+def test_a_length_where_the_probe_costs_too_much_of_dense_runs_dense(model):
+    # Sparse pays (dense ten times dearer per pair), but the probe would cost 10 ms of dense
+    # attention's ~54 ms: more than the PROBE_SHARE a diffuse input may lose to it.
+    model(dataclasses.replace(MODEL, dense_pair_s=2e-10, probe_fixed_s=1e-2, probe_pair_s=0.0))
+    q, k, v = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
+    _, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    assert stats.path == "dense", stats.reason
+    assert stats.reason.startswith("seq_len 2048: the probe ~10 ms is 18% of dense ~54.")
+    assert set(stats.times) == {"attention"}  # not even the probe ran
+    # Without the probe (max_density=1.0) its cost does not count.
+    assert fs.plan_prefill(q, k, fs.SampleConfig(max_density=1.0)).path == "sparse"
+    # A probe within its share is planned.
+    model(dataclasses.replace(MODEL, dense_pair_s=2e-10, probe_fixed_s=1e-3, probe_pair_s=0.0))
+    assert fs.plan_prefill(q, k).path == "sparse"
 
 
 def test_diffuse_attention_runs_dense_at_the_probe(model):
@@ -148,6 +176,8 @@ def test_calibrate_measures_a_usable_model():
     m = costs.calibrate(torch.device("cpu"), torch.float32, lengths=(1024, 1536, 2048), repeats=1)
     assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
     assert m.dense_pair_s > 0 and m.plan_pair_s >= 0 and m.sparse_pair_s >= 0
+    assert m.probe_pair_s is not None and m.probe_pair_s >= 0 and m.probe_fixed_s >= 0
+    assert m.probe_s(8, 2048, 64, 8) > 0
     assert "flexsample calibrate" in m.source
 
 
