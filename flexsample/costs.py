@@ -9,6 +9,9 @@ counts, so each is modelled as a fixed cost plus rates:
   plus ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three passes of
   the sampled rows over the keys);
 * the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``;
+* the probe (:mod:`flexsample.probe`): a fixed cost plus ``B * Hq * probed rows * S``
+  products times ``D``; where it finds diffuse attention the call runs dense after it, so
+  its cost is what such a call loses (:data:`PROBE_SHARE` bounds it);
 * where the sparse call runs on FlashAttention-4 (``backend="flash"``), dense causal attention
   through the same FlexAttention kernel with every causal tile, which beats cuDNN's SDPA on
   Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
@@ -111,6 +114,9 @@ class CostModel:
             through FlexAttention on ``backend`` (every causal tile), as for SDPA; None
             where not measured (it is measured for ``"flash"`` only: on Triton it is slower
             than SDPA).
+        probe_fixed_s, probe_pair_s: the probe: fixed seconds, and seconds per (probed
+            row, key) product and head-dim element; None where not measured (cost files
+            written before flexsample 0.4: the length verdict then leaves the probe out).
     """
 
     device: str
@@ -127,6 +133,8 @@ class CostModel:
     backend: str = "triton"
     flex_dense_fixed_s: float | None = None
     flex_dense_pair_s: float | None = None
+    probe_fixed_s: float | None = None
+    probe_pair_s: float | None = None
 
     def sdpa_s(
         self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
@@ -171,6 +179,16 @@ class CostModel:
             + self.plan_token_s * tokens
             + self.plan_pair_s * tokens * sampled_rows * head_dim
         )
+
+    def probe_s(
+        self, batch_heads: int, seq_len: int, head_dim: int, probed_rows: int
+    ) -> float | None:
+        """Estimated seconds of the probe of ``probed_rows`` rows per head; None where not
+        measured."""
+        if self.probe_pair_s is None:
+            return None
+        products = batch_heads * seq_len * probed_rows * head_dim
+        return (self.probe_fixed_s or 0.0) + self.probe_pair_s * products
 
     def sparse_s(self, pairs: float, head_dim: int) -> float:
         """Estimated seconds of the sparse call computing ``pairs`` (query, key) pairs in all."""
@@ -310,8 +328,8 @@ def calibrate(
 ) -> CostModel:
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
-    Times dense causal SDPA, the default planning, and the sparse call at three densities
-    (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
+    Times dense causal SDPA, the default planning, the probe, and the sparse call at three
+    densities (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
     or four lengths, on planted inputs with single-token stripes, and fits each
     cost as fixed + rates x work (non-negative least squares). The sparse call runs on the
     backend ``SampleConfig.backend="auto"`` picks here; where that is FlashAttention-4, dense
@@ -330,6 +348,7 @@ def calibrate(
     from .attention import dense_causal_attention, flex_dense_attention, resolve_backend
     from .config import SampleConfig
     from .plan import plan_prefill, run_plan
+    from .probe import probe_density, probe_rows
     from .synthetic import planted_qkv
 
     device = torch.device(device)
@@ -338,7 +357,7 @@ def calibrate(
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
     backend = resolve_backend(plan_config.backend, device, dtype, D)
-    dense, plan, sparse, flex_dense = [], [], [], []
+    dense, plan, sparse, flex_dense, probe = [], [], [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():
         for S in lengths:
@@ -353,22 +372,25 @@ def calibrate(
             plans = [
                 plan_prefill(q, k, plan_config.replace(window_ratio=r)) for r in CALIBRATION_WINDOWS
             ]
+            alpha = SampleConfig().alpha
             fns = [
                 functools.partial(dense_causal_attention, q, k, v, D**-0.5),
                 functools.partial(plan_prefill, q, k, plan_config),
+                functools.partial(probe_density, q, k, layout, alpha, D**-0.5),
                 *(functools.partial(run_plan, p, q, k, v) for p in plans),
             ]
             if backend == "flash":
                 fns.append(functools.partial(flex_dense_attention, q, k, v, D**-0.5, backend))
-            dense_s, plan_s, *rest = interleaved_medians(fns, device, repeats)
+            dense_s, plan_s, probe_s, *rest = interleaved_medians(fns, device, repeats)
             sparse_s, flex_s = rest[: len(plans)], rest[len(plans) :]
             pairs = (Hq * S * (S + 1) / 2 * D,)
             flex_dense += [(pairs, seconds) for seconds in flex_s]
             dense.append((pairs, dense_s))
             plan.append(((Hq * S, Hq * S * rows * D), plan_s))
+            probe.append(((Hq * S * probe_rows(layout).numel() * D,), probe_s))
             for p, seconds in zip(plans, sparse_s, strict=True):
                 sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
-    dense_fit, plan_fit, sparse_fit = _fit(dense), _fit(plan), _fit(sparse)
+    dense_fit, plan_fit, sparse_fit, probe_fit = _fit(dense), _fit(plan), _fit(sparse), _fit(probe)
     flex_fit = _fit(flex_dense) if flex_dense else (None, None)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     shape = f"Hq={Hq} Hkv={Hkv} D={D}, S in {', '.join(map(str, lengths))}"
@@ -387,6 +409,8 @@ def calibrate(
         backend=backend,
         flex_dense_fixed_s=flex_fit[0],
         flex_dense_pair_s=flex_fit[1],
+        probe_fixed_s=probe_fit[0],
+        probe_pair_s=probe_fit[1],
     )
 
 
@@ -396,14 +420,30 @@ def chunk_pairs(layout: SampleLayout) -> int | None:
     return None if layout.query_start == 0 else layout.causal_pairs
 
 
+#: The most of dense attention's time the probe may cost: where it finds diffuse attention,
+#: the call runs dense after it and loses that much, so lengths where the probe costs more
+#: run dense without it (on an H200 the probe took 2.3 ms at 32K tokens, 16% of dense
+#: attention's 14.6 ms, and 3.1 ms at 64K, 5.6%: ``bench/results/plan_stages_NVIDIA_H200.txt``).
+PROBE_SHARE = 0.05
+
+
 def length_verdict(
-    model: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout
+    model: CostModel,
+    batch_heads: int,
+    head_dim: int,
+    layout: SampleLayout,
+    *,
+    probe: bool = False,
 ) -> str | None:
     """Why a sparse call cannot beat dense attention at this length (None if it may).
 
     The best a plan can do is compute only its windows' floor; if planning plus that costs
-    at least dense attention, planning is wasted.
+    at least dense attention, planning is wasted. With ``probe`` (the plan probes first,
+    :mod:`flexsample.probe`), the probe counts too, and it may cost at most
+    :data:`PROBE_SHARE` of dense attention: on diffuse attention that is what the call
+    loses. A model without the probe's rates (an older cost file) leaves it out.
     """
+    from .probe import probe_rows
     from .selection import window_pairs
 
     S = layout.seq_len
@@ -412,16 +452,24 @@ def length_verdict(
     floor = float(window_pairs(layout, floor_blocks)) * batch_heads
     rows = layout.num_segments * layout.rows_per_segment
     plan = model.plan_s(batch_heads, S, head_dim, rows)
+    probe_s = model.probe_s(batch_heads, S, head_dim, probe_rows(layout).numel()) if probe else None
+    plan += probe_s or 0.0
     best = plan + model.sparse_s(floor, head_dim)
     dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=chunk_pairs(layout))
-    if best < dense:
-        return None
     queries = "" if layout.query_start == 0 else f" ({layout.query_len} queries)"
-    return (
-        f"seq_len {S}{queries}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
-        f"{(best - plan) * 1e3:.3g} ms would not beat dense ~{dense * 1e3:.3g} ms "
-        f"(cost model of {model.device}, {model.dtype})"
-    )
+    of_model = f"(cost model of {model.device}, {model.dtype})"
+    if best >= dense:
+        return (
+            f"seq_len {S}{queries}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
+            f"{(best - plan) * 1e3:.3g} ms would not beat dense ~{dense * 1e3:.3g} ms {of_model}"
+        )
+    if probe_s is not None and probe_s > PROBE_SHARE * dense:
+        return (
+            f"seq_len {S}{queries}: the probe ~{probe_s * 1e3:.3g} ms is "
+            f"{probe_s / dense:.0%} of dense ~{dense * 1e3:.3g} ms, more than the "
+            f"{PROBE_SHARE:.0%} a call on diffuse attention may lose to it {of_model}"
+        )
+    return None
 
 
 #: Shares of planning's time that follow selection: the row cover and the mask together,

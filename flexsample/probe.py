@@ -39,6 +39,15 @@ def probe_rows(layout: SampleLayout, device: torch.device | str = "cpu") -> torc
     return layout.sampled_rows(device).flatten()[_probe_index(layout, device)]
 
 
+@functools.lru_cache(maxsize=64)
+def _probed(layout: SampleLayout, device: torch.device) -> tuple[torch.Tensor, float]:
+    """:func:`probe_rows` on ``device`` and the sum of their causal lengths, made once per
+    layout (every layer of a prefill probes the same rows; reading the sum back from a GPU
+    would wait for it)."""
+    pos = probe_rows(layout)
+    return pos.to(device), float((pos + 1).sum())
+
+
 def _probe_index(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
     """Where the probed rows sit among ``layout.sampled_rows().flatten()``."""
     G, r = layout.num_segments, layout.rows_per_segment
@@ -186,9 +195,8 @@ def probe_density(
     B, Hq = q.shape[:2]
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    pos = probe_rows(layout, q.device)
+    pos, lengths = _probed(layout, q.device)
     R = pos.numel()
-    lengths = float((pos + 1).sum())
     if reference:
         # The float64 oracle of every sampled row (small inputs), then the probed ones.
         p = sampled_row_probabilities(q, k, layout, scale)[:, :, _probe_index(layout, q.device)]
@@ -209,15 +217,14 @@ def probe_density(
     if per_kv * S > max_chunk_elems:  # long rows: a few rows at a time
         _needs_in_row_chunks(rows, keys, row_pos, alpha, max_chunk_elems, layout, counts, reach)
     else:
-        # Whole kv heads per step: one matmul each into a shared buffer, then the softmax,
-        # sort and counts of the whole step at once (few launches on a GPU).
-        step = max(1, max_chunk_elems // (per_kv * S))
+        # Whole kv heads per step: one batched matmul (its keys in float32 bounded like its
+        # logits), then the softmax, sort and counts of the whole step at once (few
+        # launches on a GPU).
+        step = max(1, max_chunk_elems // (max(per_kv, k.shape[-1]) * S))
         after = torch.arange(S, device=q.device)[None, :] > row_pos[:, None]  # (per_kv, S)
         for u0 in range(0, B * Hkv, step):
             u1 = min(u0 + step, B * Hkv)
-            logits = torch.empty(u1 - u0, per_kv, S, dtype=torch.float32, device=q.device)
-            for i, u in enumerate(range(u0, u1)):
-                torch.matmul(rows[u], keys[u].float().T, out=logits[i])
+            logits = torch.bmm(rows[u0:u1], keys[u0:u1].float().transpose(1, 2))
             p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
             counts[u0:u1], row_reach = _row_needs(p, alpha, row_pos, layout)
             reach[u0:u1] = row_reach.view(u1 - u0, group, R, S).amax(dim=2)

@@ -154,8 +154,8 @@ def _add_calibrate(commands) -> None:
     calibrate = commands.add_parser(
         "calibrate",
         help="measure this device's cost model (when sparse attention pays) and cache it",
-        description="Time dense causal SDPA, flexsample's planning and its sparse call on "
-        "this device (on the FlexAttention backend the defaults pick there; with "
+        description="Time dense causal SDPA, flexsample's planning, its probe and its sparse "
+        "call on this device (on the FlexAttention backend the defaults pick there; with "
         "FlashAttention-4 also FlexAttention's dense call, which the dense path then runs "
         "where it is faster), fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
