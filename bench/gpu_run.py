@@ -52,6 +52,7 @@ from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
 from flexsample.testing import random_qkv, random_selection, rel_max, rel_rmse
+from flexsample.timing import interleaved_medians
 
 
 def timer(device: torch.device, warmup: int = 2, reps: int = 5, min_total_s: float = 0.2):
@@ -426,8 +427,10 @@ def dense_sdpa(backend: SDPBackend, q, k, v, *, grouped: bool = False):
     return run
 
 
-def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
-    """Dense causal baselines in milliseconds (None where a backend cannot run the case)."""
+def time_dense(q, k, v, scale, measure, fns: dict | None = None) -> dict[str, float | None]:
+    """Dense causal baselines in milliseconds (None where a backend cannot run the case);
+    each one's function goes into ``fns`` by name where given."""
+    fns = {} if fns is None else fns
     device = q.device
     backends = {
         "sdpa_flash": (SDPBackend.FLASH_ATTENTION, False),
@@ -439,20 +442,57 @@ def time_dense(q, k, v, scale, measure) -> dict[str, float | None]:
     times: dict[str, float | None] = {}
     for name, (backend, grouped) in backends.items():
         try:
-            times[name] = measure(dense_sdpa(backend, q, k, v, grouped=grouped))
+            fns[name] = dense_sdpa(backend, q, k, v, grouped=grouped)
+            times[name] = measure(fns[name])
         except RuntimeError as e:  # backend unavailable for this shape/dtype
+            fns.pop(name)
             print(f"  {name} unavailable: {str(e).splitlines()[0][:120]}")
             times[name] = None
     # Dense causal attention through the same compiled FlexAttention call flexsample makes,
     # on each backend that runs here.
     triton = fs.SampleConfig.dense_equivalent(backend="triton")
     dense_plan = fs.plan_prefill(q, k, triton, scale=scale)
-    times["flex_dense"] = measure(lambda: fs.run_plan(dense_plan, q, k, v))
+    fns["flex_dense"] = functools.partial(fs.run_plan, dense_plan, q, k, v)
+    times["flex_dense"] = measure(fns["flex_dense"])
     times["flex_dense_flash"] = None
     if flash_reason(device) is None:
         flash = fs.plan_prefill(q, k, triton.replace(backend="flash"), scale=scale)
-        times["flex_dense_flash"] = measure(lambda: fs.run_plan(flash, q, k, v))
+        fns["flex_dense_flash"] = functools.partial(fs.run_plan, flash, q, k, v)
+        times["flex_dense_flash"] = measure(fns["flex_dense_flash"])
     return times
+
+
+#: Seconds of interleaved rounds :func:`head_to_head` spends per (length, input), at least
+#: :data:`PAIRED_MIN_ROUNDS` rounds.
+PAIRED_BUDGET_S = 2.0
+PAIRED_MIN_ROUNDS = 7
+
+
+def head_to_head(
+    q, k, v, cfg: fs.SampleConfig, dense: dict[str, float | None], fns: dict
+) -> dict[str, float]:
+    """flexsample's call beside the fastest dense kernel and cuDNN on grouped K/V, timed in
+    turn within each round (device clock, medians): ratios from one run, robust to the
+    drift between separately timed kernels (the fastest of five separately timed kernels
+    is biased low by their noise)."""
+    fastest = min((n for n, t in dense.items() if t), key=lambda n: dense[n])
+    names = [fastest] + [n for n in ("sdpa_cudnn_gqa",) if n in fns and n != fastest]
+    calls = [functools.partial(fs.flex_sample_attention, q, k, v, config=cfg)]
+    calls += [fns[n] for n in names]
+    rounds = max(PAIRED_MIN_ROUNDS, int(PAIRED_BUDGET_S * 1e3 / (2 * dense[fastest])))
+    seconds = interleaved_medians(calls, q.device, rounds, clock="device")
+    ms = dict(zip(["flexsample", *names], (x * 1e3 for x in seconds), strict=True))
+    return {
+        "paired_rounds": rounds,
+        "paired_fastest": fastest,
+        "paired_flexsample_ms": ms["flexsample"],
+        "paired_fastest_ms": ms[fastest],
+        "paired_cudnn_gqa_ms": ms.get("sdpa_cudnn_gqa"),
+        "paired_vs_fastest": ms[fastest] / ms["flexsample"],
+        "paired_vs_cudnn_gqa": (
+            ms["sdpa_cudnn_gqa"] / ms["flexsample"] if "sdpa_cudnn_gqa" in ms else None
+        ),
+    }
 
 
 def flash_reason(device: torch.device) -> str | None:
@@ -585,7 +625,8 @@ def speed(
         causal_flops = 4 * Hq * D * S * (S + 1) / 2
         for inputs in INPUTS:
             q, k, v = make_inputs(inputs, Hq, Hkv, S, D, dtype, device)
-            dense = time_dense(q, k, v, D**-0.5, measure)
+            dense_fns: dict = {}
+            dense = time_dense(q, k, v, D**-0.5, measure, dense_fns)
             fastest = min((t for t in dense.values() if t), default=None)
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             for name, cfg in METHODS.items():
@@ -600,6 +641,8 @@ def speed(
                     **{f"{kernel}_ms": t for kernel, t in dense.items()},
                     "fastest_dense_ms": fastest,
                 }
+                if name == "defaults" and fastest:
+                    row.update(head_to_head(q, k, v, cfg, dense, dense_fns))
                 out = fs.flex_sample_attention(q, k, v, config=cfg)
                 row["output_error"] = rel_rmse(out, reference)
                 row["floor_ms"] = causal_flops * row["density"] / (tflops * 1e9) if tflops else None
@@ -863,6 +906,27 @@ def markdown(meta: dict, checks: list[dict], rows: list[dict], frontier: list[di
             f"{f(r.get('speedup_vs_sdpa'), 'x')} | {f(r.get('speedup_vs_fastest'), 'x')} | "
             f"{100 * r.get('overhead_vs_fastest', 0):.1f}% |"
         )
+    paired = [r for r in rows if r.get("paired_rounds")]
+    if paired:
+        out += [
+            "",
+            "### The defaults head to head (ms, interleaved rounds)",
+            "",
+            "flexsample's call at the defaults, the fastest dense kernel of the table above "
+            "and cuDNN on grouped K/V, called in turn within each round (device clock, "
+            "medians): the ratios of one run.",
+            "",
+            "| S | input | path | rounds | flexsample | fastest dense | kernel | vs fastest | "
+            "cuDNN GQA | vs cuDNN GQA |",
+            "|" + "---|" * 10,
+        ]
+        for r in paired:
+            out.append(
+                f"| {r['seq_len']} | {r['inputs']} | {r['path']} | {r['paired_rounds']} | "
+                f"{f(r['paired_flexsample_ms'])} | {f(r['paired_fastest_ms'])} | "
+                f"{r['paired_fastest']} | {f(r['paired_vs_fastest'], 'x')} | "
+                f"{f(r.get('paired_cudnn_gqa_ms'))} | {f(r.get('paired_vs_cudnn_gqa'), 'x')} |"
+            )
     always = "defaults, always sparse"
     planned = [r for r in rows if r["method"] == always and r.get("plan_peak_mib")]
     if planned:
