@@ -9,9 +9,10 @@ counts, so each is modelled as a fixed cost plus rates:
   plus ``B * Hq * sampled rows * S`` (row, key) products times ``D`` (two or three passes of
   the sampled rows over the keys);
 * the sparse call: the (query, key) pairs it computes, gathered columns included, times ``D``;
-* the probe (:mod:`flexsample.probe`): a fixed cost plus ``B * Hq * probed rows * S``
-  products times ``D``; where it finds diffuse attention the call runs dense after it, so
-  its cost is what such a call loses (:data:`PROBE_SHARE` bounds it);
+* the probe (:mod:`flexsample.probe`): a fixed cost plus ``B * Hkv * probed rows * S``
+  products times ``D`` (one query head of each kv group is probed); where it finds diffuse
+  attention the call runs dense after it, so its cost is what such a call loses
+  (:data:`PROBE_SHARE` bounds it);
 * where the sparse call runs on FlashAttention-4 (``backend="flash"``), dense causal attention
   through the same FlexAttention kernel with every causal tile, which beats cuDNN's SDPA on
   Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
@@ -181,13 +182,13 @@ class CostModel:
         )
 
     def probe_s(
-        self, batch_heads: int, seq_len: int, head_dim: int, probed_rows: int
+        self, batch_kv_heads: int, seq_len: int, head_dim: int, probed_rows: int
     ) -> float | None:
-        """Estimated seconds of the probe of ``probed_rows`` rows per head; None where not
-        measured."""
+        """Estimated seconds of the probe of ``probed_rows`` rows of one query head per kv
+        head (``batch_kv_heads = B * Hkv``); None where not measured."""
         if self.probe_pair_s is None:
             return None
-        products = batch_heads * seq_len * probed_rows * head_dim
+        products = batch_kv_heads * seq_len * probed_rows * head_dim
         return (self.probe_fixed_s or 0.0) + self.probe_pair_s * products
 
     def sparse_s(self, pairs: float, head_dim: int) -> float:
@@ -387,7 +388,7 @@ def calibrate(
             flex_dense += [(pairs, seconds) for seconds in flex_s]
             dense.append((pairs, dense_s))
             plan.append(((Hq * S, Hq * S * rows * D), plan_s))
-            probe.append(((Hq * S * probe_rows(layout).numel() * D,), probe_s))
+            probe.append(((Hkv * S * probe_rows(layout).numel() * D,), probe_s))
             for p, seconds in zip(plans, sparse_s, strict=True):
                 sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
     dense_fit, plan_fit, sparse_fit, probe_fit = _fit(dense), _fit(plan), _fit(sparse), _fit(probe)
@@ -433,15 +434,16 @@ def length_verdict(
     head_dim: int,
     layout: SampleLayout,
     *,
-    probe: bool = False,
+    probe_heads: int | None = None,
 ) -> str | None:
     """Why a sparse call cannot beat dense attention at this length (None if it may).
 
     The best a plan can do is compute only its windows' floor; if planning plus that costs
-    at least dense attention, planning is wasted. With ``probe`` (the plan probes first,
-    :mod:`flexsample.probe`), the probe counts too, and it may cost at most
-    :data:`PROBE_SHARE` of dense attention: on diffuse attention that is what the call
-    loses. A model without the probe's rates (an older cost file) leaves it out.
+    at least dense attention, planning is wasted. Where the plan probes first
+    (:mod:`flexsample.probe`) the probe's ``probe_heads`` (``B * Hkv``) count too, and it
+    may cost at most :data:`PROBE_SHARE` of dense attention: on diffuse attention that is
+    what the call loses. A model without the probe's rates (an older cost file) leaves it
+    out.
     """
     from .probe import probe_rows
     from .selection import window_pairs
@@ -452,7 +454,9 @@ def length_verdict(
     floor = float(window_pairs(layout, floor_blocks)) * batch_heads
     rows = layout.num_segments * layout.rows_per_segment
     plan = model.plan_s(batch_heads, S, head_dim, rows)
-    probe_s = model.probe_s(batch_heads, S, head_dim, probe_rows(layout).numel()) if probe else None
+    probe_s = None
+    if probe_heads is not None:
+        probe_s = model.probe_s(probe_heads, S, head_dim, probe_rows(layout).numel())
     plan += probe_s or 0.0
     best = plan + model.sparse_s(floor, head_dim)
     dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=chunk_pairs(layout))

@@ -252,7 +252,7 @@ def plan_prefill_checked(
     def dense(reason: str) -> PrefillPlan:
         return _dense_plan(reason, common, layout, backend, costs, q.device, q.dtype, D)
 
-    reason = _length_reason(config, layout, costs, B * Hq, D)
+    reason = _length_reason(config, layout, costs, B * Hq, D, B * k.shape[1])
     if reason is not None:
         plan = dense(reason)
         if not compiling:
@@ -268,9 +268,7 @@ def plan_prefill_checked(
     if config.max_density != 1.0 and (config.max_density is not None or costs is not None):
         with timer.stage("probe"):
             exact = sampler == "reference"
-            least = probe_density(
-                q, k, layout, config.alpha, scale, group_union=config.group_union, reference=exact
-            )
+            least = probe_density(q, k, layout, config.alpha, scale, reference=exact)
         reason = _probe_verdict(config, costs, least, layout, B * Hq, D)
         if reason is not None:
             _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)
@@ -412,13 +410,14 @@ def dense_before_sampling(
     head_dim: int,
     device: torch.device,
     dtype: torch.dtype,
+    batch_kv_heads: int | None = None,
 ) -> str | None:
     """Why :func:`plan_prefill` would choose dense attention before sampling, else None.
 
     The length checks alone, without tensors: ``config.min_seq_len``, or with
-    ``min_seq_len=None`` the device's cost model (planning plus the sparsest call against
-    dense attention). Serving engines ask it per request, to leave the requests that would
-    run dense to their own kernels.
+    ``min_seq_len=None`` the device's cost model (the probe, planning and the sparsest call
+    against dense attention, see :func:`~flexsample.costs.length_verdict`). Serving engines
+    ask it per request, to leave the requests that would run dense to their own kernels.
 
     Args:
         config: the settings.
@@ -428,11 +427,14 @@ def dense_before_sampling(
         head_dim: ``D``.
         device: where the attention would run.
         dtype: the inputs' dtype.
+        batch_kv_heads: ``B * Hkv`` (the probe reads one query head per kv head); None:
+            ``batch_heads``, the dearest probe.
     """
     layout = SampleLayout.create(seq_len, config, query_len=query_len)
     backend = resolve_backend(config.backend, device, dtype, head_dim)
     costs = _cost_model(device, dtype, backend) if config.min_seq_len is None else None
-    return _length_reason(config, layout, costs, batch_heads, head_dim)
+    kv_heads = batch_heads if batch_kv_heads is None else batch_kv_heads
+    return _length_reason(config, layout, costs, batch_heads, head_dim, kv_heads)
 
 
 def _length_reason(
@@ -441,6 +443,7 @@ def _length_reason(
     costs: CostModel | None,
     batch_heads: int,
     head_dim: int,
+    batch_kv_heads: int,
 ) -> str | None:
     """:func:`dense_before_sampling` on a layout and the device's cost model (None: none)."""
     if config.min_seq_len is not None:
@@ -451,8 +454,8 @@ def _length_reason(
         return reason
     if costs is None:
         return None
-    probes = config.max_density != 1.0  # as plan_prefill: the probe runs unless 1.0
-    reason = _cached_length_verdict(costs, batch_heads, head_dim, layout, probes)
+    probe_heads = batch_kv_heads if config.max_density != 1.0 else None  # as plan_prefill
+    reason = _cached_length_verdict(costs, batch_heads, head_dim, layout, probe_heads)
     if reason is not None:
         _log_once("length", logging.INFO, "flexsample: dense attention (%s)", reason)
     return reason
@@ -460,11 +463,15 @@ def _length_reason(
 
 @functools.lru_cache(maxsize=4096)
 def _cached_length_verdict(
-    costs: CostModel, batch_heads: int, head_dim: int, layout: SampleLayout, probe: bool
+    costs: CostModel,
+    batch_heads: int,
+    head_dim: int,
+    layout: SampleLayout,
+    probe_heads: int | None,
 ) -> str | None:
     # Every layer of a prefill asks the same question: answered once per shape (the
     # cost model and layout are frozen, hashable values; a new calibration is a new key).
-    return length_verdict(costs, batch_heads, head_dim, layout, probe=probe)
+    return length_verdict(costs, batch_heads, head_dim, layout, probe_heads=probe_heads)
 
 
 @functools.lru_cache(maxsize=4096)

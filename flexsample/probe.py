@@ -3,8 +3,9 @@
 Planning costs a pass of the sampled rows over the keys, selection and the row cover. On
 diffuse attention (every key carries a little of the mass) all of it is wasted: the plan
 comes out too dense to beat dense attention and runs dense anyway. The probe asks first, on
-a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment), which
-keys each row needs: the fewest that hold ``alpha`` of its exact attention mass (the per-row
+a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment, of the
+first query head of each kv group: its estimate stands for the group), which keys each row
+needs: the fewest that hold ``alpha`` of its exact attention mass (the per-row
 oracle). Every mask that keeps ``alpha`` of these rows' mass (the row cover's guarantee)
 computes at least that many pairs on them; a mask shaped like SampleAttention's (a window
 and columns every later query reads) computes what its cheapest window and those keys as
@@ -109,26 +110,19 @@ def _row_needs(
 
 
 def _estimate(
-    counts: torch.Tensor,
-    reach: torch.Tensor,
-    layout: SampleLayout,
-    lengths: float,
-    group_union: bool,
+    counts: torch.Tensor, reach: torch.Tensor, layout: SampleLayout, lengths: float
 ) -> torch.Tensor:
-    """Per head of ``(units, group)``: the larger of the per-row oracle's share of the rows'
-    causal keys and the density of the cheapest window + columns mask that keeps every row's
-    needed keys (over the window candidates selection weighs).
+    """Per probed head of ``(units, 1)``: the larger of the per-row oracle's share of the
+    rows' causal keys and the density of the cheapest window + columns mask that keeps every
+    row's needed keys (over the window candidates selection weighs).
 
     Args:
-        counts: ``(units, group, R)`` from :func:`_row_needs`.
-        reach: ``(units, group, S)``, the largest reach over the head's rows per key.
+        counts: ``(units, 1, R)`` from :func:`_row_needs`.
+        reach: ``(units, 1, S)``, the largest reach over the head's rows per key.
         layout: the geometry.
         lengths: the probed rows' causal lengths, summed.
-        group_union: the group's heads share their columns (``SampleConfig.group_union``).
     """
     least = counts.sum(dim=-1).float() / lengths
-    if group_union:
-        reach = reach.amax(dim=1, keepdim=True)
     candidates, window, readers = _candidate_tables(layout, reach.device)
     # Key j is a column of a window of w blocks where a row needs it from more than w blocks
     # back; then every query past its block + w reads it. All candidates at once: few
@@ -158,20 +152,23 @@ def probe_density(
     alpha: float,
     scale: float,
     *,
-    group_union: bool = True,
     reference: bool = False,
     max_chunk_elems: int | None = None,
 ) -> torch.Tensor:
     """The probe's estimate of the least density a mask keeping ``alpha`` of the probed
-    rows' mass computes, per head.
+    rows' mass computes, per head: the first query head of each kv group is probed, and its
+    estimate stands for the group (probing every head cost an H200 5.3 ms at 128K tokens,
+    32 query heads on 8 kv heads, against 1.3 ms of sampling the same rows per kv head; the
+    probe must stay a small share of dense attention, see
+    :data:`~flexsample.costs.PROBE_SHARE`).
 
     The larger of two numbers. The per-row oracle's share of the rows' causal keys (the
     fewest keys holding ``alpha`` of each row's mass): every such mask computes at least
     that on these rows. And the density of the cheapest window + columns mask that keeps
     those keys of every row, as SampleAttention's masks keep them: of the window candidates
     selection weighs, the one whose window pairs plus columns (the needed keys before the
-    window, each read by every later query whose window does not reach it; shared by the kv
-    group's heads with ``group_union``) come to the fewest. The first alone is blind to rows
+    window, each read by every later query whose window does not reach it) come to the
+    fewest. The first alone is blind to rows
     that need different keys: on random q/k at 128K it said 0.74 where the selection came
     out at 1.0 (H200, ``bench/gpu_run.py``). On the planted inputs of the frontier benchmark
     the second is within 0.91x to 1.36x of the selection's density at 8K (CPU,
@@ -183,7 +180,6 @@ def probe_density(
         layout: the geometry (:func:`probe_rows` reads its sampled rows).
         alpha: the mass each row must keep.
         scale: softmax scale.
-        group_union: columns are shared by each kv head's query heads.
         reference: compute in float64 at once (small inputs: ``B * Hq * rows * S``
             doubles), the twin the tests compare against.
         max_chunk_elems: bound on the elements of one probability chunk (default 2M on
@@ -195,25 +191,30 @@ def probe_density(
     B, Hq = q.shape[:2]
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
+    q = q[:, ::group]  # the first query head of each kv group
     pos, lengths = _probed(layout, q.device)
     R = pos.numel()
+
+    def per_query_head(estimate: torch.Tensor) -> torch.Tensor:
+        return estimate.view(B, Hkv).repeat_interleave(group, dim=1)
+
     if reference:
         # The float64 oracle of every sampled row (small inputs), then the probed ones.
         p = sampled_row_probabilities(q, k, layout, scale)[:, :, _probe_index(layout, q.device)]
         counts, reach = _row_needs(p, alpha, pos, layout)
-        reach = reach.amax(dim=2).view(B * Hkv, group, S)
-        counts = counts.view(B * Hkv, group, R)
-        return _estimate(counts, reach, layout, lengths, group_union).view(B, Hq)
+        reach = reach.amax(dim=2).view(B * Hkv, 1, S)
+        counts = counts.view(B * Hkv, 1, R)
+        return per_query_head(_estimate(counts, reach, layout, lengths))
 
     if max_chunk_elems is None:
         max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
-    per_kv = group * R  # the probed rows of the query heads sharing one kv head
-    q_rows = q[:, :, pos - layout.query_start]  # (B, Hq, R, D)
+    per_kv = R  # the probed rows of one kv head
+    q_rows = q[:, :, pos - layout.query_start]  # (B, Hkv, R, D)
     rows = (q_rows.float() * scale).reshape(B * Hkv, per_kv, -1)
     keys = k.reshape(B * Hkv, S, -1)
-    row_pos = pos.repeat(group)  # (per_kv,)
+    row_pos = pos
     counts = torch.empty(B * Hkv, per_kv, dtype=torch.int64, device=q.device)
-    reach = torch.full((B * Hkv, group, S), -1, dtype=torch.int32, device=q.device)
+    reach = torch.full((B * Hkv, 1, S), -1, dtype=torch.int32, device=q.device)
     if per_kv * S > max_chunk_elems:  # long rows: a few rows at a time
         _needs_in_row_chunks(rows, keys, row_pos, alpha, max_chunk_elems, layout, counts, reach)
     else:
@@ -227,9 +228,9 @@ def probe_density(
             logits = torch.bmm(rows[u0:u1], keys[u0:u1].float().transpose(1, 2))
             p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
             counts[u0:u1], row_reach = _row_needs(p, alpha, row_pos, layout)
-            reach[u0:u1] = row_reach.view(u1 - u0, group, R, S).amax(dim=2)
-    counts = counts.view(B * Hkv, group, R)
-    return _estimate(counts, reach, layout, lengths, group_union).view(B, Hq)
+            reach[u0:u1] = row_reach.amax(dim=1, keepdim=True)
+    counts = counts.view(B * Hkv, 1, R)
+    return per_query_head(_estimate(counts, reach, layout, lengths))
 
 
 def _needs_in_row_chunks(
@@ -243,20 +244,17 @@ def _needs_in_row_chunks(
     reach: torch.Tensor,
 ) -> None:
     """:func:`_row_needs` of each probed row, ``max_elems // S`` rows a step, into ``counts``
-    ``(units, n)`` and ``reach`` ``(units, group, S)`` (the largest over each head's rows),
-    for ``rows (units, n, D)`` (scaled queries, head-major: ``n = group * R``),
-    ``keys (units, S, D)`` and the rows' positions ``row_pos (n,)``."""
+    ``(units, n)`` and ``reach`` ``(units, 1, S)`` (the largest over the rows), for ``rows
+    (units, n, D)`` (one head's scaled queries), ``keys (units, S, D)`` and the rows'
+    positions ``row_pos (n,)``."""
     units, n, _ = rows.shape
     S = keys.shape[1]
     probabilities = cpu_compiled(chunk_probabilities, rows.device)
     chunk = max(1, max_elems // S)
-    heads = torch.arange(n, device=rows.device) // (n // reach.shape[1])
     for u in range(units):
         unit_keys = keys[u].float()
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             p = probabilities(rows[u, part], unit_keys, row_pos[part])
             counts[u, part], row_reach = _row_needs(p, alpha, row_pos[part], layout)
-            for head in heads[part].unique().tolist():
-                mine = row_reach[heads[part] == head].amax(dim=0)
-                reach[u, head] = torch.maximum(reach[u, head], mine)
+            torch.maximum(reach[u, 0], row_reach.amax(dim=0), out=reach[u, 0])

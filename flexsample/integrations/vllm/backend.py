@@ -300,6 +300,7 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
             else model.get_num_attention_heads(vllm_config.parallel_config)
         )
         self.flex_head_size = kv_cache_spec.head_size
+        self.flex_kv_heads = getattr(kv_cache_spec, "num_kv_heads", None)
         self.flex_dtype = model.dtype
         self.flex_device = torch.device(device)
         # Every layer of the group must be one flexsample can run: the split is per step.
@@ -351,6 +352,7 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
                 self.flex_head_size,
                 self.flex_device,
                 self.flex_dtype,
+                self.flex_kv_heads,
             )
             if reason is None:
                 chosen.append(int(i))
