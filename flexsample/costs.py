@@ -93,6 +93,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: How much faster FlexAttention's dense call must be estimated than SDPA's for the dense path
+#: to run it: the two fitted lines cross near 16K tokens on an H200, where an estimate 1.4%
+#: in favour of FlashAttention-4 ran 4-7% slower than cuDNN (``bench/gpu_run.py``, 38eef12).
+DENSE_KERNEL_MARGIN = 0.05
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds that dense attention, planning and the sparse call take on one device, dtype and
@@ -158,12 +164,15 @@ class CostModel:
     ) -> tuple[str, float]:
         """The faster dense kernel and its estimated seconds: ``("sdpa", s)``, or
         ``("flex", s)`` for a whole prompt (``causal_pairs`` None) where FlexAttention's
-        dense call was measured faster. Chunks (``causal_pairs`` given) run SDPA."""
+        dense call is estimated faster by :data:`DENSE_KERNEL_MARGIN`. Chunks
+        (``causal_pairs`` given) run SDPA."""
         sdpa = self.sdpa_s(batch_heads, seq_len, head_dim, causal_pairs=causal_pairs)
         flex = (
             None if causal_pairs is not None else self.flex_dense_s(batch_heads, seq_len, head_dim)
         )
-        return ("flex", flex) if flex is not None and flex < sdpa else ("sdpa", sdpa)
+        if flex is not None and flex < (1 - DENSE_KERNEL_MARGIN) * sdpa:
+            return "flex", flex
+        return "sdpa", sdpa
 
     def dense_s(
         self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
@@ -342,7 +351,8 @@ def calibrate(
         dtype: the dtype the model will serve.
         lengths: the sequence lengths (default 1024 to 8192 on CPU, four: planning's
             three rates fitted to three lengths followed each run's noise, its cost at 2K
-            varied from 13 to 20 ms; 8192, 32768 and 65536 on CUDA).
+            varied from 13 to 20 ms; 8192 to 65536 on CUDA, four: 16K is where the dense
+            kernels cross on an H200).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed rounds (median), after one warm-up call of each.
     """
@@ -354,7 +364,7 @@ def calibrate(
 
     device = torch.device(device)
     gpu = device.type == "cuda"
-    lengths = lengths or ((8192, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
+    lengths = lengths or ((8192, 16384, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
     backend = resolve_backend(plan_config.backend, device, dtype, D)

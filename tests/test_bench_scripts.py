@@ -48,3 +48,9 @@ def test_gpu_run_kernel_checks_dry_run(tmp_path):
     out = _run("gpu_run.py", "--dry-run", "--kernel-checks", "--out", str(tmp_path))
     assert "row kept mass" in out and "BAD" not in out
     assert (tmp_path / "gpu_dry_run.md").exists()
+
+
+@pytest.mark.slow
+def test_dense_path_dry_run(tmp_path):
+    out = _run("dense_path.py", "--dry-run", "--lengths", "512", "--json", str(tmp_path / "d.json"))
+    assert out.count("S=512 ") == 4 and "flex_sample_attention" in out
