@@ -249,17 +249,18 @@ def dense_causal_attention(
     older cuDNN), K/V are expanded to the query heads, for that case's every later call too
     (logged once). Elsewhere, and inside the user's own ``torch.compile``, SDPA chooses.
     """
-    gqa = q.shape[1] != k.shape[1]
     L, S = q.shape[2], k.shape[2]
-    # SDPA's is_causal aligns the first query with the first key; a chunk's queries are the
-    # last L positions, so its mask is aligned at the bottom right.
-    causal = {"is_causal": True} if L == S else {"attn_mask": causal_lower_right(L, S)}
-    if q.device.type != "cuda" or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **causal)
-    if L == S:
+    cuda = q.device.type == "cuda" and not torch.compiler.is_compiling()
+    if cuda and L == S:  # first: at short lengths the host's time before the launch counts
         out = _cudnn_direct(q, k, v, scale)
         if out is not None:
             return out
+    gqa = q.shape[1] != k.shape[1]
+    # SDPA's is_causal aligns the first query with the first key; a chunk's queries are the
+    # last L positions, so its mask is aligned at the bottom right.
+    causal = {"is_causal": True} if L == S else {"attn_mask": causal_lower_right(L, S)}
+    if not cuda:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa, **causal)
     if gqa:
         key = (q.device.index, q.dtype, q.shape[-1], L == S)
         if key not in _CUDNN_GQA_REFUSED:
@@ -282,6 +283,8 @@ def dense_causal_attention(
         return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
 #: (device index, dtype, head dim, grouped) where cuDNN's op refused a direct call.
 _CUDNN_DIRECT_REFUSED: set[tuple[int | None, torch.dtype, int, bool]] = set()
 
@@ -297,14 +300,17 @@ def _cudnn_direct(
     stride in the head dim); None where not, or where the op refuses the case (remembered).
     """
     D = q.shape[-1]
-    key = (q.device.index, q.dtype, D, q.shape[1] != k.shape[1])
     if (
-        key in _CUDNN_DIRECT_REFUSED
-        or q.dtype not in (torch.float16, torch.bfloat16)
+        q.dtype not in _HALF
         or D % 8
         or D > 128
-        or any(x.stride(-1) != 1 for x in (q, k, v))
+        or q.stride(-1) != 1
+        or k.stride(-1) != 1
+        or v.stride(-1) != 1
     ):
+        return None
+    key = (q.device.index, q.dtype, D, q.shape[1] != k.shape[1])
+    if _CUDNN_DIRECT_REFUSED and key in _CUDNN_DIRECT_REFUSED:
         return None
     try:
         return torch.ops.aten._scaled_dot_product_cudnn_attention(

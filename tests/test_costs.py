@@ -142,10 +142,18 @@ def test_explicit_limits_override_the_cost_model(model):
     assert "> max_density 0.001" in plan.reason
 
 
-def test_lookup_prefers_calibration_then_builtin_then_generic(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_costs():
+    """The cost models read anew in the test, and again after it (its files are gone)."""
+    costs.clear_cache()
+    yield
+    costs.clear_cache()
+
+
+def test_lookup_prefers_calibration_then_builtin_then_generic(tmp_path, monkeypatch, fresh_costs):
     monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(costs, "device_name", lambda device: "a device nobody measured")
-    costs._lookup.cache_clear()
+    costs.clear_cache()
     generic = costs.cost_model(torch.device("cpu"), torch.float32)
     assert generic.kind == "cpu" and "not on a device nobody measured" in generic.source
     mine = dataclasses.replace(MODEL, device="a device nobody measured")
@@ -157,7 +165,7 @@ def test_lookup_prefers_calibration_then_builtin_then_generic(tmp_path, monkeypa
     costs.save(dataclasses.replace(mine, dense_pair_s=1.0))
     assert len(json.loads(path.read_text())["models"]) == 1
     assert costs.cost_model(torch.device("cpu"), torch.float32).dense_pair_s == 1.0
-    costs._lookup.cache_clear()
+    costs.clear_cache()
 
 
 def test_builtin_table_covers_cpu_and_cuda():
@@ -199,10 +207,10 @@ def test_dense_kernel_is_the_faster_one_measured():
     assert MODEL.flex_dense_s(16, long, 64) is None
 
 
-def test_lookup_is_per_backend_and_reads_older_files(tmp_path, monkeypatch):
+def test_lookup_is_per_backend_and_reads_older_files(tmp_path, monkeypatch, fresh_costs):
     monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(costs, "device_name", lambda device: "my device")
-    costs._lookup.cache_clear()
+    costs.clear_cache()
     triton = dataclasses.replace(MODEL, device="my device", sparse_pair_s=3e-11)
     # A file written before the backend fields existed.
     old = {k: v for k, v in triton.to_json().items() if k not in costs._OPTIONAL}
@@ -221,4 +229,4 @@ def test_lookup_is_per_backend_and_reads_older_files(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "costs.json").read_text())["models"]) == 2
     assert costs.cost_model(cpu, torch.float32, "flash").sparse_pair_s == 2e-11
     assert costs.cost_model(cpu, torch.float32, "triton").sparse_pair_s == 3e-11
-    costs._lookup.cache_clear()
+    costs.clear_cache()
