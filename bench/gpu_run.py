@@ -1071,8 +1071,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         default=None,
         help="lengths at which to score every configuration's mask and the per-row oracle on "
-        f"{FRONTIER_ROWS} rows in float64 (default: 64K and 128K; dry run 2K; none: skip)",
+        f"{FRONTIER_ROWS} rows in float64 (default, and with no lengths: 64K and 128K; dry "
+        "run 2K)",
     )
+    p.add_argument("--no-frontier", action="store_true", help="skip the masks' scoring")
     p.add_argument(
         "--host-overhead",
         action="store_true",
@@ -1169,8 +1171,10 @@ def main(argv: list[str] | None = None) -> int:
         EXTRA["buckets"] = bucket_compilations(device, heads, several)
     rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
     frontier_lengths = args.frontier
-    if frontier_lengths is None:
+    if not frontier_lengths:  # omitted, or given without lengths (which once meant: skip)
         frontier_lengths = [2048] if args.dry_run else [65536, 131072]
+    if args.no_frontier:
+        frontier_lengths = []
     for S in frontier_lengths:
         frontier += frontier_rows(device, S, heads)
         write(rows)

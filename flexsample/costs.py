@@ -452,8 +452,10 @@ def chunk_pairs(layout: SampleLayout) -> int | None:
 
 #: The most of dense attention's time the probe may cost: where it finds diffuse attention,
 #: the call runs dense after it and loses that much, so lengths where the probe costs more
-#: run dense without it (on an H200 the probe took 2.3 ms at 32K tokens, 16% of dense
-#: attention's 14.6 ms, and 3.1 ms at 64K, 5.6%: ``bench/results/plan_stages_NVIDIA_H200.txt``).
+#: run dense without it. On an H200 (32 query heads on 8 kv heads, bf16) the probe of every
+#: query head took 2.3 ms at 32K tokens, 16% of dense attention's 14.6 ms, and 3.1 ms at 64K,
+#: 5.6% (``bench/results/plan_stages_NVIDIA_H200_7394fdc.txt``); of one head per kv group
+#: the calibrated model says 1.6 ms at 32K (12%: dense) and 2.1 ms at 64K (4%: probed).
 PROBE_SHARE = 0.05
 
 
