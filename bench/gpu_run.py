@@ -139,9 +139,10 @@ def check_sampler_vs_torch(S: int, device, sampler: str) -> Check:
     )  # fmt: skip
 
 
-def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
-    """Each sampled row's kept mass as the cover measures it (Triton row kernel on CUDA)
-    against float64 on random inputs, windows and columns."""
+def check_row_kept_mass(shape, dtype, device, sampler: str, sparse: bool = False) -> Check:
+    """Each sampled row's kept mass as the cover measures it (Triton row kernel on CUDA:
+    over the missed keys, or with ``sparse`` over the kept ones) against float64 on random
+    inputs, windows and columns."""
     B, Hq, Hkv, S, D, bs = shape
     cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1, sink_blocks=1)
     layout = fs.SampleLayout.create(S, cfg)
@@ -154,14 +155,19 @@ def check_row_kept_mass(shape, dtype, device, sampler: str) -> Check:
     p = sampled_row_probabilities(q, k, layout, D**-0.5)
     ref = (p * fs.keep_mask(windows, columns, layout, rows)).sum(dim=-1)
     if sampler == "triton":
-        from flexsample.sampling.triton_kernel import row_kept_mass_triton
+        from flexsample.sampling import triton_kernel
 
-        got = row_kept_mass_triton(q, k, layout, D**-0.5, windows, columns)[0].flatten(2)
+        args = (q, k, layout, D**-0.5, windows, columns)
+        if sparse:
+            got = triton_kernel.row_kept_mass_sparse_triton(*args).flatten(2)
+        else:
+            got = triton_kernel.row_kept_mass_triton(*args)[0].flatten(2)
     else:  # the torch cover measures every row; alpha 0 repairs none
         sel = fs.ColumnSelection(windows, columns, layout)
         got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)
+    name = f"{sampler} row kept mass{' (kept keys)' if sparse and sampler == 'triton' else ''}"
     return Check(
-        f"{sampler} row kept mass vs float64", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
+        f"{name} vs float64", str(dtype), f"B{B} H{Hq}/{Hkv} S{S} D{D} bs{bs}",
         float((got.double() - ref).abs().max()), "max abs", 1e-4,
     )  # fmt: skip
 
@@ -362,6 +368,9 @@ def check_correctness(
     todo = [p(check_sampler_vs_oracle, s, d, device, sampler) for s in shapes for d in dtypes]
     todo.append(p(check_sampler_vs_torch, 4096 if dry else 32768, device, sampler))
     todo += [p(check_row_kept_mass, s, d, device, sampler) for s in shapes for d in dtypes]
+    if sampler == "triton":  # the cover's first kernel too, over the kept keys
+        kept_keys = p(check_row_kept_mass, sampler=sampler, sparse=True)
+        todo += [p(kept_keys, s, d, device) for s in shapes for d in dtypes]
     todo.append(p(check_row_cover, 4096 if dry else 32768, device, sampler))
     todo += [p(check_chunk_sampler, d, device, sampler) for d in dtypes]
     if not kernels_only:

@@ -98,6 +98,7 @@ def test_triton_row_kernel_matches_exact_kept_mass(
     B, Hq, Hkv, S, D, bs, segments, ratio, dtype, device
 ):
     from flexsample.sampling.triton_kernel import (
+        row_kept_mass_sparse_triton,
         row_kept_mass_triton,
         sample_scores_and_lse_triton,
     )
@@ -117,6 +118,9 @@ def test_triton_row_kernel_matches_exact_kept_mass(
         assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
         assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
         assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
+        # The kernel over the kept keys alone (sink, window, the group's columns).
+        kept = row_kept_mass_sparse_triton(q, k, layout, D**-0.5, windows, cols_d, lse=given)
+        assert float((kept.cpu().flatten(2) - expect).abs().max()) < 1e-4
 
 
 @pytest.mark.triton
@@ -125,18 +129,20 @@ def test_triton_row_kernel_matches_exact_kept_mass(
 def test_triton_row_kernel_on_random_windows_and_columns(sink_blocks, device):
     """Windows from none to past the first key (a negative start), columns anywhere: the
     kernel that skips the window's and the sink's keys against float64."""
-    from flexsample.sampling.triton_kernel import row_kept_mass_triton
+    from flexsample.sampling.triton_kernel import row_kept_mass_sparse_triton, row_kept_mass_triton
 
     q, k, layout, _ = _case(2, 6, 2, 777, 32, 32, 4, 0.1, torch.float32, sink_blocks=sink_blocks)
     windows = torch.randint(0, layout.num_blocks + 2, (2, 6))
     columns = torch.rand(2, 6, 777) < 0.15
+    columns[1, 3:] = False  # a kv group without columns: its list is all padding
     expect = _exact_row_mass(q, k, layout, windows, columns)
     heaviest = _heaviest_missing(q, k, layout, windows, columns)
-    got, missing = row_kept_mass_triton(
-        q.to(device), k.to(device), layout, 32**-0.5, windows.to(device), columns.to(device)
-    )
+    args = (q.to(device), k.to(device), layout, 32**-0.5, windows.to(device), columns.to(device))
+    got, missing = row_kept_mass_triton(*args)
     assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
     assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
+    kept = row_kept_mass_sparse_triton(*args)
+    assert float((kept.cpu().flatten(2) - expect).abs().max()) < 1e-4
 
 
 @pytest.mark.triton
@@ -152,6 +158,34 @@ def test_triton_cover_repairs_like_torch(device):
     assert torch.equal(got.repaired.cpu(), ref.repaired)
     assert torch.equal(got.selection.columns.cpu(), ref.selection.columns)
     assert float((got.row_mass.cpu() - ref.row_mass).abs().max()) < 1e-4
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_cover_skips_the_full_pass_where_no_row_is_short(device, monkeypatch):
+    """Rows that all keep alpha over the kept keys alone need no pass over the missed ones;
+    a short row brings it back (and the torch cover agrees either way)."""
+    from flexsample.sampling import triton_kernel
+
+    calls = []
+    full = triton_kernel.row_kept_mass_triton
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kernel, "row_kept_mass_triton", spy)
+    q, k, layout, cfg = _case(1, 4, 2, 1000, 32, 64, 3, 0.1, torch.float32)
+    scores = sample_column_scores_torch(q, k, layout, 32**-0.5)
+    sel = select_columns(scores, layout, cfg.alpha)
+    moved = type(sel)(sel.window_blocks.to(device), sel.columns.to(device), layout)
+    for alpha, passes in ((0.05, 0), (0.999999, 1)):
+        calls.clear()
+        got = cover_rows(q.to(device), k.to(device), moved, alpha, 32**-0.5, "triton")
+        ref = cover_rows(q, k, sel, alpha, 32**-0.5, "torch")
+        assert len(calls) == passes
+        assert torch.equal(got.selection.columns.cpu(), ref.selection.columns)
+        assert float((got.row_mass.cpu() - ref.row_mass).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.9, 0.95, 1.0])

@@ -360,6 +360,112 @@ def _row_missing_kernel(
     tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
 
 
+@triton.jit
+def _row_kept_kernel(
+    Q,
+    K,
+    ROWS,
+    LSE,
+    WINDOW,
+    COLS,
+    COL_POS,
+    KEPT,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    num_kv_heads,
+    rows_per_segment,
+    tiles_per_segment,
+    num_segments,
+    qk_scale,
+    seq_len,
+    query_start,
+    mask_block,
+    sink_tokens,
+    num_col_pos,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The mass each row's mask keeps, summed over what it keeps: the sink, the window, and
+    # the kv group's columns before the window (gathered from COL_POS, a list per kv head).
+    # Where masks are sparse that is a few tiles per row instead of _row_missing_kernel's
+    # pass over every key before the window. Same tiling as _row_lse_kernel.
+    pid_bh, b, h_kv, q_head, row_valid, pos, q, d, d_valid, out_offs = _row_tile(
+        Q, ROWS, stride_qb, stride_qh, stride_qm, stride_qd, num_kv_heads, rows_per_segment,
+        tiles_per_segment, num_segments, query_start, GROUP, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
+        UPCAST,
+    )  # fmt: skip
+    lse = tl.load(LSE + out_offs, mask=row_valid, other=0.0)  # log2 units, scaled logits
+    num_q_heads = num_kv_heads * GROUP
+    w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
+    win_start = tl.maximum((pos // mask_block - w) * mask_block, 0)
+    # Window keys from the sink on (the sink's own keys are counted once, below).
+    lo = tl.where(row_valid, tl.maximum(win_start, sink_tokens), seq_len)
+    hi = tl.where(row_valid, pos, -1)  # inclusive
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    offs_n = tl.arange(0, BLOCK_N)
+    kept = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The sink, then the window: contiguous keys.
+    for start in range(0, sink_tokens, BLOCK_N):
+        n = start + offs_n
+        k = tl.load(
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=(n[:, None] < seq_len) & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        keep = (n[None, :] < sink_tokens) & (n[None, :] <= hi[:, None])
+        kept += tl.sum(tl.where(keep, p, 0.0), axis=1)
+    first = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
+    for start in range(first, tl.max(hi, axis=0) + 1, BLOCK_N):
+        n = start + offs_n
+        k = tl.load(
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=(n[:, None] < seq_len) & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        keep = (n[None, :] >= lo[:, None]) & (n[None, :] <= hi[:, None])
+        kept += tl.sum(tl.where(keep, p, 0.0), axis=1)
+    # The group's columns before each row's window and past the sink, where the row's own
+    # head selects them.
+    col_list = COL_POS + pid_bh.to(tl.int64) * num_col_pos
+    cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
+    for start in range(0, num_col_pos, BLOCK_N):
+        c = start + offs_n
+        n = tl.load(col_list + c, mask=c < num_col_pos, other=seq_len)
+        k = tl.load(
+            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+            mask=(n[:, None] < seq_len) & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        keep = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens)
+        keep = keep & row_valid[:, None] & (n[None, :] <= pos[:, None])
+        own = tl.load(cols_rows[:, None] + n[None, :], mask=keep & (n[None, :] < seq_len), other=0)
+        kept += tl.sum(tl.where(keep & (own != 0), p, 0.0), axis=1)
+    tl.store(KEPT + out_offs, kept, mask=row_valid)
+
+
 def _launch(
     q: torch.Tensor, block_m: int | None, block_n: int | None, num_warps: int | None
 ) -> dict:
@@ -573,3 +679,79 @@ def row_kept_mass_triton(
     # (B, Hkv, G, r, group) -> (B, Hq, G, r)
     missed, miss = (t.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r) for t in (missed, miss))
     return (1.0 - missed).clamp_(min=0.0), miss
+
+
+def group_column_positions(columns: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(B, Hkv, C)`` int32: the keys any query head of each kv group selects as a column,
+    ascending, padded with ``S`` to the longest group's count ``C`` (at least 1). Reads that
+    count on the host."""
+    B, Hq, S = columns.shape
+    grouped = columns.view(B, num_kv_heads, Hq // num_kv_heads, S).any(dim=2)
+    count = max(1, int(grouped.sum(dim=-1).max()))
+    keys = torch.arange(S, device=columns.device, dtype=torch.int32)
+    listed = torch.where(grouped, keys, S).to(torch.int32)
+    return listed.topk(count, dim=-1, largest=False, sorted=True).values.contiguous()
+
+
+def row_kept_mass_sparse_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    window_blocks: torch.Tensor,
+    columns: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of each sampled row's exact attention mass that its head's mask keeps, summed
+    over the keys the mask keeps (``_row_kept_kernel``: the sink, the window and the kv
+    group's columns): a few key tiles per row where masks are sparse, against
+    :func:`row_kept_mass_triton`'s pass over every key before the window. Same arguments;
+    returns ``kept`` alone, ``(B, Hq, num_segments, rows_per_segment)`` float32."""
+    settings = _launch(q, None, None, None)
+    B, Hq, _, _ = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    G, r = layout.num_segments, layout.rows_per_segment
+    if lse is None:
+        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
+    else:
+        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+    block_m, tiles = _row_tiling(settings, group, r)
+    positions = group_column_positions(columns, Hkv)
+    kept = torch.empty_like(lse)
+    _row_kept_kernel[(G * tiles, B * Hkv)](
+        q,
+        k,
+        rows,
+        lse,
+        window_blocks.to(torch.int32).contiguous(),
+        columns.contiguous().view(torch.uint8),
+        positions,
+        kept,
+        *q.stride(),
+        *k.stride(),
+        Hkv,
+        r,
+        tiles,
+        G,
+        scale * _LOG2E,
+        layout.seq_len,
+        layout.query_start,
+        layout.block_size,
+        layout.sink_tokens,
+        positions.shape[-1],
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=settings["block_n"],
+        **settings["common"],
+    )
+    return kept.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r).clamp_(max=1.0)
+
+
+def row_lse_triton(
+    q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float
+) -> torch.Tensor:
+    """The sampled rows' log-sum-exp, ``(B, Hkv, num_segments, rows_per_segment, group)``
+    float32 in log2 units of the scaled logits (``_row_lse_kernel``): the ``lse`` of
+    :func:`row_kept_mass_triton` and :func:`row_kept_mass_sparse_triton`."""
+    return _row_pass(q, k, layout, scale, _launch(q, None, None, None))[0]
