@@ -3,20 +3,23 @@
 Where the cost model sends a call to dense attention (short prompts), flexsample must cost no
 more than calling the kernel yourself. This times, in turn within each round (interleaved
 medians, :func:`flexsample.timing.interleaved_medians`), on random q/k/v in the Llama-3-8B
-attention shape (32 query heads, 8 kv heads, D=128, bf16):
+attention shape (32 query heads, 8 kv heads, D=128, bf16; with ``--cpu`` on this machine's
+CPU, 8 on 2, D=64, fp32; ``--input diffuse-background`` for the frontier benchmark's planted
+structure over diffuse attention instead):
 
 * ``sdpa_cudnn_gqa``: SDPA restricted to cuDNN, grouped K/V as they are (``bench/gpu_run.py``'s
   baseline);
 * ``sdpa``: SDPA with its own choice of kernel;
 * ``cudnn_op``: cuDNN's ATen op called directly, as ``flexsample.dense_causal_attention`` does;
 * ``dense_causal_attention``: flexsample's dense fallback;
-* ``flex_sample_attention``: the whole call at the defaults (dense by length here).
+* ``flex_sample_attention``: the whole call at the defaults (its path and reason are printed).
 
 on two clocks: ``device`` (CUDA events around the call: the host's work before the first
 launch counts, as in gpu_run's tables) and ``wall`` (the call and a device sync), each in the
 listed order and reversed. Ratios are against ``sdpa_cudnn_gqa`` (``sdpa`` on CPU).
 
     PYTHONPATH=. python3 bench/dense_path.py --lengths 2048 4096 8192 16384
+    PYTHONPATH=. python3 bench/dense_path.py --cpu --input diffuse-background --lengths 16384
     PYTHONPATH=. python3 bench/dense_path.py --dry-run     # CPU, a small shape, to try it
 """
 
@@ -33,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
 from flexsample.provenance import code_commit
+from flexsample.synthetic import planted_qkv
 from flexsample.testing import random_qkv
 from flexsample.timing import interleaved_medians
 
@@ -54,6 +58,21 @@ def _cudnn_op(q, k, v, scale):
     )[0]
 
 
+def _diffuse_background(Hq, Hkv, S, D, dtype, device):
+    # bench/test_frontier.py's "diffuse background": weak stripes over spread-out attention.
+    return planted_qkv(
+        1, Hq, Hkv, S, D, stripes=(4, 8), stripe_width=1, signal=3.0, locality=2.0,
+        dtype=dtype, device=device, seed=0,
+    )  # fmt: skip
+
+
+#: The inputs, by name: ``(Hq, Hkv, S, D, dtype, device) -> (q, k, v)``.
+INPUTS = {
+    "random": lambda Hq, Hkv, S, D, dtype, device: random_qkv(1, Hq, Hkv, S, D, dtype, device),
+    "diffuse-background": _diffuse_background,
+}
+
+
 def calls(q, k, v) -> dict:
     """The functions to time, by name (``cudnn_op`` only on CUDA)."""
     scale = q.shape[-1] ** -0.5
@@ -72,12 +91,24 @@ def calls(q, k, v) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--dry-run", action="store_true", help="CPU, a small shape")
+    p.add_argument(
+        "--cpu", action="store_true", help="this machine's CPU (8 query heads on 2, D=64, fp32)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="--cpu, to try the script")
+    p.add_argument(
+        "--input",
+        choices=sorted(INPUTS),
+        default="random",
+        help="random q/k/v (default), or the frontier benchmark's planted structure with a "
+        "diffuse background",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default: a time budget)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    cpu = args.cpu or args.dry_run
+    device = torch.device("cpu" if cpu else "cuda")
+    Hq, Hkv, D = (8, 2, 64) if cpu else (32, 8, 128)
+    dtype = torch.float32 if cpu else torch.bfloat16
     meta = {"commit": code_commit(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         meta["device"] = torch.cuda.get_device_name(device)
@@ -85,11 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with torch.no_grad():
         for S in args.lengths:
-            q, k, v = random_qkv(1, Hq, Hkv, S, D, dtype, device)
+            q, k, v = INPUTS[args.input](Hq, Hkv, S, D, dtype, device)
             fns = calls(q, k, v)
             plan = fs.plan_prefill(q, k)
-            once = interleaved_medians(list(fns.values()), device, 3)
-            rounds = max(MIN_ROUNDS, int(BUDGET_S / sum(once)))
+            if args.rounds:
+                rounds = args.rounds
+            else:
+                once = interleaved_medians(list(fns.values()), device, 3)
+                rounds = max(MIN_ROUNDS, int(BUDGET_S / sum(once)))
+            print(f"S={S} {args.input}: {plan.path} ({plan.reason})", flush=True)
             # Each clock in both orders: a place in the round that favours a call shows.
             for clock, order in itertools.product(("device", "wall"), ("forward", "reversed")):
                 names = list(fns) if order == "forward" else list(reversed(fns))
