@@ -361,6 +361,24 @@ def _row_missing_kernel(
 
 
 @triton.jit
+def _key_probabilities(
+    q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The rows' probabilities of the keys at positions n (any order; n >= seq_len reads 0),
+    # given their log-sum-exp (log2 units of the scaled logits).
+    k = tl.load(
+        k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+        mask=(n[:, None] < seq_len) & d_valid[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    return tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+
+
+@triton.jit
 def _row_kept_kernel(
     Q,
     K,
@@ -418,29 +436,19 @@ def _row_kept_kernel(
     # The sink, then the window: contiguous keys.
     for start in range(0, sink_tokens, BLOCK_N):
         n = start + offs_n
-        k = tl.load(
-            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=(n[:, None] < seq_len) & d_valid[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        p = _key_probabilities(
+            q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
+            DOT_PRECISION,
+        )  # fmt: skip
         keep = (n[None, :] < sink_tokens) & (n[None, :] <= hi[:, None])
         kept += tl.sum(tl.where(keep, p, 0.0), axis=1)
     first = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     for start in range(first, tl.max(hi, axis=0) + 1, BLOCK_N):
         n = start + offs_n
-        k = tl.load(
-            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=(n[:, None] < seq_len) & d_valid[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        p = _key_probabilities(
+            q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
+            DOT_PRECISION,
+        )  # fmt: skip
         keep = (n[None, :] >= lo[:, None]) & (n[None, :] <= hi[:, None])
         kept += tl.sum(tl.where(keep, p, 0.0), axis=1)
     # The group's columns before each row's window and past the sink, where the row's own
@@ -450,15 +458,10 @@ def _row_kept_kernel(
     for start in range(0, num_col_pos, BLOCK_N):
         c = start + offs_n
         n = tl.load(col_list + c, mask=c < num_col_pos, other=seq_len)
-        k = tl.load(
-            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=(n[:, None] < seq_len) & d_valid[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        p = _key_probabilities(
+            q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
+            DOT_PRECISION,
+        )  # fmt: skip
         keep = (n[None, :] < win_start[:, None]) & (n[None, :] >= sink_tokens)
         keep = keep & row_valid[:, None] & (n[None, :] <= pos[:, None])
         own = tl.load(cols_rows[:, None] + n[None, :], mask=keep & (n[None, :] < seq_len), other=0)
