@@ -53,4 +53,6 @@ def test_gpu_run_kernel_checks_dry_run(tmp_path):
 @pytest.mark.slow
 def test_dense_path_dry_run(tmp_path):
     out = _run("dense_path.py", "--dry-run", "--lengths", "512", "--json", str(tmp_path / "d.json"))
-    assert out.count("S=512 ") == 4 and "flex_sample_attention" in out
+    assert "S=512 random: dense" in out  # the path and its reason
+    assert out.count("S=512 device ") == 2 and out.count("S=512 wall ") == 2  # two orders each
+    assert "flex_sample_attention" in out
