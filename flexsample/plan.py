@@ -61,8 +61,8 @@ logger = logging.getLogger("flexsample")
 _DEFAULT_CONFIG = SampleConfig()
 _logged_kinds: set[str] = set()
 
-#: Dense plans decided by length alone, per (q's shape, S, dtype, device, config, scale,
-#: backend), with the cost model they were decided on (a new model decides again).
+#: Dense plans decided by length alone, per (q's and k's shapes, dtype, device, config,
+#: scale, backend), with the cost model they were decided on (a new model decides again).
 _DENSE_BY_LENGTH: dict[tuple, tuple[CostModel | None, PrefillPlan]] = {}
 _MAX_DENSE_BY_LENGTH = 1024
 
@@ -235,7 +235,7 @@ def plan_prefill_checked(
     )
     # A length that runs dense runs dense on every call of its shape: the plan is made once
     # (on an H200 at 4K tokens, making it took a tenth of the call's time).
-    key = (q.shape, S, q.dtype, q.device, config, scale, backend)
+    key = (q.shape, k.shape, q.dtype, q.device, config, scale, backend)  # Hkv: the probe's cost
     known = _DENSE_BY_LENGTH.get(key)
     if known is not None and known[0] is costs:
         return known[1]

@@ -69,6 +69,8 @@ def test_a_dense_length_is_decided_once_per_shape_and_cost_model(model):
     assert fs.plan_prefill(q, k) is first  # the same shape: the same plan, made once
     assert fs.plan_prefill(q, k, scale=0.1) is not first  # another scale is another plan
     assert fs.plan_prefill(q[:, :, :1000], k[:, :, :1000]) is not first
+    # Other kv heads are another probe's cost, so another decision.
+    assert fs.plan_prefill(q, k.repeat_interleave(2, dim=1)) is not first
     # A new cost model (a calibration) decides again: here sparse pays.
     model(dataclasses.replace(MODEL, dense_pair_s=2e-9))
     assert fs.plan_prefill(q, k).path == "sparse"
