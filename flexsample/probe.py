@@ -112,13 +112,13 @@ def _row_needs(
 def _estimate(
     counts: torch.Tensor, reach: torch.Tensor, layout: SampleLayout, lengths: float
 ) -> torch.Tensor:
-    """Per probed head of ``(units, 1)``: the larger of the per-row oracle's share of the
-    rows' causal keys and the density of the cheapest window + columns mask that keeps every
+    """Per probed head (``units``): the larger of the per-row oracle's share of the rows'
+    causal keys and the density of the cheapest window + columns mask that keeps every
     row's needed keys (over the window candidates selection weighs).
 
     Args:
-        counts: ``(units, 1, R)`` from :func:`_row_needs`.
-        reach: ``(units, 1, S)``, the largest reach over the head's rows per key.
+        counts: ``(units, R)`` from :func:`_row_needs`.
+        reach: ``(units, S)``, the largest reach over the head's rows per key.
         layout: the geometry.
         lengths: the probed rows' causal lengths, summed.
     """
@@ -127,7 +127,7 @@ def _estimate(
     # Key j is a column of a window of w blocks where a row needs it from more than w blocks
     # back; then every query past its block + w reads it. All candidates at once: few
     # launches (a loop over the candidates cost about 5 ms per probe on an H200).
-    columns = (reach[..., None, :] > candidates[:, None]).float()  # (units, group, c, S)
+    columns = (reach[..., None, :] > candidates[:, None]).float()  # (units, c, S)
     pairs = window + (columns * readers).sum(dim=-1)
     best = pairs.amin(dim=-1)
     return torch.maximum(least, (best / layout.causal_pairs).clamp(max=1.0))
@@ -202,34 +202,30 @@ def probe_density(
         # The float64 oracle of every sampled row (small inputs), then the probed ones.
         p = sampled_row_probabilities(q, k, layout, scale)[:, :, _probe_index(layout, q.device)]
         counts, reach = _row_needs(p, alpha, pos, layout)
-        reach = reach.amax(dim=2).view(B * Hkv, 1, S)
-        counts = counts.view(B * Hkv, 1, R)
-        return per_query_head(_estimate(counts, reach, layout, lengths))
+        reach = reach.amax(dim=2).view(B * Hkv, S)
+        return per_query_head(_estimate(counts.view(B * Hkv, R), reach, layout, lengths))
 
     if max_chunk_elems is None:
         max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
-    per_kv = R  # the probed rows of one kv head
     q_rows = q[:, :, pos - layout.query_start]  # (B, Hkv, R, D)
-    rows = (q_rows.float() * scale).reshape(B * Hkv, per_kv, -1)
+    rows = (q_rows.float() * scale).reshape(B * Hkv, R, -1)
     keys = k.reshape(B * Hkv, S, -1)
-    row_pos = pos
-    counts = torch.empty(B * Hkv, per_kv, dtype=torch.int64, device=q.device)
-    reach = torch.full((B * Hkv, 1, S), -1, dtype=torch.int32, device=q.device)
-    if per_kv * S > max_chunk_elems:  # long rows: a few rows at a time
-        _needs_in_row_chunks(rows, keys, row_pos, alpha, max_chunk_elems, layout, counts, reach)
+    counts = torch.empty(B * Hkv, R, dtype=torch.int64, device=q.device)
+    reach = torch.full((B * Hkv, S), -1, dtype=torch.int32, device=q.device)
+    if R * S > max_chunk_elems:  # long rows: a few rows at a time
+        _needs_in_row_chunks(rows, keys, pos, alpha, max_chunk_elems, layout, counts, reach)
     else:
         # Whole kv heads per step: one batched matmul (its keys in float32 bounded like its
         # logits), then the softmax, sort and counts of the whole step at once (few
         # launches on a GPU).
-        step = max(1, max_chunk_elems // (max(per_kv, k.shape[-1]) * S))
-        after = torch.arange(S, device=q.device)[None, :] > row_pos[:, None]  # (per_kv, S)
+        step = max(1, max_chunk_elems // (max(R, k.shape[-1]) * S))
+        after = torch.arange(S, device=q.device)[None, :] > pos[:, None]  # (R, S)
         for u0 in range(0, B * Hkv, step):
             u1 = min(u0 + step, B * Hkv)
             logits = torch.bmm(rows[u0:u1], keys[u0:u1].float().transpose(1, 2))
             p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
-            counts[u0:u1], row_reach = _row_needs(p, alpha, row_pos, layout)
-            reach[u0:u1] = row_reach.amax(dim=1, keepdim=True)
-    counts = counts.view(B * Hkv, 1, R)
+            counts[u0:u1], row_reach = _row_needs(p, alpha, pos, layout)
+            reach[u0:u1] = row_reach.amax(dim=1)
     return per_query_head(_estimate(counts, reach, layout, lengths))
 
 
@@ -244,7 +240,7 @@ def _needs_in_row_chunks(
     reach: torch.Tensor,
 ) -> None:
     """:func:`_row_needs` of each probed row, ``max_elems // S`` rows a step, into ``counts``
-    ``(units, n)`` and ``reach`` ``(units, 1, S)`` (the largest over the rows), for ``rows
+    ``(units, n)`` and ``reach`` ``(units, S)`` (the largest over the rows), for ``rows
     (units, n, D)`` (one head's scaled queries), ``keys (units, S, D)`` and the rows'
     positions ``row_pos (n,)``."""
     units, n, _ = rows.shape
@@ -257,4 +253,4 @@ def _needs_in_row_chunks(
             part = slice(start, start + chunk)
             p = probabilities(rows[u, part], unit_keys, row_pos[part])
             counts[u, part], row_reach = _row_needs(p, alpha, row_pos[part], layout)
-            torch.maximum(reach[u, 0], row_reach.amax(dim=0), out=reach[u, 0])
+            torch.maximum(reach[u], row_reach.amax(dim=0), out=reach[u])
