@@ -612,6 +612,31 @@ def sample_scores_and_lse_triton(
     return out.view(B, Hq, G, S), lse
 
 
+def _measure_setup(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    lse: torch.Tensor | None,
+) -> tuple[dict, torch.Tensor, torch.Tensor, int, int]:
+    """What the cover's row kernels share: ``(settings, lse, rows, block_m, tiles)``, the
+    log-sum-exp pass run here where ``lse`` is None."""
+    settings = _launch(q, None, None, None)
+    if lse is None:
+        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
+    else:
+        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+    group = q.shape[1] // k.shape[1]
+    block_m, tiles = _row_tiling(settings, group, layout.rows_per_segment)
+    return settings, lse, rows, block_m, tiles
+
+
+def _per_query_head(rows: torch.Tensor) -> torch.Tensor:
+    """A row kernel's ``(B, Hkv, G, r, group)`` output as ``(B, Hq, G, r)``."""
+    B, Hkv, G, r, group = rows.shape
+    return rows.permute(0, 1, 4, 2, 3).reshape(B, Hkv * group, G, r)
+
+
 def row_kept_mass_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -642,16 +667,11 @@ def row_kept_mass_triton(
         ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
         float32.
     """
-    settings = _launch(q, None, None, None)
     B, Hq, _, _ = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    if lse is None:
-        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
-    else:
-        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    block_m, tiles = _row_tiling(settings, group, r)
+    settings, lse, rows, block_m, tiles = _measure_setup(q, k, layout, scale, lse)
     missed, miss = torch.empty_like(lse), torch.empty_like(lse)
     _row_missing_kernel[(G * tiles, B * Hkv)](
         q,
@@ -679,8 +699,7 @@ def row_kept_mass_triton(
         BLOCK_N=settings["block_n"],
         **settings["common"],
     )
-    # (B, Hkv, G, r, group) -> (B, Hq, G, r)
-    missed, miss = (t.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r) for t in (missed, miss))
+    missed, miss = _per_query_head(missed), _per_query_head(miss)
     return (1.0 - missed).clamp_(min=0.0), miss
 
 
@@ -710,16 +729,11 @@ def row_kept_mass_sparse_triton(
     group's columns): a few key tiles per row where masks are sparse, against
     :func:`row_kept_mass_triton`'s pass over every key before the window. Same arguments;
     returns ``kept`` alone, ``(B, Hq, num_segments, rows_per_segment)`` float32."""
-    settings = _launch(q, None, None, None)
     B, Hq, _, _ = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    if lse is None:
-        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
-    else:
-        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
-    block_m, tiles = _row_tiling(settings, group, r)
+    settings, lse, rows, block_m, tiles = _measure_setup(q, k, layout, scale, lse)
     positions = group_column_positions(columns, Hkv)
     kept = torch.empty_like(lse)
     _row_kept_kernel[(G * tiles, B * Hkv)](
@@ -748,7 +762,7 @@ def row_kept_mass_sparse_triton(
         BLOCK_N=settings["block_n"],
         **settings["common"],
     )
-    return kept.permute(0, 1, 4, 2, 3).reshape(B, Hq, G, r).clamp_(max=1.0)
+    return _per_query_head(kept).clamp_(max=1.0)
 
 
 def row_lse_triton(
