@@ -95,7 +95,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 #: How much faster FlexAttention's dense call must be estimated than SDPA's for the dense path
 #: to run it: the two fitted lines cross near 16K tokens on an H200, where an estimate 1.4%
-#: in favour of FlashAttention-4 ran 4-7% slower than cuDNN (``bench/gpu_run.py``, 38eef12).
+#: in favour of FlashAttention-4 ran 4-7% slower than cuDNN
+#: (``bench/results/gpu_NVIDIA_H200_38eef12.md``).
 DENSE_KERNEL_MARGIN = 0.05
 
 
