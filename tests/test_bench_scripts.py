@@ -56,3 +56,12 @@ def test_dense_path_dry_run(tmp_path):
     assert "S=512 random: dense" in out  # the path and its reason
     assert out.count("S=512 device ") == 2 and out.count("S=512 wall ") == 2  # two orders each
     assert "flex_sample_attention" in out
+
+
+@pytest.mark.slow
+def test_ttft_dry_run(tmp_path):
+    pytest.importorskip("gguf")
+    out = _run("ttft.py", "--dry-run", "--json", str(tmp_path / "t.json"))
+    for mode in ("dense", "flexsample", "always sparse"):
+        assert f"| niah_single_1100 | 1096 | {mode} | " in out
+    assert "/2 |" in out  # scores over the two prompts

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from flexsample.integrations.lm_eval import TASKS_DIR, resolve_pretrained
-from flexsample.integrations.models import ModelNotInstalled, OfflineModel
+from flexsample.integrations.models import ModelNotInstalled, OfflineModel, load_model
 
 
 def test_model_is_registered():
@@ -32,10 +32,12 @@ def test_shipped_tasks_are_found_by_lm_eval():
     assert "flexsample_longctx" in names
 
 
-def test_missing_model_and_offline_hub_give_clear_errors(monkeypatch):
+def test_missing_model_and_offline_hub_give_clear_errors(monkeypatch, tmp_path):
     missing = OfflineModel("ghost", "no_such_package_xyz", "x.gguf", "pip install ghost", 1)
     with pytest.raises(ModelNotInstalled, match="install it with: pip install ghost"):
         missing.path()
+    with pytest.raises(FileNotFoundError, match="no GGUF file at"):  # a file carried by hand
+        load_model(missing, gguf=tmp_path / "absent.gguf")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="hub is offline"):
         resolve_pretrained("some-org/some-model", None)
@@ -84,6 +86,15 @@ def test_generated_prompts_fit_their_length():
         haystack_tasks.passkey(length=1024, num_samples=2)["test"]["input"]
         == haystack_tasks.passkey(length=1024, num_samples=2)["test"]["input"]
     )
+    # bench/ttft.py scores the tasks' own prompts (task_prompts) outside lm-eval.
+    from flexsample.integrations.haystack import task_prompts
+
+    tokenizer = haystack_tasks._tokenizer({})
+    assert [p.text for p in task_prompts("niah_multi", tokenizer, 1024, 3)] == list(
+        haystack_tasks.niah_multi(length=1024, num_samples=3)["test"]["input"]
+    )
+    with pytest.raises(ValueError, match="unknown task family 'niah'"):
+        task_prompts("niah", tokenizer, 1024)
     assert haystack_tasks.process_results({"answer": "12345"}, [" 12345. Remember"]) == {
         "exact_match": 1.0
     }

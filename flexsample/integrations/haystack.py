@@ -149,3 +149,38 @@ def extract_number(generated: str) -> str | None:
     """The first run of digits in a model's continuation, or None."""
     match = re.search(r"\d+", generated)
     return match.group(0) if match else None
+
+
+def spread_depths(n: int) -> list[float]:
+    """``n`` needle depths spread evenly over ``[0, 1]`` (one needle: the middle)."""
+    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
+
+
+def _niah_single(tokenizer: Tokenizer, n: int, depth: float, *, seed: int) -> HaystackPrompt:
+    return needle_prompt(tokenizer, n, [depth], seed=seed)
+
+
+def _niah_multi(tokenizer: Tokenizer, n: int, depth: float, *, seed: int) -> HaystackPrompt:
+    depths = sorted((depth + shift) % 1.0 for shift in (0.0, 0.27, 0.51, 0.76))
+    return needle_prompt(tokenizer, n, depths, seed=seed)
+
+
+#: The task families of flexsample's lm-eval tasks: ``(tokenizer, tokens, depth, seed=)`` to
+#: a prompt. ``passkey``: a 5-digit pass key; ``niah_single``: one needle "The special magic
+#: number for <city> is <7 digits>."; ``niah_multi``: four such needles at spread depths, the
+#: question asks for one.
+TASK_FAMILIES = {"passkey": passkey_prompt, "niah_single": _niah_single, "niah_multi": _niah_multi}
+
+
+def task_prompts(
+    family: str, tokenizer: Tokenizer, length: int, num_samples: int = 20
+) -> list[HaystackPrompt]:
+    """The prompts of the lm-eval task ``flexsample_<family>_<length>``: one per depth of
+    :func:`spread_depths`, sample ``i`` seeded with ``length * 1000 + i``."""
+    if family not in TASK_FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; known: {sorted(TASK_FAMILIES)}")
+    make = TASK_FAMILIES[family]
+    return [
+        make(tokenizer, length, depth, seed=length * 1000 + i)
+        for i, depth in enumerate(spread_depths(num_samples))
+    ]

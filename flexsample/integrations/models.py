@@ -112,18 +112,33 @@ def load_model(
     *,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    gguf: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an offline model and its tokenizer (dequantised to ``dtype``, eval mode).
+
+    Args:
+        model: an :class:`OfflineModel` or its name.
+        attn_implementation: transformers' attention implementation (``"flexsample"``
+            registers it first).
+        dtype: the dequantised weights' dtype.
+        gguf: the model's GGUF file, read instead of the installed package's (a machine
+            without the package, such as a GPU machine the file was carried to).
 
     Returns:
         ``(model, tokenizer)``.
 
     Raises:
-        ModelNotInstalled: the model's package is missing.
+        ModelNotInstalled: the model's package is missing (and no ``gguf`` file given).
+        FileNotFoundError: ``gguf`` names no file.
         ImportError: transformers, gguf or accelerate is missing.
     """
     spec = MODELS[model] if isinstance(model, str) else model
-    path = spec.path()
+    if gguf is None:
+        path = spec.path()
+    else:
+        path = Path(gguf)
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer

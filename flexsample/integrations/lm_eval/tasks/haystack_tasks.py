@@ -13,7 +13,7 @@ import os
 
 import datasets
 
-from flexsample.integrations.haystack import extract_number, needle_prompt, passkey_prompt
+from flexsample.integrations.haystack import extract_number, spread_depths, task_prompts
 
 
 @functools.cache
@@ -40,47 +40,35 @@ def _tokenizer(kwargs: dict):
     return _load_tokenizer(str(name), kwargs.get("gguf_file"))
 
 
-def _depths(n: int) -> list[float]:
-    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
-
-
-def _dataset(make, kwargs: dict) -> dict[str, datasets.Dataset]:
+def _dataset(family: str, kwargs: dict) -> dict[str, datasets.Dataset]:
     length = int(kwargs["length"])
-    n = int(kwargs.get("num_samples", 20))
-    tokenizer = _tokenizer(kwargs)
-    docs = []
-    for i, depth in enumerate(_depths(n)):
-        prompt = make(tokenizer, length, depth, seed=length * 1000 + i)
-        docs.append(
-            {
-                "input": prompt.text,
-                "answer": prompt.answer,
-                "depth": depth,
-                "length": length,
-                "num_tokens": prompt.num_tokens,
-            }
-        )
+    prompts = task_prompts(family, _tokenizer(kwargs), length, int(kwargs.get("num_samples", 20)))
+    docs = [
+        {
+            "input": prompt.text,
+            "answer": prompt.answer,
+            "depth": depth,
+            "length": length,
+            "num_tokens": prompt.num_tokens,
+        }
+        for prompt, depth in zip(prompts, spread_depths(len(prompts)), strict=True)
+    ]
     return {"test": datasets.Dataset.from_list(docs)}
 
 
 def passkey(**kwargs) -> dict[str, datasets.Dataset]:
     """A 5-digit pass key hidden at evenly spread depths of repetitive filler."""
-    return _dataset(passkey_prompt, kwargs)
+    return _dataset("passkey", kwargs)
 
 
 def niah_single(**kwargs) -> dict[str, datasets.Dataset]:
     """One needle "The special magic number for <city> is <7 digits>."."""
-    return _dataset(lambda tok, n, d, seed: needle_prompt(tok, n, [d], seed=seed), kwargs)
+    return _dataset("niah_single", kwargs)
 
 
 def niah_multi(**kwargs) -> dict[str, datasets.Dataset]:
     """Four needles of the same form at spread depths; the question asks for one of them."""
-
-    def make(tok, n, d, seed):
-        depths = sorted((d + shift) % 1.0 for shift in (0.0, 0.27, 0.51, 0.76))
-        return needle_prompt(tok, n, depths, seed=seed)
-
-    return _dataset(make, kwargs)
+    return _dataset("niah_multi", kwargs)
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
