@@ -122,3 +122,13 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         resolve_sampler("triton", torch.device("cpu"))
+
+
+def test_wide_heads_get_narrower_key_tiles(monkeypatch):
+    """Hopper's tuned (64, 128) tiles need 256 KiB of shared memory at D=256 (Gemma 3), over
+    the 227 KiB there: the launch halves the key tile for heads wider than 128."""
+    tk = pytest.importorskip("flexsample.sampling.triton_kernel")
+    monkeypatch.setattr(tk, "launch_config", lambda device: (64, 128, 4))
+    for D, block_n in ((64, 128), (128, 128), (192, 64), (256, 64)):
+        assert tk._launch(torch.zeros(1, 1, 8, D), None, None, None)["block_n"] == block_n
+    assert tk._launch(torch.zeros(1, 1, 8, 256), None, 32, None)["block_n"] == 32  # as asked

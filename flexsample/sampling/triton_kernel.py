@@ -476,12 +476,18 @@ def _launch(
     tuned = launch_config(q.device)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     D = q.shape[-1]
+    head_dim_pad = max(16, triton.next_power_of_2(D))
+    if block_n is None:
+        # The tuned tiles hold keys of up to 128 dims; wider heads get proportionally fewer
+        # keys per tile (Hopper's (64, 128) asks 256 KiB of shared memory at D=256, over
+        # its 227 KiB: Gemma 3's heads).
+        block_n = tuned[1] * 128 // head_dim_pad if head_dim_pad > 128 else tuned[1]
     return {
         "block_m": tuned[0] if block_m is None else block_m,
-        "block_n": max(16, tuned[1] if block_n is None else block_n),
+        "block_n": max(16, block_n),
         "common": {
             "HEAD_DIM": D,
-            "HEAD_DIM_PAD": max(16, triton.next_power_of_2(D)),
+            "HEAD_DIM_PAD": head_dim_pad,
             # The interpreter computes bf16/fp16 tl.dot wrongly (triton 3.9): upcast there.
             "UPCAST": interpreted,
             # float32 operands get full-precision dots, not TF32: scores must match the
