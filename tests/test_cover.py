@@ -143,6 +143,16 @@ def test_triton_row_kernel_on_random_windows_and_columns(sink_blocks, device):
     assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
     kept = row_kept_mass_sparse_triton(*args)
     assert float((kept.cpu().flatten(2) - expect).abs().max()) < 1e-4
+    # Only some rows (the cover's short ones): those measured alike, the others not at all.
+    only = torch.rand(got.shape, generator=torch.Generator().manual_seed(1)) < 0.1
+    only[0] = False  # a batch row with none: every one of its programs skips the keys
+    some, some_missing = row_kept_mass_triton(*args, only=only.to(device))
+    some, some_missing = some.cpu(), some_missing.cpu()
+    assert torch.equal(some[only], got.cpu()[only])
+    assert torch.equal(some_missing[only], missing.cpu()[only])
+    assert bool(some[~only].isnan().all()) and not bool(some_missing[~only].any())
+    with pytest.raises(ValueError, match="only must have shape"):
+        row_kept_mass_triton(*args, only=only[:1].to(device))
 
 
 @pytest.mark.triton

@@ -281,6 +281,7 @@ def _row_missing_kernel(
     TILE_COLS,
     MISSED,
     MISS,
+    ONLY,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -305,13 +306,15 @@ def _row_missing_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_ONLY: tl.constexpr,
 ):
     # The cover's measurement, with each row's log-sum-exp known (the sampler's first pass):
     # the mass its mask misses and its heaviest missed key. Same tiling as _row_lse_kernel.
     # Only keys between the sink and the row's window can be missed, so the loop stops at the
     # tile's latest window start (keys from there on are in the window, or after the row:
     # the window test excludes both), and each element costs one FMA, one exp2 and two
-    # masked reductions: no running max, no rescaling.
+    # masked reductions: no running max, no rescaling. With HAS_ONLY, a tile none of whose
+    # rows ONLY flags skips the loop (its rows store nothing missed).
     pid_bh, b, h_kv, q_head, row_valid, pos, q, d, d_valid, out_offs = _row_tile(
         Q, ROWS, stride_qb, stride_qh, stride_qm, stride_qd, num_kv_heads, rows_per_segment,
         tiles_per_segment, num_segments, query_start, GROUP, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
@@ -334,7 +337,11 @@ def _row_missing_kernel(
     lo = tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N
     first_window = tl.min(tl.where(row_valid, win_start, seq_len), axis=0)
     open_end = tl.maximum(lo, (first_window // BLOCK_N) * BLOCK_N)
-    for start in range((sink_tokens // BLOCK_N) * BLOCK_N, tl.max(win_start, axis=0), BLOCK_N):
+    end = tl.max(win_start, axis=0)
+    if HAS_ONLY:
+        flagged = tl.load(ONLY + out_offs, mask=row_valid, other=0)
+        end = tl.where(tl.max(flagged, axis=0) != 0, end, 0)
+    for start in range((sink_tokens // BLOCK_N) * BLOCK_N, end, BLOCK_N):
         n = start + offs_n
         k = tl.load(
             k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
@@ -651,6 +658,7 @@ def row_kept_mass_triton(
     window_blocks: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor | None = None,
+    only: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Share of each sampled row's exact attention mass that its head's mask keeps, and the
     probability of the heaviest key it misses.
@@ -668,10 +676,13 @@ def row_kept_mass_triton(
         columns: ``(B, Hq, S)`` bool, the columns each query head reads.
         lse: the sampled rows' log-sum-exp from :func:`sample_scores_and_lse_triton` on the
             same q, k, layout and scale (None: computed here).
+        only: ``(B, Hq, num_segments, rows_per_segment)`` bool, the rows to measure (None:
+            all). Programs whose tile of rows holds none of them skip the pass over the keys:
+            the cover measures only the rows it found short.
 
     Returns:
         ``(kept, heaviest_missing)``, each ``(B, Hq, num_segments, rows_per_segment)``
-        float32.
+        float32; with ``only``, NaN and 0 for the rows not measured.
     """
     B, Hq, _, _ = q.shape
     Hkv = k.shape[1]
@@ -679,6 +690,13 @@ def row_kept_mass_triton(
     G, r = layout.num_segments, layout.rows_per_segment
     settings, lse, rows, block_m, tiles = _measure_setup(q, k, layout, scale, lse)
     missed, miss = torch.empty_like(lse), torch.empty_like(lse)
+    flags = missed  # any tensor: not read without HAS_ONLY
+    if only is not None:
+        if only.shape != (B, Hq, G, r):
+            raise ValueError(f"only must have shape {(B, Hq, G, r)}, got {tuple(only.shape)}")
+        # The kernel's (B, Hkv, G, r, group) row order, as _per_query_head undoes it.
+        flags = only.view(B, Hkv, group, G, r).permute(0, 1, 3, 4, 2).to(torch.uint8)
+        flags = flags.contiguous()
     _row_missing_kernel[(G * tiles, B * Hkv)](
         q,
         k,
@@ -689,6 +707,7 @@ def row_kept_mass_triton(
         _tiles_with_columns(columns, Hkv, settings["block_n"]),
         missed,
         miss,
+        flags,
         *q.stride(),
         *k.stride(),
         Hkv,
@@ -703,10 +722,15 @@ def row_kept_mass_triton(
         GROUP=group,
         BLOCK_M=block_m,
         BLOCK_N=settings["block_n"],
+        HAS_ONLY=only is not None,
         **settings["common"],
     )
     missed, miss = _per_query_head(missed), _per_query_head(miss)
-    return (1.0 - missed).clamp_(min=0.0), miss
+    kept = (1.0 - missed).clamp_(min=0.0)
+    if only is not None:
+        kept.masked_fill_(~only, float("nan"))
+        miss.masked_fill_(~only, 0.0)
+    return kept, miss
 
 
 def group_column_positions(columns: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
