@@ -199,6 +199,21 @@ def test_stats_table_is_readable():
     assert fst.summarize(model)[0]["sparse"] == 1
 
 
+def test_enable_on_chosen_layers_only():
+    """``layers=`` runs SampleAttention in those layers; the others run SDPA, and say so."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 300))
+    ref = logits(model, ids)
+    fst.enable(model, DENSE_EQUIVALENT, layers=[1])
+    got = logits(model, ids)
+    by_layer = {r.layer: r for r in fst.layer_stats(model)}
+    assert (by_layer[0].path, by_layer[0].reason) == ("dense", "layer not enabled")
+    assert by_layer[1].path == "sparse"
+    assert float((got - ref).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match=r"layers \[1, 7\] not all among the model's \[0, 1\]"):
+        fst.enable(model, SPARSE, layers=[1, 7])
+
+
 def test_enable_rejects_wrong_arguments():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         fst.enable(torch.nn.Linear(2, 2))

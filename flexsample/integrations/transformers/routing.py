@@ -157,7 +157,11 @@ def flexsample_attention_forward(
         ``(B, q_len, Hq, D)`` attention output and None (no attention weights).
     """
     state = layer_state(module)
-    reason = dense_reason(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    reason = (
+        dense_reason(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+        if state.sparse
+        else "layer not enabled"
+    )
     if reason is not None:
         start = time.perf_counter()
         out = ALL_ATTENTION_FUNCTIONS["sdpa"](

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,11 +32,13 @@ class LayerState:
         collect_stats: record one :class:`~flexsample.integrations.transformers.CallRecord`
             per attention call (times each stage, synchronising the device).
         records: the recorded calls.
+        sparse: False for a layer left out by :func:`enable`'s ``layers``: it runs SDPA.
     """
 
     config: SampleConfig
     collect_stats: bool = True
     records: list[CallRecord] = field(default_factory=list)
+    sparse: bool = True
 
 
 _LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
@@ -70,7 +72,11 @@ def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def enable(
-    model: torch.nn.Module, config: SampleConfig | None = None, *, collect_stats: bool = True
+    model: torch.nn.Module,
+    config: SampleConfig | None = None,
+    *,
+    collect_stats: bool = True,
+    layers: Iterable[int] | None = None,
 ) -> torch.nn.Module:
     """Switch a loaded transformers model to SampleAttention with its own config.
 
@@ -83,12 +89,16 @@ def enable(
         model: a ``PreTrainedModel``.
         config: settings for every layer of this model; ``SampleConfig()`` if None.
         collect_stats: record one call record per attention call.
+        layers: the layer indices (``module.layer_idx``) that run SampleAttention; the
+            others run SDPA, recorded as dense with the reason "layer not enabled". None:
+            every layer.
 
     Returns:
         The model (switched in place).
 
     Raises:
         TypeError: ``model`` is not a transformers model or ``config`` not a SampleConfig.
+        ValueError: ``layers`` names a layer the model does not have.
     """
     from .routing import register
 
@@ -97,12 +107,18 @@ def enable(
     config = SampleConfig() if config is None else config
     if not isinstance(config, SampleConfig):
         raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
+    modules = list(attention_modules(model))
+    chosen = None if layers is None else set(layers)
+    if chosen is not None and chosen - {m.layer_idx for m in modules}:
+        known = sorted(m.layer_idx for m in modules)
+        raise ValueError(f"layers {sorted(chosen)} not all among the model's {known}")
     register()
     current = model.config._attn_implementation
     if current != NAME:
         _PREVIOUS[model] = current
-    for module in attention_modules(model):
-        _LAYERS[module] = LayerState(config, collect_stats=collect_stats)
+    for module in modules:
+        sparse = chosen is None or module.layer_idx in chosen
+        _LAYERS[module] = LayerState(config, collect_stats=collect_stats, sparse=sparse)
     model.set_attn_implementation(NAME)
     return model
 
