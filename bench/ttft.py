@@ -15,7 +15,7 @@ synchronised), in three modes:
 
 Then, per mode, one more prefill with statistics on (the path each layer took, its density),
 and every prompt's answer (the score, and how many answers equal dense attention's).
-``--dry-run``: SmolLM2 on this CPU, fp32, 1100 tokens, 2 prompts.
+``--device cpu``: fp32 on this CPU; ``--dry-run``: SmolLM2 there, 1100 tokens, 2 prompts.
 
     PYTHONPATH=. python3 bench/ttft.py --model gemma3-270m --lengths 16384 32768 --samples 20
     PYTHONPATH=. python3 bench/ttft.py --gguf FILE ...   # a GGUF file carried by hand
@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> None:
         "--samples", type=int, default=20, help="prompts per length (default %(default)s)"
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (default %(default)s)")
+    p.add_argument(
+        "--device", default="cuda", help="cuda (bf16, default) or cpu (fp32): where it runs"
+    )
     p.add_argument("--dry-run", action="store_true", help="SmolLM2 on the CPU, 1100 tokens")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.dry_run:
         args.model, args.lengths, args.rounds, args.samples = "smollm2", [DRY_RUN_LENGTH], 1, 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    device = torch.device("cpu" if args.dry_run else args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     meta = {**provenance(), "model": args.model, "task": args.task, "samples": args.samples}
     meta.update(device=str(device), dtype=str(dtype))

@@ -10,8 +10,8 @@ residual attention, per row), skipping keys too light to matter (:data:`KEY_FLOO
 The measurement runs in Triton row kernels on CUDA, reusing the sampler's log-sum-exp: first
 over the keys each row's mask keeps (sink, window, columns), then, for the rows that come
 out short (programs holding none of them skip it), a pass over every key before each row's
-window that also finds its heaviest missed key; or in chunked torch (float64 with the reference sampler). The repair runs in
-torch on the short rows only.
+window that also finds its heaviest missed key; or in chunked torch (float64 with the
+reference sampler). The repair runs in torch on the short rows only.
 Memory stays ``chunk x S`` per step, never ``rows x S``.
 """
 

@@ -65,3 +65,12 @@ def test_ttft_dry_run(tmp_path):
     for mode in ("dense", "flexsample", "always sparse"):
         assert f"| niah_single_1100 | 1096 | {mode} | " in out
     assert "/2 |" in out  # scores over the two prompts
+
+
+@pytest.mark.slow
+def test_sampled_rows_and_sparse_layers_run(tmp_path):
+    pytest.importorskip("gguf")
+    out = _run("sampled_rows.py", "--tokens", "1024", "--layers", "1", "--ratios", "0.05", "0.1")
+    assert out.count("| 1 | 0.") == 2  # one row per ratio
+    out = _run("sparse_layers.py", "--length", "1024", "--samples", "2", "--layers", "0", "1-2")
+    assert "| none (dense) |" in out and "| 0 |" in out and "| 1-2 |" in out
