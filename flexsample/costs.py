@@ -508,6 +508,15 @@ def length_verdict(
     return None
 
 
+#: How much denser the selection comes out than the probe's least density, which is a lower
+#: bound (the per-row oracle of a few rows): over SmolLM2-135M's 30 layers on passkey prompts
+#: of 2K, 4K and 8K tokens the median ratio was 1.43, 1.64 and 2.12, 1.7 pooled (quartiles
+#: 1.23 and 2.46; ``bench/probe_selection.py``). The probe's verdict weighs the plan at this
+#: much its estimate: counted at the estimate alone, 13 of the 14 layers the defaults planned
+#: at 2K came out dearer than dense attention, planning included, by the cost model's own
+#: figures, and the prefill was slower than dense.
+SELECTION_OVER_PROBE = 1.7
+
 #: Shares of planning's time that follow selection: the row cover and the mask together,
 #: and the mask alone. Lower ends of what was measured (H200, ``bench/gpu_run.py``: cover +
 #: mask 37-39% at 32K-128K, 68% at 8K, mask 9-15%; 2-core CPU at 2K: 37% and 6%), so that

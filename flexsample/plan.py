@@ -28,6 +28,7 @@ from .config import SampleConfig
 from .costs import (
     PLAN_SHARE_AFTER_SELECT,
     PLAN_SHARE_MASK,
+    SELECTION_OVER_PROBE,
     CostModel,
     chunk_pairs,
     cost_model,
@@ -541,15 +542,18 @@ def _probe_verdict(
         return None
     fixed = layout.fixed_window_blocks
     window = float(window_pairs(layout, layout.min_window_blocks if fixed is None else fixed))
-    pairs = max(float(least.sum()) * layout.causal_pairs, window * batch_heads)
+    # The selection comes out denser than this lower bound: weigh the plan it will make.
+    expected = (least * SELECTION_OVER_PROBE).clamp(max=1.0)
+    pairs = max(float(expected.sum()) * layout.causal_pairs, window * batch_heads)
     plan = costs.plan_s(batch_heads, layout.seq_len, head_dim, layout.num_sampled_rows)
     sparse = costs.sparse_s(pairs, head_dim)
     dense = costs.dense_s(batch_heads, layout.seq_len, head_dim, causal_pairs=chunk_pairs(layout))
     if plan + sparse < dense:
         return None
     return (
-        f"{found}: planning ~{plan * 1e3:.3g} ms + a call at that density ~{sparse * 1e3:.3g} ms"
-        f" would not beat dense ~{dense * 1e3:.3g} ms (cost model of {costs.device}, {costs.dtype})"
+        f"{found}: planning ~{plan * 1e3:.3g} ms + a call at {SELECTION_OVER_PROBE:g}x that "
+        f"density ~{sparse * 1e3:.3g} ms (what selection makes of it) would not beat dense "
+        f"~{dense * 1e3:.3g} ms (cost model of {costs.device}, {costs.dtype})"
     )
 
 

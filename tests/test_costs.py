@@ -115,15 +115,15 @@ def test_diffuse_attention_runs_dense_at_the_probe(model):
 
 
 def test_too_dense_a_selection_runs_dense_after_planning(model, monkeypatch):
-    # Sparse a little dearer per pair than dense: the probe's least density (about 0.75 on
-    # random q/k, alpha 0.95) would pay, the selection's (about 1.0) does not.
+    # Sparse a little dearer per pair than dense: a plan at 0.8 would pay, the selection's
+    # density on random q/k (about 1.0) does not.
     model(
         dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=2.2e-10, sparse_fixed_s=1e-3)
     )
     q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
-    # A probe that (wrongly) estimates 0.75, as the per-row oracle alone does on these
-    # inputs: the verdict after selection must still catch it.
-    monkeypatch.setattr("flexsample.plan.probe_density", lambda *a, **kw: torch.full((1, 4), 0.75))
+    # A probe that (wrongly) estimates 0.4 (0.8 as the verdict weighs it, SELECTION_OVER_PROBE
+    # times that): the verdict after selection must still catch it.
+    monkeypatch.setattr("flexsample.plan.probe_density", lambda *a, **kw: torch.full((1, 4), 0.4))
     out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
     assert stats.path == "dense" and stats.reason.startswith("density ")
     assert "would not beat dense" in stats.reason
@@ -131,6 +131,24 @@ def test_too_dense_a_selection_runs_dense_after_planning(model, monkeypatch):
     assert stats.mean_density == 1.0
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_the_probe_verdict_weighs_the_selection_it_expects(model, monkeypatch):
+    # The probe's estimate is a lower bound; the selection comes out about twice as dense on
+    # real attention (costs.SELECTION_OVER_PROBE, 1.7). At 0.6 a plan would pay, at 1.0 not.
+    model(
+        dataclasses.replace(
+            MODEL, dense_pair_s=2e-10, sparse_pair_s=3e-10, sparse_fixed_s=1e-4,
+            plan_fixed_s=1e-4, plan_pair_s=0.0,
+        )
+    )  # fmt: skip
+    monkeypatch.setattr("flexsample.plan.probe_density", lambda *a, **kw: torch.full((1, 4), 0.6))
+    q, k, _ = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
+    plan = fs.plan_prefill(q, k)
+    assert plan.path == "dense"
+    assert "a call at 1.7x that density" in plan.reason and "would not beat dense" in plan.reason
+    monkeypatch.setattr("flexsample.plan.SELECTION_OVER_PROBE", 1.0)  # the estimate as it is
+    assert fs.plan_prefill(q, k).path == "sparse"
 
 
 def test_explicit_limits_override_the_cost_model(model):
