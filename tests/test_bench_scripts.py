@@ -68,9 +68,11 @@ def test_ttft_dry_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_sampled_rows_and_sparse_layers_run(tmp_path):
+def test_model_layer_scripts_run(tmp_path):
     pytest.importorskip("gguf")
     out = _run("sampled_rows.py", "--tokens", "1024", "--layers", "1", "--ratios", "0.05", "0.1")
     assert out.count("| 1 | 0.") == 2  # one row per ratio
     out = _run("sparse_layers.py", "--length", "1024", "--samples", "2", "--layers", "0", "1-2")
     assert "| none (dense) |" in out and "| 0 |" in out and "| 1-2 |" in out
+    out = _run("probe_selection.py", "--lengths", "1024")
+    assert "selection / probe median" in out and "the verdict counts 1.7x" in out
