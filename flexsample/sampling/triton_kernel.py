@@ -111,6 +111,22 @@ def _row_tile(
 
 
 @triton.jit
+def _key_scores(
+    q, k_base, n, key_end, d, d_valid, stride_kn, stride_kd,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # The rows' raw logits against the keys at positions n (keys at or past key_end read 0).
+    k = tl.load(
+        k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
+        mask=(n[:, None] < key_end) & d_valid[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _row_lse_kernel(
     Q,
     K,
@@ -157,6 +173,7 @@ def _row_lse_kernel(
     unmasked_end = ((first_row + 1) // BLOCK_N) * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         n = start + offs_n
+        # Not _key_scores: these keys lie before every row, so the load needs no key bound.
         k = tl.load(
             k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
             mask=d_valid[None, :],
@@ -168,14 +185,9 @@ def _row_lse_kernel(
         m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
     for start in range(unmasked_end, prefix_end, BLOCK_N):
         n = start + offs_n
-        k = tl.load(
-            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=(n[:, None] < prefix_end) & d_valid[None, :],
-            other=0.0,
+        s = _key_scores(
+            q, k_base, n, prefix_end, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
         m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
 
@@ -343,14 +355,9 @@ def _row_missing_kernel(
         end = tl.where(tl.max(flagged, axis=0) != 0, end, 0)
     for start in range((sink_tokens // BLOCK_N) * BLOCK_N, end, BLOCK_N):
         n = start + offs_n
-        k = tl.load(
-            k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-            mask=(n[:, None] < seq_len) & d_valid[None, :],
-            other=0.0,
+        s = _key_scores(
+            q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION
         )
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
         tile_flag = tl.load(tile_cols + start // BLOCK_N)  # any column of the group here
         if (start >= lo) & (start + BLOCK_N <= open_end) & (tile_flag == 0):
@@ -374,14 +381,7 @@ def _key_probabilities(
 ):  # fmt: skip
     # The rows' probabilities of the keys at positions n (any order; n >= seq_len reads 0),
     # given their log-sum-exp (log2 units of the scaled logits).
-    k = tl.load(
-        k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
-        mask=(n[:, None] < seq_len) & d_valid[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        k = k.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = _key_scores(q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION)
     return tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
 
 
