@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    print(json.dumps({**provenance(), "model": args.model}), flush=True)
+    meta = {**provenance(), "model": args.model}  # read at the start
+    print(json.dumps(meta), flush=True)
     model, tokenizer = load_model(args.model)
     layers = [m.layer_idx for m in attention_modules(model)]
     config = fs.SampleConfig.always_sparse()
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": provenance(), "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=PROMPT_TOKENS, help="prompt length (%(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    print(json.dumps(provenance()), flush=True)
+    meta = provenance()  # read at the start: a commit made during the run is not named
+    print(json.dumps(meta), flush=True)
     model, tokenizer = load_model("smollm2")
     prompt = passkey_prompt(tokenizer, args.tokens, 0.5, seed=SEED)
     ids = tokenizer(prompt.text, return_tensors="pt").input_ids
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": provenance(), "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
