@@ -6,7 +6,7 @@ texts; tokenized here with the tokenizer's special tokens, scored as the task sc
 first number of a greedy answer of at most 12 tokens, cut at a newline). Per length, the
 middle prompt's prefill is timed in interleaved rounds
 (:func:`flexsample.timing.interleaved_medians`, wall clock: host work included, device
-synchronised), in three modes:
+synchronised; the switch between modes runs untimed before each prefill), in three modes:
 
 * ``dense``: the model's own SDPA attention;
 * ``flexsample``: flexsample at its defaults, statistics off (as a user runs it);
@@ -52,16 +52,16 @@ def _prefill(model, ids):
     return call
 
 
-def _in_mode(model, mode: str, fn):
-    """``fn`` run with ``mode``'s attention: dense SDPA, or flexsample without statistics."""
+def _use(model, mode: str):
+    """A function that switches the model to ``mode``'s attention: dense SDPA, or flexsample
+    without statistics (run untimed before each timed prefill)."""
 
-    def call():
-        if mode == "dense":
-            return fn()
-        with fst.enabled(model, CONFIGS[mode], collect_stats=False):
-            return fn()
+    def switch():
+        fst.disable(model)
+        if mode != "dense":
+            fst.enable(model, CONFIGS[mode], collect_stats=False)
 
-    return call
+    return switch
 
 
 def _answer(model, tokenizer, ids) -> str:
@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         expected = [p.answer for p in prompts]
         ids = tokenizer(prompts[len(prompts) // 2].text, return_tensors="pt").input_ids
         ids = ids.to(device)
-        fns = [_in_mode(model, mode, _prefill(model, ids)) for mode in modes]
-        seconds = interleaved_medians(fns, device, args.rounds)
+        prefill = _prefill(model, ids)
+        setups = [_use(model, mode) for mode in modes]
+        seconds = interleaved_medians([prefill] * len(modes), device, args.rounds, setups=setups)
+        fst.disable(model)
         dense_answers = None
         for mode, s in zip(modes, seconds, strict=True):
             answers = _answers(model, tokenizer, prompts, mode)

@@ -18,6 +18,7 @@ def interleaved_medians(
     rounds: int,
     *,
     clock: Clock = "wall",
+    setups: Sequence[Callable[[], object]] | None = None,
 ) -> list[float]:
     """Median seconds of each of ``fns``, timed in turn within every round.
 
@@ -33,6 +34,8 @@ def interleaved_medians(
         clock: ``"wall"``: host seconds from before the call to its device work's end (what
             a caller waits for, host work included); ``"device"``: on CUDA the time between
             two events around the call (the GPU's own time), elsewhere wall seconds.
+        setups: one function per entry of ``fns``, called untimed before each of its calls
+            (e.g. switching a model's attention to the mode the function times).
 
     Returns:
         One median per function, in seconds, in the order of ``fns``.
@@ -41,13 +44,18 @@ def interleaved_medians(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if clock not in ("wall", "device"):
         raise ValueError(f"clock must be 'wall' or 'device', got {clock!r}")
+    if setups is not None and len(setups) != len(fns):
+        raise ValueError(f"setups must have one function per fn: {len(setups)} for {len(fns)}")
+    before = list(setups) if setups is not None else [lambda: None] * len(fns)
     cuda = device.type == "cuda"
     events = cuda and clock == "device"
-    for fn in fns:
+    for setup, fn in zip(before, fns, strict=True):
+        setup()
         fn()
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, times in zip(fns, samples, strict=True):
+        for setup, fn, times in zip(before, fns, samples, strict=True):
+            setup()
             if cuda:
                 torch.cuda.synchronize(device)
             if events:
