@@ -512,9 +512,10 @@ def length_verdict(
 #: bound (the per-row oracle of a few rows): over SmolLM2-135M's 30 layers on passkey prompts
 #: of 2K, 4K and 8K tokens the median ratio was 1.43, 1.64 and 2.12, 1.7 pooled (quartiles
 #: 1.23 and 2.46; ``bench/probe_selection.py``). The probe's verdict weighs the plan at this
-#: much its estimate: counted at the estimate alone, 13 of the 14 layers the defaults planned
-#: at 2K came out dearer than dense attention, planning included, by the cost model's own
-#: figures, and the prefill was slower than dense.
+#: much its estimate. By the CPU cost model (that script's JSON) a plan pays at the density
+#: selection really reaches in 1 of the 30 layers at 2K (15 at 4K, 21 at 8K), yet weighed at
+#: the estimate alone the defaults planned layers at 2K and lost one passkey prompt of 20
+#: (lm-eval, e29fe87).
 SELECTION_OVER_PROBE = 1.7
 
 #: Shares of planning's time that follow selection: the row cover and the mask together,
