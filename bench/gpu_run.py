@@ -48,6 +48,7 @@ import flexsample as fs
 from flexsample.attention import resolve_backend
 from flexsample.costs import cost_model
 from flexsample.masks import bucketed_shape, pad_sequence
+from flexsample.probe import probe_density
 from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
 from flexsample.synthetic import planted_case, planted_qkv
@@ -185,6 +186,20 @@ def check_row_cover(S: int, device, sampler: str) -> Check:
     return Check(
         f"{sampler} row cover vs torch row cover", "torch.bfloat16", f"B1 H32/8 S{S} D128",
         error, "max abs kept mass", 1e-4,
+    )  # fmt: skip
+
+
+def check_probe(S: int, device, inputs: str) -> Check:
+    """At a long length: the Triton probe's estimate (histogram) against the torch probe's
+    (sorted rows), per head, on planted stripes or random q/k (where the verdict says
+    dense)."""
+    q, k, _ = make_inputs(inputs, 32, 8, S, 128, torch.bfloat16, device)
+    layout = fs.SampleLayout.create(S, fs.SampleConfig())
+    ref = probe_density(q, k, layout, 0.95, 128**-0.5)
+    got = probe_density(q, k, layout, 0.95, 128**-0.5, triton=True)
+    return Check(
+        f"triton probe vs torch probe ({inputs})", "torch.bfloat16", f"B1 H32/8 S{S} D128",
+        float((got - ref).abs().max()), "max abs density", 0.01,
     )  # fmt: skip
 
 
@@ -347,12 +362,17 @@ def check_chunk_attention(dtype, device) -> Check:
 
 
 def check_correctness(
-    device: torch.device, dry: bool, on_check=None, kernels_only: bool = False
+    device: torch.device,
+    dry: bool,
+    on_check=None,
+    kernels_only: bool = False,
+    only: str | None = None,
 ) -> list[dict]:
     """Every correctness check of the GPU run (fewer shapes with ``dry``), in turn:
     ``on_check(rows)`` after each, so that a run cut short keeps the checks it made (with
     FlashAttention-4 the section takes minutes: each padded shape compiles once).
-    ``kernels_only``: the sampler's and the row cover's checks alone (no attention call)."""
+    ``kernels_only``: the sampler's, the probe's and the row cover's checks alone (no
+    attention call). ``only``: the checks whose function's name holds this text."""
     sampler = "triton" if device.type == "cuda" else "torch"
     shapes = [
         (1, 4, 2, 1000, 64, 64),
@@ -372,6 +392,8 @@ def check_correctness(
         kept_keys = p(check_row_kept_mass, sampler=sampler, sparse=True)
         todo += [p(kept_keys, s, d, device) for s in shapes for d in dtypes]
     todo.append(p(check_row_cover, 4096 if dry else 32768, device, sampler))
+    if sampler == "triton":
+        todo += [p(check_probe, S, device, inputs) for S in (32768, 131072) for inputs in INPUTS]
     todo += [p(check_chunk_sampler, d, device, sampler) for d in dtypes]
     if not kernels_only:
         todo += [p(check_sparse_flex, d, device, sh) for sh in (False, True) for d in dtypes]
@@ -388,6 +410,8 @@ def check_correctness(
             todo += [p(check_flex_dense, d, device, "flash") for d in half]
         elif dry:  # the same check on the Triton backend (the CPU template), to try the script
             todo.append(p(check_flex_dense, torch.bfloat16, device, "triton"))
+    if only:
+        todo = [check for check in todo if only in check.func.__name__]
     rows: list[dict] = []
     for check in todo:
         c = check().row()
@@ -1059,7 +1083,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kernel-checks",
         action="store_true",
-        help="only the sampler's and the row cover's checks against float64 and torch, then stop",
+        help="only the sampler's, the probe's and the row cover's checks against float64 and "
+        "torch, then stop",
+    )
+    p.add_argument(
+        "--checks",
+        metavar="TEXT",
+        help="only the correctness checks whose function's name holds TEXT (e.g. probe, "
+        "row_cover; all of them take more than one device call), then stop",
     )
     p.add_argument(
         "--replot",
@@ -1162,9 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
         checks[:] = done
         write([])
 
-    if args.kernel_checks:
-        check_correctness(device, args.dry_run, on_check=record, kernels_only=True)
-        return 0
+    if args.kernel_checks or args.checks:
+        done = check_correctness(
+            device, args.dry_run, on_check=record, kernels_only=True, only=args.checks
+        )
+        return 0 if all(c["ok"] for c in done) else 1
     if not args.skip_correctness:
         check_correctness(device, args.dry_run, on_check=record)
     tuning = tune_sampler(device, measure) if args.tune_sampler else []

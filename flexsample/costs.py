@@ -380,6 +380,7 @@ def calibrate(
     from .config import SampleConfig
     from .plan import plan_prefill, run_plan
     from .probe import probe_density, probe_rows
+    from .sampling import resolve_sampler
     from .synthetic import planted_qkv
 
     device = torch.device(device)
@@ -388,6 +389,7 @@ def calibrate(
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
     backend = resolve_backend(plan_config.backend, device, dtype, D)
+    triton = resolve_sampler(plan_config.sampler, device) == "triton"  # the plan's probe
     dense, plan, sparse, flex_dense, probe = [], [], [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():
@@ -407,7 +409,7 @@ def calibrate(
             fns = [
                 functools.partial(dense_causal_attention, q, k, v, D**-0.5),
                 functools.partial(plan_prefill, q, k, plan_config),
-                functools.partial(probe_density, q, k, layout, alpha, D**-0.5),
+                functools.partial(probe_density, q, k, layout, alpha, D**-0.5, triton=triton),
                 *(functools.partial(run_plan, p, q, k, v) for p in plans),
             ]
             if backend == "flash":

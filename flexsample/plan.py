@@ -268,8 +268,15 @@ def plan_prefill_checked(
     sampler = resolve_sampler(config.sampler, q.device)
     if config.max_density != 1.0 and (config.max_density is not None or costs is not None):
         with timer.stage("probe"):
-            exact = sampler == "reference"
-            least = probe_density(q, k, layout, config.alpha, scale, reference=exact)
+            least = probe_density(
+                q,
+                k,
+                layout,
+                config.alpha,
+                scale,
+                reference=sampler == "reference",
+                triton=sampler == "triton",
+            )
         reason = _probe_verdict(config, costs, least, layout, B * Hq, D)
         if reason is not None:
             _log_once("probe", logging.INFO, "flexsample: dense attention (%s)", reason)

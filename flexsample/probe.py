@@ -32,6 +32,9 @@ from .selection import column_readers, window_candidate_tables
 #: Rows probed per segment: its last sampled row. Two per segment cost 11 ms at 128K on an
 #: H100 (32 heads; the sort of each row dominates), 4% of cuDNN's dense time.
 ROWS_PER_SEGMENT = 1
+#: The most probed rows the Triton probe takes (one program holds them all; more, from more
+#: than 64 segments, take the torch probe).
+MAX_TRITON_ROWS = 64
 
 
 def probe_rows(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -153,6 +156,7 @@ def probe_density(
     scale: float,
     *,
     reference: bool = False,
+    triton: bool = False,
     max_chunk_elems: int | None = None,
 ) -> torch.Tensor:
     """The probe's estimate of the least density a mask keeping ``alpha`` of the probed
@@ -182,6 +186,10 @@ def probe_density(
         scale: softmax scale.
         reference: compute in float64 at once (small inputs: ``B * Hq * rows * S``
             doubles), the twin the tests compare against.
+        triton: histogram the rows' probabilities in three Triton launches instead of
+            sorting them (:mod:`flexsample.sampling.triton_probe`; the plan's choice where
+            the Triton sampler runs): counts and reach exact up to the keys of one bin
+            (probabilities within 19% of each other).
         max_chunk_elems: bound on the elements of one probability chunk (default 2M on
             CPU, 32M on CUDA).
 
@@ -191,12 +199,19 @@ def probe_density(
     B, Hq = q.shape[:2]
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    q = q[:, ::group]  # the first query head of each kv group
     pos, lengths = _probed(layout, q.device)
     R = pos.numel()
 
     def per_query_head(estimate: torch.Tensor) -> torch.Tensor:
         return estimate.view(B, Hkv).repeat_interleave(group, dim=1)
+
+    if triton and R <= MAX_TRITON_ROWS:
+        from .sampling.triton_probe import probe_needs_triton
+
+        counts, reach = probe_needs_triton(q, k, layout, pos, alpha, scale)
+        return per_query_head(_estimate(counts, reach, layout, lengths))
+
+    q = q[:, ::group]  # the first query head of each kv group
 
     if reference:
         # The float64 oracle of every sampled row (small inputs), then the probed ones.

@@ -6,6 +6,7 @@ import torch
 import flexsample as fs
 from flexsample.layout import SampleLayout
 from flexsample.probe import fewest_keys, probe_density, probe_rows
+from flexsample.sampling import triton_available
 from flexsample.selection import keep_mask
 from flexsample.synthetic import planted_qkv
 
@@ -61,6 +62,66 @@ def test_fast_probe_matches_its_float64_twin(B, Hq, Hkv, S, L, D, dtype):
         fast = probe_density(q, k, layout, 0.95, D**-0.5, max_chunk_elems=bound)
         # float32 probabilities may order two near-equal keys differently: a key or so a row.
         assert (fast - exact).abs().max() <= 2 * rows / lengths, bound
+
+
+# (B, Hq, Hkv, S, L, D, input, dtype): GQA, batch 2, a chunk (L < S), off the block grid;
+# planted single-token stripes and random q/k (diffuse rows: many keys in one bin).
+TRITON_PROBE_CASES = [
+    pytest.param(1, 4, 2, 777, 777, 32, "stripes", torch.float32, id="gqa-777-stripes-fp32"),
+    pytest.param(2, 6, 2, 600, 600, 64, "random", torch.bfloat16, id="b2-600-random-bf16"),
+    pytest.param(1, 4, 4, 1000, 517, 32, "stripes", torch.bfloat16, id="chunk-517-of-1000-bf16"),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("B, Hq, Hkv, S, L, D, inputs, dtype", TRITON_PROBE_CASES)
+@pytest.mark.parametrize("alpha", [0.5, 0.95])
+def test_triton_probe_matches_the_sorted_count(B, Hq, Hkv, S, L, D, inputs, dtype, alpha, device):
+    from flexsample.sampling.triton_probe import probe_needs_triton
+
+    torch.manual_seed(11)
+    q, k, _ = planted_qkv(B, Hq, Hkv, S, D, stripes=(3, 9), stripe_width=1, dtype=dtype)
+    if inputs == "random":
+        q, k = torch.randn_like(q), torch.randn_like(k)
+    q = q[:, :, S - L :]
+    layout = SampleLayout.create(S, fs.SampleConfig(block_size=64, sink_blocks=1), query_len=L)
+    pos = probe_rows(layout)
+    counts, reach = probe_needs_triton(
+        q.to(device), k.to(device), layout, pos.to(device), alpha, D**-0.5
+    )
+    # The definition in float64: every probed row's probabilities, sorted.
+    group = Hq // Hkv
+    probed = probe_rows(layout) - layout.query_start
+    logits = q.double()[:, ::group, probed] @ k.double().transpose(-1, -2) * D**-0.5
+    p = logits.masked_fill(torch.arange(S) > pos[:, None], float("-inf")).softmax(dim=-1)
+    exact = fewest_keys(p, alpha).view(B * Hkv, -1)
+    # Exact up to the keys of the bin where the mass reaches alpha (interpolated by mass).
+    assert bool(((counts.cpu() - exact).abs() <= 1 + 0.02 * exact).all())
+    # Reach: where some row needs a key, how far its block lies after the key's block.
+    lightest = p.sort(dim=-1, descending=True).values.gather(-1, exact.view(B, Hkv, -1, 1) - 1)
+    needed = (p >= lightest) & (torch.arange(S) >= layout.sink_tokens)
+    blocks = (pos // 64)[:, None] - torch.arange(S) // 64
+    expect = torch.where(needed, blocks, -1).amax(dim=2).view(B * Hkv, S)
+    assert float((reach.cpu() != expect).float().mean()) < 0.01
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_probe_estimate_matches_its_float64_twin(device):
+    # The plan's probe on the Triton sampler, alpha 1 included (every nonzero key).
+    B, Hq, Hkv, S, D = 2, 4, 2, 700, 32
+    q, k, _ = planted_qkv(B, Hq, Hkv, S, D, stripes=(3, 9), stripe_width=1)
+    layout = SampleLayout.create(S, fs.SampleConfig())
+    for alpha in (0.95, 1.0):
+        exact = probe_density(q, k, layout, alpha, D**-0.5, reference=True)
+        got = probe_density(q.to(device), k.to(device), layout, alpha, D**-0.5, triton=True)
+        assert float((got.cpu() - exact).abs().max()) < 0.01, alpha
+    # Past the rows one program holds, the torch probe runs.
+    many = SampleLayout.create(S, fs.SampleConfig(num_segments=100, sample_ratio=0.2))
+    exact = probe_density(q, k, many, 0.95, D**-0.5, reference=True)
+    got = probe_density(q, k, many, 0.95, D**-0.5, triton=True)
+    assert float((got - exact).abs().max()) < 0.01
 
 
 def test_every_covered_row_keeps_at_least_the_probes_count():

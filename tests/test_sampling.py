@@ -130,5 +130,6 @@ def test_wide_heads_get_narrower_key_tiles(monkeypatch):
     tk = pytest.importorskip("flexsample.sampling.triton_kernel")
     monkeypatch.setattr(tk, "launch_config", lambda device: (64, 128, 4))
     for D, block_n in ((64, 128), (128, 128), (192, 64), (256, 64)):
-        assert tk._launch(torch.zeros(1, 1, 8, D), None, None, None)["block_n"] == block_n
-    assert tk._launch(torch.zeros(1, 1, 8, 256), None, 32, None)["block_n"] == 32  # as asked
+        assert tk.launch_settings(torch.zeros(1, 1, 8, D), None, None, None)["block_n"] == block_n
+    asked = tk.launch_settings(torch.zeros(1, 1, 8, 256), None, 32, None)
+    assert asked["block_n"] == 32  # as asked

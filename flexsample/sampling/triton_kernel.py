@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..layout import SampleLayout
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 
 #: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability, the
 #: fastest measured by ``bench/gpu_run.py --tune-sampler`` (sampling 64K tokens, 32/8 heads,
@@ -111,7 +111,7 @@ def _row_tile(
 
 
 @triton.jit
-def _key_scores(
+def key_scores(
     q, k_base, n, key_end, d, d_valid, stride_kn, stride_kd,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -173,7 +173,7 @@ def _row_lse_kernel(
     unmasked_end = ((first_row + 1) // BLOCK_N) * BLOCK_N
     for start in range(0, unmasked_end, BLOCK_N):
         n = start + offs_n
-        # Not _key_scores: these keys lie before every row, so the load needs no key bound.
+        # Not key_scores: these keys lie before every row, so the load needs no key bound.
         k = tl.load(
             k_base + n[:, None] * stride_kn + d[None, :] * stride_kd,
             mask=d_valid[None, :],
@@ -185,7 +185,7 @@ def _row_lse_kernel(
         m_i, l_i = _accumulate(s, m_i, l_i, qk_scale)
     for start in range(unmasked_end, prefix_end, BLOCK_N):
         n = start + offs_n
-        s = _key_scores(
+        s = key_scores(
             q, k_base, n, prefix_end, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION
         )
         s = tl.where(n[None, :] <= pos[:, None], s, float("-inf"))
@@ -355,7 +355,7 @@ def _row_missing_kernel(
         end = tl.where(tl.max(flagged, axis=0) != 0, end, 0)
     for start in range((sink_tokens // BLOCK_N) * BLOCK_N, end, BLOCK_N):
         n = start + offs_n
-        s = _key_scores(
+        s = key_scores(
             q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION
         )
         p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
@@ -381,7 +381,7 @@ def _key_probabilities(
 ):  # fmt: skip
     # The rows' probabilities of the keys at positions n (any order; n >= seq_len reads 0),
     # given their log-sum-exp (log2 units of the scaled logits).
-    s = _key_scores(q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION)
+    s = key_scores(q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION)
     return tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
 
 
@@ -476,7 +476,7 @@ def _row_kept_kernel(
     tl.store(KEPT + out_offs, kept, mask=row_valid)
 
 
-def _launch(
+def launch_settings(
     q: torch.Tensor, block_m: int | None, block_n: int | None, num_warps: int | None
 ) -> dict:
     """Launch settings shared by the kernels: tile sizes and compile-time constants."""
@@ -537,7 +537,7 @@ def _row_pass(
         r,
         tiles,
         G,
-        scale * _LOG2E,
+        scale * LOG2E,
         layout.query_start,
         GROUP=group,
         BLOCK_M=block_m,
@@ -593,7 +593,7 @@ def sample_scores_and_lse_triton(
     """:func:`sample_column_scores_triton` and the sampled rows' log-sum-exp it computed on
     the way, ``(B, Hkv, num_segments, rows_per_segment, group)`` float32 in log2 units of the
     scaled logits: what :func:`row_kept_mass_triton` needs, so the cover skips that pass."""
-    settings = _launch(q, block_m, block_n, num_warps)
+    settings = launch_settings(q, block_m, block_n, num_warps)
     B, Hq = q.shape[:2]
     S = k.shape[2]
     Hkv = k.shape[1]
@@ -615,7 +615,7 @@ def sample_scores_and_lse_triton(
         Hkv,
         r,
         G,
-        scale * _LOG2E,
+        scale * LOG2E,
         1.0 / r,
         GROUP=group,
         BLOCK_M=block_m,
@@ -634,7 +634,7 @@ def _measure_setup(
 ) -> tuple[dict, torch.Tensor, torch.Tensor, int, int]:
     """What the cover's row kernels share: ``(settings, lse, rows, block_m, tiles)``, the
     log-sum-exp pass run here where ``lse`` is None."""
-    settings = _launch(q, None, None, None)
+    settings = launch_settings(q, None, None, None)
     if lse is None:
         lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
     else:
@@ -714,7 +714,7 @@ def row_kept_mass_triton(
         r,
         tiles,
         G,
-        scale * _LOG2E,
+        scale * LOG2E,
         layout.seq_len,
         layout.query_start,
         layout.block_size,
@@ -781,7 +781,7 @@ def row_kept_mass_sparse_triton(
         r,
         tiles,
         G,
-        scale * _LOG2E,
+        scale * LOG2E,
         layout.seq_len,
         layout.query_start,
         layout.block_size,
@@ -801,4 +801,4 @@ def row_lse_triton(
     """The sampled rows' log-sum-exp, ``(B, Hkv, num_segments, rows_per_segment, group)``
     float32 in log2 units of the scaled logits (``_row_lse_kernel``): the ``lse`` of
     :func:`row_kept_mass_triton` and :func:`row_kept_mass_sparse_triton`."""
-    return _row_pass(q, k, layout, scale, _launch(q, None, None, None))[0]
+    return _row_pass(q, k, layout, scale, launch_settings(q, None, None, None))[0]
