@@ -112,7 +112,7 @@ def _row_needs(
     return counts, torch.where(needed, blocks.to(torch.int32), -1)
 
 
-def _estimate(
+def estimate_from_needs(
     counts: torch.Tensor, reach: torch.Tensor, layout: SampleLayout, lengths: float
 ) -> torch.Tensor:
     """Per probed head (``units``): the larger of the per-row oracle's share of the rows'
@@ -206,10 +206,9 @@ def probe_density(
         return estimate.view(B, Hkv).repeat_interleave(group, dim=1)
 
     if triton and R <= MAX_TRITON_ROWS:
-        from .sampling.triton_probe import probe_needs_triton
+        from .sampling.triton_probe import probe_density_triton
 
-        counts, reach = probe_needs_triton(q, k, layout, pos, alpha, scale)
-        return per_query_head(_estimate(counts, reach, layout, lengths))
+        return probe_density_triton(q, k, layout, pos, alpha, scale, lengths)
 
     q = q[:, ::group]  # the first query head of each kv group
 
@@ -218,7 +217,7 @@ def probe_density(
         p = sampled_row_probabilities(q, k, layout, scale)[:, :, _probe_index(layout, q.device)]
         counts, reach = _row_needs(p, alpha, pos, layout)
         reach = reach.amax(dim=2).view(B * Hkv, S)
-        return per_query_head(_estimate(counts.view(B * Hkv, R), reach, layout, lengths))
+        return per_query_head(estimate_from_needs(counts.view(B * Hkv, R), reach, layout, lengths))
 
     if max_chunk_elems is None:
         max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
@@ -241,7 +240,7 @@ def probe_density(
             p = logits.masked_fill_(after, float("-inf")).softmax(dim=-1)
             counts[u0:u1], row_reach = _row_needs(p, alpha, pos, layout)
             reach[u0:u1] = row_reach.amax(dim=1)
-    return per_query_head(_estimate(counts, reach, layout, lengths))
+    return per_query_head(estimate_from_needs(counts, reach, layout, lengths))
 
 
 def _needs_in_row_chunks(

@@ -38,6 +38,13 @@ def test_probe_cost_dry_run():
 
 
 @pytest.mark.slow
+def test_probe_host_dry_run(tmp_path):
+    out = _run("probe_host.py", "--dry-run", "--json", str(tmp_path / "p.json"))
+    assert "| 256 | probe, torch (sorted rows) |" in out
+    assert (tmp_path / "p.json").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_select_tiers_planted():
     out = _run("select_tiers.py", "--lengths", "2048", "--rounds", "1", "--no-smollm2")
     assert out.count("same selection: True") == 2

@@ -5,7 +5,7 @@ import torch
 
 import flexsample as fs
 from flexsample.layout import SampleLayout
-from flexsample.probe import fewest_keys, probe_density, probe_rows
+from flexsample.probe import estimate_from_needs, fewest_keys, probe_density, probe_rows
 from flexsample.sampling import triton_available
 from flexsample.selection import keep_mask
 from flexsample.synthetic import planted_qkv
@@ -110,13 +110,24 @@ def test_triton_probe_matches_the_sorted_count(B, Hq, Hkv, S, L, D, inputs, dtyp
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_probe_estimate_matches_its_float64_twin(device):
     # The plan's probe on the Triton sampler, alpha 1 included (every nonzero key).
+    from flexsample.sampling.triton_probe import probe_needs_triton
+
     B, Hq, Hkv, S, D = 2, 4, 2, 700, 32
     q, k, _ = planted_qkv(B, Hq, Hkv, S, D, stripes=(3, 9), stripe_width=1)
     layout = SampleLayout.create(S, fs.SampleConfig())
+    q, k = q.to(device), k.to(device)
+    rows = probe_rows(layout, device)
+    lengths = float((probe_rows(layout) + 1).sum())
     for alpha in (0.95, 1.0):
-        exact = probe_density(q, k, layout, alpha, D**-0.5, reference=True)
-        got = probe_density(q.to(device), k.to(device), layout, alpha, D**-0.5, triton=True)
+        exact = probe_density(q.cpu(), k.cpu(), layout, alpha, D**-0.5, reference=True)
+        got = probe_density(q, k, layout, alpha, D**-0.5, triton=True)
         assert float((got.cpu() - exact).abs().max()) < 0.01, alpha
+        # The fused estimate (column pairs summed in the kernels) is the torch one's on the
+        # same counts and reach.
+        counts, reach = probe_needs_triton(q, k, layout, rows, alpha, D**-0.5)
+        unfused = estimate_from_needs(counts, reach, layout, lengths)
+        assert torch.allclose(got[:, ::2].flatten().cpu(), unfused.cpu(), rtol=1e-6), alpha
+    q, k = q.cpu(), k.cpu()
     # Past the rows one program holds, the torch probe runs.
     many = SampleLayout.create(S, fs.SampleConfig(num_segments=100, sample_ratio=0.2))
     exact = probe_density(q, k, many, 0.95, D**-0.5, reference=True)

@@ -20,6 +20,7 @@ deterministic (no atomics).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,8 +39,10 @@ LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(9, 0): (64, 128,
 DEFAULT_LAUNCH_CONFIG = (64, 64, 4)
 
 
+@functools.lru_cache(maxsize=16)
 def launch_config(device: torch.device) -> tuple[int, int, int]:
-    """``(block_m, block_n, num_warps)`` for the sampler on ``device``."""
+    """``(block_m, block_n, num_warps)`` for the sampler on ``device`` (looked up once per
+    device: every launch asks)."""
     if device.type != "cuda":
         return DEFAULT_LAUNCH_CONFIG
     capability = torch.cuda.get_device_capability(device)

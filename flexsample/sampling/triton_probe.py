@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ..layout import SampleLayout
 from ..probe import MAX_TRITON_ROWS
+from ..selection import window_candidate_tables
 from .triton_kernel import LOG2E, key_scores, launch_settings
 
 #: Bins per halving of the probability: a bin spans a factor of 2 ** (1/4), about 19%.
@@ -177,8 +178,12 @@ def _probe_histogram_kernel(
         # every lighter nonzero one; zeros (masked keys) none.
         light = -tl.log2(tl.where(p > 0, p, 1.0)) * PER_OCTAVE
         bins = tl.minimum(tl.floor(light), num_levels - 1).to(tl.int32)
+        # Only the bins this tile's keys fall in (a tile far from every row's heavy keys
+        # spans a few octaves, not all of them).
+        lo = tl.min(tl.min(tl.where(p > 0, bins, LEVELS), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(p > 0, bins, -1), axis=1), axis=0)
         bins = tl.where(p > 0, bins, LEVELS)
-        for i in range(0, num_levels):
+        for i in range(lo, hi + 1):
             here = bins == i
             m_i = tl.sum(tl.where(here, p, 0.0), axis=1)
             c_i = tl.sum(here.to(tl.float32), axis=1)
@@ -194,11 +199,15 @@ def _probe_reach_kernel(
     Q, K, POS, PART, HIST, COUNTS, REACH,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     num_kv_heads, group, num_rows, seq_len, query_start, num_chunks, chunk, qk_scale,
-    num_levels, alpha, sink_tokens, block_size,
-    LEVELS: tl.constexpr, PER_OCTAVE: tl.constexpr,
+    num_levels, alpha, sink_tokens, block_size, CANDIDATES, num_candidates,
+    LEVELS: tl.constexpr, PER_OCTAVE: tl.constexpr, ESTIMATE: tl.constexpr,
+    CANDIDATES_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # ESTIMATE: instead of each key's reach (REACH (units, S)), the column pairs each
+    # window candidate would compute for this chunk's needed keys (REACH (units, chunks,
+    # CANDIDATES_PAD) int64), as flexsample.probe weighs them.
     pid_c = tl.program_id(0)
     pid_u = tl.program_id(1)
     num_units = tl.num_programs(1)
@@ -237,10 +246,14 @@ def _probe_reach_kernel(
     needed = tl.where(last, keys_before + bin_keys, needed)
     if pid_c == 0:
         tl.store(COUNTS + pid_u * num_rows + r, needed.to(tl.int64), mask=valid)
+    # reach: per key, the most blocks a row needing it lies after it
 
     k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
     row_block = pos // block_size
+    cand = tl.arange(0, CANDIDATES_PAD)
+    windows = tl.load(CANDIDATES + cand, mask=cand < num_candidates, other=0)
+    pairs = tl.zeros([CANDIDATES_PAD], dtype=tl.int64)
     start0 = pid_c * chunk
     for start in range(start0, tl.minimum(start0 + chunk, seq_len), BLOCK_N):
         n = start + offs_n
@@ -249,8 +262,45 @@ def _probe_reach_kernel(
             qk_scale, UPCAST, DOT_PRECISION,
         )  # fmt: skip
         need = (p >= threshold[:, None]) & (p > 0) & (n[None, :] >= sink_tokens)
-        reach = tl.where(need, row_block[:, None] - n[None, :] // block_size, -1)
-        tl.store(REACH + pid_u * seq_len + n, tl.max(reach, axis=0), mask=n < seq_len)
+        reach = tl.max(tl.where(need, row_block[:, None] - n[None, :] // block_size, -1), axis=0)
+        if ESTIMATE:
+            # A key a row needs from further back than a window of w blocks is a column of
+            # that window: every query past its block + w reads it (selection.column_readers).
+            first = (n[None, :] // block_size + windows[:, None] + 1) * block_size
+            readers = tl.maximum(seq_len - tl.maximum(first, query_start), 0)
+            column = (reach[None, :] > windows[:, None]) & (n[None, :] < seq_len)
+            pairs += tl.sum(tl.where(column, readers, 0).to(tl.int64), axis=1)
+        else:
+            tl.store(REACH + pid_u * seq_len + n, reach, mask=n < seq_len)
+    if ESTIMATE:
+        tl.store(REACH + (pid_u * num_chunks + pid_c) * CANDIDATES_PAD + cand, pairs)
+
+
+@triton.jit
+def _probe_estimate_kernel(
+    COUNTS, PAIRS, WINDOW, OUT, num_rows, num_chunks, num_candidates, num_kv_heads, group,
+    lengths, causal_pairs,
+    CANDIDATES_PAD: tl.constexpr, ROWS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr,
+):  # fmt: skip
+    # Per kv head (one program): the larger of the rows' fewest-keys share and the cheapest
+    # candidate's window + column pairs over the causal pairs, for every head of its group.
+    pid_u = tl.program_id(0)
+    r = tl.arange(0, ROWS_PAD)
+    counts = tl.load(COUNTS + pid_u * num_rows + r, mask=r < num_rows, other=0)
+    least = tl.sum(counts, axis=0).to(tl.float32) / lengths
+    cand = tl.arange(0, CANDIDATES_PAD)
+    pairs = tl.load(WINDOW + cand, mask=cand < num_candidates, other=0)
+    for c in range(0, num_chunks):
+        pairs += tl.load(PAIRS + (pid_u * num_chunks + c) * CANDIDATES_PAD + cand)
+    pairs = tl.where(cand < num_candidates, pairs, tl.cast(1, tl.int64) << 62)
+    best = tl.min(pairs, axis=0).to(tl.float32) / causal_pairs
+    density = tl.maximum(least, tl.minimum(best, 1.0))
+    j = tl.arange(0, GROUP_PAD)
+    b = pid_u // num_kv_heads
+    h_kv = pid_u % num_kv_heads
+    heads = num_kv_heads * group
+    tl.store(OUT + b * heads + h_kv * group + j, tl.zeros([GROUP_PAD], tl.float32) + density,
+             mask=j < group)  # fmt: skip
 
 
 def probe_needs_triton(
@@ -263,7 +313,9 @@ def probe_needs_triton(
     *,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the probed rows need, as :func:`flexsample.probe.probe_density` weighs it.
+    """What the probed rows need, as :func:`flexsample.probe.probe_density` weighs it (its
+    torch path's ``counts`` and ``reach``; the plan's probe folds them into
+    :func:`probe_density_triton`).
 
     Args:
         q: ``(B, Hq, L, D)``; the first query head of each kv group is probed.
@@ -281,6 +333,59 @@ def probe_needs_triton(
         row's block lies after it where that row needs it (-1: no row needs it, or it is a
         sink key).
     """
+    counts, reach, _ = _probe(q, k, layout, rows, alpha, scale, block_n, estimate=False)
+    return counts, reach
+
+
+def probe_density_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    rows: torch.Tensor,
+    alpha: float,
+    scale: float,
+    lengths: float,
+    *,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """:func:`flexsample.probe.probe_density`'s estimate in four launches: the three kernels
+    with the window candidates' column pairs summed per chunk in the last, then one program
+    per kv head for the cheapest candidate (no torch operation between them: on an H200
+    host each costs about as much as the probe's work at 32K tokens).
+
+    Args: as :func:`probe_needs_triton`, and ``lengths``, the probed rows' causal lengths
+    summed.
+
+    Returns:
+        ``(B, Hq)`` float32 in ``(0, 1]``, every query head of a group its kv head's.
+    """
+    B, Hq = q.shape[:2]
+    Hkv = k.shape[1]
+    counts, pairs, chunks = _probe(q, k, layout, rows, alpha, scale, block_n, estimate=True)
+    candidates, window = window_candidate_tables(layout, q.device)
+    out = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    R = rows.numel()
+    _probe_estimate_kernel[(B * Hkv,)](
+        counts, pairs, window, out, R, chunks, candidates.numel(), Hkv, Hq // Hkv,
+        float(lengths), float(layout.causal_pairs),
+        CANDIDATES_PAD=pairs.shape[-1], ROWS_PAD=triton.next_power_of_2(R),
+        GROUP_PAD=triton.next_power_of_2(Hq // Hkv),
+    )  # fmt: skip
+    return out
+
+
+def _probe(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    rows: torch.Tensor,
+    alpha: float,
+    scale: float,
+    block_n: int | None,
+    *,
+    estimate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The three kernels: ``(counts, reach or the candidates' pairs per chunk, chunks)``."""
     B, Hq = q.shape[:2]
     Hkv, S = k.shape[1], k.shape[2]
     R = rows.numel()
@@ -295,12 +400,16 @@ def probe_needs_triton(
     # Keys lighter than (1 - alpha) / S hold less than 1 - alpha between them: no bin below.
     lightest = max(1.0 - alpha, 1e-9) / S
     levels = min(LEVELS, math.ceil(-math.log2(lightest) * LEVELS_PER_OCTAVE) + 2)
-    pos = rows.to(torch.int32).contiguous()
+    candidates, _ = window_candidate_tables(layout, q.device)
+    candidates_pad = max(2, triton.next_power_of_2(candidates.numel()))
     dev = q.device
     part = torch.empty(2, units, chunks, block_m, dtype=torch.float32, device=dev)
     hist = torch.empty(2, units, chunks, block_m, LEVELS, dtype=torch.float32, device=dev)
     counts = torch.empty(units, R, dtype=torch.int64, device=dev)
-    reach = torch.empty(units, S, dtype=torch.int32, device=dev)
+    if estimate:
+        reach = torch.empty(units, chunks, candidates_pad, dtype=torch.int64, device=dev)
+    else:
+        reach = torch.empty(units, S, dtype=torch.int32, device=dev)
     common = (
         *q.stride(), *k.stride(), Hkv, Hq // Hkv, R, S, layout.query_start, chunks, chunk,
         scale * LOG2E,
@@ -308,10 +417,11 @@ def probe_needs_triton(
     tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, **settings["common"]}
     levels_args = {"LEVELS": LEVELS, "PER_OCTAVE": LEVELS_PER_OCTAVE}
     grid = (chunks, units)
-    _probe_lse_kernel[grid](q, k, pos, part, *common, **tiles)
-    _probe_histogram_kernel[grid](q, k, pos, part, hist, *common, levels, **levels_args, **tiles)
+    _probe_lse_kernel[grid](q, k, rows, part, *common, **tiles)
+    _probe_histogram_kernel[grid](q, k, rows, part, hist, *common, levels, **levels_args, **tiles)
     _probe_reach_kernel[grid](
-        q, k, pos, part, hist, counts, reach, *common, levels, float(alpha),
-        layout.sink_tokens, layout.block_size, **levels_args, **tiles,
+        q, k, rows, part, hist, counts, reach, *common, levels, float(alpha),
+        layout.sink_tokens, layout.block_size, candidates, candidates.numel(),
+        ESTIMATE=estimate, CANDIDATES_PAD=candidates_pad, **levels_args, **tiles,
     )  # fmt: skip
-    return counts, reach
+    return counts, reach, chunks
