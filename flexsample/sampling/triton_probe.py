@@ -266,8 +266,8 @@ def _probe_reach_kernel(
         if ESTIMATE:
             # A key a row needs from further back than a window of w blocks is a column of
             # that window: every query past its block + w reads it (selection.column_readers).
-            first = (n[None, :] // block_size + windows[:, None] + 1) * block_size
-            readers = tl.maximum(seq_len - tl.maximum(first, query_start), 0)
+            first_reader = (n[None, :] // block_size + windows[:, None] + 1) * block_size
+            readers = tl.maximum(seq_len - tl.maximum(first_reader, query_start), 0)
             column = (reach[None, :] > windows[:, None]) & (n[None, :] < seq_len)
             pairs += tl.sum(tl.where(column, readers, 0).to(tl.int64), axis=1)
         else:
