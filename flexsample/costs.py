@@ -458,7 +458,8 @@ def chunk_pairs(layout: SampleLayout) -> int | None:
 #: run dense without it. On an H200 (32 query heads on 8 kv heads, bf16) the probe of every
 #: query head took 2.3 ms at 32K tokens, 16% of dense attention's 14.6 ms, and 3.1 ms at 64K,
 #: 5.6% (``bench/results/plan_stages_NVIDIA_H200_7394fdc.txt``); of one head per kv group
-#: the calibrated model says 1.6 ms at 32K (12%: dense) and 2.1 ms at 64K (4%: probed).
+#: the calibrated model said 1.6 ms at 32K (12%: dense) and 2.1 ms at 64K (4%: probed); the
+#: Triton probe (7acfceb) 0.40 ms at 32K (3%: probed) and 0.54 ms at 64K (1%).
 PROBE_SHARE = 0.05
 
 

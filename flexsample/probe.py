@@ -13,8 +13,11 @@ columns come to, which is near 1 where the rows need different keys. The larger 
 estimates the least density any plan can reach; where even that would not beat dense
 attention, the call runs dense before sampling.
 
-Two implementations: :func:`probe_density` (chunked float32, inductor-compiled on CPU) and
-its float64 twin ``probe_density(..., reference=True)``; tests hold them together.
+Three implementations: :func:`probe_density` (chunked float32 with a sort of each row,
+inductor-compiled on CPU), its float64 twin ``probe_density(..., reference=True)``, and
+``probe_density(..., triton=True)`` (:mod:`flexsample.sampling.triton_probe`: the rows'
+mass histogrammed in four Triton launches, the plan's choice where the Triton sampler runs:
+0.35 ms a call at 32K tokens on an H200 against the sort's 0.86); tests hold them together.
 """
 
 from __future__ import annotations
