@@ -133,6 +133,27 @@ def _probe_lse(PART, pid_u, num_units, num_chunks, r, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _probe_program(
+    Q, K, POS, PART, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+    num_kv_heads, group, num_rows, query_start, num_chunks,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    # The histogram's and the reach kernel's program: its chunk, kv head, rows and their
+    # log-sum-exp, and its kv head's keys.
+    pid_c = tl.program_id(0)
+    pid_u = tl.program_id(1)
+    num_units = tl.num_programs(1)
+    b, h_kv, r, valid, pos, q, d, d_valid = _probe_rows(
+        Q, POS, pid_u, num_kv_heads, group, num_rows, query_start,
+        stride_qb, stride_qh, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST,
+    )  # fmt: skip
+    lse = _probe_lse(PART, pid_u, num_units, num_chunks, r, BLOCK_M)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    return pid_c, pid_u, num_units, r, valid, pos, q, d, d_valid, lse, k_base
+
+
+@triton.jit
 def _chunk_probabilities(
     q, k_base, n, pos, valid, lse, seq_len, d, d_valid, stride_kn, stride_kd, qk_scale,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -153,15 +174,11 @@ def _probe_histogram_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_c = tl.program_id(0)
-    pid_u = tl.program_id(1)
-    num_units = tl.num_programs(1)
-    b, h_kv, r, valid, pos, q, d, d_valid = _probe_rows(
-        Q, POS, pid_u, num_kv_heads, group, num_rows, query_start,
-        stride_qb, stride_qh, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST,
+    pid_c, pid_u, num_units, r, valid, pos, q, d, d_valid, lse, k_base = _probe_program(
+        Q, K, POS, PART, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, group, num_rows, query_start, num_chunks,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST,
     )  # fmt: skip
-    lse = _probe_lse(PART, pid_u, num_units, num_chunks, r, BLOCK_M)
-    k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
     level = tl.arange(0, LEVELS)
     mass = tl.zeros([BLOCK_M, LEVELS], dtype=tl.float32)
@@ -208,14 +225,11 @@ def _probe_reach_kernel(
     # ESTIMATE: instead of each key's reach (REACH (units, S)), the column pairs each
     # window candidate would compute for this chunk's needed keys (REACH (units, chunks,
     # CANDIDATES_PAD) int64), as flexsample.probe weighs them.
-    pid_c = tl.program_id(0)
-    pid_u = tl.program_id(1)
-    num_units = tl.num_programs(1)
-    b, h_kv, r, valid, pos, q, d, d_valid = _probe_rows(
-        Q, POS, pid_u, num_kv_heads, group, num_rows, query_start,
-        stride_qb, stride_qh, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST,
+    pid_c, pid_u, num_units, r, valid, pos, q, d, d_valid, lse, k_base = _probe_program(
+        Q, K, POS, PART, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, group, num_rows, query_start, num_chunks,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, UPCAST,
     )  # fmt: skip
-    lse = _probe_lse(PART, pid_u, num_units, num_chunks, r, BLOCK_M)
     level = tl.arange(0, LEVELS)
     mass = tl.zeros([BLOCK_M, LEVELS], dtype=tl.float32)
     count = tl.zeros([BLOCK_M, LEVELS], dtype=tl.float32)
@@ -248,7 +262,6 @@ def _probe_reach_kernel(
         tl.store(COUNTS + pid_u * num_rows + r, needed.to(tl.int64), mask=valid)
     # reach: per key, the most blocks a row needing it lies after it
 
-    k_base = K + b * stride_kb + h_kv * stride_kh
     offs_n = tl.arange(0, BLOCK_N)
     row_block = pos // block_size
     cand = tl.arange(0, CANDIDATES_PAD)
