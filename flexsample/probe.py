@@ -189,10 +189,11 @@ def probe_density(
         scale: softmax scale.
         reference: compute in float64 at once (small inputs: ``B * Hq * rows * S``
             doubles), the twin the tests compare against.
-        triton: histogram the rows' probabilities in three Triton launches instead of
+        triton: histogram the rows' probabilities in four Triton launches instead of
             sorting them (:mod:`flexsample.sampling.triton_probe`; the plan's choice where
             the Triton sampler runs): counts and reach exact up to the keys of one bin
-            (probabilities within 19% of each other).
+            (probabilities within 19% of each other). More than
+            :data:`MAX_TRITON_ROWS` probed rows take the torch probe.
         max_chunk_elems: bound on the elements of one probability chunk (default 2M on
             CPU, 32M on CUDA).
 

@@ -1,24 +1,30 @@
-"""The probe (stage 0) as three Triton launches: what each probed row needs, without a sort.
+"""The probe (stage 0) in four Triton launches: what each probed row needs, without a sort.
 
 The torch probe (:func:`flexsample.probe.probe_density`) computes the probed rows'
 probabilities, sorts each row and counts the heaviest keys that hold ``alpha`` of its mass:
-about forty small operations, each a launch. On an H200 host a launch costs some 27
-microseconds, so the probe took a fixed 1.1 ms whatever the length (the calibrated cost
-model), 12% of dense attention at 32K tokens: more than the probe may cost
-(:data:`~flexsample.costs.PROBE_SHARE`), so 32K ran dense without planning.
+about forty-five small operations, each a launch. On an H200 that cost 0.86 ms a call at 32K
+tokens (794 us of it host time; ``bench/probe_host.py``), and the calibrated cost model said
+1.6 ms, 12% of dense attention: more than the probe may cost
+(:data:`~flexsample.costs.PROBE_SHARE`), so 32K ran dense without planning. These kernels
+take 0.35 ms there (238 us of host time), 0.62 ms at 128K (the sort: 3.5 ms).
 
-Here each probed row's mass is histogrammed instead of sorted. The rows are few (one per
+Each probed row's mass is histogrammed instead of sorted. The rows are few (one per
 segment, of one query head per kv group), so every program takes all of them against one
 chunk of keys:
 
 * ``_probe_lse_kernel``: each row's running max and sum of ``exp2`` over the chunk (a
   partial log-sum-exp, combined by the next kernels as split-K FlashAttention does).
 * ``_probe_histogram_kernel``: the rows' probabilities in the chunk, summed (mass and key
-  count) into :data:`LEVELS_PER_OCTAVE` bins per halving of the probability, heaviest first.
+  count) into :data:`LEVELS_PER_OCTAVE` bins per halving of the probability, heaviest first
+  (only over the bins the tile's keys fall in).
 * ``_probe_reach_kernel``: from the whole histogram, each row's threshold (the bin where
   the heavier keys' mass reaches ``alpha``, interpolated within it) and its count of
   needed keys; then, per key of the chunk, how many blocks before the furthest row's block
-  it lies where some row needs it (the probe's ``reach``).
+  it lies where some row needs it (the probe's ``reach``), and from that each window
+  candidate's column pairs over the chunk.
+* ``_probe_estimate_kernel``: per kv head, the cheapest candidate's window and column
+  pairs against the rows' fewest-keys share: the estimate, written for every query head of
+  the group.
 
 The count and the threshold are exact up to the keys of one bin (probabilities within a
 factor ``2 ** (1 / LEVELS_PER_OCTAVE)``), where the fewest-keys count is interpolated by
