@@ -87,8 +87,9 @@ def _row_tile(
     pid_bh = tl.program_id(1)
     seg = pid_tile // tiles_per_segment
     tile = pid_tile % tiles_per_segment
-    b = pid_bh // num_kv_heads
-    h_kv = pid_bh % num_kv_heads
+    # 64-bit: batch and head offsets of long inputs pass 2**31 elements.
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h_kv = (pid_bh % num_kv_heads).to(tl.int64)
     ROWS_PER_TILE: tl.constexpr = BLOCK_M // GROUP
     slot = tl.arange(0, BLOCK_M)
     head_in_group = slot % GROUP
@@ -233,8 +234,9 @@ def _column_mass_kernel(
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // num_kv_heads
-    h_kv = pid_bh % num_kv_heads
+    # 64-bit: batch and head offsets of long inputs pass 2**31 elements.
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h_kv = (pid_bh % num_kv_heads).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < seq_len
     rows_base = ROWS + seg * rows_per_segment

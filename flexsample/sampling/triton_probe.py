@@ -65,8 +65,9 @@ def _probe_rows(
 ):  # fmt: skip
     # A probe program's rows: every probed row of the first query head of kv head pid_u's
     # group.
-    b = pid_u // num_kv_heads
-    h_kv = pid_u % num_kv_heads
+    # 64-bit: batch and head offsets of long inputs pass 2**31 elements.
+    b = (pid_u // num_kv_heads).to(tl.int64)
+    h_kv = (pid_u % num_kv_heads).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     valid = r < num_rows
     pos = tl.load(POS + r, mask=valid, other=0)
