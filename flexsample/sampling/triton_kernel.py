@@ -380,7 +380,7 @@ def _row_missing_kernel(
 
 
 @triton.jit
-def _key_probabilities(
+def key_probabilities(
     q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -448,7 +448,7 @@ def _row_kept_kernel(
     # The sink, then the window: contiguous keys.
     for start in range(0, sink_tokens, BLOCK_N):
         n = start + offs_n
-        p = _key_probabilities(
+        p = key_probabilities(
             q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
             DOT_PRECISION,
         )  # fmt: skip
@@ -457,7 +457,7 @@ def _row_kept_kernel(
     first = (tl.min(lo, axis=0) // BLOCK_N) * BLOCK_N
     for start in range(first, tl.max(hi, axis=0) + 1, BLOCK_N):
         n = start + offs_n
-        p = _key_probabilities(
+        p = key_probabilities(
             q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
             DOT_PRECISION,
         )  # fmt: skip
@@ -470,7 +470,7 @@ def _row_kept_kernel(
     for start in range(0, num_col_pos, BLOCK_N):
         c = start + offs_n
         n = tl.load(col_list + c, mask=c < num_col_pos, other=seq_len)
-        p = _key_probabilities(
+        p = key_probabilities(
             q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
             DOT_PRECISION,
         )  # fmt: skip

@@ -45,7 +45,7 @@ import triton.language as tl
 from ..layout import SampleLayout
 from ..probe import MAX_TRITON_ROWS
 from ..selection import window_candidate_tables
-from .triton_kernel import LOG2E, key_scores, launch_settings
+from .triton_kernel import LOG2E, key_probabilities, key_scores, launch_settings
 
 #: Bins per halving of the probability: a bin spans a factor of 2 ** (1/4), about 19%.
 LEVELS_PER_OCTAVE = 4
@@ -166,8 +166,10 @@ def _chunk_probabilities(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # The rows' probabilities of the keys at n (0 past a row's own position).
-    s = key_scores(q, k_base, n, seq_len, d, d_valid, stride_kn, stride_kd, UPCAST, DOT_PRECISION)
-    p = tl.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+    p = key_probabilities(
+        q, k_base, n, d, d_valid, lse, seq_len, stride_kn, stride_kd, qk_scale, UPCAST,
+        DOT_PRECISION,
+    )  # fmt: skip
     return tl.where((n[None, :] <= pos[:, None]) & valid[:, None], p, 0.0)
 
 
