@@ -32,6 +32,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from report import write_rows
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
@@ -139,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_rows(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from collections import defaultdict
 
 import torch
 from gpu_run import INPUTS, make_inputs
+from report import write_rows
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -178,16 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                         ops = ", ".join(f"{op} {ms:.2f}" for op, ms in r["top_ops_ms"].items())
                         print(f"|  |  |  |  | ({stage}: {ops}) |  |  |  |  |  |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "meta": meta,
-                    "configs": {k: dataclasses.asdict(c) for k, c in CONFIGS.items()},
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
+        configs = {k: dataclasses.asdict(c) for k, c in CONFIGS.items()}
+        write_rows(args.json, meta, rows, configs=configs)
 
 
 if __name__ == "__main__":

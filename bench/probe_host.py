@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from gpu_run import make_inputs
+from report import write_rows
 
 import flexsample as fs
 from flexsample.probe import probe_density, probe_rows
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             root = str(Path(__file__).resolve().parents[1]) + os.sep
             print(text.getvalue().replace(root, "").replace(sys.prefix + os.sep, ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_rows(args.json, meta, rows)
 
 
 if __name__ == "__main__":

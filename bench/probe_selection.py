@@ -19,6 +19,7 @@ import json
 import statistics
 
 import torch
+from report import write_rows
 
 import flexsample as fs
 from flexsample.costs import SELECTION_OVER_PROBE, cost_model
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_rows(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def write_rows(path: str | Path, meta: dict, rows: list[dict], **extra: object) -> None:
+    """Write a bench script's run: ``{"meta": meta, **extra, "rows": rows}`` as JSON (the
+    form every script in bench/ with a ``--json`` option writes)."""
+    Path(path).write_text(json.dumps({"meta": meta, **extra, "rows": rows}, indent=1))
+
+
 def ms(bench: dict) -> float:
     """Median milliseconds of one benchmark entry (device time where recorded)."""
     info = bench.get("extra_info", {})

@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import json
 
+from report import write_rows
+
 import flexsample as fs
 from flexsample.integrations.haystack import passkey_prompt
 from flexsample.integrations.models import load_model
@@ -64,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_rows(args.json, meta, rows)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import collections
 import json
 
 import torch
+from report import write_rows
 
 import flexsample.integrations.transformers as fst
 from flexsample import SampleConfig
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['same_as_dense']}/{r['samples']} |"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_rows(args.json, meta, rows)
 
 
 if __name__ == "__main__":
