@@ -30,6 +30,14 @@ from flexsample.provenance import provenance
 PROMPT_TOKENS, SEED = 8000, 8192
 
 
+def capture_frontier_layers(layers: list[int], tokens: int = PROMPT_TOKENS) -> dict:
+    """``{layer: (q, k, v)}`` of SmolLM2-135M on the frontier benchmark's passkey prompt."""
+    model, tokenizer = load_model("smollm2")
+    prompt = passkey_prompt(tokenizer, tokens, 0.5, seed=SEED)
+    ids = tokenizer(prompt.text, return_tensors="pt").input_ids
+    return capture_attention_inputs(model, ids, layers)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.025, 0.0125])
@@ -39,10 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     meta = provenance()  # read at the start: a commit made during the run is not named
     print(json.dumps(meta), flush=True)
-    model, tokenizer = load_model("smollm2")
-    prompt = passkey_prompt(tokenizer, args.tokens, 0.5, seed=SEED)
-    ids = tokenizer(prompt.text, return_tensors="pt").input_ids
-    captured = capture_attention_inputs(model, ids, args.layers)
+    captured = capture_frontier_layers(args.layers, args.tokens)
     print("| layer | sample_ratio | sampled rows | density | output error | kept mass p1 | min |")
     print("|---|---|---|---|---|---|---|")
     rows = []

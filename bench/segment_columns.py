@@ -23,17 +23,12 @@ import json
 
 import torch
 from report import write_rows
+from sampled_rows import PROMPT_TOKENS, capture_frontier_layers
 
 import flexsample as fs
-from flexsample.integrations.haystack import passkey_prompt
-from flexsample.integrations.models import load_model
-from flexsample.integrations.transformers import capture_attention_inputs
 from flexsample.oracle import evaluate_mask, evaluate_plan
 from flexsample.provenance import provenance
 from flexsample.selection import row_keep
-
-#: The frontier benchmark's SmolLM2 prompt (bench/test_frontier.py, seq_len 8192).
-PROMPT_TOKENS, SEED = 8000, 8192
 
 
 def segment_covers(plan: fs.PrefillPlan) -> torch.Tensor:
@@ -91,10 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     meta = provenance()  # read at the start: a commit made during the run is not named
     print(json.dumps(meta), flush=True)
-    model, tokenizer = load_model("smollm2")
-    prompt = passkey_prompt(tokenizer, args.tokens, 0.5, seed=SEED)
-    ids = tokenizer(prompt.text, return_tensors="pt").input_ids
-    captured = capture_attention_inputs(model, ids, args.layers)
+    captured = capture_frontier_layers(args.layers, args.tokens)
     config = fs.SampleConfig.always_sparse()
     print("| layer | columns read by | density | output error | kept mass p1 |")
     print("|---|---|---|---|---|")
