@@ -19,6 +19,7 @@ window: the heaviest sampled columns before the window until the segment keeps `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             keep_rows = scoped_keep(plan, covers, scope)
             results[scope] = evaluate_mask(q, k, v, keep_rows, scale=plan.scale)
         for scope, quality in results.items():
-            rows.append({"layer": layer, "scope": scope, **quality.__dict__})
+            rows.append({"layer": layer, "scope": scope, **dataclasses.asdict(quality)})
             print(
                 f"| {layer} | {scope} | {quality.density:.3f} | {quality.output_error:.2e} "
                 f"| {quality.kept_mass_p1:.3f} |",
