@@ -11,8 +11,9 @@ The measurement runs in Triton row kernels on CUDA, reusing the sampler's log-su
 over the keys each row's mask keeps (sink, window, columns), then, for the rows that come
 out short (programs holding none of them skip it), a pass over every key before each row's
 window that also finds its heaviest missed key; or in chunked torch (float64 with the
-reference sampler). The repair runs in torch on the short rows only.
-Memory stays ``chunk x S`` per step, never ``rows x S``.
+reference sampler). The repair runs in torch on the short rows only, all heads' together
+(:func:`repair_rows`: a few dozen operations whatever the batch and heads, not a loop per kv
+head). Memory stays ``chunk x S`` per step, never ``rows x S``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def chunk_kept_mass(
     columns: torch.Tensor,
     sink: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities of a chunk of rows (of heads sharing one kv head) and the share of
-    each that its head's mask keeps.
+    """The share of each of a chunk of rows' (of heads sharing one kv head) mass that its
+    head's mask keeps, and the heaviest probability it misses: the torch twin of
+    :func:`~flexsample.sampling.triton_kernel.row_kept_mass_triton`.
 
     Args:
         q_rows: ``(c, D)`` queries, already multiplied by the softmax scale.
@@ -79,12 +81,12 @@ def chunk_kept_mass(
         sink: leading keys every row keeps.
 
     Returns:
-        ``(p (c, W), kept (c,))``.
+        ``(kept (c,), heaviest_missing (c,))``.
     """
     p = chunk_probabilities(q_rows, keys, pos)
     key = torch.arange(keys.shape[0], device=keys.device)
     keep = (key[None, :] >= window_start[:, None]) | (key[None, :] < sink) | columns
-    return p, (p * keep).sum(dim=-1)
+    return (p * keep).sum(dim=-1), p.masked_fill(keep, 0).amax(dim=-1)
 
 
 def cover_row_chunk(
@@ -131,6 +133,10 @@ def cover_rows(
 ) -> RowCover:
     """Make every sampled row keep at least ``alpha`` of its attention mass.
 
+    Two steps: measure every sampled row's kept share and its heaviest missed key (Triton row
+    kernels, or chunked torch), then repair the rows that are short and have a key above the
+    floor to add, all of them together (:func:`repair_rows`).
+
     Args:
         q: ``(B, Hq, L, D)`` queries (the last ``L`` of the ``S`` positions).
         k: ``(B, Hkv, S, D)`` keys.
@@ -150,100 +156,194 @@ def cover_rows(
     """
     layout = selection.layout
     B, Hq = q.shape[:2]
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    attended = selection.columns
-    windows = selection.window_blocks
-    positions = layout.sampled_rows(q.device).flatten()  # (G * r,) ascending
-    dev = q.device
-
-    # Work per (batch, kv head): (query head, sampled row) items, in row order, so that the
-    # query heads sharing the keys are measured together and a chunk's key prefix is short.
-    if sampler == "triton":
-        from .sampling.triton_kernel import (
-            row_kept_mass_sparse_triton,
-            row_kept_mass_triton,
-            row_lse_triton,
-        )
-
-        if row_lse is None:
-            row_lse = row_lse_triton(q, k, layout, scale)
-        # First over the keys the mask keeps (a few tiles a row where it is sparse); then,
-        # for the rows that come out short and only for their tiles, the pass over every
-        # key they miss, which also finds each one's heaviest missed key. (At 128K tokens
-        # on an H200 that pass over every row took 9.8 ms of the cover's 11; on planted
-        # stripes at 16K, 61 of 26368 sampled rows were short.)
-        kept = row_kept_mass_sparse_triton(
-            q, k, layout, scale, windows, attended, lse=row_lse
-        ).view(B, Hq, G * r)
-        missing = torch.zeros_like(kept)
-        short = kept < alpha
-        if bool(short.any()):
-            measured, missing = row_kept_mass_triton(
-                q, k, layout, scale, windows, attended, lse=row_lse, only=short.view(B, Hq, G, r)
-            )
-            kept = torch.where(short, measured.view(B, Hq, G * r), kept)
-        # Only short rows with a key above the floor to add go on to the torch repair,
-        # grouped per (batch, kv head) in row order: two reads on the host, whatever B, Hkv.
-        repairable = (kept < alpha) & (missing.view(B, Hq, G * r) > key_floor(alpha))
-        b_idx, h_idx, r_idx = repairable.nonzero().unbind(-1)
-        items = {}
-        if b_idx.numel():
-            owner = b_idx * Hkv + h_idx // group
-            order = torch.argsort(owner * (G * r) + r_idx, stable=True)
-            h_idx, r_idx, owner = h_idx[order], r_idx[order], owner[order]
-            counts = torch.bincount(owner, minlength=B * Hkv).tolist()
-            heads, rows = h_idx.split(counts), r_idx.split(counts)
-            for slot, count in enumerate(counts):
-                if count:
-                    items[divmod(slot, Hkv)] = (heads[slot], rows[slot])
-    else:
-        kept = torch.empty(B, Hq, G * r, dtype=torch.float32, device=dev)
-        slots = torch.arange(G * r * group, device=dev)
-        every = (slots % group, slots // group)
-        items = {(b, kv): (every[0] + kv * group, every[1]) for b in range(B) for kv in range(Hkv)}
-
     dtype = torch.float64 if sampler == "reference" else torch.float32
-    measure = chunk_kept_mass if sampler == "reference" else cpu_compiled(chunk_kept_mass, dev)
     if max_chunk_elems is None:  # GPUs have the memory for far fewer, larger steps
-        max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if dev.type == "cuda" else 1)
-    chunk = max(1, max_chunk_elems // S)
-    bs = layout.block_size
-    added = torch.zeros(B, Hq, S, dtype=torch.bool, device=dev)
-    repaired = torch.zeros(B, Hq, dtype=torch.int64, device=dev)
-    for (b, kv), (heads, rows) in items.items():
-        keys = k[b, kv].to(dtype)
-        for start in range(0, rows.numel(), chunk):
-            h, i = heads[start : start + chunk], rows[start : start + chunk]
-            pos = positions[i]
-            width = int(pos.max()) + 1
-            window_start = (pos // bs - windows[b, h]) * bs
-            p, row_kept = measure(
-                q[b, h, pos - layout.query_start].to(dtype) * scale,
-                keys[:width],
-                pos,
-                window_start,
-                attended[b, h, :width],
-                layout.sink_tokens,
-            )
-            short = (row_kept < alpha).nonzero().squeeze(-1)
-            if short.numel():
-                hs = h[short]
-                keep = row_keep(pos[short], windows[b, hs], attended[b, hs], layout)[:, :width]
-                gained, add = cover_row_chunk(p[short], keep, row_kept[short], alpha)
-                row_kept[short] += gained
-                which, key = add.nonzero().unbind(-1)
-                added[b, hs[which], key] = True
-                repaired[b].index_add_(0, hs, add.any(dim=-1).long())
-            kept[b, h, i] = row_kept.float()
-
+        max_chunk_elems = DEFAULT_MAX_CHUNK_ELEMS * (16 if q.device.type == "cuda" else 1)
+    if sampler == "triton":
+        kept, heaviest = _measure_triton(q, k, selection, alpha, scale, row_lse)
+    else:
+        kept, heaviest = _measure_torch(q, k, selection, scale, dtype, max_chunk_elems)
+    # The rows to repair: short, with a key above the floor to add (one read on the host).
+    repairable = (kept < alpha) & (heaviest > key_floor(alpha))
+    b_idx, h_idx, r_idx = repairable.nonzero().unbind(-1)
+    added = torch.zeros(B, Hq, layout.seq_len, dtype=torch.bool, device=q.device)
+    repaired = torch.zeros(B, Hq, dtype=torch.int64, device=q.device)
+    if b_idx.numel():
+        rows_kept = repair_rows(
+            q, k, selection, alpha, scale, (b_idx, h_idx, r_idx), added, repaired,
+            dtype=dtype, max_chunk_elems=max_chunk_elems,
+        )  # fmt: skip
+        kept[b_idx, h_idx, r_idx] = rows_kept.float()
     if layout.column_unit == "block":  # a repaired key brings its whole block
         added = _whole_blocks(added, layout)
     covered = ColumnSelection(
-        window_blocks=windows, columns=selection.columns | added, layout=layout
+        window_blocks=selection.window_blocks, columns=selection.columns | added, layout=layout
     )
     return RowCover(selection=covered, row_mass=kept.view(B, Hq, G, r), repaired=repaired)
+
+
+def _measure_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: ColumnSelection,
+    alpha: float,
+    scale: float,
+    row_lse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, heaviest_missing)``, each ``(B, Hq, G * r)``, from the Triton row kernels:
+    first over the keys the mask keeps (a few tiles a row where it is sparse); then, for the
+    rows that come out short and only for their tiles, the pass over every key they miss,
+    which also finds each one's heaviest missed key. (At 128K tokens on an H200 that pass over
+    every row took 9.8 ms of the cover's 11; on planted stripes at 16K, 61 of 26368 sampled
+    rows were short.)"""
+    from .sampling.triton_kernel import (
+        row_kept_mass_sparse_triton,
+        row_kept_mass_triton,
+        row_lse_triton,
+    )
+
+    layout = selection.layout
+    B, Hq = q.shape[:2]
+    G, r = layout.num_segments, layout.rows_per_segment
+    windows, attended = selection.window_blocks, selection.columns
+    if row_lse is None:
+        row_lse = row_lse_triton(q, k, layout, scale)
+    kept = row_kept_mass_sparse_triton(q, k, layout, scale, windows, attended, lse=row_lse)
+    kept = kept.view(B, Hq, G * r)
+    heaviest = torch.zeros_like(kept)
+    short = kept < alpha
+    if bool(short.any()):
+        measured, missing = row_kept_mass_triton(
+            q, k, layout, scale, windows, attended, lse=row_lse, only=short.view(B, Hq, G, r)
+        )
+        kept = torch.where(short, measured.view(B, Hq, G * r), kept)
+        heaviest = missing.view(B, Hq, G * r)
+    return kept, heaviest
+
+
+def _measure_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: ColumnSelection,
+    scale: float,
+    dtype: torch.dtype,
+    max_chunk_elems: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_measure_triton`'s twin in chunked torch (``dtype`` float32 or float64): per
+    (batch, kv head), its query heads' sampled rows in row order, so that a chunk's causal
+    key prefix is short. Memory ``chunk x S`` per step."""
+    layout = selection.layout
+    B, Hq = q.shape[:2]
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    G, r = layout.num_segments, layout.rows_per_segment
+    dev, bs = q.device, layout.block_size
+    positions = layout.sampled_rows(dev).flatten()  # (G * r,) ascending
+    measure = chunk_kept_mass if dtype == torch.float64 else cpu_compiled(chunk_kept_mass, dev)
+    kept = torch.empty(B, Hq, G * r, dtype=torch.float32, device=dev)
+    heaviest = torch.empty_like(kept)
+    slots = torch.arange(G * r * group, device=dev)
+    in_group, rows = slots % group, slots // group
+    chunk = max(1, max_chunk_elems // S)
+    for b in range(B):
+        for kv in range(Hkv):
+            keys = k[b, kv].to(dtype)
+            for start in range(0, rows.numel(), chunk):
+                h = in_group[start : start + chunk] + kv * group
+                i = rows[start : start + chunk]
+                pos = positions[i]
+                width = int(pos.max()) + 1
+                row_kept, missing = measure(
+                    q[b, h, pos - layout.query_start].to(dtype) * scale,
+                    keys[:width],
+                    pos,
+                    (pos // bs - selection.window_blocks[b, h]) * bs,
+                    selection.columns[b, h, :width],
+                    layout.sink_tokens,
+                )
+                kept[b, h, i], heaviest[b, h, i] = row_kept.float(), missing.float()
+    return kept, heaviest
+
+
+def repair_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: ColumnSelection,
+    alpha: float,
+    scale: float,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    added: torch.Tensor,
+    repaired: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+) -> torch.Tensor:
+    """Add to the mask each given sampled row's heaviest missing keys until it keeps
+    ``alpha`` (:func:`cover_row_chunk`), every row of every head in one batched pass.
+
+    The rows are ordered by kv head, so that each chunk's probabilities take one matrix
+    product per kv head it holds; everything else (causal softmax, the mask's keys, the
+    repair) runs on the whole chunk at once: a few dozen operations per chunk, whatever the
+    batch and the heads. Memory ``chunk x S`` per step.
+
+    Args:
+        q: ``(B, Hq, L, D)``; k: ``(B, Hkv, S, D)``.
+        selection: the mask before the repair.
+        alpha: the share of its mass every row must keep.
+        scale: softmax scale.
+        rows: ``(b, head, row)`` int64 indices of the rows to repair, ``row`` into the
+            flattened ``(num_segments * rows_per_segment)`` sampled rows.
+        added: ``(B, Hq, S)`` bool, updated: the keys added per head.
+        repaired: ``(B, Hq)`` int64, updated: the rows of each head that got keys.
+        dtype: float32, or float64 (the reference).
+        max_chunk_elems: bound on the elements of one ``(rows, S)`` chunk.
+
+    Returns:
+        ``(R,)`` in ``dtype``: each given row's kept share after the repair, in the order of
+        ``rows``.
+    """
+    layout = selection.layout
+    B, Hq = q.shape[:2]
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    rows_total = layout.num_segments * layout.rows_per_segment
+    b_idx, h_idx, r_idx = rows
+    owner = b_idx * Hkv + h_idx // group
+    order = torch.argsort(owner * rows_total + r_idx, stable=True)
+    bounds = torch.bincount(owner, minlength=B * Hkv).cumsum(0).tolist()  # one host read
+    head = (b_idx * Hq + h_idx)[order]
+    pos = layout.sampled_rows(q.device).flatten()[r_idx[order]]
+    q_rows = q.flatten(0, 1)[head, pos - layout.query_start].to(dtype) * scale  # (R, D)
+    windows = selection.window_blocks.flatten()[head]
+    columns = selection.columns.flatten(0, 1)
+    added, repaired = added.view(B * Hq, S), repaired.view(-1)
+    R = head.numel()
+    out = torch.empty(R, dtype=dtype, device=q.device)
+    key = torch.arange(S, device=q.device)
+    chunk = max(1, max_chunk_elems // S)
+    for start in range(0, R, chunk):
+        stop = min(start + chunk, R)
+        logits = torch.empty(stop - start, S, dtype=dtype, device=q.device)
+        lo = start
+        for slot, end in enumerate(bounds):  # the kv heads this chunk holds rows of
+            hi = min(end, stop)
+            if hi > lo:
+                b, kv = divmod(slot, Hkv)
+                torch.mm(q_rows[lo:hi], k[b, kv].to(dtype).T, out=logits[lo - start : hi - start])
+                lo = hi
+        p = logits.masked_fill_(key > pos[start:stop, None], float("-inf")).softmax(dim=-1)
+        h = head[start:stop]
+        keep = row_keep(pos[start:stop], windows[start:stop], columns[h], layout)
+        row_kept = (p * keep).sum(dim=-1)
+        gained, add = cover_row_chunk(p, keep, row_kept, alpha)
+        which, col = add.nonzero().unbind(-1)
+        added[h[which], col] = True
+        repaired.index_add_(0, h, add.any(dim=-1).long())
+        out[start:stop] = row_kept + gained
+    result = torch.empty_like(out)
+    result[order] = out  # back to the order of ``rows``
+    return result
 
 
 def _whole_blocks(columns: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
