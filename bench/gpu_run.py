@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
+from flexsample import graphs
 from flexsample.attention import resolve_backend
 from flexsample.costs import cost_model
 from flexsample.masks import bucketed_shape, pad_sequence
@@ -200,6 +201,36 @@ def check_probe(S: int, device, inputs: str) -> Check:
     return Check(
         f"triton probe vs torch probe ({inputs})", "torch.bfloat16", f"B1 H32/8 S{S} D128",
         float((got - ref).abs().max()), "max abs density", 0.01,
+    )  # fmt: skip
+
+
+def check_graph_replay(S: int, device) -> Check:
+    """Selection replayed from CUDA graphs (:mod:`flexsample.graphs`) against the eager search
+    on the same scores: the windows and columns of planted and random inputs, each selected
+    twice in turn (the second input's first call captures, the next two replay, one of them
+    on scores it was not captured on). The count of differing windows and columns."""
+    cfg = fs.SampleConfig()
+    layout = fs.SampleLayout.create(S, cfg)
+    scores = [
+        fs.sample_column_scores(*make_inputs(name, 32, 8, S, 128, torch.bfloat16, device)[:2], cfg)
+        for name in INPUTS
+    ]
+    graphs.clear()
+    replayed = [fs.select_columns(s, layout, cfg.alpha) for s in scores * 2]
+    if graphs.cached_graphs() != 1:
+        raise RuntimeError(f"expected one captured graph, found {graphs.cached_graphs()}")
+    os.environ[graphs.ENV_VAR] = "0"
+    try:
+        eager = [fs.select_columns(s, layout, cfg.alpha) for s in scores * 2]
+    finally:
+        del os.environ[graphs.ENV_VAR]
+    differ = sum(
+        int((a.window_blocks != b.window_blocks).sum() + (a.columns != b.columns).sum())
+        for a, b in zip(replayed, eager, strict=True)
+    )
+    return Check(
+        "select_columns: CUDA graph replay vs eager", "torch.bfloat16", f"B1 H32/8 S{S} D128",
+        differ, "differing windows + columns", 0,
     )  # fmt: skip
 
 
@@ -372,7 +403,8 @@ def check_correctness(
     ``on_check(rows)`` after each, so that a run cut short keeps the checks it made (with
     FlashAttention-4 the section takes minutes: each padded shape compiles once).
     ``kernels_only``: the sampler's, the probe's and the row cover's checks alone (no
-    attention call). ``only``: the checks whose function's name holds this text."""
+    attention call). ``only``: the checks whose function's name holds this text (or one of these
+    comma-separated texts)."""
     sampler = "triton" if device.type == "cuda" else "torch"
     shapes = [
         (1, 4, 2, 1000, 64, 64),
@@ -394,6 +426,8 @@ def check_correctness(
     todo.append(p(check_row_cover, 4096 if dry else 32768, device, sampler))
     if sampler == "triton":
         todo += [p(check_probe, S, device, inputs) for S in (32768, 131072) for inputs in INPUTS]
+    if device.type == "cuda":
+        todo += [p(check_graph_replay, S, device) for S in (16384, 131072)]
     todo += [p(check_chunk_sampler, d, device, sampler) for d in dtypes]
     if not kernels_only:
         todo += [p(check_sparse_flex, d, device, sh) for sh in (False, True) for d in dtypes]
@@ -411,7 +445,8 @@ def check_correctness(
         elif dry:  # the same check on the Triton backend (the CPU template), to try the script
             todo.append(p(check_flex_dense, torch.bfloat16, device, "triton"))
     if only:
-        todo = [check for check in todo if only in check.func.__name__]
+        texts = only.split(",")
+        todo = [check for check in todo if any(t in check.func.__name__ for t in texts)]
     rows: list[dict] = []
     for check in todo:
         c = check().row()
@@ -1089,8 +1124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--checks",
         metavar="TEXT",
-        help="only the correctness checks whose function's name holds TEXT (e.g. probe, "
-        "row_cover; all of them take more than one device call), then stop",
+        help="only the correctness checks whose function's name holds TEXT, or one of "
+        "several comma-separated (e.g. probe,row_cover,graph; all of them take more than one "
+        "device call), then stop",
     )
     p.add_argument(
         "--replot",

@@ -32,6 +32,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import flexsample as fs
+from flexsample import graphs
 from flexsample.provenance import code_commit
 from flexsample.stats import StageTimer
 
@@ -93,7 +94,8 @@ def _device_time_per_range(prof) -> dict[tuple[str, int], tuple[float, dict[str,
 def stage_anatomy(q, k, config, calls: int) -> tuple[str, dict[str, dict]]:
     """Profile ``calls`` plans; per stage: wall, device and host ms, launches, syncs (means)."""
     cuda = q.device.type == "cuda"
-    fs.plan_prefill(q, k, config)  # warm-up: compilation, caches
+    for _ in range(1 + graphs.EAGER_CALLS):  # warm-up: compilation, caches, CUDA graphs
+        fs.plan_prefill(q, k, config)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     walls: dict[str, float] = defaultdict(float)
     if cuda:

@@ -174,3 +174,23 @@ def _sampled_rows(layout: SampleLayout, device: torch.device) -> torch.Tensor:
     ends = torch.tensor(layout.segment_ends(), dtype=torch.int64, device=device)
     offsets = torch.arange(layout.rows_per_segment, dtype=torch.int64, device=device)
     return ends[:, None] - layout.rows_per_segment + offsets[None, :]
+
+
+def bucket_length(n: int, block_size: int) -> int:
+    """The length a static-shape kernel pads ``n`` to: the smallest multiple of
+    ``block_size`` of the form ``2^k`` or ``3 * 2^k`` (at most 1.5x the next multiple of
+    the block, and 11 sizes from 1K to 32K).
+
+    Distinct prompt lengths then share few compiled kernels; the padding costs memory for
+    the padded copies of q, k and v, not attention work (see
+    :func:`~flexsample.masks.build_block_mask`).
+    """
+    if n < 1 or block_size < 1:
+        raise ValueError(f"n and block_size must be positive, got {n}, {block_size}")
+    blocks = -(-n // block_size)
+    size = 1
+    while True:
+        for candidate in (size, 3 * size // 2):
+            if candidate >= blocks:
+                return candidate * block_size
+        size *= 2

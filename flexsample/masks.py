@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import SampleLayout
+from .graphs import graphed
+from .layout import SampleLayout, bucket_length
 from .selection import GatheredColumns, local_pairs, query_blocks
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
@@ -245,8 +246,17 @@ def build_block_mask(
     S, bs = layout.seq_len, layout.block_size
     offset = layout.first_query_block * bs
     rows, keys = mask_shape(layout, gathered.positions.shape[-1])
-    full_num, full_idx, part_num, part_idx = kv_block_indices(window_blocks, gathered, layout)
-    codes = key_codes(gathered, S)
+    group, slices = gathered.group, gathered.slices
+
+    def indices(windows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        columns = GatheredColumns(positions=positions, group=group, slices=slices)
+        return (*kv_block_indices(windows, columns, layout), key_codes(columns, S))
+
+    # Sync-free and launch-bound on a GPU: replayed as a CUDA graph there (the gathered
+    # width is bucketed, see ColumnSelection.gathered, so that layers share a few shapes).
+    full_num, full_idx, part_num, part_idx, codes = graphed(
+        ("build_block_mask", layout, group, slices), indices, (window_blocks, gathered.positions)
+    )
     if padded is not None:
         rows, keys = _check_padded(padded, rows, keys, bs)
         # The extra query blocks read no block; the extra key blocks are read by none.
@@ -315,25 +325,6 @@ def _check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> 
             f"(query rows, keys) = {(rows, keys)}"
         )
     return padded_rows, padded_keys
-
-
-def bucket_length(n: int, block_size: int) -> int:
-    """The length a static-shape kernel pads ``n`` to: the smallest multiple of
-    ``block_size`` of the form ``2^k`` or ``3 * 2^k`` (at most 1.5x the next multiple of
-    the block, and 11 sizes from 1K to 32K).
-
-    Distinct prompt lengths then share few compiled kernels; the padding costs memory for
-    the padded copies of q, k and v, not attention work (see :func:`build_block_mask`).
-    """
-    if n < 1 or block_size < 1:
-        raise ValueError(f"n and block_size must be positive, got {n}, {block_size}")
-    blocks = -(-n // block_size)
-    size = 1
-    while True:
-        for candidate in (size, 3 * size // 2):
-            if candidate >= blocks:
-                return candidate * block_size
-        size *= 2
 
 
 def mask_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:

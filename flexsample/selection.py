@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .layout import SampleLayout
+from .graphs import graphed
+from .layout import SampleLayout, bucket_length
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,8 +92,10 @@ class ColumnSelection:
         One slice per query head of the group, each holding that head's own columns; one
         slice per kv head where the group shares its columns (``shared_by`` a multiple of
         ``group``). ``width`` is the largest count over batch and heads, rounded up to whole
-        blocks (at least one block when any column is selected, 0 when none is). Reads the
-        count on the host.
+        blocks and then to :func:`~flexsample.bucket_length` (``2^k`` or ``3 * 2^k``
+        blocks, at most 1.5x: layers share a few mask shapes, and so their CUDA graphs and
+        static-shape kernels); 0 when no column is selected. Padding is never attended.
+        Reads the count on the host.
 
         (Up to flexsample 0.3 the group's union was the only choice; per-head columns
         (``group_union=False``) compute 23-37% fewer pairs on SmolLM2 at 8K for 8-19% more
@@ -103,7 +106,7 @@ class ColumnSelection:
         cols = self.columns[:, :: group // slices]  # one head per slice
         count = int(cols.sum(dim=-1).max()) if cols.numel() else 0
         bs = self.layout.block_size
-        width = -(-count // bs) * bs
+        width = bucket_length(count, bs) if count else 0
         # Selected column i of a head goes to slot i (the count of selected columns before
         # it): ascending without a sort. The rest go to a spare last slot, dropped.
         slot = torch.where(cols, cols.cumsum(dim=-1) - 1, width)
@@ -241,32 +244,44 @@ def select_columns(
     if not (0.0 < alpha <= 1.0):  # also rejects NaN
         raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
     bs = layout.block_size
-    mass, first, last, tokens = _units(scores.float(), layout)
-    U = mass.shape[-1]
+    U = layout.seq_len if layout.column_unit == "token" else layout.num_blocks
     top = min(U, TOP_UNITS if top_units is None else max(1, top_units))
     if layout.fixed_window_blocks is not None:
         top = U  # one candidate, no fallback: weigh every unit
-    units = (first, last, tokens)
+    # The search is sync-free and launch-bound on a GPU: replayed as a CUDA graph there.
     short_list = min(top, FIRST_UNITS)
+    dev = scores.device
+    window, columns, undecided = graphed(
+        ("select_columns", layout, alpha, short_list),
+        functools.partial(_search, layout=layout, alpha=alpha, top=short_list),
+        (scores,),
+        keep=(window_candidate_tables(layout, dev), layout.sampled_rows(dev)),
+    )
     if short_list < top:
-        # Weigh the heaviest FIRST_UNITS first. A candidate they leave short would take at
-        # least those units' columns, so their cost bounds its cost from below: where every
+        # The heaviest FIRST_UNITS were weighed first. A candidate they leave short would take
+        # at least those units' columns, so their cost bounds its cost from below: where every
         # such bound exceeds the cheapest candidate that fits, the head's answer is final.
         # The other heads are weighed again over ``top`` units (one read on the host).
-        window, columns, undecided = _cheapest_candidates(mass, units, layout, alpha, short_list)
         redo = undecided.flatten().nonzero().squeeze(-1)
         if redo.numel():
             B, H = window.shape
+            mass, first, last, tokens = _units(scores.float(), layout)
             sub = mass.flatten(0, 1)[redo][None]  # (1, heads, G, U)
-            w2, c2, _ = _cheapest_candidates(sub, units, layout, alpha, top)
+            w2, c2, _ = _cheapest_candidates(sub, (first, last, tokens), layout, alpha, top)
             window = window.flatten().index_copy(0, redo, w2[0]).view(B, H)
             columns = columns.flatten(0, 1).index_copy(0, redo, c2[0]).view(B, H, U)
-    else:
-        window, columns, _ = _cheapest_candidates(mass, units, layout, alpha, top)
     if layout.column_unit == "block":
         columns = columns.repeat_interleave(bs, dim=-1)[..., : layout.seq_len]
     columns[..., : layout.sink_tokens] = True  # the sink: columns every head keeps
     return ColumnSelection(window_blocks=window, columns=columns, layout=layout)
+
+
+def _search(
+    scores: torch.Tensor, *, layout: SampleLayout, alpha: float, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_cheapest_candidates` on raw scores: one sync-free step, for :func:`graphed`."""
+    mass, first, last, tokens = _units(scores.float(), layout)
+    return _cheapest_candidates(mass, (first, last, tokens), layout, alpha, top)
 
 
 def _cheapest_candidates(

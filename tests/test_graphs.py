@@ -1,0 +1,27 @@
+"""CUDA-graph replay of planning steps (flexsample.graphs): where it does not apply, the eager
+step runs, unchanged. (Replay itself is checked on a GPU: bench/gpu_run.py --checks graph.)"""
+
+import torch
+
+from flexsample import graphs
+
+
+def test_cpu_steps_run_eagerly_and_capture_nothing():
+    graphs.clear()
+    calls = []
+
+    def step(x):
+        calls.append(1)
+        return (x * 2, x.sum())
+
+    x = torch.arange(6.0)
+    for _ in range(3):
+        doubled, total = graphs.graphed(("test",), step, (x,))
+        assert torch.equal(doubled, x * 2) and float(total) == 15.0
+    assert len(calls) == 3 and graphs.cached_graphs() == 0
+
+
+def test_environment_variable_turns_graphs_off(monkeypatch):
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    assert not graphs.enabled(torch.device("cuda"))
+    assert not graphs.enabled(torch.device("cpu"))
