@@ -32,6 +32,14 @@ def test_plan_stages_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_wall_dry_run(tmp_path):
+    out = _run("plan_wall.py", "--dry-run", "--lengths", "2048", "--calls", "1",
+               "--json", str(tmp_path / "wall.json"))  # fmt: skip
+    assert "| 2048 | single-token stripes |" in out and "| 2048 | diffuse" in out
+    assert (tmp_path / "wall.json").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_probe_cost_dry_run():
     out = _run("probe_cost.py", "--dry-run", "--lengths", "2048", "--rounds", "1")
     assert "S=2048 random q/k: probe" in out
