@@ -107,17 +107,32 @@ def cover_row_chunk(
     missing = p.masked_fill(keep, 0)
     need = alpha - kept
     floor = key_floor(alpha)
-    top = index = None
-    for probe in (_PROBE, 4 * _PROBE, missing.shape[-1]):
-        top, index = missing.topk(min(probe, missing.shape[-1]), dim=-1)
-        # Enough when every row reaches alpha or has no key above the floor left to add.
-        enough = (top.sum(dim=-1) >= need) | (top[:, -1] <= floor)
-        if probe >= missing.shape[-1] or bool(enough.all()):
+    W = missing.shape[-1]
+    gained, add = torch.zeros_like(need), torch.zeros_like(keep)
+    rows = None  # the rows still searched (None: all)
+    for probe in (_PROBE, 4 * _PROBE, W):
+        part = missing if rows is None else missing[rows]
+        part_need = need if rows is None else need[rows]
+        top, index = part.topk(min(probe, W), dim=-1)
+        # A row is done when its heaviest missing keys reach alpha, or take every key above
+        # the floor; the others search again with more keys (the last search sorts them all).
+        final = probe >= W
+        enough = (top.sum(dim=-1) >= part_need) | (top[:, -1] <= floor) | final
+        before = top.cumsum(dim=-1) - top  # mass of the heavier keys
+        take = (before < part_need[:, None]) & (top > floor) & enough[:, None]
+        part_add = torch.zeros_like(part, dtype=torch.bool).scatter_(-1, index, take)
+        part_gained = (top * take).sum(dim=-1)
+        if rows is None:
+            gained, add = part_gained, part_add
+        else:
+            gained[rows], add[rows] = part_gained, part_add
+        if final:
             break
-    before = top.cumsum(dim=-1) - top  # mass of the heavier keys
-    take = (before < need[:, None]) & (top > floor)
-    add = torch.zeros_like(keep).scatter_(-1, index, take)
-    return (top * take).sum(dim=-1), add
+        left = (~enough).nonzero().squeeze(-1)  # one read on the host per search
+        if not left.numel():
+            break
+        rows = left if rows is None else rows[left]
+    return gained, add
 
 
 def cover_rows(

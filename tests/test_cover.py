@@ -233,6 +233,30 @@ def test_cover_row_chunk_adds_the_fewest_keys(alpha):
         assert int(add[row].sum()) == fewest
 
 
+@pytest.mark.parametrize("alpha", [0.9, 0.99])
+def test_cover_row_chunk_searches_more_keys_only_for_the_rows_that_need_them(alpha):
+    """Rows needing a few keys, more than 64, and more than 256 in one chunk: the same keys
+    as one full sort of every row (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    W = 1500
+    sharp = torch.rand(4, W, generator=g).pow(40)  # a few heavy keys
+    flat = torch.rand(4, W, generator=g) * 1e-3
+    flat[:, :400] += torch.rand(4, 400, generator=g) + 0.5  # hundreds of keys to reach alpha
+    p = torch.cat([sharp, flat, sharp.pow(0.1)])
+    p = p / p.sum(dim=-1, keepdim=True)
+    keep = torch.rand(p.shape, generator=g) < 0.2
+    kept = (p * keep).sum(dim=-1)
+    gained, add = cover_row_chunk(p, keep, kept, alpha)
+    missing = p.masked_fill(keep, 0)
+    top, index = missing.sort(dim=-1, descending=True)
+    need = alpha - kept
+    take = (top.cumsum(dim=-1) - top < need[:, None]) & (top > (1 - alpha) / KEY_FLOOR_DIVISOR)
+    expected = torch.zeros_like(keep).scatter_(-1, index, take)
+    assert int(add.sum(dim=-1).max()) > 256  # the case reaches the full sort
+    assert torch.equal(add, expected)
+    assert torch.allclose(gained, (p * expected).sum(dim=-1), atol=1e-6)
+
+
 def test_plan_reports_row_mass_and_cover_can_be_turned_off():
     q, k, _, cfg = _case(
         1, 4, 2, 1000, 32, 64, 3, 0.1, torch.float32, min_seq_len=0, max_density=1.0
