@@ -332,7 +332,8 @@ def repair_rows(
     q_rows = q.flatten(0, 1)[head, pos - layout.query_start].to(dtype) * scale  # (R, D)
     windows = selection.window_blocks.flatten()[head]
     columns = selection.columns.flatten(0, 1)
-    added, repaired = added.view(B * Hq, S), repaired.view(-1)
+    repaired = repaired.view(-1)
+    hits = torch.zeros(B * Hq, S, dtype=torch.int32, device=q.device)  # rows adding each key
     R = head.numel()
     out = torch.empty(R, dtype=dtype, device=q.device)
     key = torch.arange(S, device=q.device)
@@ -352,10 +353,10 @@ def repair_rows(
         keep = row_keep(pos[start:stop], windows[start:stop], columns[h], layout)
         row_kept = (p * keep).sum(dim=-1)
         gained, add = cover_row_chunk(p, keep, row_kept, alpha)
-        which, col = add.nonzero().unbind(-1)
-        added[h[which], col] = True
+        hits.index_add_(0, h, add.to(torch.int32))  # no host read, unlike add.nonzero()
         repaired.index_add_(0, h, add.any(dim=-1).long())
         out[start:stop] = row_kept + gained
+    added |= (hits > 0).view(B, Hq, S)
     result = torch.empty_like(out)
     result[order] = out  # back to the order of ``rows``
     return result
