@@ -91,6 +91,10 @@ def test_model_layer_scripts_run(tmp_path):
     assert "| none (dense) |" in out and "| 0 |" in out and "| 1-2 |" in out
     out = _run("probe_selection.py", "--lengths", "1024")
     assert "selection / probe median" in out and "the verdict counts 1.7x" in out
+    out = _run("score_configs.py", "--tokens", "1024", "--layers", "1", "--config", "{}",
+               "--config", '{"group_union": false}', "--json", str(tmp_path / "s.json"),
+               )  # fmt: skip
+    assert "| defaults | 1 |" in out and "| group_union=False | mean |" in out
     out = _run("segment_columns.py", "--tokens", "1024", "--layers", "1")
     for scope in ("every later query (the defaults)", "from its segment on", "own segment only"):
         assert f"| 1 | {scope} | " in out
