@@ -376,20 +376,37 @@ def pair_density(
 ) -> torch.Tensor:
     """``(B, H)`` computed (query, key) pairs over the queries' causal pairs.
 
+    Every plan asks it (the density verdicts): a handful of operations, the per-window and
+    per-block counts looked up from :func:`density_tables`. :func:`~flexsample.keep_mask`
+    counted element by element is its reference (tests hold them equal).
+
     Args:
         window_blocks: ``(B, H)`` window per head, in blocks.
         columns: ``(B, H, S)`` bool, the columns each head attends.
         layout: the geometry.
     """
-    qb, _, rows = query_blocks(layout, columns.device)
+    qb, rows, local = density_tables(layout, columns.device)
     start = (qb - window_blocks[..., None]).clamp(min=0) * layout.block_size  # (B, H, blocks)
-    local = local_pairs(window_blocks, layout)
     # Columns before each query block's window start (the same for all its queries), the
     # sink's excepted (the window count holds it): prefix sums at block boundaries.
-    prefix = torch.nn.functional.pad(columns.long().cumsum(dim=-1), (1, 0))  # (B, H, S + 1)
+    prefix = F.pad(columns.cumsum(dim=-1), (1, 0))  # (B, H, S + 1) int64
     sink = prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
     before = (prefix.gather(-1, start) - sink).clamp(min=0)
-    return (local + (before * rows).sum(dim=-1)).double() / layout.causal_pairs
+    kept = local[window_blocks.clamp(max=layout.num_blocks)] + (before * rows).sum(dim=-1)
+    return kept.double() / layout.causal_pairs
+
+
+@functools.lru_cache(maxsize=64)
+def density_tables(
+    layout: SampleLayout, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qb, rows, local)`` for :func:`pair_density`, once per layout and device: each query
+    block's index and number of queries, and the causal pairs a window of ``w`` blocks and
+    the sink keep, for every ``w`` from 0 to the whole sequence (:func:`local_pairs`).
+    Shared: read them, do not write."""
+    qb, _, rows = query_blocks(layout, device)
+    windows = torch.arange(layout.num_blocks + 1, device=device)
+    return qb, rows, local_pairs(windows, layout)
 
 
 def tile_coverage(

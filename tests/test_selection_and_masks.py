@@ -337,6 +337,13 @@ def test_pair_density_and_tile_coverage_count_the_element_mask():
     mask = keep_mask(sel.window_blocks, cols, layout, torch.arange(1000))
     expect = mask.sum(dim=(-1, -2)).double() / (1000 * 1001 / 2)
     assert torch.allclose(pair_density(sel.window_blocks, cols, layout), expect)
+    # With a sink and windows past the last block (seed 4), on a length off the block grid.
+    gen = torch.Generator().manual_seed(4)
+    sunk = SampleLayout.create(777, SampleConfig(block_size=32, sink_blocks=2))
+    windows = torch.randint(0, sunk.num_blocks + 5, (1, 3), generator=gen)
+    picked = torch.rand(1, 3, 777, generator=gen) < 0.1
+    kept = keep_mask(windows, picked, sunk, torch.arange(777)).sum(dim=(-1, -2)).double()
+    assert torch.allclose(pair_density(windows, picked, sunk), kept / (777 * 778 / 2))
     cover = tile_coverage(sel.window_blocks, cols, layout)
     assert cover.shape == (2, 4, 16, 16)
     assert ((cover >= 0) & (cover <= 1)).all() and (cover.diagonal(dim1=-2, dim2=-1) == 1).all()
