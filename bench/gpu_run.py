@@ -671,6 +671,14 @@ METHODS = {
 INPUTS = ("single-token stripes", "diffuse (random q/k/v)")
 
 
+def bench_shape(dry_run: bool) -> tuple[torch.device, tuple[int, int, int], torch.dtype]:
+    """``(device, (Hq, Hkv, D), dtype)`` of the GPU scripts: the Llama-3-8B attention shape
+    in bf16 on CUDA, or with ``dry_run`` a small float32 shape on CPU (to try a script)."""
+    if dry_run:
+        return torch.device("cpu"), (8, 2, 64), torch.float32
+    return torch.device("cuda"), (32, 8, 128), torch.bfloat16
+
+
 def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
     if name == "single-token stripes":
         return planted_qkv(
@@ -1182,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = args.lengths or (
         [2048, 4096] if args.dry_run else [4096, 8192, 16384, 32768, 65536, 131072]
     )
-    heads = (8, 2, 64) if args.dry_run else (32, 8, 128)
+    heads = bench_shape(args.dry_run)[1]
     measure = timer(device, warmup=1 if args.dry_run else 2, reps=3 if args.dry_run else 5)
     try:
         import triton

@@ -26,7 +26,7 @@ import json
 from collections import defaultdict
 
 import torch
-from gpu_run import INPUTS, make_inputs
+from gpu_run import INPUTS, bench_shape, make_inputs
 from report import write_rows
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -152,9 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, a small shape")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    device, (Hq, Hkv, D), dtype = bench_shape(args.dry_run)
     meta = {"commit": code_commit(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         meta["device"] = torch.cuda.get_device_name()

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from gpu_run import INPUTS, make_inputs
+from gpu_run import INPUTS, bench_shape, make_inputs
 from report import write_rows
 
 import flexsample as fs
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, a small shape (no graphs)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    device, (Hq, Hkv, D), dtype = bench_shape(args.dry_run)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     meta = {"commit": code_commit(), "torch": torch.__version__, "device": name}
     print(json.dumps(meta))

@@ -23,6 +23,7 @@ import json
 import math
 
 import torch
+from gpu_run import bench_shape
 
 import flexsample as fs
 from flexsample.probe import probe_density
@@ -47,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vs_selection:
         estimate_vs_selection(args.lengths)
         return
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    Hq, Hkv, D = (8, 2, 64) if args.dry_run else (32, 8, 128)
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    device, (Hq, Hkv, D), dtype = bench_shape(args.dry_run)
     config = fs.SampleConfig()
     sampler = resolve_sampler(config.sampler, device)
     print(json.dumps({"commit": code_commit(), "torch": torch.__version__, "device": str(device)}))
