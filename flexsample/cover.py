@@ -23,7 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from .layout import SampleLayout
-from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
+from .sampling.torch_sampler import (
+    DEFAULT_MAX_CHUNK_ELEMS,
+    causal_softmax_,
+    chunk_probabilities,
+    cpu_compiled,
+)
 from .selection import ColumnSelection, row_keep
 
 #: Keys first searched per short row (its heaviest missing ones); four times more, then a
@@ -108,8 +113,8 @@ def cover_row_chunk(
     need = alpha - kept
     floor = key_floor(alpha)
     W = missing.shape[-1]
-    gained, add = torch.zeros_like(need), torch.zeros_like(keep)
-    rows = None  # the rows still searched (None: all)
+    rows = None  # the rows still searched (None: all, on the first search, which sets
+    # gained and add for every row; later searches overwrite the rows they take up)
     for probe in (_PROBE, 4 * _PROBE, W):
         part = missing if rows is None else missing[rows]
         part_need = need if rows is None else need[rows]
@@ -336,7 +341,6 @@ def repair_rows(
     hits = torch.zeros(B * Hq, S, dtype=torch.int32, device=q.device)  # rows adding each key
     R = head.numel()
     out = torch.empty(R, dtype=dtype, device=q.device)
-    key = torch.arange(S, device=q.device)
     chunk = max(1, max_chunk_elems // S)
     for start in range(0, R, chunk):
         stop = min(start + chunk, R)
@@ -348,7 +352,7 @@ def repair_rows(
                 b, kv = divmod(slot, Hkv)
                 torch.mm(q_rows[lo:hi], k[b, kv].to(dtype).T, out=logits[lo - start : hi - start])
                 lo = hi
-        p = logits.masked_fill_(key > pos[start:stop, None], float("-inf")).softmax(dim=-1)
+        p = causal_softmax_(logits, pos[start:stop])
         h = head[start:stop]
         keep = row_keep(pos[start:stop], windows[start:stop], columns[h], layout)
         row_kept = (p * keep).sum(dim=-1)

@@ -34,10 +34,19 @@ def chunk_probabilities(
     Returns:
         ``(c, W)`` float32: each row's causal softmax over the prefix (zero after the row).
     """
-    logits = q_rows @ keys.T
-    key_idx = torch.arange(keys.shape[0], device=keys.device)
-    logits = logits.masked_fill(key_idx[None, :] > pos[:, None], float("-inf"))
-    return logits.softmax(dim=-1)
+    return causal_softmax_(q_rows @ keys.T, pos)
+
+
+def causal_softmax_(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Each row's softmax over the keys up to its own position ``pos`` (zero after it).
+
+    Args:
+        logits: ``(c, W)`` scaled scores of rows against keys ``0 .. W - 1``; masked in
+            place (pass a tensor of your own).
+        pos: ``(c,)`` the rows' positions.
+    """
+    key_idx = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill_(key_idx[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
 
 
 @functools.cache
