@@ -38,16 +38,29 @@ def capture_frontier_layers(layers: list[int], tokens: int = PROMPT_TOKENS) -> d
     return capture_attention_inputs(model, ids, layers)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.025, 0.0125])
+def add_layer_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the scripts that score SmolLM2's layers: ``--layers``, ``--tokens``,
+    ``--json``."""
     p.add_argument("--layers", type=int, nargs="+", default=[2, 15, 27])
     p.add_argument("--tokens", type=int, default=PROMPT_TOKENS, help="prompt length (%(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    args = p.parse_args(argv)
-    meta = provenance()  # read at the start: a commit made during the run is not named
+
+
+def start_layer_run(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``(meta, {layer: (q, k, v)})``: the run's provenance, printed (read at the start: a
+    commit made during the run is not named), and the layers :func:`add_layer_arguments`
+    asked for."""
+    meta = provenance()
     print(json.dumps(meta), flush=True)
-    captured = capture_frontier_layers(args.layers, args.tokens)
+    return meta, capture_frontier_layers(args.layers, args.tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.025, 0.0125])
+    add_layer_arguments(p)
+    args = p.parse_args(argv)
+    meta, captured = start_layer_run(args)
     print("| layer | sample_ratio | sampled rows | density | output error | kept mass p1 | min |")
     print("|---|---|---|---|---|---|---|")
     rows = []

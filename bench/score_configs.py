@@ -19,11 +19,10 @@ import json
 import statistics
 
 from report import write_rows
-from sampled_rows import PROMPT_TOKENS, capture_frontier_layers
+from sampled_rows import add_layer_arguments, start_layer_run
 
 import flexsample as fs
 from flexsample.oracle import evaluate_plan
-from flexsample.provenance import provenance
 
 
 def parse_config(text: str) -> tuple[str, fs.SampleConfig]:
@@ -40,14 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", action="append", required=True, help="JSON SampleConfig fields")
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 15, 27])
-    p.add_argument("--tokens", type=int, default=PROMPT_TOKENS, help="prompt length (%(default)s)")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    add_layer_arguments(p)
     args = p.parse_args(argv)
     configs = [parse_config(text) for text in args.config]
-    meta = provenance()  # read at the start: a commit made during the run is not named
-    print(json.dumps(meta), flush=True)
-    captured = capture_frontier_layers(args.layers, args.tokens)
+    meta, captured = start_layer_run(args)
     print("| config | layer | density | output error | kept mass p1 | min |")
     print("|---|---|---|---|---|---|")
     rows = []
