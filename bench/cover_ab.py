@@ -15,7 +15,6 @@ eager against replayed.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -97,19 +96,18 @@ def compare(old: types.ModuleType, q: torch.Tensor, k: torch.Tensor, layout) -> 
     for _ in range(3):
         times.setdefault("old cover", []).append(wall_ms(lambda: cover(old)))
         times.setdefault("cover", []).append(wall_ms(lambda: cover(new)))
-        for label, value in (("eager", "0"), ("graphs", "1")):
-            os.environ[graphs.ENV_VAR] = value
-            times.setdefault(f"select {label}", []).append(
-                wall_ms(lambda: fs.select_columns(scores, layout, CONFIG.alpha))
-            )
-            times.setdefault(f"plan {label}", []).append(
-                wall_ms(lambda: fs.plan_prefill(q, k, CONFIG))
-            )
-    os.environ[graphs.ENV_VAR] = "0"
-    eager = fs.plan_prefill(q, k, CONFIG)
-    os.environ[graphs.ENV_VAR] = "1"
-    replayed = fs.plan_prefill(q, k, CONFIG)
-    del os.environ[graphs.ENV_VAR]
+        for label, on in (("eager", False), ("graphs", True)):
+            with graphs.use_graphs(on):
+                times.setdefault(f"select {label}", []).append(
+                    wall_ms(lambda: fs.select_columns(scores, layout, CONFIG.alpha))
+                )
+                times.setdefault(f"plan {label}", []).append(
+                    wall_ms(lambda: fs.plan_prefill(q, k, CONFIG))
+                )
+    with graphs.use_graphs(False):
+        eager = fs.plan_prefill(q, k, CONFIG)
+    with graphs.use_graphs(True):
+        replayed = fs.plan_prefill(q, k, CONFIG)
     medians = " ".join(f"{key} {statistics.median(v):.2f}" for key, v in times.items())
     return (
         f"covers' columns equal {equal}, row mass within {mass:.1e}; plan mask eager == "

@@ -219,11 +219,8 @@ def check_graph_replay(S: int, device) -> Check:
     replayed = [fs.select_columns(s, layout, cfg.alpha) for s in scores * 2]
     if graphs.cached_graphs() != 1:
         raise RuntimeError(f"expected one captured graph, found {graphs.cached_graphs()}")
-    os.environ[graphs.ENV_VAR] = "0"
-    try:
+    with graphs.use_graphs(False):
         eager = [fs.select_columns(s, layout, cfg.alpha) for s in scores * 2]
-    finally:
-        del os.environ[graphs.ENV_VAR]
     differ = sum(
         int((a.window_blocks != b.window_blocks).sum() + (a.columns != b.columns).sum())
         for a, b in zip(replayed, eager, strict=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -30,9 +29,8 @@ CONFIG = fs.SampleConfig(min_seq_len=0, max_density=1.0)
 
 def plan_ms(q: torch.Tensor, k: torch.Tensor, calls: int, use_graphs: bool) -> float:
     """Median wall milliseconds of a plan, with or without graph replay (CPU: both eager)."""
-    os.environ[graphs.ENV_VAR] = "1" if use_graphs else "0"
     cuda = q.device.type == "cuda"
-    try:
+    with graphs.use_graphs(use_graphs):
         samples = []
         for i in range(2 + calls):
             if cuda:
@@ -44,8 +42,6 @@ def plan_ms(q: torch.Tensor, k: torch.Tensor, calls: int, use_graphs: bool) -> f
             if i >= 2:
                 samples.append((time.perf_counter() - start) * 1e3)
         return statistics.median(samples)
-    finally:
-        del os.environ[graphs.ENV_VAR]
 
 
 def main(argv: list[str] | None = None) -> None:

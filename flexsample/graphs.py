@@ -21,11 +21,12 @@ recently used dropped first; :func:`clear` drops them all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,22 @@ def enabled(device: torch.device) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.cuda.is_current_stream_capturing()
     )
+
+
+@contextlib.contextmanager
+def use_graphs(on: bool) -> Iterator[None]:
+    """Within the block, replay graphs (``on``) or run every step eagerly, as
+    ``FLEXSAMPLE_CUDA_GRAPHS`` says; the variable's earlier value is restored after it (for
+    benchmarks that time both, and checks that compare them)."""
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = before
 
 
 def graphed(

@@ -1,6 +1,8 @@
 """CUDA-graph replay of planning steps (flexsample.graphs): where it does not apply, the eager
 step runs, unchanged. (Replay itself is checked on a GPU: bench/gpu_run.py --checks graph.)"""
 
+import os
+
 import torch
 
 from flexsample import graphs
@@ -25,3 +27,14 @@ def test_environment_variable_turns_graphs_off(monkeypatch):
     monkeypatch.setenv(graphs.ENV_VAR, "0")
     assert not graphs.enabled(torch.device("cuda"))
     assert not graphs.enabled(torch.device("cpu"))
+
+
+def test_use_graphs_sets_the_variable_for_its_block_and_restores_it(monkeypatch):
+    monkeypatch.delenv(graphs.ENV_VAR, raising=False)
+    with graphs.use_graphs(False):
+        assert os.environ[graphs.ENV_VAR] == "0"
+    assert graphs.ENV_VAR not in os.environ
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    with graphs.use_graphs(True):
+        assert os.environ[graphs.ENV_VAR] == "1"
+    assert os.environ[graphs.ENV_VAR] == "0"
