@@ -15,6 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compilation import recompile_policy
+from .costs import clear_cache as clear_cost_models
 from .layout import SampleLayout
 from .masks import bucket_length, causal_block_mask, pad_sequence
 from .selection import keep_mask
@@ -176,6 +177,7 @@ def sparse_attention(
             _FLASH_FAILED[(q.device.index, q.dtype, q.shape[-1])] = (
                 f"a FlashAttention-4 call failed ({message})"
             )
+            clear_cost_models()  # plans cached on FlashAttention-4's costs are made again
             logger.warning(
                 "flexsample: FlashAttention-4 failed, this call and later ones run on "
                 "FlexAttention's Triton backend: %s",

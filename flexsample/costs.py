@@ -286,13 +286,24 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
 #: H200's host the lookup (the environment's cache folder, the device's name) took several
 #: microseconds of a 4K call's 0.3 ms.
 _MODELS: dict[tuple, CostModel] = {}
+#: Bumped by :func:`clear_cache`: decisions cached on the models read so far are stale.
+_generation = 0
 
 
 def clear_cache() -> None:
     """Forget the cost models read so far: the next :func:`cost_model` reads the files (and
-    ``$FLEXSAMPLE_CACHE_DIR``) again. :func:`save` calls it."""
+    ``$FLEXSAMPLE_CACHE_DIR``) again, and decisions cached on them are made again
+    (:func:`generation`). :func:`save` calls it."""
+    global _generation
     _MODELS.clear()
     _lookup.cache_clear()
+    _generation += 1
+
+
+def generation() -> int:
+    """How many times :func:`clear_cache` ran: a decision cached with an older value was made
+    on cost models (or backends) that have changed since."""
+    return _generation
 
 
 def save(model: CostModel, path: Path | None = None) -> Path:

@@ -9,6 +9,7 @@ benchmarks time exactly these functions, so the numbers they report are the ship
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ class PrefillPlan:
         padded: ``(query rows, keys)`` the mask and the call are padded to for the
             ``"flash"`` backend's static shapes (:func:`~flexsample.masks.bucket_length`);
             None when not padded.
+        by_length: dense by the length checks alone (``config.min_seq_len`` or the cost
+            model's length verdict), before any look at q and k: every call of this shape
+            and config gets this plan.
     """
 
     path: Path
@@ -122,6 +126,7 @@ class PrefillPlan:
     block_mask: BlockMask | None = None
     backend: Backend | None = None
     padded: tuple[int, int] | None = None
+    by_length: bool = False
 
     @property
     def group(self) -> int:
@@ -255,7 +260,7 @@ def plan_prefill_checked(
 
     reason = _length_reason(config, layout, costs, B * Hq, D, B * k.shape[1])
     if reason is not None:
-        plan = dense(reason)
+        plan = dataclasses.replace(dense(reason), by_length=True)
         if not compiling:
             if len(_DENSE_BY_LENGTH) >= _MAX_DENSE_BY_LENGTH:
                 _DENSE_BY_LENGTH.clear()
@@ -352,6 +357,14 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                 f"the plan is for (B, Hq, L, S) = {planned}, got q of shape "
                 f"{tuple(q.shape)} and k of shape {tuple(k.shape)}"
             )
+    return run_plan_unchecked(plan, q, k, v)
+
+
+def run_plan_unchecked(
+    plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """:func:`run_plan` without checking that q and k have the plan's shape: for callers
+    that made the plan from these tensors (or from a call of the same signature)."""
     if plan.path == "dense":
         if plan.backend is not None:
             return flex_dense_attention(q, k, v, plan.scale, plan.backend)

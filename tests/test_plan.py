@@ -58,3 +58,37 @@ def test_stats_tensors_live_on_the_inputs_device(device):
     for name in ("density", "window", "columns", "scores", "sampled_mass", "row_mass"):
         assert getattr(stats, name).device == q.device, name
     assert stats.tile_coverage().device == q.device
+
+
+def test_calls_dense_by_length_skip_planning_but_not_the_checks(monkeypatch):
+    """The second call of a shape that runs dense by its length goes straight to the kernel
+    (no checks, no plan); any other signature (v's shape, grad, scale) is checked again, and a
+    new cost model (``costs.clear_cache``) plans again."""
+    from flexsample import api, costs
+    from flexsample import plan as plan_module
+
+    torch.manual_seed(11)
+    q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    planned = []
+    real = plan_module.plan_prefill_checked
+    monkeypatch.setattr(api, "plan_prefill_checked", lambda *a: planned.append(a) or real(*a))
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.allclose(fs.flex_sample_attention(q, k, v), ref, atol=1e-6)
+        assert len(planned) == 1  # the first call planned; the others reused its plan
+        with pytest.raises(ValueError, match="k and v must have the same shape"):
+            fs.flex_sample_attention(q, k, v[:, :, :299])
+        fs.flex_sample_attention(q, k, v, scale=0.25)  # another scale: planned again
+        assert len(planned) == 2
+        costs.clear_cache()
+        fs.flex_sample_attention(q, k, v)
+        assert len(planned) == 3
+    with pytest.raises(NotImplementedError, match="requires grad"):
+        fs.flex_sample_attention(q.requires_grad_(), k, v)
+    # A sparse shape is planned on every call (its plan depends on q and k).
+    q, k, v = planted_qkv(1, 2, 1, 1100, 16, stripes=2, seed=4)
+    cfg = fs.SampleConfig.always_sparse()
+    fs.flex_sample_attention(q, k, v, config=cfg)
+    fs.flex_sample_attention(q, k, v, config=cfg)
+    assert len(planned) == 5
