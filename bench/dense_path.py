@@ -12,7 +12,11 @@ structure over diffuse attention instead):
 * ``sdpa``: SDPA with its own choice of kernel;
 * ``cudnn_op``: cuDNN's ATen op called directly, as ``flexsample.dense_causal_attention`` does;
 * ``dense_causal_attention``: flexsample's dense fallback;
-* ``flex_sample_attention``: the whole call at the defaults (its path and reason are printed).
+* ``flex_sample_attention``: the whole call at the defaults (its path and reason are printed);
+* ``plan_prefill`` and ``run_plan``: its two halves (the plan alone: on diffuse inputs past
+  the length verdict, the probe and its verdict; the planned call alone);
+* ``flex_dense_flash``: dense causal attention through FlexAttention on FlashAttention-4,
+  where it is installed (the dense path's other kernel).
 
 on two clocks: ``device`` (CUDA events around the call: the host's work before the first
 launch counts, as in gpu_run's tables) and ``wall`` (the call and a device sync), each in the
@@ -75,17 +79,24 @@ INPUTS = {
 
 
 def calls(q, k, v) -> dict:
-    """The functions to time, by name (``cudnn_op`` only on CUDA)."""
+    """The functions to time, by name (``sdpa_cudnn_gqa`` and ``cudnn_op`` only on CUDA,
+    ``flex_dense_flash`` only where FlashAttention-4 runs)."""
     scale = q.shape[-1] ** -0.5
+    plan = fs.plan_prefill(q, k)
     fns = {
         "sdpa_cudnn_gqa": functools.partial(_sdpa, q, k, v, [SDPBackend.CUDNN_ATTENTION]),
         "sdpa": functools.partial(_sdpa, q, k, v),
         "cudnn_op": functools.partial(_cudnn_op, q, k, v, scale),
         "dense_causal_attention": functools.partial(fs.dense_causal_attention, q, k, v, scale),
+        "flex_dense_flash": functools.partial(fs.flex_dense_attention, q, k, v, scale, "flash"),
         "flex_sample_attention": functools.partial(fs.flex_sample_attention, q, k, v),
+        "plan_prefill": functools.partial(fs.plan_prefill, q, k),
+        "run_plan": functools.partial(fs.run_plan, plan, q, k, v),
     }
     if q.device.type != "cuda":
         del fns["sdpa_cudnn_gqa"], fns["cudnn_op"]
+    if fs.flash_unavailable(q.device, q.dtype, q.shape[-1]):
+        del fns["flex_dense_flash"]
     return fns
 
 

@@ -686,11 +686,17 @@ def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
 
 
 def speed(
-    device: torch.device, lengths: list[int], heads: tuple, measure, tflops, on_row=None
+    device: torch.device,
+    lengths: list[int],
+    heads: tuple,
+    measure,
+    tflops,
+    on_row=None,
+    methods: list[str] | None = None,
 ) -> list[dict]:
-    """Every configuration of :data:`METHODS` on every input of :data:`INPUTS`, per length:
-    stage times, the whole call, path, density, output error against dense SDPA, and the
-    dense kernels' times."""
+    """Every configuration of :data:`METHODS` (or those named in ``methods``) on every input
+    of :data:`INPUTS`, per length: stage times, the whole call, path, density, output error
+    against dense SDPA, and the dense kernels' times."""
     Hq, Hkv, D = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows: list[dict] = []
@@ -702,7 +708,8 @@ def speed(
             dense = time_dense(q, k, v, D**-0.5, measure, dense_fns)
             fastest = min((t for t in dense.values() if t), default=None)
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            for name, cfg in METHODS.items():
+            for name in methods or METHODS:
+                cfg = METHODS[name]
                 row = {
                     "seq_len": S,
                     "inputs": inputs,
@@ -1121,6 +1128,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        metavar="NAME",
+        default=None,
+        help="time only these configurations (default: all of them; 'defaults' alone gives "
+        "the head to head at every length in one device call)",
+    )
+    p.add_argument(
         "--kernel-checks",
         action="store_true",
         help="only the sampler's, the probe's and the row cover's checks against float64 and "
@@ -1252,7 +1268,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.buckets:
         several = tuple(n // 4 for n in BUCKET_LENGTHS[:4]) if args.dry_run else BUCKET_LENGTHS
         EXTRA["buckets"] = bucket_compilations(device, heads, several)
-    rows = speed(device, lengths, heads, measure, meta["matmul_tflops"], on_row=write)
+    rows = speed(
+        device, lengths, heads, measure, meta["matmul_tflops"], on_row=write, methods=args.methods
+    )
     frontier_lengths = args.frontier
     if not frontier_lengths:  # omitted, or given without lengths (which once meant: skip)
         frontier_lengths = [2048] if args.dry_run else [65536, 131072]

@@ -122,8 +122,9 @@ class CostModel:
             through FlexAttention on ``backend`` (every causal tile), as for SDPA; None
             where not measured (it is measured for ``"flash"`` only: on Triton it is slower
             than SDPA).
-        probe_fixed_s, probe_pair_s: the probe: fixed seconds, and seconds per (probed
-            row, key) product and head-dim element; None where not measured (cost files
+        probe_fixed_s, probe_pair_s: the probe as a call on diffuse attention pays it
+            (planning up to the probe's dense verdict): fixed seconds, and seconds per
+            (probed row, key) product and head-dim element; None where not measured (cost files
             written before flexsample 0.4: the length verdict then leaves the probe out).
     """
 
@@ -369,10 +370,12 @@ def calibrate(
 ) -> CostModel:
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
-    Times dense causal SDPA, the default planning, the probe, and the sparse call at three
-    densities (fixed windows, :data:`CALIBRATION_WINDOWS`), in turn within each repeat, at three
-    or four lengths, on planted inputs with single-token stripes, and fits each
-    cost as fixed + rates x work (non-negative least squares). The sparse call runs on the
+    Times dense causal SDPA, the default planning and the sparse call at three densities
+    (fixed windows, :data:`CALIBRATION_WINDOWS`) on planted inputs with single-token stripes,
+    and the probe as a diffuse call pays it (planning on random q/k, which the probe sends
+    dense: the probe, its verdict's read on the host and the work around them), in turn
+    within each repeat, at three or four lengths, and fits each cost as fixed + rates x work
+    (non-negative least squares). The sparse call runs on the
     backend ``SampleConfig.backend="auto"`` picks here; where that is FlashAttention-4, dense
     causal attention through it (:func:`~flexsample.attention.flex_dense_attention`) is
     timed and fitted too. Pass the result to :func:`save` to use it from then on.
@@ -390,17 +393,19 @@ def calibrate(
     from .attention import dense_causal_attention, flex_dense_attention, resolve_backend
     from .config import SampleConfig
     from .plan import plan_prefill, run_plan
-    from .probe import probe_density, probe_rows
-    from .sampling import resolve_sampler
+    from .probe import probe_rows
     from .synthetic import planted_qkv
+    from .testing import random_qkv
 
     device = torch.device(device)
     gpu = device.type == "cuda"
     lengths = lengths or ((8192, 16384, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
     plan_config = SampleConfig.always_sparse()
+    # The defaults past the length verdict; a numeric max_density, so that the probe finds
+    # random q/k too dense whatever cost model there is now.
+    probe_config = SampleConfig(min_seq_len=0, max_density=0.5)
     backend = resolve_backend(plan_config.backend, device, dtype, D)
-    triton = resolve_sampler(plan_config.sampler, device) == "triton"  # the plan's probe
     dense, plan, sparse, flex_dense, probe = [], [], [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():
@@ -411,16 +416,22 @@ def calibrate(
                 1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
                 device=device, signal=max(10.0, math.log(100 * S / 64)),
             )  # fmt: skip
+            # Diffuse attention (random q/k): the probe finds it and the call runs dense, so
+            # what planning cost is what the probe costs such a call (the probe, its
+            # verdict's read on the host, the checks and lookups around them).
+            with torch.random.fork_rng(devices=[device] if gpu else []):
+                torch.manual_seed(0)
+                dq, dk, _ = random_qkv(1, Hq, Hkv, S, D, dtype, device)
+            assert plan_prefill(dq, dk, probe_config).path == "dense"
             layout = SampleLayout.create(S, plan_config)
             rows = layout.num_segments * layout.rows_per_segment
             plans = [
                 plan_prefill(q, k, plan_config.replace(window_ratio=r)) for r in CALIBRATION_WINDOWS
             ]
-            alpha = SampleConfig().alpha
             fns = [
                 functools.partial(dense_causal_attention, q, k, v, D**-0.5),
                 functools.partial(plan_prefill, q, k, plan_config),
-                functools.partial(probe_density, q, k, layout, alpha, D**-0.5, triton=triton),
+                functools.partial(plan_prefill, dq, dk, probe_config),
                 *(functools.partial(run_plan, p, q, k, v) for p in plans),
             ]
             if backend == "flash":
