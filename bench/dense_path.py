@@ -16,7 +16,9 @@ structure over diffuse attention instead):
 * ``plan_prefill`` and ``run_plan``: its two halves (the plan alone: on diffuse inputs past
   the length verdict, the probe and its verdict; the planned call alone);
 * ``flex_dense_flash``: dense causal attention through FlexAttention on FlashAttention-4,
-  where it is installed (the dense path's other kernel).
+  where it is installed (the dense path's other kernel), from 32K tokens on: below, its
+  launch (0.6-0.9 ms of host work at 2K-8K on an H200, longer than the kernel) left the GPU
+  idle and slowed whichever call followed it in the round by tens of microseconds.
 
 on two clocks: ``device`` (CUDA events around the call: the host's work before the first
 launch counts, as in gpu_run's tables) and ``wall`` (the call and a device sync), each in the
@@ -48,6 +50,8 @@ from flexsample.timing import interleaved_medians
 #: Seconds of rounds per length and clock (at least :data:`MIN_ROUNDS` rounds).
 BUDGET_S = 3.0
 MIN_ROUNDS = 20
+#: Shortest length at which ``flex_dense_flash`` is timed (see the module's docstring).
+FLEX_DENSE_FROM = 32768
 
 
 def _sdpa(q, k, v, backends=None):
@@ -95,7 +99,7 @@ def calls(q, k, v) -> dict:
     }
     if q.device.type != "cuda":
         del fns["sdpa_cudnn_gqa"], fns["cudnn_op"]
-    if fs.flash_unavailable(q.device, q.dtype, q.shape[-1]):
+    if q.shape[2] < FLEX_DENSE_FROM or fs.flash_unavailable(q.device, q.dtype, q.shape[-1]):
         del fns["flex_dense_flash"]
     return fns
 

@@ -94,10 +94,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 #: How much faster FlexAttention's dense call must be estimated than SDPA's for the dense path
-#: to run it: the two fitted lines cross near 16K tokens on an H200, where an estimate 1.4%
-#: in favour of FlashAttention-4 ran 4-7% slower than cuDNN
-#: (``bench/results/gpu_NVIDIA_H200_38eef12.md``).
-DENSE_KERNEL_MARGIN = 0.05
+#: to run it. On an H200 (``bench/results/dense_path_NVIDIA_H200_05ef020.txt``, random q/k/v,
+#: 32/8 heads, D=128, bf16) FlashAttention-4's dense call over cuDNN's ran 0.87x at 16K,
+#: 1.06x at 32K and 1.07-1.13x at 64K, where its calibrated line says 0.965x, 1.037x and
+#: 1.06x: a 3% margin switches near 29K, between the lengths it loses and wins at (5% had
+#: left 32K on cuDNN; with an older calibration, 38eef12, an estimate 1.4% in favour of it at
+#: 16K ran 4-7% slower).
+DENSE_KERNEL_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -481,7 +484,10 @@ def chunk_pairs(layout: SampleLayout) -> int | None:
 #: query head took 2.3 ms at 32K tokens, 16% of dense attention's 14.6 ms, and 3.1 ms at 64K,
 #: 5.6% (``bench/results/plan_stages_NVIDIA_H200_7394fdc.txt``); of one head per kv group
 #: the calibrated model said 1.6 ms at 32K (12%: dense) and 2.1 ms at 64K (4%: probed); the
-#: Triton probe (7acfceb) 0.40 ms at 32K (3%: probed) and 0.54 ms at 64K (1%).
+#: Triton probe (7acfceb) 0.40 ms at 32K (3%: probed) and 0.54 ms at 64K (1%). Calibrated as a
+#: diffuse call pays it (the probe's kernels, its verdict's host read and the planning work
+#: around them; 05ef020) it is 1.0 ms at 32K (7%: dense) and 1.75 ms measured at 64K (3%),
+#: where a call on random q/k/v ran 0.89x of the fastest dense kernel at 32K before.
 PROBE_SHARE = 0.05
 
 
