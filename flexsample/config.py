@@ -46,26 +46,18 @@ class SampleConfig:
             guarantee holds only for each segment's mean sampled row (flexsample 0.1 and
             0.2), which is cheaper.
         group_union: ``True`` (the default): query heads that share a kv head (GQA) all
-            read the union of their selected columns. ``False``: each head reads only its own
-            columns: on SmolLM2-135M at 8K (layers 2, 15, 27, exact float64 attention on every
-            row, ``bench/score_configs.py``) 0.300 of the causal pairs at 2.96% mean output
-            error against the union's 0.378 at 2.54% (both with ``min_window=512``), nearer
-            the per-row oracle at equal error, but on lm-eval's passkey task at 2K it
-            answered 19 of 20 prompts where dense attention and the union answer 20
-            (``bench/results/lm_eval_per_head_512/``), so it is not the default.
+            read the union of their selected columns, as in flexsample 0.3. ``False``: each
+            head reads only its own columns: on SmolLM2 at 8K 23-37% fewer pairs for 9-23%
+            more output error, nearer the per-row oracle at equal error (frontier
+            benchmark), but at 2K it lost a passkey that dense attention and the union find
+            (``tests/test_smollm2.py``), so it is not the default.
         window_ratio: ``None`` (the default): the local window is chosen per head, the one
             that, with the columns it then needs, computes the fewest (query, key) pairs
             (candidates from ``min_window`` doubling up to the whole sequence). A number in
             ``[0, 1]``: a fixed window of that share of the sequence for every head, as in
             the paper (about 8%) and flexsample 0.1.
         min_window: Smallest local window in tokens (``>= 0``), rounded up to whole blocks:
-            the floor of the adaptive window, or the minimum of a fixed one. Default 512
-            (flexsample 0.3: 128): a head whose locality reaches past its window had the
-            sampled rows' nearby keys chosen as columns, which every later query reads and
-            the rows between the samples do not need. On SmolLM2-135M at 8K the wider floor
-            took the mean output error from 3.10% to 2.54% at the same density (0.375 vs
-            0.378) with the GQA union, and per-head columns from 3.65% to 2.96% (density
-            0.284 vs 0.300; ``bench/results/score_configs_smollm2_cpu.txt``).
+            the floor of the adaptive window, or the minimum of a fixed one.
         column_unit: What a selected column is: ``"token"`` (the default: single keys,
             gathered into a compact block-aligned prefix that the attention call also reads)
             or ``"block"`` (whole ``block_size`` key blocks, flexsample 0.1's stripes).
@@ -102,7 +94,7 @@ class SampleConfig:
     cover_rows: bool = True
     group_union: bool = True
     window_ratio: float | None = None
-    min_window: int = 512
+    min_window: int = 128
     column_unit: ColumnUnit = "token"
     sink_blocks: int = 0
     block_size: int = 128
