@@ -82,11 +82,11 @@ INPUTS = {
 }
 
 
-def calls(q, k, v) -> dict:
+def calls(q, k, v, plan: fs.PrefillPlan) -> dict:
     """The functions to time, by name (``sdpa_cudnn_gqa`` and ``cudnn_op`` only on CUDA,
-    ``flex_dense_flash`` only where FlashAttention-4 runs)."""
+    ``flex_dense_flash`` only where FlashAttention-4 runs); ``run_plan`` runs ``plan``, the
+    defaults' plan of q and k."""
     scale = q.shape[-1] ** -0.5
-    plan = fs.plan_prefill(q, k)
     fns = {
         "sdpa_cudnn_gqa": functools.partial(_sdpa, q, k, v, [SDPBackend.CUDNN_ATTENTION]),
         "sdpa": functools.partial(_sdpa, q, k, v),
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for S in args.lengths:
             q, k, v = INPUTS[args.input](Hq, Hkv, S, D, dtype, device)
-            fns = calls(q, k, v)
             plan = fs.plan_prefill(q, k)
+            fns = calls(q, k, v, plan)
             if args.rounds:
                 rounds = args.rounds
             else:

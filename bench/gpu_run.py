@@ -649,11 +649,10 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 #: costs where the defaults run dense), 0.2's selection (no per-row cover), a 512-token
 #: window floor (on SmolLM2 at 8K less output error at the same density, but it lost a
 #: passkey prompt at 2K), each query head reading its own columns (``group_union=False``),
-#: alpha 0.98, and the
-#: sampled rows capped at 2048 (what fewer rows cost in accuracy at 64K-128K; the default
-#: cap, 4096, binds from 80K on). The defaults run the sparse call on FlashAttention-4 where
-#: it is installed; "alpha 0.98, Triton backend" times FlexAttention's Triton kernel beside
-#: it at a density where the call's kernel matters.
+#: alpha 0.98, and the sampled rows capped at 2048 (what fewer rows cost in accuracy at
+#: 64K-128K; the default cap, 4096, binds from 80K on). The defaults run the sparse call on
+#: FlashAttention-4 where it is installed; "alpha 0.98, Triton backend" times FlexAttention's
+#: Triton kernel beside it at a density where the call's kernel matters.
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),

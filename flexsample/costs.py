@@ -425,7 +425,8 @@ def calibrate(
             with torch.random.fork_rng(devices=[device] if gpu else []):
                 torch.manual_seed(0)
                 dq, dk, _ = random_qkv(1, Hq, Hkv, S, D, dtype, device)
-            assert plan_prefill(dq, dk, probe_config).path == "dense"
+            if plan_prefill(dq, dk, probe_config).path != "dense":
+                raise RuntimeError(f"calibrate: the probe did not send random q/k dense at {S}")
             layout = SampleLayout.create(S, plan_config)
             rows = layout.num_segments * layout.rows_per_segment
             plans = [
