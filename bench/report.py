@@ -275,7 +275,7 @@ def _alpha_section(alphas: list[dict]) -> list[str]:
     return lines
 
 
-def _oracle_density_at(error: float, oracle: list[dict]) -> float | None:
+def oracle_density_at(error: float, oracle: list[dict]) -> float | None:
     """The token oracle's density at ``error``, interpolated between its alpha points
     (linear in log error); None outside the range they span."""
     points = sorted((r["output_error"], r["density"]) for r in oracle if r["output_error"] > 0)
@@ -315,7 +315,7 @@ def _frontier_section(frontier: list[dict]) -> list[str]:
             at = (
                 None
                 if r["method"].startswith("oracle")
-                else _oracle_density_at(r["output_error"], oracle)
+                else oracle_density_at(r["output_error"], oracle)
             )
             ratio = None if not at else r["density"] / at
             lines.append(
