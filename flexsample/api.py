@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import SampleConfig
-from .costs import generation
-from .plan import PrefillPlan, plan_prefill_checked, run_plan, run_plan_unchecked
+from .plan import DenseByLength, plan_prefill_checked, run_plan, run_plan_unchecked
 from .stats import SampleStats, StageTimer
 from .validation import check_qkv
 
@@ -81,22 +80,20 @@ def _call(
     to the kernel."""
     signature = _signature(q, k, v, config, scale)
     known = _BY_LENGTH.get(signature) if signature is not None else None
-    if known is not None and known[0] == generation():
-        return run_plan_unchecked(known[1], q, k, v)
+    if known is not None:
+        return run_plan_unchecked(known, q, k, v)
     check_qkv(q, k, v)
     plan = plan_prefill_checked(q, k, config, scale, None)
     if plan.by_length and signature is not None:
-        if len(_BY_LENGTH) >= _MAX_BY_LENGTH:
-            _BY_LENGTH.clear()
-        _BY_LENGTH[signature] = (generation(), plan)
+        _BY_LENGTH.put(signature, plan)
     return run_plan_unchecked(plan, q, k, v)
 
 
-#: Call signatures (see :func:`_signature`) whose plan is dense by length alone, with the
-#: :func:`~flexsample.costs.generation` it was made in. On an H200 at 4K tokens, checking and
-#: planning such a call again took 16 us of its 310 (``bench/dense_path.py``).
-_BY_LENGTH: dict[tuple, tuple[int, PrefillPlan]] = {}
-_MAX_BY_LENGTH = 1024
+#: Call signatures (see :func:`_signature`: v and the checks' inputs too, unlike
+#: :func:`~flexsample.plan.plan_prefill`'s key) whose plan is dense by length alone. On an H200
+#: at 4K tokens, checking and planning such a call again took 16 us of its 310
+#: (``bench/dense_path.py``).
+_BY_LENGTH = DenseByLength()
 
 
 def _signature(

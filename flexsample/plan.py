@@ -34,6 +34,7 @@ from .costs import (
     chunk_pairs,
     cost_model,
     density_verdict,
+    generation,
     length_verdict,
 )
 from .cover import cover_rows
@@ -63,10 +64,34 @@ logger = logging.getLogger("flexsample")
 _DEFAULT_CONFIG = SampleConfig()
 _logged_kinds: set[str] = set()
 
-#: Dense plans decided by length alone, per (q's and k's shapes, dtype, device, config,
-#: scale, backend), with the cost model they were decided on (a new model decides again).
-_DENSE_BY_LENGTH: dict[tuple, tuple[CostModel | None, PrefillPlan]] = {}
-_MAX_DENSE_BY_LENGTH = 1024
+
+class DenseByLength:
+    """Plans that run dense by their length alone, per key (what decided them), valid while
+    the cost models they were decided on are: a :func:`~flexsample.costs.clear_cache` (a new
+    calibration, a failed FlashAttention-4 call) bumps :func:`~flexsample.costs.generation`
+    and every plan is made again; a plan stored with its cost model is valid only for that
+    model. At most ``size`` keys (then it starts over)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._plans: dict[tuple, tuple[int, CostModel | None, PrefillPlan]] = {}
+        self._size = size
+
+    def get(self, key: tuple, costs: CostModel | None = None) -> PrefillPlan | None:
+        """The plan stored under ``key`` with ``costs``, in this generation, or None."""
+        known = self._plans.get(key)
+        if known is None or known[0] != generation() or known[1] is not costs:
+            return None
+        return known[2]
+
+    def put(self, key: tuple, plan: PrefillPlan, costs: CostModel | None = None) -> None:
+        if len(self._plans) >= self._size:
+            self._plans.clear()
+        self._plans[key] = (generation(), costs, plan)
+
+
+#: :func:`plan_prefill`'s dense-by-length plans, per (q's and k's shapes, dtype, device,
+#: config, scale, backend).
+_DENSE_BY_LENGTH = DenseByLength()
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,9 +267,9 @@ def plan_prefill_checked(
     # A length that runs dense runs dense on every call of its shape: the plan is made once
     # (on an H200 at 4K tokens, making it took a tenth of the call's time).
     key = (q.shape, k.shape, q.dtype, q.device, config, scale, backend)  # Hkv: the probe's cost
-    known = _DENSE_BY_LENGTH.get(key)
-    if known is not None and known[0] is costs:
-        return known[1]
+    known = _DENSE_BY_LENGTH.get(key, costs)
+    if known is not None:
+        return known
     common = {
         "seq_len": S,
         "query_len": L,
@@ -262,9 +287,7 @@ def plan_prefill_checked(
     if reason is not None:
         plan = dataclasses.replace(dense(reason), by_length=True)
         if not compiling:
-            if len(_DENSE_BY_LENGTH) >= _MAX_DENSE_BY_LENGTH:
-                _DENSE_BY_LENGTH.clear()
-            _DENSE_BY_LENGTH[key] = (costs, plan)
+            _DENSE_BY_LENGTH.put(key, plan, costs)
         return plan
 
     notes = layout.notes()
