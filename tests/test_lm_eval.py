@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from flexsample.integrations.lm_eval import TASKS_DIR, resolve_pretrained
+from flexsample.integrations.lm_eval import TASKS_DIR, default_dtype, resolve_pretrained
 from flexsample.integrations.models import ModelNotInstalled, OfflineModel, load_model
 
 
@@ -153,7 +153,19 @@ def test_flexsample_eval_is_lm_evals_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "flexsample_passkey_1k" in result.stdout
     assert "exact_match" in result.stdout
-    assert list(tmp_path.rglob("results_*.json"))
+    (results,) = tmp_path.rglob("results_*.json")
+    if not torch.cuda.is_available():
+        # lm-eval's CLI asks for cuda:0; HFLM runs on the CPU then, and so in float32 (in
+        # bfloat16 dense SmolLM2 itself lost a 2K passkey prompt that float32 finds).
+        assert json.loads(results.read_text())["config"]["model_dtype"] == "torch.float32"
+
+
+def test_the_default_dtype_follows_where_the_model_runs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_dtype("cuda:0") == default_dtype("cpu") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_dtype("cuda:0") == default_dtype("cuda") == "bfloat16"
+    assert default_dtype("cpu") == "float32"
 
 
 def test_eval_refuses_a_second_include_path(capsys):

@@ -50,6 +50,15 @@ def resolve_pretrained(pretrained: str | None, gguf_file: str | None) -> tuple[s
     return name, gguf_file
 
 
+def default_dtype(device: object) -> str:
+    """The model's dtype when none is given: bfloat16 where it will run on a GPU, float32 on
+    the CPU, which is also where HFLM runs a CUDA device when no GPU is there (lm-eval's
+    command line passes ``device="cuda:0"`` by default: a CPU run in bfloat16 would answer
+    differently from ``flexsample compare``'s float32)."""
+    on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
+    return "bfloat16" if on_gpu else "float32"
+
+
 @register_model("flexsample")
 class FlexSampleLM(HFLM):
     """lm-eval's HFLM with SampleAttention (or dense SDPA with ``attention="dense"``).
@@ -75,7 +84,7 @@ class FlexSampleLM(HFLM):
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
         device = kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        kwargs.setdefault("dtype", "float32" if str(device).startswith("cpu") else "bfloat16")
+        kwargs.setdefault("dtype", default_dtype(device))
         kwargs.setdefault("attn_implementation", "sdpa")
         super().__init__(pretrained=pretrained, **kwargs)
         #: per task: ``{"prefill_s": [...], "density": [...]}``, one entry per prefill.
