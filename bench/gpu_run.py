@@ -656,9 +656,13 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
-    "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(cover_rows=False),
-    "512-token window floor (min_window=512)": fs.SampleConfig(min_window=512),
-    "per-head columns (group_union=False)": fs.SampleConfig(group_union=False),
+    "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(
+        cover_rows=False, group_union=True, min_window=128
+    ),
+    "0.3 selection (group union, min_window=128)": fs.SampleConfig(
+        group_union=True, min_window=128
+    ),
+    "group union (group_union=True)": fs.SampleConfig(group_union=True),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "alpha 0.98, Triton backend": fs.SampleConfig(alpha=0.98, backend="triton"),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),

@@ -92,9 +92,9 @@ class SampleConfig:
     max_sampled_rows: int | None = 4096
     num_segments: int = 8
     cover_rows: bool = True
-    group_union: bool = True
+    group_union: bool = False
     window_ratio: float | None = None
-    min_window: int = 128
+    min_window: int = 512
     column_unit: ColumnUnit = "token"
     sink_blocks: int = 0
     block_size: int = 128
