@@ -15,6 +15,7 @@ eager against replayed.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     old = load_old_cover(args.old)
     print(f"code at {code_commit()}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"command: python3 bench/cover_ab.py {' '.join(sys.argv[1:])}")
+    print(f"command: {shlex.join(['python3', 'bench/cover_ab.py', *sys.argv[1:]])}")
     for S in args.lengths:
         layout = fs.SampleLayout.create(S, CONFIG)
         for name in INPUTS:

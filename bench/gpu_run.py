@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -1228,7 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
         "heads": heads,
         "dry_run": args.dry_run,
         "commit": code_commit(),
-        "command": "python3 bench/gpu_run.py " + " ".join(argv or sys.argv[1:]),
+        "command": shlex.join(["python3", "bench/gpu_run.py", *(argv or sys.argv[1:])]),
     }
     meta["matmul_tflops"] = matmul_tflops(device, measure)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
