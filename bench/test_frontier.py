@@ -43,9 +43,7 @@ STRUCTURES = {
 #: dense fallback off); ``path`` in the results says what the config itself would run.
 METHODS = {
     "flexsample defaults": fs.SampleConfig(),
-    "per-segment cover (0.2)": fs.SampleConfig(
-        cover_rows=False, group_union=True, min_window=128
-    ),
+    "per-segment cover (0.2)": fs.SampleConfig(cover_rows=False, group_union=True, min_window=128),
     "alpha 0.9": fs.SampleConfig(alpha=0.9),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "window 8%, token columns": fs.SampleConfig(window_ratio=0.08),
