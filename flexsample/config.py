@@ -50,8 +50,9 @@ class SampleConfig:
             selected columns (flexsample 0.3's default): more pairs and more mass kept; on
             SmolLM2's layers at 8K 0.378 of the pairs at 2.54% mean output error, against
             the defaults' 0.300 at 2.96% (``bench/score_configs.py``). Per-head columns
-            repair more sampled rows in the row cover: on an H200 at 64K on planted
-            stripes that cost about 5 ms of a 20 ms call.
+            leave more sampled rows for the row cover to repair: on an H200 at 64K on
+            planted stripes it took 5.3 and 7.4 ms in two runs against the union's 3.6, in
+            a call of 17 to 20 ms.
         window_ratio: ``None`` (the default): the local window is chosen per head, the one
             that, with the columns it then needs, computes the fewest (query, key) pairs
             (candidates from ``min_window`` doubling up to the whole sequence). A number in
