@@ -67,7 +67,8 @@ def test_layout_geometry(seq_len):
     c = SampleConfig()
     lay = SampleLayout.create(seq_len, c)
     assert lay.num_blocks == math.ceil(seq_len / c.block_size)
-    assert lay.fixed_window_blocks is None and lay.min_window_blocks == min(1, lay.num_blocks)
+    floor = math.ceil(c.min_window / c.block_size)
+    assert lay.fixed_window_blocks is None and lay.min_window_blocks == min(floor, lay.num_blocks)
     fixed = SampleLayout.create(seq_len, c.replace(window_ratio=0.08))
     window = max(c.min_window, math.ceil(0.08 * seq_len))
     assert min(fixed.num_blocks, window / c.block_size) <= fixed.fixed_window_blocks

@@ -104,7 +104,10 @@ def test_diffuse_attention_runs_dense_at_the_probe(model):
     model(dataclasses.replace(MODEL, dense_pair_s=2e-10, sparse_pair_s=4e-10))
     # Random q/k: diffuse attention; the probed rows need most of their keys.
     q, k, v = (torch.randn(1, h, 2048, 32) for h in (4, 2, 2))
-    out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
+    # A 128-token floor: with the default 512 the sparsest call at 2K would not pay, and the
+    # length alone would decide before the probe.
+    config = fs.SampleConfig(min_window=128)
+    out, stats = fs.flex_sample_attention(q, k, v, config=config, return_stats=True)
     assert stats.path == "dense" and stats.reason.startswith(
         "probe: 8 rows per head put the least density at "
     )

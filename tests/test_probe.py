@@ -163,7 +163,8 @@ def test_probe_estimate_tracks_the_selection_and_sees_diffuse_inputs():
     where the per-row oracle's share alone says about 0.75 (the probe's first version let
     such calls plan, and run dense after it)."""
     S, D = 2048, 32
-    config = fs.SampleConfig.always_sparse()
+    # A 128-token floor: at 2K the default 512 is a quarter of the keys, in every estimate.
+    config = fs.SampleConfig.always_sparse(min_window=128)
     layout = SampleLayout.create(S, config)
     q, k, _ = planted_qkv(1, 4, 2, S, D, stripes=(4, 12), stripe_width=1)
     estimate = probe_density(q, k, layout, 0.95, D**-0.5)

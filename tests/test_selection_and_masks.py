@@ -351,11 +351,13 @@ def test_pair_density_and_tile_coverage_count_the_element_mask():
 
 
 def test_window_candidates():
-    lay = SampleLayout.create(8192, SampleConfig())
+    lay = SampleLayout.create(8192, SampleConfig())  # the default floor: 512 tokens
+    assert lay.window_candidates() == [4, 8, 16, 32, 64]
+    lay = SampleLayout.create(8192, SampleConfig(min_window=128))
     assert lay.window_candidates() == [1, 2, 4, 8, 16, 32, 64]
     lay = SampleLayout.create(1000, SampleConfig(block_size=64, min_window=0))
     assert lay.window_candidates() == [0, 1, 2, 4, 8, 16]
-    fixed = SampleLayout.create(1000, SampleConfig(block_size=64, window_ratio=0.2))
+    fixed = SampleLayout.create(1000, SampleConfig(block_size=64, window_ratio=0.2, min_window=128))
     assert fixed.window_candidates() == [4]
 
 
