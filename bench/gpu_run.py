@@ -647,11 +647,11 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 
 #: Configurations timed and scored at every length and input: the defaults (the cost model
 #: decides dense or sparse), the same selection always run sparse (what the sparse path
-#: costs where the defaults run dense), 0.2's selection (no per-row cover), a 512-token
-#: window floor (on SmolLM2 at 8K less output error at the same density, but it lost a
-#: passkey prompt at 2K), each query head reading its own columns (``group_union=False``),
-#: alpha 0.98, and the sampled rows capped at 2048 (what fewer rows cost in accuracy at
-#: 64K-128K; the default cap, 4096, binds from 80K on). The defaults run the sparse call on
+#: costs where the defaults run dense), 0.2's selection (no per-row cover), 0.3's selection
+#: (a kv head's query heads reading their union of columns, a 128-token window floor), the
+#: defaults with the union (``group_union=True``), alpha 0.98, and the sampled rows capped
+#: at 2048 (what fewer rows cost in accuracy at 64K-128K; the default cap, 4096, binds from
+#: 80K on). The defaults run the sparse call on
 #: FlashAttention-4 where it is installed; "alpha 0.98, Triton backend" times FlexAttention's
 #: Triton kernel beside it at a density where the call's kernel matters.
 METHODS = {

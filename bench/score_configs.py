@@ -56,7 +56,7 @@ def times_oracle(row: dict, oracle: dict[str, list[dict]], seq_len: int) -> floa
     """A scored plan's density over the token oracle's at its output error (None where the
     oracle was not run on this layer, or the error lies outside its alpha points)."""
     points = oracle.get(f"SmolLM2 S={seq_len} layer {row['layer']}", [])
-    at = oracle_density_at(row["output_error"], points) if points else None
+    at = oracle_density_at(row["output_error"], points)
     return None if not at else row["density"] / at
 
 

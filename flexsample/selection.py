@@ -97,9 +97,10 @@ class ColumnSelection:
         static-shape kernels); 0 when no column is selected. Padding is never attended.
         Reads the count on the host.
 
-        (Up to flexsample 0.3 the group's union was the only choice; per-head columns
-        (``group_union=False``) compute 23-37% fewer pairs on SmolLM2 at 8K for 8-19% more
-        output error, nearer the per-row oracle at equal error; see the frontier.)
+        (flexsample 0.3 gave every query head its group's union by default; per-head columns
+        (``group_union=False``, the default since 0.4) compute 23-37% fewer pairs on SmolLM2
+        at 8K for 8-19% more output error, nearer the per-row oracle at equal error; see the
+        frontier.)
         """
         B, Hq, S = self.columns.shape
         slices = 1 if self.shared_by % group == 0 else group
