@@ -22,6 +22,12 @@ The rates are measured per device, dtype and FlexAttention backend by :func:`cal
 from the table shipped with the package (``flexsample/costs.json``: the devices the project
 measured) or, for an unknown device, from a measured device of the same kind.
 :func:`cost_model` says which in ``source``.
+
+``$FLEXSAMPLE_COST_TABLE`` names a cost file whose entries replace all of these for every
+device of their kind and dtype, whatever its name: a way to run as another machine would
+(``make test-foreign`` runs the tests on a table of another CPU), or to try a calibration
+made elsewhere. The variable is read where the models are read (once per process, again
+after :func:`clear_cache`); a file without an entry for the device's kind and dtype raises.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from .layout import SampleLayout
 from .timing import interleaved_medians
 
 BUILTIN = Path(__file__).with_name("costs.json")
+#: Environment variable naming a cost file that replaces every other table (see above).
+FORCED_TABLE_ENV = "FLEXSAMPLE_COST_TABLE"
 
 
 def user_cache() -> Path:
@@ -241,7 +249,11 @@ def _backend(entry: dict) -> str:
 
 
 @functools.cache
-def _lookup(name: str, kind: str, dtype: str, backend: str, cache_file: str) -> CostModel:
+def _lookup(
+    name: str, kind: str, dtype: str, backend: str, cache_file: str, forced_file: str | None
+) -> CostModel:
+    if forced_file:
+        return _forced(Path(forced_file), kind, dtype, backend)
     files = ((Path(cache_file), "calibrated"), (BUILTIN, "built-in"))
     # This device with the backend asked for, then with the other one (its sparse rates and
     # dense kernels are then the other backend's, as the source says).
@@ -265,6 +277,20 @@ def _lookup(name: str, kind: str, dtype: str, backend: str, cache_file: str) -> 
     raise LookupError(f"no cost model for {kind} {dtype}")
 
 
+def _forced(path: Path, kind: str, dtype: str, backend: str) -> CostModel:
+    """The entry of ``$FLEXSAMPLE_COST_TABLE``'s file for this kind and dtype (this backend's
+    if it has one)."""
+    if not path.is_file():
+        raise LookupError(f"${FORCED_TABLE_ENV}: no such file {path}")
+    candidates = [e for e in _entries(path) if (e.get("kind"), e.get("dtype")) == (kind, dtype)]
+    candidates.sort(key=lambda e: _backend(e) != backend)
+    for entry in candidates:
+        model = _model(entry, f"${FORCED_TABLE_ENV} ({path.name}, {entry.get('device')})")
+        if model is not None:
+            return model
+    raise LookupError(f"${FORCED_TABLE_ENV} ({path}) has no cost model for {kind} {dtype}")
+
+
 def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton") -> CostModel:
     """The cost model for ``device``, ``dtype`` and the sparse call's FlexAttention
     ``backend``: this machine's calibration if there is one, else the built-in entry for this
@@ -282,7 +308,10 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
     if model is None:
         device = torch.device(device)
         name, dtype_name = device_name(device), _dtype_name(dtype)
-        model = _MODELS[key] = _lookup(name, device.type, dtype_name, backend, str(user_cache()))
+        forced = os.environ.get(FORCED_TABLE_ENV) or None
+        model = _MODELS[key] = _lookup(
+            name, device.type, dtype_name, backend, str(user_cache()), forced
+        )
     return model
 
 

@@ -5,6 +5,9 @@
 * The vLLM plugin's tests are collected only where vLLM is installed.
 * Every test starts from a fixed seed derived from its own id (readable, the same on every
   run); a failing test's report prints it.
+* A test that asserts what the cost model decides (sparse or dense) fixes the table it is
+  decided on (``project_costs``, or its own model): the suite passes on every machine, and
+  on any table forced with ``$FLEXSAMPLE_COST_TABLE`` (``make test-foreign``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ if not torch.cuda.is_available():
 # collected. (The folder is not named `vllm`: pytest puts tests/ on sys.path, where a folder
 # of that name would shadow the package.)
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_plugin"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--write-golden",
+        action="store_true",
+        help="write tests/data/golden.pt anew from this code (an intended change of behaviour)",
+    )
+
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,3 +64,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         seed = dict(item.user_properties).get("seed")
         report.sections.append(("seed", f"torch.manual_seed({seed}) was set from the test id"))
     return report
+
+
+@pytest.fixture
+def project_costs(monkeypatch):
+    """Decide on the built-in table's entries of this kind of device (the project's own CPU,
+    whose decisions the docs describe), whatever this machine or ``$FLEXSAMPLE_COST_TABLE``."""
+    from flexsample import costs
+
+    monkeypatch.setenv(costs.FORCED_TABLE_ENV, str(costs.BUILTIN))
+    costs.clear_cache()
+    yield
+    costs.clear_cache()  # the environment's table again for the next test

@@ -93,9 +93,9 @@ def test_planted_structure_keeps_alpha_of_true_mass(sampler):
     """CRA holds on the *true* attention of every sampled row group, and output error is small."""
     S, D, alpha = 3000, 64, 0.95
     q, k, v = planted_qkv(2, 4, 2, S, D, stripes=(3, 8), stripe_width=1, seed=None)
-    # A 128-token floor: the default 512 is a third of the pairs at 3000 tokens, where the CPU
-    # cost model runs it dense.
-    cfg = SampleConfig(
+    # The sparse path whatever the cost model says; a 128-token floor: the default 512 is a
+    # third of the pairs at 3000 tokens.
+    cfg = SampleConfig.always_sparse(
         alpha=alpha, block_size=64, num_segments=6, sample_ratio=0.05, sampler=sampler,
         min_window=128,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,8 +167,10 @@ def test_explicit_limits_override_the_cost_model(model):
 
 
 @pytest.fixture
-def fresh_costs():
-    """The cost models read anew in the test, and again after it (its files are gone)."""
+def fresh_costs(monkeypatch):
+    """The cost models read anew in the test, and again after it (its files are gone); no
+    forced table (``make test-foreign`` sets one for the rest of the suite)."""
+    monkeypatch.delenv(costs.FORCED_TABLE_ENV, raising=False)
     costs.clear_cache()
     yield
     costs.clear_cache()
@@ -253,3 +256,27 @@ def test_lookup_is_per_backend_and_reads_older_files(tmp_path, monkeypatch, fres
     assert costs.cost_model(cpu, torch.float32, "flash").sparse_pair_s == 2e-11
     assert costs.cost_model(cpu, torch.float32, "triton").sparse_pair_s == 3e-11
     costs.clear_cache()
+
+
+DATA = Path(__file__).with_name("data")
+
+
+def test_a_forced_table_replaces_every_other_and_says_so(monkeypatch, fresh_costs):
+    """``$FLEXSAMPLE_COST_TABLE``: the suite run as a machine with other costs would run it.
+    The same call decides by the table it is given, dense on one, sparse on the other."""
+    q, k, _ = planted_qkv(1, 8, 2, 8192, 64, stripes=8, stripe_width=1)
+    decisions = {}
+    for name in ("dear", "cheap"):
+        monkeypatch.setenv(costs.FORCED_TABLE_ENV, str(DATA / f"costs_sparse_{name}_cpu.json"))
+        costs.clear_cache()
+        model = costs.cost_model(torch.device("cpu"), torch.float32)
+        assert model.source.startswith(f"$FLEXSAMPLE_COST_TABLE (costs_sparse_{name}_cpu.json")
+        assert model.device == f"cpu foreign (sparse {name}) x2"
+        decisions[name] = fs.plan_prefill(q, k).path
+    assert decisions == {"dear": "dense", "cheap": "sparse"}
+    monkeypatch.setenv(costs.FORCED_TABLE_ENV, str(DATA / "no_such_table.json"))
+    costs.clear_cache()
+    with pytest.raises(LookupError, match="FLEXSAMPLE_COST_TABLE: no such file"):
+        costs.cost_model(torch.device("cpu"), torch.float32)
+    with pytest.raises(LookupError, match="has no cost model for cuda bfloat16"):
+        costs._forced(DATA / "costs_sparse_dear_cpu.json", "cuda", "bfloat16", "triton")

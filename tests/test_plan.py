@@ -22,9 +22,9 @@ def test_plan_then_run_equals_flex_sample_attention(B, S):
     assert torch.equal(out, fs.flex_sample_attention(q, k, v, config=cfg))
 
 
-def test_plan_is_frozen_and_dense_plans_cost_nothing():
+def test_plan_is_frozen_and_dense_plans_cost_nothing(project_costs):
     q, k, v = (torch.randn(1, h, 300, 16) for h in (2, 1, 1))
-    plan = fs.plan_prefill(q, k)  # the cost model: at 300 tokens sparse cannot pay
+    plan = fs.plan_prefill(q, k)  # the project CPU's costs: at 300 tokens sparse cannot pay
     assert plan.path == "dense" and "seq_len 300" in plan.reason and "cost model" in plan.reason
     assert plan.scores is None and plan.block_mask is None and plan.density is None
     with pytest.raises(AttributeError):

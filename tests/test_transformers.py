@@ -60,7 +60,7 @@ def test_names_are_registered():
     assert ALL_MASK_ATTENTION_FUNCTIONS["flexsample"] is fst.flexsample_mask
 
 
-def test_attn_implementation_flexsample_at_construction():
+def test_attn_implementation_flexsample_at_construction(project_costs):
     config = tiny_llama().config
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="flexsample")
     assert model.config._attn_implementation == "flexsample"
