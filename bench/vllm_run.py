@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget per step"
     )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="model dtype (auto: vLLM's choice, the model's bfloat16 on x86 and Arm CPUs)",
+    )
     parser.add_argument("--max-tokens", type=int, default=12, help="tokens to generate")
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds, each with fresh prompts (timing)"
@@ -67,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         enforce_eager=True,
         gpu_memory_utilization=float(os.environ.get("FLEXSAMPLE_VLLM_MEMORY", "0.2")),
         enable_prefix_caching=False,  # every round must prefill its prompt
+        dtype=args.dtype,
         seed=0,
         **engine,
     )
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     result = {
         "backend": args.backend or "default",
+        "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "flexsample_config": os.environ.get("FLEXSAMPLE_VLLM_CONFIG", ""),
         "rounds": rounds,

@@ -106,6 +106,8 @@ class Totals:
         layer_calls: flexsample attention calls (requests x layers).
         dense_layer_calls: of those, calls whose plan came out dense (too dense to pay).
         density_sum: sum over sparse calls of the mean computed share of causal pairs.
+        unread_context_requests: prefill chunks after earlier context left to the wrapped
+            backend because flexsample cannot read this cache's layout (logged once).
     """
 
     sparse_requests: int = 0
@@ -114,6 +116,7 @@ class Totals:
     layer_calls: int = 0
     dense_layer_calls: int = 0
     density_sum: float = 0.0
+    unread_context_requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: float) -> None:
@@ -340,10 +343,12 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
         if common.is_prefilling is not None:  # not speculative-decoding rows (several tokens)
             candidates &= common.is_prefilling.cpu().numpy().astype(bool)
         chosen = []
+        unread = 0
         for i in np.flatnonzero(candidates):
             S, L = int(seq_lens[i]), int(query_lens[i])
             if L < S and self.read_cache is None:
-                continue  # context in a cache layout flexsample cannot read (warned once)
+                unread += 1  # context in a cache layout flexsample cannot read (warned once)
+                continue
             reason = dense_before_sampling(
                 self.flex_config,
                 S,
@@ -356,6 +361,8 @@ class FlexSampleMetadataBuilder(Wrapped.get_builder_cls()):
             )
             if reason is None:
                 chosen.append(int(i))
+        if unread:
+            TOTALS.add(unread_context_requests=unread)
         if not chosen:
             return super().build(common_prefix_len, common, fast_build)
         requests = tuple(
