@@ -29,8 +29,9 @@ def flex_sample_attention(
     ``run_plan(plan_prefill(q, k, config, scale=scale), q, k, v)``.
 
     Inference only: inputs that require grad (with autograd on) raise at every length.
-    NaN inputs are not detected: where SDPA spreads a NaN key into every later row, the
-    sparse path spreads it only into the rows whose mask keeps that key.
+    A NaN or Inf in q, k or v sends the call dense (``stats.reason`` says so): the output
+    then has SDPA's NaN rows, where a sparse mask would spread a bad key only into the rows
+    that keep it.
 
     Args:
         q: ``(B, Hq, L, D)`` queries; float32, bfloat16 or float16, on CPU or CUDA. ``L = S``
@@ -62,7 +63,7 @@ def flex_sample_attention(
     if not compiling:
         check_qkv(q, k, v)
     timer = StageTimer(q.device, enabled=True)
-    plan = plan_prefill_checked(q, k, config, scale, timer)  # q, k, v checked above
+    plan = plan_prefill_checked(q, k, config, scale, timer, v)  # q, k, v checked above
     with timer.stage("attention"):
         out = run_plan(plan, q, k, v)
     return out, SampleStats.from_plan(plan, timer.times)
@@ -83,7 +84,7 @@ def _call(
     if known is not None:
         return run_plan_unchecked(known, q, k, v)
     check_qkv(q, k, v)
-    plan = plan_prefill_checked(q, k, config, scale, None)
+    plan = plan_prefill_checked(q, k, config, scale, None, v)
     if plan.by_length and signature is not None:
         _BY_LENGTH.put(signature, plan)
     return run_plan_unchecked(plan, q, k, v)

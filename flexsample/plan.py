@@ -214,8 +214,10 @@ def plan_prefill(
     computes more than ``config.max_density`` of the causal pairs or, with
     ``max_density=None``, when its sparse call plus the planning still ahead would cost at
     least dense attention. Dense plans run the faster dense kernel (SDPA, or FlexAttention
-    on FlashAttention-4 for a whole prompt where the cost model measured it faster). Reads
-    counts on the host (device syncs).
+    on FlashAttention-4 for a whole prompt where the cost model measured it faster). A NaN or
+    an Inf in q or k gives a dense plan too (dense attention spreads it as SDPA does; a
+    sparse mask would spread a bad key only into the rows that keep it); :func:`run_plan`
+    runs a sparse plan dense where v holds one. Reads counts on the host (device syncs).
 
     Args:
         q: ``(B, Hq, L, D)`` queries: the last ``L`` positions of the ``S`` keys (``L = S``
@@ -243,9 +245,11 @@ def plan_prefill_checked(
     config: SampleConfig | None,
     scale: float | None,
     timer: StageTimer | None,
+    v: torch.Tensor | None = None,
 ) -> PrefillPlan:
     """:func:`plan_prefill` without checking q and k again: for callers that checked them
-    (:func:`~flexsample.flex_sample_attention` checks q, k and v once per call)."""
+    (:func:`~flexsample.flex_sample_attention` checks q, k and v once per call, and passes
+    ``v`` so that a NaN or Inf in it also sends the call dense)."""
     config = _DEFAULT_CONFIG if config is None else config
     if not isinstance(config, SampleConfig):
         raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
@@ -290,6 +294,8 @@ def plan_prefill_checked(
             _DENSE_BY_LENGTH.put(key, plan, costs)
         return plan
 
+    if not compiling and (bad := nonfinite_inputs(q=q, k=k, v=v)):
+        return dense(f"{bad} hold NaN or Inf: dense attention spreads them as SDPA does")
     notes = layout.notes()
     for field, note in notes.items():
         _log_once(field, logging.WARNING, "flexsample: %s", note)
@@ -358,7 +364,8 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """Compute the attention a plan decided: compiled block-sparse FlexAttention, or dense SDPA.
 
     The sparse path gathers each kv head's selected key and value columns in front of the
-    keys (see :func:`flexsample.masks.gather_keys`) and runs one FlexAttention call.
+    keys (see :func:`flexsample.masks.gather_keys`) and runs one FlexAttention call. Where v
+    holds a NaN or an Inf, a sparse plan runs dense (logged once), as SDPA would spread it.
 
     Args:
         plan: from :func:`plan_prefill` on these ``q`` and ``k``.
@@ -380,7 +387,29 @@ def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                 f"the plan is for (B, Hq, L, S) = {planned}, got q of shape "
                 f"{tuple(q.shape)} and k of shape {tuple(k.shape)}"
             )
+        if plan.path == "sparse" and nonfinite_inputs(v=v):  # plan_prefill saw q and k only
+            _log_once("nonfinite", logging.WARNING, "flexsample: %s", NONFINITE_V)
+            return dense_causal_attention(q, k, v, plan.scale)
     return run_plan_unchecked(plan, q, k, v)
+
+
+#: Logged once where :func:`run_plan` runs a sparse plan dense because of its values.
+NONFINITE_V = "v holds NaN or Inf: the sparse plan ran dense, which spreads them as SDPA does"
+
+
+def nonfinite_inputs(**tensors: torch.Tensor | None) -> str:
+    """The names of the given tensors that hold a NaN or an Inf (``"k, v"``), or ``""``.
+
+    A sparse call would spread a bad key only into the rows whose mask keeps it; dense
+    attention spreads it into every later row, as SDPA does. One pass over each tensor
+    (a float32 sum) and one read on the host.
+    """
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    if not named:
+        return ""
+    sums = torch.stack([t.sum(dtype=torch.float32) for _, t in named])
+    finite = torch.isfinite(sums).tolist()
+    return ", ".join(name for (name, _), ok in zip(named, finite, strict=True) if not ok)
 
 
 def run_plan_unchecked(
