@@ -37,6 +37,8 @@ class SampleLayout:
         column_unit: ``"token"`` or ``"block"`` (see :class:`SampleConfig`).
         query_start: Position of the first query (0 for a whole prompt; the chunk's
             offset for a chunked prefill).
+        requested_rows: The rows per segment ``sample_ratio`` asked for, before rounding up
+            to whole rows (a note says when it is below one).
     """
 
     seq_len: int
@@ -49,6 +51,7 @@ class SampleLayout:
     rows_per_segment: int
     column_unit: str = "token"
     query_start: int = 0
+    requested_rows: float = 1.0
 
     @classmethod
     def create(
@@ -83,6 +86,7 @@ class SampleLayout:
             rows_per_segment=max(1, min(rows, shortest_segment)),
             column_unit=config.column_unit,
             query_start=seq_len - query_len,
+            requested_rows=config.sample_ratio * query_len / num_segments,
         )
 
     @property
@@ -154,6 +158,18 @@ class SampleLayout:
         notes. Empty when the geometry allows sparsity.
         """
         notes = {}
+        if self.requested_rows < 1:
+            notes["sample_ratio"] = (
+                f"sample_ratio asks for {self.requested_rows:.2g} rows per segment at query_len "
+                f"{self.query_len}: each of the {self.num_segments} segments samples 1 row, and "
+                "the selection sees only those"
+            )
+        query_blocks = self.num_blocks - self.first_query_block
+        if self.num_segments > query_blocks:
+            notes["num_segments"] = (
+                f"{self.num_segments} segments over {query_blocks} query blocks: segments "
+                f"shorter than a block sample rows that share their tiles"
+            )
         if self.num_blocks == 1:
             notes["block_size"] = (
                 f"block_size {self.block_size} >= seq_len {self.seq_len}: one tile, "

@@ -40,6 +40,11 @@ def check_qkv(q: object, k: object, v: object) -> None:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError(
+            "q, k, v are meta tensors (shapes without data): flexsample samples the attention "
+            "it computes, so it needs real tensors; use dense attention while tracing shapes"
+        )
     if ks != vs:
         raise ValueError(f"k and v must have the same shape: {_shapes(q, k, v)}")
     if qs[0] != ks[0]:
@@ -51,7 +56,9 @@ def check_qkv(q: object, k: object, v: object) -> None:
         )
     if qs[3] != ks[3]:
         raise ValueError(f"q and k must have the same head_dim: {_shapes(q, k, v)}")
-    if ks[1] == 0 or qs[1] % ks[1]:
+    if qs[1] == 0 or ks[1] == 0:
+        raise ValueError(f"q, k, v need at least one head: {_shapes(q, k, v)}")
+    if qs[1] % ks[1]:
         raise ValueError(
             f"query heads ({qs[1]}) must be a multiple of key/value heads ({ks[1]}): "
             f"{_shapes(q, k, v)}"

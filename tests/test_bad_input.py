@@ -30,6 +30,12 @@ def _ok(S=64, Hq=4, Hkv=2, D=16):
         (lambda q, k, v: (q.numpy(), k, v), TypeError, "q must be a torch.Tensor"),
         (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), ValueError, "must not be empty"),
         (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), ValueError, "head_dim >= 1"),
+        (
+            lambda q, k, v: (q.to("meta"), k.to("meta"), v.to("meta")),
+            ValueError,
+            "meta tensors \\(shapes without data\\)",
+        ),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), ValueError, "at least one head"),
     ],
 )
 def test_bad_tensors(make, error, words):
@@ -90,3 +96,25 @@ def test_configs_that_cannot_be_sparse_say_so(config, words, caplog):
         _, stats = flex_sample_attention(q, k, v, config=config, return_stats=True)
     assert any(words in note for note in stats.notes), stats.notes
     assert stats.summary()["notes"] == list(stats.notes)
+
+
+@pytest.mark.parametrize(
+    "config, note",
+    [
+        (
+            SampleConfig.always_sparse(sample_ratio=1e-12),
+            "sample_ratio asks for 1.5e-10 rows per segment at query_len 1200: each of the 8 "
+            "segments samples 1 row",
+        ),
+        (SampleConfig.always_sparse(num_segments=10**9, sample_ratio=1.0), "1200 segments over 10"),
+    ],
+    ids=["tiny-sample-ratio", "huge-num-segments"],
+)
+def test_values_that_leave_the_method_blind_are_noted(config, note, caplog):
+    with caplog.at_level("WARNING", logger="flexsample"):
+        _, stats = flex_sample_attention(*_ok(S=1200), config=config, return_stats=True)
+    assert any(n.startswith(note) for n in stats.notes), stats.notes
+    _, stats = flex_sample_attention(
+        *_ok(S=1200), config=SampleConfig.always_sparse(), return_stats=True
+    )
+    assert stats.notes == ()
