@@ -192,11 +192,40 @@ def test_stats_table_is_readable():
     logits(model, torch.randint(0, 128, (1, 300)))
     table = fst.stats_table(model)
     lines = table.splitlines()
-    assert "median over the layer's prefill calls" in lines[0]  # says what the times are
-    assert "includes compilation" in lines[2]
-    assert lines[3].split()[:5] == ["layer", "calls", "sparse", "density", "1st"]
-    assert len(lines) == 3 + 2 + 2  # explanation, header, rule, one line per layer
+    assert lines[0].startswith("flexsample: 2/2 layers ran their prefill sparse (mean prefill")
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    assert header.split() == [
+        "layer", "calls", "sparse", "density", "1st", "probe", "sample", "select", "cover",
+        "mask", "attn", "decode", "dense",
+    ]  # fmt: skip
+    body = lines[lines.index(header) + 2 :]
+    assert [row.split()[:3] for row in body[:2]] == [["0", "1", "1"], ["1", "1", "1"]]
+    assert any("median over a layer's prefill calls" in line for line in lines)
+    assert max(map(len, lines)) <= fst.records.TABLE_WIDTH
     assert fst.summarize(model)[0]["sparse"] == 1
+
+
+def test_stats_table_groups_the_reasons_of_dense_calls(project_costs):
+    """One numbered line per reason (a long one, the cost model's, with a device name in it),
+    the rows refer to it; after disable() the table says it shows the last run."""
+    model = tiny_llama()
+    fst.enable(model, SampleConfig())  # at 300 tokens the cost model runs every layer dense
+    with torch.no_grad():
+        model.generate(torch.randint(0, 128, (1, 300)), max_new_tokens=3, do_sample=False)
+    lines = fst.stats_table(model).splitlines()
+    assert lines[0].startswith("flexsample: 0/2 layers ran their prefill sparse")
+    assert max(map(len, lines)) <= fst.records.TABLE_WIDTH
+    legend = [line for line in lines if line.startswith("[")]
+    assert len(legend) == 1 and legend[0].startswith("[1] 2 dense calls: seq_len 300: planning")
+    rows = [line for line in lines if line.split()[:1] in (["0"], ["1"])]
+    assert [row.split()[1:3] + row.split()[-1:] for row in rows] == [["3", "0", "[1]x1"]] * 2
+    fst.disable(model)
+    assert lines[0] in fst.stats_table(model).splitlines()[0]
+    assert "(flexsample is disabled on this model: its last run)" in fst.stats_table(model)
+    fst.reset_stats(model)
+    assert fst.stats_table(model).splitlines()[0] == (
+        "flexsample: no attention calls recorded on this model"
+    )
 
 
 def test_enable_on_chosen_layers_only():
@@ -277,3 +306,12 @@ def test_autograd_runs_dense_and_says_why():
     out = model(torch.randint(0, 128, (1, 300))).logits
     assert out.requires_grad
     assert reasons(model) == {"autograd on (flexsample is inference-only)"}
+
+
+def test_reasons_of_one_kind_are_one_line():
+    from flexsample.integrations.transformers.records import _kind
+
+    probe = "probe: 8 rows per head put the least density at 0.{} for alpha 0.95: would not pay"
+    assert _kind(probe.format(990)) == _kind(probe.format(871)) == "probe"
+    assert _kind("seq_len 300: planning ~8 ms") == "seq_len #"
+    assert _kind("layer not enabled") == "layer not enabled"

@@ -24,6 +24,7 @@ from .records import (
     mean_prefill_density,
     prefill_density,
     reset_stats,
+    stats_report,
     stats_table,
     summarize,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "prefill_density",
     "register",
     "reset_stats",
+    "stats_report",
     "stats_table",
     "summarize",
 ]

@@ -7,6 +7,8 @@ computed, 1 for a call that ran dense. A prefill's density is the mean over its 
 
 from __future__ import annotations
 
+import io
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -196,28 +198,112 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
     return rows
 
 
-def stats_table(model: torch.nn.Module) -> str:
-    """:func:`summarize` as a fixed-width text table, with a line saying what the times are."""
-    names = [("attn" if stage == "attention" else stage) for stage in STAGES]
-    header = (
-        f"{'layer':>5} {'calls':>5} {'sparse':>6} {'density':>8} {'1st call':>9} "
-        + " ".join(f"{name:>8}" for name in names)
-        + f" {'decode':>8}  fallbacks"
+#: Width of :func:`stats_table`'s text: a terminal's, a log's, a notebook cell's.
+TABLE_WIDTH = 100
+
+
+def stats_report(model: torch.nn.Module):
+    """The per-layer report as one ``rich`` table (times in milliseconds): a summary line
+    (layers whose prefill ran sparse, mean prefill density, attention time), one row per
+    layer, and the reasons of dense calls, numbered once below the rows (``[1]``).
+
+    :func:`stats_table` renders it as plain text; ``rich.print(stats_report(model))`` in a
+    terminal or notebook.
+    """
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from .state import is_enabled
+
+    rows = summarize(model)
+    records = layer_stats(model)
+    # Reasons of dense prefill calls, grouped by kind (the words before the first colon, numbers
+    # aside: every layer's probe verdict has its own numbers) and numbered in order of first use;
+    # decode steps are dense by design and counted in their own column.
+    kinds: dict[str, list[str]] = {}  # kind -> its reasons, the first one shown
+    counts: dict[str, int] = {}
+    for row in rows:
+        for reason, count in row["fallbacks"].items():
+            if reason != "decode":
+                kind = _kind(reason)
+                kinds.setdefault(kind, [])
+                if reason not in kinds[kind]:
+                    kinds[kind].append(reason)
+                counts[kind] = counts.get(kind, 0) + count
+    number = {kind: i + 1 for i, kind in enumerate(kinds)}
+    prefill_layers = [row for row in rows if row["density"] is not None]
+    sparse_layers = sum(
+        any(r.path == "sparse" and r.is_prefill for r in records if r.layer == row["layer"])
+        for row in prefill_layers
     )
-    lines = [
-        f"seconds per call. {'/'.join(names)}: median over the layer's prefill calls after",
-        "its first (or the first, if it is the only one); 1st call: all stages of the layer's",
-        "first call (the process's first call includes compilation); decode: a decode step",
-        header,
-        "-" * len(header),
-    ]
-    for row in summarize(model):
-        density = "-" if row["density"] is None else f"{row['density']:.3f}"
-        decode = "-" if row["decode_s"] is None else f"{row['decode_s']:.4f}"
-        fallbacks = ", ".join(f"{k} x{v}" for k, v in row["fallbacks"].items())
-        times = " ".join(f"{row[f'{stage}_s']:>8.4f}" for stage in STAGES)
-        lines.append(
-            f"{row['layer']:>5} {row['calls']:>5} {row['sparse']:>6} {density:>8} "
-            f"{row['first_call_s']:>9.4f} {times} {decode:>8}  {fallbacks}"
+    density = mean_prefill_density(records)
+    attention_s = sum(r.times.get("attention", 0.0) for r in records)
+    if not records:
+        summary = "flexsample: no attention calls recorded on this model"
+    else:
+        summary = (
+            f"flexsample: {sparse_layers}/{len(prefill_layers)} layers ran their prefill sparse "
+            "(mean prefill density "
+            + ("-" if density is None else f"{density:.3f}")
+            + f"); {len(records)} calls, {attention_s:.2f} s in attention"
         )
-    return "\n".join(lines)
+    if records and not is_enabled(model):
+        summary += " (flexsample is disabled on this model: its last run)"
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    columns = ["layer", "calls", "sparse", "density", "1st"]
+    columns += ["attn" if stage == "attention" else stage for stage in STAGES]
+    columns += ["decode"]
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
+    table.add_column("dense", justify="left")  # the numbered reasons below the table
+    for row in rows:
+        table.add_row(
+            str(row["layer"]),
+            str(row["calls"]),
+            str(row["sparse"]),
+            "-" if row["density"] is None else f"{row['density']:.3f}",
+            f"{1e3 * row['first_call_s']:.1f}",
+            *(f"{1e3 * row[f'{stage}_s']:.1f}" for stage in STAGES),
+            "-" if row["decode_s"] is None else f"{1e3 * row['decode_s']:.2f}",
+            " ".join(
+                f"[{number[kind]}]x{n}"
+                for kind, n in _count_kinds(row["fallbacks"]).items()
+                if kind != "decode"
+            ),
+        )
+    notes = [
+        Text(
+            "ms per call. probe .. attn: median over a layer's prefill calls after its first; "
+            "1st: all stages of its first call (the process's first includes compilation); "
+            "decode: a decode step's attention (always dense); dense: prefill calls per reason "
+            "(below)"
+        )
+    ]
+    for kind, reasons in kinds.items():
+        alike = f" (and {len(reasons) - 1} alike)" if len(reasons) > 1 else ""
+        notes.append(Text(f"[{number[kind]}] {counts[kind]} dense calls: {reasons[0]}{alike}"))
+    return Group(Text(summary), table, *notes)
+
+
+def _kind(reason: str) -> str:
+    """What a reason is about: its words before the first colon, numbers aside."""
+    return re.sub(r"\d[\d.]*", "#", reason.split(":", 1)[0])
+
+
+def _count_kinds(fallbacks: dict[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason, n in fallbacks.items():
+        kind = "decode" if reason == "decode" else _kind(reason)
+        counts[kind] = counts.get(kind, 0) + n
+    return counts
+
+
+def stats_table(model: torch.nn.Module, width: int = TABLE_WIDTH) -> str:
+    """:func:`stats_report` as plain text, at most ``width`` characters a line."""
+    from rich.console import Console
+
+    console = Console(width=width, color_system=None, record=True, file=io.StringIO())
+    console.print(stats_report(model))
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())

@@ -43,6 +43,9 @@ class LayerState:
 
 _LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
 _PREVIOUS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+#: The states :func:`disable` took off: their records stay readable (the last run's) until
+#: the model is enabled again.
+_DISABLED: weakref.WeakKeyDictionary[torch.nn.Module, LayerState] = weakref.WeakKeyDictionary()
 
 
 def layer_state(module: torch.nn.Module) -> LayerState:
@@ -55,11 +58,17 @@ def layer_state(module: torch.nn.Module) -> LayerState:
 
 
 def known_layer_states(model: torch.nn.Module) -> Iterator[LayerState]:
-    """States of the model's attention modules that have one, in module order."""
+    """States of the model's attention modules that have one, in module order: the enabled
+    ones, else (after :func:`disable`) the ones of its last run."""
     for module in attention_modules(model):
-        state = _LAYERS.get(module)
+        state = _LAYERS.get(module) or _DISABLED.get(module)
         if state is not None:
             yield state
+
+
+def is_enabled(model: torch.nn.Module) -> bool:
+    """Whether any attention module of the model runs flexsample now."""
+    return any(module in _LAYERS for module in attention_modules(model))
 
 
 def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -119,15 +128,22 @@ def enable(
     for module in modules:
         sparse = chosen is None or module.layer_idx in chosen
         _LAYERS[module] = LayerState(config, collect_stats=collect_stats, sparse=sparse)
+        _DISABLED.pop(module, None)
     model.set_attn_implementation(NAME)
     return model
 
 
 def disable(model: torch.nn.Module) -> torch.nn.Module:
-    """Return a model to the attention implementation it had before :func:`enable`."""
+    """Return a model to the attention implementation it had before :func:`enable`.
+
+    The calls recorded so far stay readable (``stats_table`` says they are the last run's)
+    until :func:`enable` or :func:`~flexsample.integrations.transformers.reset_stats`.
+    """
     model.set_attn_implementation(_PREVIOUS.pop(model, "sdpa"))
     for module in attention_modules(model):
-        _LAYERS.pop(module, None)
+        state = _LAYERS.pop(module, None)
+        if state is not None:
+            _DISABLED[module] = state
     return model
 
 
