@@ -34,6 +34,78 @@ def test_bad_values_are_argparse_errors(argv, words, capsys):
     assert time.perf_counter() - start < 5  # refused before any model loads
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["demo", "--bogus", "1"], "flexsample demo: error: unrecognized arguments: --bogus 1"),
+        (["demo", "--json", "/no/such/folder/x.json"], "folder /no/such/folder does not exist"),
+        (["demo", "--save-masks", "masks.txt"], "the picture format comes from the suffix"),
+        (["compare", "--tasks", "flexsample_paskey_2k"], "did you mean flexsample_passkey_2k"),
+        (
+            ["compare", "--tasks", "flexsample_passkey_2k", "--model_args", "alpah=0.9"],
+            "unknown model argument 'alpah': did you mean alpha? SampleConfig fields: alpha,",
+        ),
+        (
+            ["compare", "--tasks", "flexsample_passkey_2k", "--model_args", "alpha=2"],
+            "model argument alpha must lie in (0.0, 1.0], got 2",
+        ),
+        (["nosuch"], "flexsample: error: argument command: invalid choice: 'nosuch'"),
+    ],
+    ids=["unknown-flag", "json-folder", "picture-format", "task", "model-arg", "value", "cmd"],
+)
+def test_errors_are_one_line_before_any_model_loads(argv, line, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr("flexsample.integrations.models.load_model", _no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err, err
+    assert line in err and err.rstrip().endswith("--help)"), err
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def test_eval_checks_flexsample_arguments_before_lm_eval_loads_anything(capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr("flexsample.integrations.models.load_model", _no_model)
+    argv = ["eval", "--model", "flexsample", "--model_args", "alpah=0.9", "--tasks", "x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexsample eval: error: argument --model_args: unknown model argument")
+    assert main(["eval", "--model", "flexsample", "--tasks", "flexsample_pasky_2k"]) == 2
+    assert "no task 'flexsample_pasky_2k'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from flexsample import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"flexsample {__version__}\n"
+
+
+def test_errors_in_a_run_are_one_line_unless_debug(capsys, monkeypatch):
+    def fails(error):
+        def run(argv):
+            raise error
+
+        return run
+
+    monkeypatch.setattr("flexsample.integrations.cli._run", fails(ValueError("bad length")))
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == "flexsample: error: bad length\n"
+    monkeypatch.setattr("flexsample.integrations.cli._run", fails(RuntimeError("boom")))
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flexsample: RuntimeError: boom (at test_cli.py:")
+    assert err.endswith("run with --debug for the traceback)\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["demo", "--debug"])
+
+
 def test_config_options_build_a_sample_config():
     args = build_parser().parse_args(["demo", "--alpha", "0.9", "--window-ratio", "0.05"])
     assert config_from_args(args) == SampleConfig(alpha=0.9, window_ratio=0.05)
@@ -45,7 +117,9 @@ def test_eval_help_names_the_model_its_arguments_and_the_tasks(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "--model flexsample" in out and "alpha" in out and "flexsample_passkey_2k" in out
-    assert out.index("flexsample eval:") < out.index("usage: lm-eval")
+    # Then the options of lm-eval's `run`, which `flexsample eval` is (not its top level).
+    assert out.index("flexsample eval:") < out.index("usage: lm-eval run")
+    assert "--model_args" in out[out.index("usage: lm-eval run") :]
 
 
 def _result(dense_prefill, dense_att, flex_prefill, flex_att, overhead, density):

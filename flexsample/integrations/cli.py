@@ -8,10 +8,14 @@ is checked while the arguments are parsed, before any model loads.
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
-from flexsample import SampleConfig
+from flexsample import SampleConfig, __version__
 
 #: The command-line options that set SampleConfig fields: ``option -> (field, help)``.
 CONFIG_OPTIONS = {
@@ -22,6 +26,14 @@ CONFIG_OPTIONS = {
         "a fixed local window as a fraction of the length; unset, each head's window adapts",
     ),
 }
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``flexsample demo: error: ...`` and where to read the
+    usage, exit status 2 (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _config_value(field: str):
@@ -60,6 +72,35 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
     return value
+
+
+def _writable_file(text: str) -> Path:
+    """An argparse ``type`` for a file to write at the end of a run: its folder must exist
+    and be writable now, not after the run."""
+    path = Path(text)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder} is not writable")
+    return path
+
+
+#: File formats matplotlib writes (the mask pictures), by suffix.
+PICTURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")
+
+
+def _picture_file(text: str) -> Path:
+    """A picture file to write: a writable place and a suffix matplotlib writes."""
+    path = _writable_file(text)
+    if path.suffix.lower().lstrip(".") not in PICTURE_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the picture format comes from the suffix, one of "
+            f"{', '.join('.' + f for f in PICTURE_FORMATS)}"
+        )
+    return path
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +161,13 @@ def _add_demo(commands) -> None:
     )
     demo.add_argument(
         "--save-masks",
-        type=Path,
+        type=_picture_file,
         metavar="PNG",
-        help="save a picture of the block masks chosen in three layers",
+        help="save a picture of the block masks chosen in three layers (.png, .pdf, .svg, ...)",
     )
-    demo.add_argument("--json", type=Path, metavar="FILE", help="save all numbers as JSON")
+    demo.add_argument(
+        "--json", type=_writable_file, metavar="FILE", help="save all numbers as JSON"
+    )
     _add_config_arguments(demo)
 
 
@@ -159,9 +202,9 @@ def _add_calibrate(commands) -> None:
         "FlashAttention-4 also FlexAttention's dense call, which the dense path then runs "
         "where it is faster), fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
-        "call on this device reads it). Its three default dtypes take about a minute on a "
-        "2-core CPU the first time (compiling; 15 s per dtype after) and under a minute on "
-        "an H100.",
+        "call on this device reads it). On a 2-core CPU each dtype takes one to two minutes "
+        "the first time (compiling), so the three default dtypes take a few minutes; under a "
+        "minute on an H100.",
     )
     calibrate.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"
@@ -205,8 +248,68 @@ def _calibrate(args: argparse.Namespace) -> int:
         if args.as_device:
             model = dataclasses.replace(model, device=args.as_device)
         path = costs.save(model, args.out)
-        print(f"{model.device} {name}: {model.to_json()} -> {path}", flush=True)
+        print(f"{model.device}, {name}: {_describe(model)}; saved to {path}", flush=True)
     return 0
+
+
+def _describe(model) -> str:
+    """A cost model in one line people read: the rates that decide, in comparable units."""
+    sparse_over_dense = model.sparse_pair_s / model.dense_pair_s
+    return (
+        f"dense {model.dense_pair_s * 1e12:.3g} ps per pair and head-dim element, the sparse "
+        f"call {sparse_over_dense:.2f}x that, planning {model.plan_fixed_s * 1e3:.2g} ms + "
+        f"{model.plan_pair_s * 1e12:.3g} ps per sampled product"
+    )
+
+
+#: flexsample's lm-eval task files (read here without importing lm-eval: it takes seconds).
+TASK_FILES = Path(__file__).parent / "lm_eval" / "tasks"
+
+
+def _flexsample_task(name: str) -> str:
+    """A task name: flexsample's own (``flexsample_*``) are checked here, at once; others are
+    checked against lm-eval's registry before the model loads (:func:`_check_tasks`)."""
+    if name.startswith("flexsample_"):
+        known = sorted(p.stem for p in TASK_FILES.glob("flexsample_*.yaml"))
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.7)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise argparse.ArgumentTypeError(
+                f"no task {name!r}: {hint}flexsample's tasks are {', '.join(known)}"
+            )
+    return name
+
+
+def _check_tasks(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """Names outside flexsample's tasks, against lm-eval's registry (indexing it takes tens
+    of seconds on a 2-core CPU, so only when such a name is given)."""
+    others = [name for name in names if not name.startswith("flexsample_")]
+    if not others:
+        return
+    from lm_eval.tasks import TaskManager
+
+    from .lm_eval import TASKS_DIR
+
+    print(f"checking {', '.join(others)} against lm-eval's task registry", file=sys.stderr)
+    known = TaskManager(include_path=str(TASKS_DIR)).all_tasks
+    for name in others:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.7)
+            hint = f": did you mean {' or '.join(close)}?" if close else ""
+            parser.error(f"argument --tasks: no task {name!r} in lm-eval's registry{hint}")
+
+
+def _model_args(text: str) -> str:
+    """``--model_args`` of the flexsample model, checked (names and values) while parsing."""
+    if not text:
+        return text
+    from .lm_eval import check_model_args
+
+    try:
+        check_model_args(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _add_lm_eval(commands) -> None:
@@ -223,7 +326,11 @@ def _add_lm_eval(commands) -> None:
         "by side (saved as JSON and Markdown with --output).",
     )
     compare.add_argument(
-        "--tasks", nargs="+", required=True, help="lm-eval task names, e.g. flexsample_passkey_2k"
+        "--tasks",
+        nargs="+",
+        required=True,
+        type=_flexsample_task,
+        help="lm-eval task names, e.g. flexsample_passkey_2k",
     )
     compare.add_argument(
         "--limit", type=_int_in(1), default=None, help="samples per task (default: all)"
@@ -231,6 +338,7 @@ def _add_lm_eval(commands) -> None:
     compare.add_argument(
         "--model_args",
         default="",
+        type=_model_args,
         help="comma-separated k=v for the flexsample lm-eval model: "
         "pretrained, gguf_file, alpha, sample_ratio, ... "
         "(default: the offline SmolLM2, default SampleConfig)",
@@ -242,11 +350,15 @@ def _add_lm_eval(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``flexsample`` argument parser: ``demo``, ``pictures``, ``eval``, ``compare``."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flexsample",
         description="SampleAttention (adaptive structured sparse attention) on FlexAttention.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"flexsample {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not one line"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_demo(commands)
     _add_pictures(commands)
     _add_lm_eval(commands)
@@ -266,17 +378,44 @@ def _missing_extra(command: str, error: ImportError, extra: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``flexsample`` command; returns the exit status.
 
-    ``flexsample eval ...`` hands everything after ``eval`` to lm-eval's own parser. Missing
-    optional dependencies or the offline model give a message and status 2.
+    ``flexsample eval ...`` hands everything after ``eval`` to lm-eval's own parser (after
+    checking flexsample's model arguments and task names). Errors are one line on stderr
+    (exit status 2 for bad input, 1 for a failure in the run), with the traceback only under
+    ``--debug``.
     """
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except (ValueError, FileNotFoundError, LookupError) as error:  # bad input found late
+        if debug:
+            raise
+        print(f"flexsample: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if debug:
+            raise
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        print(
+            f"flexsample: {type(error).__name__}: {error} (at {Path(frame.filename).name}:"
+            f"{frame.lineno}; run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["eval"]:  # everything after `eval` belongs to lm-eval's own parser
         try:
             from .lm_eval.cli import run_lm_eval
         except ImportError as e:
             return _missing_extra("eval", e, "lm-eval")
         return run_lm_eval(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top level's
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     from .models import ModelNotInstalled
 
     if args.command == "calibrate":
@@ -291,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from .lm_eval.cli import compare
 
+            _check_tasks(_subparser(parser, "compare"), args.tasks)
             compare(args.tasks, limit=args.limit, model_args=args.model_args, output=args.output)
             return 0
         from .demo import run_demo
@@ -311,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ImportError as e:
         return _missing_extra(args.command, e, "transformers,viz")
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
 if __name__ == "__main__":

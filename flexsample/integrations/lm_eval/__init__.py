@@ -50,6 +50,44 @@ def resolve_pretrained(pretrained: str | None, gguf_file: str | None) -> tuple[s
     return name, gguf_file
 
 
+#: Model arguments of the ``flexsample`` model besides SampleConfig's fields and HFLM's.
+OWN_ARGS = ("pretrained", "attention", "gguf_file")
+
+
+def check_model_args(text: str) -> dict[str, Any]:
+    """``--model_args`` of the ``flexsample`` model, parsed and checked before any model
+    loads: every name a SampleConfig field, one of :data:`OWN_ARGS` or an argument of
+    lm-eval's ``HFLM``; SampleConfig's values as SampleConfig checks them.
+
+    Raises:
+        ValueError: one line naming the bad argument, with close names and the valid ones.
+    """
+    import difflib
+    import inspect
+
+    from lm_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string(text) if text else {}
+    hflm = [p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs")]
+    known = [*OWN_ARGS, *CONFIG_FIELDS, *hflm]
+    for name in args:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(
+                f"unknown model argument {name!r}: {hint}SampleConfig fields: "
+                f"{', '.join(CONFIG_FIELDS)}; also {', '.join(OWN_ARGS)} and lm-eval's hf "
+                "model arguments"
+            )
+    if args.get("attention", "flexsample") not in ("flexsample", "dense"):
+        raise ValueError(f"attention must be flexsample or dense, got {args['attention']!r}")
+    try:
+        SampleConfig(**{k: v for k, v in args.items() if k in CONFIG_FIELDS})
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error).replace("SampleConfig.", "model argument ")) from None
+    return args
+
+
 def default_dtype(device: object) -> str:
     """The model's dtype when none is given: bfloat16 where it will run on a GPU, float32 on
     the CPU, which is also where HFLM runs a CUDA device when no GPU is there (lm-eval's

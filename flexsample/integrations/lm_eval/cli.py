@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ...provenance import provenance
-from . import CONFIG_FIELDS, TASKS_DIR, FlexSampleLM
+from . import CONFIG_FIELDS, TASKS_DIR, FlexSampleLM, check_model_args
 
 SUBCOMMANDS = ("run", "ls", "validate")
 
@@ -31,16 +31,46 @@ def run_lm_eval(argv: list[str]) -> int:
         )
         return 2
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ("run" if argv else None)
-    if command is None or argv in (["run"], ["-h"], ["--help"]) or "--help" in argv[:2]:
-        print(eval_help())
+    asks_help = any(a in ("-h", "--help") for a in argv[:2])
+    if command in (None, "run") and (asks_help or argv in ([], ["run"])):
+        print(eval_help())  # then lm-eval's options of `run`, which `flexsample eval` is
+        sys.argv = ["flexsample eval", "run", "--help"]
+    elif asks_help:
         sys.argv = ["flexsample eval", *argv]
     else:
+        if (problem := check_eval_arguments(argv)) is not None:
+            print(f"flexsample eval: error: {problem} (see --help)", file=sys.stderr)
+            return 2
         rest = argv[1:] if argv[0] in SUBCOMMANDS else argv
         sys.argv = ["flexsample eval", command, *rest, "--include_path", str(TASKS_DIR)]
     setup_logging()
     parser = HarnessCLI()
     parser.execute(parser.parse_args())
     return 0
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    """The values given to ``flag`` (``--flag v`` or ``--flag=v``) in an lm-eval argv."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+    return values
+
+
+def check_eval_arguments(argv: list[str]) -> str | None:
+    """What is wrong with flexsample's part of an ``eval`` argv, before lm-eval loads a model:
+    ``--model_args`` of the flexsample model, and task names in flexsample's namespace."""
+    if "flexsample" in _values(argv, "--model"):
+        for text in _values(argv, "--model_args"):
+            try:
+                check_model_args(text)
+            except ValueError as error:
+                return f"argument --model_args: {error}"
+    known = task_names()
+    for text in _values(argv, "--tasks"):
+        for name in text.split(","):
+            if name.startswith("flexsample_") and name not in known:
+                return f"argument --tasks: no task {name!r}; flexsample's tasks: {', '.join(known)}"
+    return None
 
 
 def task_names() -> list[str]:
