@@ -35,8 +35,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The Python blocks of README.md and docs/ run as written (getting-started.md's through
+# tests/test_docs.py, which also checks what they print).
+DOC_PAGES := README.md $(filter-out docs/getting-started.md,$(wildcard docs/*.md))
+
 test: lint
 	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest --markdown-docs --markdown-docs-syntax=superfences -p no:cacheprovider \
+		--durations=5 $(DOC_PAGES)
 	$(MAKE) vllm-test
 	$(MAKE) bench-smoke
 	$(MAKE) docs
