@@ -39,7 +39,7 @@ from .selection import (
 )
 from .stats import PLAN_STAGES, STAGES, SampleStats, StageTimer
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 __all__ = [
     "PLAN_STAGES",
