@@ -554,7 +554,7 @@ def length_verdict(
     best = plan + model.sparse_s(floor, head_dim)
     dense = model.dense_s(batch_heads, S, head_dim, causal_pairs=chunk_pairs(layout))
     queries = "" if layout.query_start == 0 else f" ({layout.query_len} queries)"
-    of_model = f"(cost model of {model.device}, {model.dtype})"
+    of_model = f"(cost model of {model.device!r}, {model.dtype})"
     if best >= dense:
         return (
             f"seq_len {S}{queries}: planning ~{plan * 1e3:.3g} ms + the sparsest call ~"
@@ -608,5 +608,5 @@ def density_verdict(
     rest = f" + the rest of planning ~{left * 1e3:.3g} ms" if left else ""
     return (
         f"density {density:.3f}: the sparse call ~{(sparse - left) * 1e3:.3g} ms{rest} would "
-        f"not beat dense ~{dense * 1e3:.3g} ms (cost model of {model.device}, {model.dtype})"
+        f"not beat dense ~{dense * 1e3:.3g} ms (cost model of {model.device!r}, {model.dtype})"
     )

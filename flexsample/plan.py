@@ -625,7 +625,7 @@ def _probe_verdict(
     return (
         f"{found}: planning ~{plan * 1e3:.3g} ms + a call at {SELECTION_OVER_PROBE:g}x that "
         f"density ~{sparse * 1e3:.3g} ms (what selection makes of it) would not beat dense "
-        f"~{dense * 1e3:.3g} ms (cost model of {costs.device}, {costs.dtype})"
+        f"~{dense * 1e3:.3g} ms (cost model of {costs.device!r}, {costs.dtype})"
     )
 
 
