@@ -79,6 +79,8 @@ def test_dense_equivalent_matches_sdpa_and_disable_restores():
         got = logits(model, ids)
         assert {r.path for r in fst.layer_stats(model)} == {"sparse"}
     assert model.config._attn_implementation == "sdpa"
+    assert len(fst.layer_stats(model)) == 2  # the last run's records, until reset
+    fst.reset_stats(model)
     assert fst.layer_stats(model) == []
     assert float((got - ref).abs().max()) < 1e-4
 
