@@ -311,9 +311,9 @@ def test_autograd_runs_dense_and_says_why():
 
 
 def test_reasons_of_one_kind_are_one_line():
-    from flexsample.integrations.transformers.records import _kind
+    from flexsample.integrations.transformers.records import reason_kind
 
     probe = "probe: 8 rows per head put the least density at 0.{} for alpha 0.95: would not pay"
-    assert _kind(probe.format(990)) == _kind(probe.format(871)) == "probe"
-    assert _kind("seq_len 300: planning ~8 ms") == "seq_len #"
-    assert _kind("layer not enabled") == "layer not enabled"
+    assert reason_kind(probe.format(990)) == reason_kind(probe.format(871)) == "probe"
+    assert reason_kind("seq_len 300: planning ~8 ms") == "seq_len #"
+    assert reason_kind("layer not enabled") == "layer not enabled"

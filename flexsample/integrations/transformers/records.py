@@ -227,7 +227,7 @@ def stats_report(model: torch.nn.Module):
     for row in rows:
         for reason, count in row["fallbacks"].items():
             if reason != "decode":
-                kind = _kind(reason)
+                kind = reason_kind(reason)
                 kinds.setdefault(kind, [])
                 if reason not in kinds[kind]:
                     kinds[kind].append(reason)
@@ -287,15 +287,16 @@ def stats_report(model: torch.nn.Module):
     return Group(Text(summary), table, *notes)
 
 
-def _kind(reason: str) -> str:
-    """What a reason is about: its words before the first colon, numbers aside."""
+def reason_kind(reason: str) -> str:
+    """What a dense call's reason is about: its words before the first colon, numbers aside
+    (``"probe"``, ``"seq_len #"``); :func:`stats_report` groups reasons by it."""
     return re.sub(r"\d[\d.]*", "#", reason.split(":", 1)[0])
 
 
 def _count_kinds(fallbacks: dict[str, int]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for reason, n in fallbacks.items():
-        kind = "decode" if reason == "decode" else _kind(reason)
+        kind = "decode" if reason == "decode" else reason_kind(reason)
         counts[kind] = counts.get(kind, 0) + n
     return counts
 
