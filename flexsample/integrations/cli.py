@@ -78,7 +78,7 @@ def _writable_file(text: str) -> Path:
     """An argparse ``type`` for a file to write at the end of a run: its folder must exist
     and be writable now, not after the run."""
     path = Path(text)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name")
     if not folder.is_dir():
@@ -262,21 +262,13 @@ def _describe(model) -> str:
     )
 
 
-#: flexsample's lm-eval task files (read here without importing lm-eval: it takes seconds).
-TASK_FILES = Path(__file__).parent / "lm_eval" / "tasks"
-
-
 def _flexsample_task(name: str) -> str:
     """A task name: flexsample's own (``flexsample_*``) are checked here, at once; others are
     checked against lm-eval's registry before the model loads (:func:`_check_tasks`)."""
-    if name.startswith("flexsample_"):
-        known = sorted(p.stem for p in TASK_FILES.glob("flexsample_*.yaml"))
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=2, cutoff=0.7)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise argparse.ArgumentTypeError(
-                f"no task {name!r}: {hint}flexsample's tasks are {', '.join(known)}"
-            )
+    from .task_files import unknown_task
+
+    if (problem := unknown_task(name)) is not None:
+        raise argparse.ArgumentTypeError(problem)
     return name
 
 
@@ -288,7 +280,7 @@ def _check_tasks(parser: argparse.ArgumentParser, names: list[str]) -> None:
         return
     from lm_eval.tasks import TaskManager
 
-    from .lm_eval import TASKS_DIR
+    from .task_files import TASKS_DIR
 
     print(f"checking {', '.join(others)} against lm-eval's task registry", file=sys.stderr)
     known = TaskManager(include_path=str(TASKS_DIR)).all_tasks

@@ -31,8 +31,8 @@ from flexsample import SampleConfig
 
 from .. import transformers as fst
 from ..models import MODELS
+from ..task_files import TASKS_DIR as TASKS_DIR  # the folder lm-eval reads the tasks from
 
-TASKS_DIR = Path(__file__).parent / "tasks"
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 
 

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ...provenance import provenance
+from ..task_files import task_names, unknown_task
 from . import CONFIG_FIELDS, TASKS_DIR, FlexSampleLM, check_model_args
 
 SUBCOMMANDS = ("run", "ls", "validate")
@@ -65,17 +66,11 @@ def check_eval_arguments(argv: list[str]) -> str | None:
                 check_model_args(text)
             except ValueError as error:
                 return f"argument --model_args: {error}"
-    known = task_names()
     for text in _values(argv, "--tasks"):
         for name in text.split(","):
-            if name.startswith("flexsample_") and name not in known:
-                return f"argument --tasks: no task {name!r}; flexsample's tasks: {', '.join(known)}"
+            if (problem := unknown_task(name)) is not None:
+                return f"argument --tasks: {problem}"
     return None
-
-
-def task_names() -> list[str]:
-    """The task names flexsample ships (from the task folder)."""
-    return sorted(p.stem for p in TASKS_DIR.glob("flexsample_*.yaml") if not p.stem.startswith("_"))
 
 
 def eval_help() -> str:
