@@ -225,19 +225,15 @@ def stats_report(model: torch.nn.Module):
     kinds: dict[str, list[str]] = {}  # kind -> its reasons, the first one shown
     counts: dict[str, int] = {}
     for row in rows:
-        for reason, count in row["fallbacks"].items():
+        for reason in row["fallbacks"]:
             if reason != "decode":
-                kind = reason_kind(reason)
-                kinds.setdefault(kind, [])
-                if reason not in kinds[kind]:
-                    kinds[kind].append(reason)
-                counts[kind] = counts.get(kind, 0) + count
+                reasons = kinds.setdefault(reason_kind(reason), [])
+                reasons += [] if reason in reasons else [reason]
+        for kind, n in _count_kinds(row["fallbacks"]).items():
+            counts[kind] = counts.get(kind, 0) + n
     number = {kind: i + 1 for i, kind in enumerate(kinds)}
     prefill_layers = [row for row in rows if row["density"] is not None]
-    sparse_layers = sum(
-        any(r.path == "sparse" and r.is_prefill for r in records if r.layer == row["layer"])
-        for row in prefill_layers
-    )
+    sparse_layers = sum(row["sparse"] > 0 for row in prefill_layers)  # decode runs dense
     density = mean_prefill_density(records)
     attention_s = sum(r.times.get("attention", 0.0) for r in records)
     if not records:
@@ -267,11 +263,7 @@ def stats_report(model: torch.nn.Module):
             f"{1e3 * row['first_call_s']:.1f}",
             *(f"{1e3 * row[f'{stage}_s']:.1f}" for stage in STAGES),
             "-" if row["decode_s"] is None else f"{1e3 * row['decode_s']:.2f}",
-            " ".join(
-                f"[{number[kind]}]x{n}"
-                for kind, n in _count_kinds(row["fallbacks"]).items()
-                if kind != "decode"
-            ),
+            " ".join(f"[{number[kind]}]x{n}" for kind, n in _count_kinds(row["fallbacks"]).items()),
         )
     notes = [
         Text(
@@ -294,10 +286,12 @@ def reason_kind(reason: str) -> str:
 
 
 def _count_kinds(fallbacks: dict[str, int]) -> dict[str, int]:
+    """A row's dense calls per reason kind, decode steps left out (they have their column)."""
     counts: dict[str, int] = {}
     for reason, n in fallbacks.items():
-        kind = "decode" if reason == "decode" else reason_kind(reason)
-        counts[kind] = counts.get(kind, 0) + n
+        if reason != "decode":
+            kind = reason_kind(reason)
+            counts[kind] = counts.get(kind, 0) + n
     return counts
 
 
