@@ -47,9 +47,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexsample as fs
 from flexsample import graphs
-from flexsample.attention import resolve_backend
+from flexsample.backends import resolve_backend
 from flexsample.costs import cost_model
 from flexsample.masks import bucketed_shape, pad_sequence
+from flexsample.presets import preset
 from flexsample.probe import probe_density
 from flexsample.provenance import code_commit
 from flexsample.sampling import run_sampler, sampled_row_probabilities
@@ -147,7 +148,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str, sparse: bool = False
     over the missed keys, or with ``sparse`` over the kept ones) against float64 on random
     inputs, windows and columns."""
     B, Hq, Hkv, S, D, bs = shape
-    cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1, sink_blocks=1)
+    cfg = fs.SampleConfig(block_size=bs, num_segments=5, sample_ratio=0.1).replace(sink_blocks=1)
     layout = fs.SampleLayout.create(S, cfg)
     q, k, _ = random_qkv(B, Hq, Hkv, S, D, dtype, device)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -156,7 +157,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str, sparse: bool = False
     columns = torch.rand(B, Hq, S, device=device, generator=gen) < 0.2
     rows = layout.sampled_rows(device).flatten()
     p = sampled_row_probabilities(q, k, layout, D**-0.5)
-    ref = (p * fs.keep_mask(windows, columns, layout, rows)).sum(dim=-1)
+    ref = (p * fs.WindowColumns(windows, columns, layout).keep(rows)).sum(dim=-1)
     if sampler == "triton":
         from flexsample.sampling import triton_kernel
 
@@ -166,7 +167,7 @@ def check_row_kept_mass(shape, dtype, device, sampler: str, sparse: bool = False
         else:
             got = triton_kernel.row_kept_mass_triton(*args)[0].flatten(2)
     else:  # the torch cover measures every row; alpha 0 repairs none
-        sel = fs.ColumnSelection(windows, columns, layout)
+        sel = fs.WindowColumns(windows, columns, layout)
         got = fs.cover_rows(q, k, sel, 1e-9, D**-0.5, "torch").row_mass.flatten(2)
     name = f"{sampler} row kept mass{' (kept keys)' if sparse and sampler == 'triton' else ''}"
     return Check(
@@ -249,7 +250,7 @@ def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "trito
     gathered = sel.gathered(group)
     if backend == "flash":
         rows, keys = bucketed_shape(lay, gathered.positions.shape[-1])
-        bm = fs.build_block_mask(windows, gathered, lay, padded=(rows, keys), backend="flash")
+        bm = fs.build_block_mask(windows, gathered, lay, padded=(rows, keys), static=True)
         got = fs.sparse_attention(
             pad_sequence(q, rows), fs.gather_keys(k, gathered, keys),
             fs.gather_keys(v, gathered, keys), bm, D**-0.5, "flash",
@@ -262,9 +263,9 @@ def check_sparse_flex(dtype, device, shared: bool = False, backend: str = "trito
     failed = fs.flash_unavailable(device, dtype, D) if backend == "flash" else None
     cols = sel.columns
     ref = fs.sparse_attention_reference(
-        q.double(), k.double(), v.double(), windows, cols, lay, D**-0.5
+        q.double(), k.double(), v.double(), fs.WindowColumns(windows, cols, lay), D**-0.5
     )
-    allowed = fs.keep_mask(windows, cols, lay, torch.arange(S, device=device))
+    allowed = fs.WindowColumns(windows, cols, lay).keep(torch.arange(S, device=device))
     base = F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=allowed,
         scale=D**-0.5,
@@ -369,12 +370,15 @@ def check_chunk_attention(dtype, device) -> Check:
     q = q_full[:, :, S - L :]
     plan = fs.plan_prefill(q, k, cfg)
     got = fs.run_plan(plan, q, k, v)
-    cols = plan.attended_columns()
     ref = fs.sparse_attention_reference(
-        q.double(), k.double(), v.double(), plan.window_blocks, cols, plan.layout, plan.scale
+        q.double(),
+        k.double(),
+        v.double(),
+        plan.pattern,
+        plan.scale,
     )
     rows = torch.arange(S - L, S, device=device)
-    allowed = fs.keep_mask(plan.window_blocks, cols, plan.layout, rows)
+    allowed = plan.pattern.keep(rows)
     group = Hq // Hkv
     base = F.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=allowed,
@@ -522,7 +526,7 @@ def time_dense(q, k, v, scale, measure, fns: dict | None = None) -> dict[str, fl
     times["flex_dense"] = measure(fns["flex_dense"])
     times["flex_dense_flash"] = None
     if flash_reason(device) is None:
-        flash = fs.plan_prefill(q, k, triton.replace(backend="flash"), scale=scale)
+        flash = fs.plan_prefill(q, k, triton.replace(static=True), scale=scale)
         fns["flex_dense_flash"] = functools.partial(fs.run_plan, flash, q, k, v)
         times["flex_dense_flash"] = measure(fns["flex_dense_flash"])
     return times
@@ -657,13 +661,11 @@ def tune_sampler(device: torch.device, measure) -> list[dict]:
 METHODS = {
     "defaults": fs.SampleConfig(),
     "defaults, always sparse": fs.SampleConfig.always_sparse(),
-    "0.2 selection (no row cover), always sparse": fs.SampleConfig.always_sparse(
-        cover_rows=False, group_union=True, min_window=128
+    "0.2 selection (no row cover), always sparse": preset("0.2").replace(
+        min_seq_len=0, max_density=1.0
     ),
-    "0.3 selection (group union, min_window=128)": fs.SampleConfig(
-        group_union=True, min_window=128
-    ),
-    "group union (group_union=True)": fs.SampleConfig(group_union=True),
+    "0.3 selection (group union, min_window=128)": preset("0.3"),
+    "group union (group_union=True)": fs.SampleConfig().replace(group_union=True),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "alpha 0.98, Triton backend": fs.SampleConfig(alpha=0.98, backend="triton"),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),

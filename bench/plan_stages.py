@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import flexsample as fs
 from flexsample import graphs
 from flexsample.provenance import code_commit
-from flexsample.stats import StageTimer
+from flexsample.timing import StageTimer
 
 #: Host calls that wait for the device.
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")

@@ -32,7 +32,7 @@ from flexsample.selection import row_keep
 
 def segment_covers(plan: fs.PrefillPlan) -> torch.Tensor:
     """``(Hq, G, S)`` bool: each segment's own cover of batch row 0, at each head's window."""
-    layout, sel = plan.layout, plan.selection
+    layout, sel = plan.layout, plan.pattern
     S, bs, G = layout.seq_len, layout.block_size, layout.num_segments
     alpha = plan.config.alpha
     scores = plan.scores[0].double()  # (Hq, G, S)
@@ -55,7 +55,7 @@ def segment_covers(plan: fs.PrefillPlan) -> torch.Tensor:
 def scoped_keep(plan: fs.PrefillPlan, covers: torch.Tensor, scope: str):
     """``keep_rows(b, h, pos)`` for :func:`~flexsample.oracle.evaluate_mask`: the plan's mask
     of batch row 0 with its columns read by the rows ``scope`` names."""
-    layout, sel = plan.layout, plan.selection
+    layout, sel = plan.layout, plan.pattern
     everyone = sel.columns[0] & ~covers.any(dim=1)  # the row cover's additions
     ends = torch.tensor(layout.segment_ends())
     last = len(ends) - 1

@@ -35,7 +35,7 @@ def compare(name: str, q: torch.Tensor, k: torch.Tensor, rounds: int) -> None:
     first = selection.FIRST_UNITS
     select = functools.partial(selection.select_columns, scores, layout, ALPHA)
 
-    def run(units: int) -> fs.ColumnSelection:
+    def run(units: int) -> fs.WindowColumns:
         selection.FIRST_UNITS = units
         try:
             return select()

@@ -25,6 +25,7 @@ import torch
 import flexsample as fs
 from conftest import run
 from flexsample.oracle import evaluate_plan, oracle_frontier
+from flexsample.presets import preset
 from flexsample.synthetic import planted_qkv
 
 #: Planted structures: keyword arguments of ``planted_qkv`` (signal set per length below).
@@ -43,11 +44,11 @@ STRUCTURES = {
 #: dense fallback off); ``path`` in the results says what the config itself would run.
 METHODS = {
     "flexsample defaults": fs.SampleConfig(),
-    "per-segment cover (0.2)": fs.SampleConfig(cover_rows=False, group_union=True, min_window=128),
+    "per-segment cover (0.2)": preset("0.2"),
     "alpha 0.9": fs.SampleConfig(alpha=0.9),
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
-    "window 8%, token columns": fs.SampleConfig(window_ratio=0.08),
-    "adaptive window, block columns": fs.SampleConfig(column_unit="block"),
+    "window 8%, token columns": fs.SampleConfig().replace(window_ratio=0.08),
+    "adaptive window, block columns": fs.SampleConfig().replace(column_unit="block"),
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
 SMOLLM2_LAYERS = (2, 15, 27)
@@ -132,8 +133,8 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds, 
             alpha=config.alpha,
             path=as_configured.path,
             dense_reason=as_configured.reason,
-            mean_window=float(plan.window_blocks.float().mean()) * plan.layout.block_size,
-            mean_columns=float(plan.attended_columns().sum(-1).float().mean()),
+            mean_window=float(plan.pattern.window_blocks.float().mean()) * plan.layout.block_size,
+            mean_columns=float(plan.pattern.columns.sum(-1).float().mean()),
         ),
     )
 

@@ -2,9 +2,12 @@
 
 The pipeline, each stage usable on its own::
 
-    q, k ─► sample_column_scores ─► select_columns ─► cover_rows ─► .gathered ─► build_block_mask
-        └──────────────────────────────── plan_prefill ───────────────────────────────────┘
-    plan, q, k, v ─► run_plan (gather columns, compiled FlexAttention; or dense SDPA)
+    q, k ─► sample_column_scores ─► select_columns ─► cover_rows ─► pattern.compile
+        └─────────────────────────── plan_prefill ──────────────────────────────┘
+    plan, q, k, v ─► run_plan (compiled FlexAttention over the pattern's mask; or dense)
+
+Selection returns a pattern (:class:`WindowColumns`: a window and key columns per head),
+the one object that knows the mask's shape (:mod:`flexsample.patterns`).
 
 ``plan_prefill`` also decides, from the device's cost model (:mod:`flexsample.costs`), when
 a call runs dense because sparse would not pay.
@@ -15,56 +18,49 @@ a call runs dense because sparse would not pay.
 from .api import flex_sample_attention
 from .attention import (
     dense_causal_attention,
-    flash_unavailable,
     flex_dense_attention,
     sparse_attention,
     sparse_attention_reference,
 )
-from .config import SampleConfig
+from .backends import flash_unavailable
+from .config import SampleConfig, Selection
 from .cover import RowCover, cover_rows
-from .layout import SampleLayout
-from .masks import bucket_length, build_block_mask, gather_keys, pair_density, tile_coverage
+from .layout import SampleLayout, bucket_length
+from .patterns import GatheredColumns, MaskedCall, Pattern, WindowColumns
 from .plan import PrefillPlan, dense_before_sampling, plan_prefill, run_plan
 from .sampling import (
     sample_column_scores,
     sample_column_scores_reference,
     sample_column_scores_torch,
 )
-from .selection import (
-    ColumnSelection,
-    GatheredColumns,
-    keep_mask,
-    kept_sampled_mass,
-    select_columns,
-)
-from .stats import PLAN_STAGES, STAGES, SampleStats, StageTimer
+from .selection import select_columns
+from .stats import PLAN_STAGES, STAGES, SampleStats
+from .timing import StageTimer
 
 __version__ = "0.4.1"
 
 __all__ = [
     "PLAN_STAGES",
     "STAGES",
-    "ColumnSelection",
     "GatheredColumns",
+    "MaskedCall",
+    "Pattern",
     "PrefillPlan",
     "RowCover",
     "SampleConfig",
     "SampleLayout",
     "SampleStats",
+    "Selection",
     "StageTimer",
+    "WindowColumns",
     "__version__",
     "bucket_length",
-    "build_block_mask",
     "cover_rows",
     "dense_before_sampling",
     "dense_causal_attention",
     "flash_unavailable",
     "flex_dense_attention",
     "flex_sample_attention",
-    "gather_keys",
-    "keep_mask",
-    "kept_sampled_mass",
-    "pair_density",
     "plan_prefill",
     "run_plan",
     "sample_column_scores",
@@ -73,5 +69,4 @@ __all__ = [
     "select_columns",
     "sparse_attention",
     "sparse_attention_reference",
-    "tile_coverage",
 ]

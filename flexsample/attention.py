@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-from typing import Literal
 
 import torch
 import torch.fx.experimental._config
@@ -14,22 +12,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .backends import Backend, kernel_backend, mark_failed
 from .compilation import recompile_policy
 from .costs import clear_cache as clear_cost_models
-from .layout import SampleLayout
-from .masks import bucket_length, causal_block_mask, pad_sequence
-from .selection import keep_mask
+from .layout import bucket_length
+from .masks import causal_block_mask, pad_sequence
+from .patterns import Pattern
 
 logger = logging.getLogger("flexsample")
-
-
-#: FlexAttention backends of the sparse call: ``"triton"`` is FlexAttention's own kernel
-#: (Triton on CUDA, inductor's C++ template on CPU), ``"flash"`` its FlashAttention-4
-#: backend (CuTe DSL kernels, CUDA compute capability 9.0 and later, fp16 and bf16).
-Backend = Literal["triton", "flash"]
-
-#: Head dims FlashAttention-4's forward kernels are built for.
-_FLASH_HEAD_DIMS = (64, 96, 128, 192, 256)
 
 
 @functools.cache
@@ -48,70 +38,6 @@ def compiled_static_flex_attention():
     dynamic shapes): callers pad lengths to :func:`~flexsample.masks.bucket_length`, so
     distinct prompt lengths share few compilations."""
     return torch.compile(flex_attention, dynamic=False)
-
-
-@functools.cache
-def _flash_import_error() -> str | None:
-    try:
-        importlib.import_module("flash_attn.cute")
-    except Exception as error:  # ImportError, or a broken CUDA/CuTe install underneath
-        return f"flash_attn.cute does not import ({type(error).__name__}: {error})"
-    return None
-
-
-def flash_unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why FlexAttention's FlashAttention-4 backend cannot run this call (None: it can).
-
-    It needs CUDA compute capability 9.0 or later, fp16 or bf16, a head dim FlashAttention-4
-    is built for, and ``flash_attn.cute`` (``pip install "flexsample[flash]"``).
-    """
-    if device.type != "cuda":
-        return f"needs a CUDA device, got {device.type}"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"needs float16 or bfloat16, got {dtype}"
-    if head_dim not in _FLASH_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of {_FLASH_HEAD_DIMS}"
-    major, minor = _capability(device.index)
-    if major < 9:
-        return f"needs compute capability 9.0 or later, got {major}.{minor}"
-    return _flash_import_error() or _FLASH_FAILED.get((device.index, dtype, head_dim))
-
-
-#: (device index, dtype, head dim) where a FlashAttention-4 call failed, and its error:
-#: ``"auto"`` plans those on Triton from then on.
-_FLASH_FAILED: dict[tuple[int | None, torch.dtype, int], str] = {}
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def resolve_backend(
-    requested: str, device: torch.device, dtype: torch.dtype, head_dim: int
-) -> Backend:
-    """The backend a sparse call runs: ``"auto"`` picks ``"flash"`` where
-    :func:`flash_unavailable` finds nothing against it (logged once), else ``"triton"``.
-
-    Raises:
-        ValueError: ``"flash"`` requested where it cannot run (the message says why).
-    """
-    if requested == "triton":
-        return "triton"
-    reason = flash_unavailable(device, dtype, head_dim)
-    if requested == "flash":
-        if reason is not None:
-            raise ValueError(f"SampleConfig.backend='flash' cannot run here: {reason}")
-        return "flash"
-    if reason is None:
-        return "flash"
-    if device.type == "cuda" and reason not in _logged_flash_reasons:
-        _logged_flash_reasons.add(reason)
-        logger.info("flexsample: FlexAttention's Triton backend (FLASH: %s)", reason)
-    return "triton"
-
-
-_logged_flash_reasons: set[str] = set()
 
 
 def sparse_attention(
@@ -151,11 +77,12 @@ def sparse_attention(
         "scale": scale,
         "enable_gqa": q.shape[1] != k.shape[1],
     }
-    if backend == "flash":
-        kwargs["kernel_options"] = {"BACKEND": "FLASH"}
+    spec = kernel_backend(backend)
+    if spec.kernel_options:
+        kwargs["kernel_options"] = dict(spec.kernel_options)
     if torch.compiler.is_compiling():  # inside the user's own torch.compile region
         return flex_attention(q, k, v, **kwargs)
-    static = backend == "flash" if static_shapes is None else static_shapes
+    static = spec.static_shapes if static_shapes is None else static_shapes
     compiled = compiled_static_flex_attention if static else compiled_flex_attention
     # Past the recompile limit Dynamo would run eager flex_attention: dense and slow. No duck
     # sizing: the mask's lookup tables must not share a symbol with the key length (see
@@ -169,22 +96,23 @@ def sparse_attention(
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
-            if backend != "flash":
+            if spec.fallback is None:
                 raise
-            # FlashAttention-4 is young: a case it cannot compile runs on Triton, visibly,
-            # and later plans of this kind choose Triton (flash_unavailable says why).
+            # FlashAttention-4 is young: a case it cannot compile runs on its fallback,
+            # visibly, and later plans of this kind choose that (unavailable() says why).
             message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-            _FLASH_FAILED[(q.device.index, q.dtype, q.shape[-1])] = (
-                f"a FlashAttention-4 call failed ({message})"
+            mark_failed(
+                backend, q.device, q.dtype, q.shape[-1], f"a {backend} call failed ({message})"
             )
-            clear_cost_models()  # plans cached on FlashAttention-4's costs are made again
+            clear_cost_models()  # plans cached on the failed backend's costs are made again
             logger.warning(
-                "flexsample: FlashAttention-4 failed, this call and later ones run on "
-                "FlexAttention's Triton backend: %s",
+                "flexsample: FlexAttention's %s backend failed, this call and later ones run "
+                "on its %s backend: %s",
+                backend,
+                spec.fallback,
                 message,
             )
-            del kwargs["kernel_options"]
-            return compiled_flex_attention()(q, k, v, **kwargs)
+            return sparse_attention(q, k, v, block_mask, scale, spec.fallback)
 
 
 #: Tile side of :func:`flex_dense_attention`'s mask (FlashAttention-4's tile).
@@ -330,23 +258,16 @@ def _cudnn_direct(
 
 
 def sparse_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window_blocks: torch.Tensor,
-    columns: torch.Tensor,
-    layout: SampleLayout,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float
 ) -> torch.Tensor:
-    """Eager float64 oracle of SampleAttention's sparse path: materialises the element mask.
+    """Eager float64 oracle of the sparse path: materialises the pattern's element mask
+    (:meth:`~flexsample.patterns.Pattern.keep`).
 
     Args:
-        q: ``(B, Hq, L, D)``, the last ``L = S - layout.query_start`` positions.
+        q: ``(B, Hq, L, D)``, the last ``L = S - pattern.layout.query_start`` positions.
         k: ``(B, Hkv, S, D)``, ``Hq % Hkv == 0``.
         v: ``(B, Hkv, S, D)``.
-        window_blocks: ``(B, Hq)`` window per head, in blocks.
-        columns: ``(B, Hq, S)`` bool, the columns each head attends.
-        layout: the geometry.
+        pattern: what each head reads.
         scale: softmax scale.
 
     Returns:
@@ -354,8 +275,8 @@ def sparse_attention_reference(
     """
     Hq, S = q.shape[1], k.shape[2]
     group = Hq // k.shape[1]
-    rows = torch.arange(layout.query_start, S, device=q.device)
-    allowed = keep_mask(window_blocks, columns, layout, rows)
+    rows = torch.arange(pattern.layout.query_start, S, device=q.device)
+    allowed = pattern.keep(rows)
     kk = k.double().repeat_interleave(group, dim=1)
     vv = v.double().repeat_interleave(group, dim=1)
     logits = (q.double() @ kk.transpose(-1, -2)) * scale

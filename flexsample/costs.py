@@ -17,7 +17,8 @@ counts, so each is modelled as a fixed cost plus rates:
   through the same FlexAttention kernel with every causal tile, which beats cuDNN's SDPA on
   Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
 
-The rates are measured per device, dtype and FlexAttention backend by :func:`calibrate`
+The rates are measured per device, dtype and FlexAttention backend by
+:func:`~flexsample.calibration.calibrate`
 (``flexsample calibrate``), cached under the user's cache directory, and otherwise taken
 from the table shipped with the package (``flexsample/costs.json``: the devices the project
 measured) or, for an unknown device, from a measured device of the same kind.
@@ -33,11 +34,8 @@ after :func:`clear_cache`); a file without an entry for the device's kind and dt
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
-import itertools
 import json
-import math
 import os
 import platform
 from dataclasses import dataclass
@@ -45,8 +43,9 @@ from pathlib import Path
 
 import torch
 
-from .layout import SampleLayout
-from .timing import interleaved_medians
+from .layout import SampleLayout, window_pairs
+from .probe import probe_rows
+from .tuning import DENSE_KERNEL_MARGIN, PROBE_SHARE
 
 BUILTIN = Path(__file__).with_name("costs.json")
 #: Environment variable naming a cost file that replaces every other table (see above).
@@ -54,8 +53,8 @@ FORCED_TABLE_ENV = "FLEXSAMPLE_COST_TABLE"
 
 
 def user_cache() -> Path:
-    """The file :func:`calibrate` writes: ``$FLEXSAMPLE_CACHE_DIR/costs.json``, else under
-    ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/flexsample/costs.json``."""
+    """Where :func:`save` writes a calibration: ``$FLEXSAMPLE_CACHE_DIR/costs.json``, else
+    under ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/flexsample/costs.json``."""
     env = os.environ
     return _user_cache(env.get("FLEXSAMPLE_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
 
@@ -97,18 +96,8 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-#: How much faster FlexAttention's dense call must be estimated than SDPA's for the dense path
-#: to run it. On an H200 (``bench/results/dense_path_NVIDIA_H200_05ef020.txt``, random q/k/v,
-#: 32/8 heads, D=128, bf16) FlashAttention-4's dense call over cuDNN's ran 0.87x at 16K,
-#: 1.06x at 32K and 1.07-1.13x at 64K, where its calibrated line says 0.965x, 1.037x and
-#: 1.06x: a 3% margin switches near 29K, between the lengths it loses and wins at (5% had
-#: left 32K on cuDNN; with an older calibration, 38eef12, an estimate 1.4% in favour of it at
-#: 16K ran 4-7% slower).
-DENSE_KERNEL_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -307,10 +296,10 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
     model = _MODELS.get(key)
     if model is None:
         device = torch.device(device)
-        name, dtype_name = device_name(device), _dtype_name(dtype)
+        name, dtype_key = device_name(device), dtype_name(dtype)
         forced = os.environ.get(FORCED_TABLE_ENV) or None
         model = _MODELS[key] = _lookup(
-            name, device.type, dtype_name, backend, str(user_cache()), forced
+            name, device.type, dtype_key, backend, str(user_cache()), forced
         )
     return model
 
@@ -351,174 +340,10 @@ def save(model: CostModel, path: Path | None = None) -> Path:
     return path
 
 
-def _fit(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
-    """Least squares ``seconds = fixed + sum(rate_i * work_i)`` through ``(work, seconds)``
-    points in relative terms (each residual over its point's seconds), every coefficient
-    non-negative: of the fits of every subset of the terms whose coefficients all come out
-    non-negative, the one with the smallest residual.
-
-    Relative, because the points span decades (8K to 64K tokens is 64x the work): an absolute
-    fit follows the longest length and can lose a fixed cost that decides the short ones
-    (on an H200 it made FlashAttention-4's dense call look faster than cuDNN at 8K, where
-    it is 27% slower).
-
-    Returns:
-        ``(fixed, rate_1, ..., rate_n)``.
-    """
-    seconds = torch.tensor([s for _, s in points], dtype=torch.float64).clamp_min(1e-12)
-    x = torch.tensor([(1.0, *work) for work, _ in points], dtype=torch.float64) / seconds[:, None]
-    y = torch.ones_like(seconds)
-    scale = x.abs().amax(dim=0).clamp_min(1e-300)  # work counts span many decades
-    best, best_residual = torch.zeros(x.shape[1], dtype=torch.float64), float(y.square().sum())
-    for subset in itertools.product((False, True), repeat=x.shape[1]):
-        keep = torch.tensor(subset)
-        if not bool(keep.any()):
-            continue
-        a = x[:, keep] / scale[keep]
-        solution = torch.linalg.lstsq(a, y[:, None]).solution.flatten() / scale[keep]
-        if bool((solution < 0).any()):
-            continue
-        residual = float((x[:, keep] @ solution - y).square().sum())
-        if residual < best_residual:
-            best = torch.zeros(x.shape[1], dtype=torch.float64)
-            best[keep] = solution
-            best_residual = residual
-    return tuple(float(c) for c in best)
-
-
-#: The sparse call is timed with fixed windows of these shares of the sequence: densities
-#: from near the floor to where dense attention usually wins, so the fitted rate per pair is
-#: the slope over the densities the verdicts weigh.
-CALIBRATION_WINDOWS = (0.05, 0.3, 0.6)
-
-
-def calibrate(
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    lengths: tuple[int, ...] | None = None,
-    heads: tuple[int, int, int] | None = None,
-    repeats: int = 5,
-) -> CostModel:
-    """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
-
-    Times dense causal SDPA, the default planning and the sparse call at three densities
-    (fixed windows, :data:`CALIBRATION_WINDOWS`) on planted inputs with single-token stripes,
-    and the probe as a diffuse call pays it (planning on random q/k, which the probe sends
-    dense: the probe, its verdict's read on the host and the work around them), in turn
-    within each repeat, at three or four lengths, and fits each cost as fixed + rates x work
-    (non-negative least squares). The sparse call runs on the
-    backend ``SampleConfig.backend="auto"`` picks here; where that is FlashAttention-4, dense
-    causal attention through it (:func:`~flexsample.attention.flex_dense_attention`) is
-    timed and fitted too. Pass the result to :func:`save` to use it from then on.
-
-    Args:
-        device: where to measure.
-        dtype: the dtype the model will serve.
-        lengths: the sequence lengths (default 1024 to 8192 on CPU, four: planning's
-            three rates fitted to three lengths followed each run's noise, its cost at 2K
-            varied from 13 to 20 ms; 8192 to 65536 on CUDA, four: 16K is where the dense
-            kernels cross on an H200).
-        heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
-        repeats: timed rounds (median), after one warm-up call of each.
-    """
-    from .attention import dense_causal_attention, flex_dense_attention, resolve_backend
-    from .config import SampleConfig
-    from .plan import plan_prefill, run_plan
-    from .probe import probe_rows
-    from .synthetic import planted_qkv
-    from .testing import random_qkv
-
-    device = torch.device(device)
-    gpu = device.type == "cuda"
-    lengths = lengths or ((8192, 16384, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
-    Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
-    plan_config = SampleConfig.always_sparse()
-    # The defaults past the length verdict; a numeric max_density, so that the probe finds
-    # random q/k too dense whatever cost model there is now.
-    probe_config = SampleConfig(min_seq_len=0, max_density=0.5)
-    backend = resolve_backend(plan_config.backend, device, dtype, D)
-    dense, plan, sparse, flex_dense, probe = [], [], [], [], []
-    # no_grad, as models run prefill (planning under inference_mode measured slower).
-    with torch.no_grad():
-        for S in lengths:
-            # Structured attention (single-token stripes holding all but about 1% of the
-            # mass, as bench/gpu_run.py's): what planning costs where sparse can pay.
-            q, k, v = planted_qkv(
-                1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
-                device=device, signal=max(10.0, math.log(100 * S / 64)),
-            )  # fmt: skip
-            # Diffuse attention (random q/k): the probe finds it and the call runs dense, so
-            # what planning cost is what the probe costs such a call (the probe, its
-            # verdict's read on the host, the checks and lookups around them).
-            with torch.random.fork_rng(devices=[device] if gpu else []):
-                torch.manual_seed(0)
-                dq, dk, _ = random_qkv(1, Hq, Hkv, S, D, dtype, device)
-            if plan_prefill(dq, dk, probe_config).path != "dense":
-                raise RuntimeError(f"calibrate: the probe did not send random q/k dense at {S}")
-            layout = SampleLayout.create(S, plan_config)
-            rows = layout.num_segments * layout.rows_per_segment
-            plans = [
-                plan_prefill(q, k, plan_config.replace(window_ratio=r)) for r in CALIBRATION_WINDOWS
-            ]
-            fns = [
-                functools.partial(dense_causal_attention, q, k, v, D**-0.5),
-                functools.partial(plan_prefill, q, k, plan_config),
-                functools.partial(plan_prefill, dq, dk, probe_config),
-                *(functools.partial(run_plan, p, q, k, v) for p in plans),
-            ]
-            if backend == "flash":
-                fns.append(functools.partial(flex_dense_attention, q, k, v, D**-0.5, backend))
-            dense_s, plan_s, probe_s, *rest = interleaved_medians(fns, device, repeats)
-            sparse_s, flex_s = rest[: len(plans)], rest[len(plans) :]
-            pairs = (Hq * S * (S + 1) / 2 * D,)
-            flex_dense += [(pairs, seconds) for seconds in flex_s]
-            dense.append((pairs, dense_s))
-            plan.append(((Hq * S, Hq * S * rows * D), plan_s))
-            probe.append(((Hkv * S * probe_rows(layout).numel() * D,), probe_s))
-            for p, seconds in zip(plans, sparse_s, strict=True):
-                sparse.append(((float(p.density.sum()) * S * (S + 1) / 2 * D,), seconds))
-    dense_fit, plan_fit, sparse_fit, probe_fit = _fit(dense), _fit(plan), _fit(sparse), _fit(probe)
-    flex_fit = _fit(flex_dense) if flex_dense else (None, None)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    shape = f"Hq={Hq} Hkv={Hkv} D={D}, S in {', '.join(map(str, lengths))}"
-    return CostModel(
-        device=device_name(device),
-        kind=device.type,
-        dtype=_dtype_name(dtype),
-        dense_fixed_s=dense_fit[0],
-        dense_pair_s=dense_fit[1],
-        plan_fixed_s=plan_fit[0],
-        plan_token_s=plan_fit[1],
-        plan_pair_s=plan_fit[2],
-        sparse_fixed_s=sparse_fit[0],
-        sparse_pair_s=sparse_fit[1],
-        source=f"flexsample calibrate, {stamp}, torch {torch.__version__}, {shape}",
-        backend=backend,
-        flex_dense_fixed_s=flex_fit[0],
-        flex_dense_pair_s=flex_fit[1],
-        probe_fixed_s=probe_fit[0],
-        probe_pair_s=probe_fit[1],
-    )
-
-
 def chunk_pairs(layout: SampleLayout) -> int | None:
     """``causal_pairs`` for :meth:`CostModel.dense_s`: None for a whole prompt, the causal
     pairs of a chunk's queries otherwise."""
     return None if layout.query_start == 0 else layout.causal_pairs
-
-
-#: The most of dense attention's time the probe may cost: where it finds diffuse attention,
-#: the call runs dense after it and loses that much, so lengths where the probe costs more
-#: run dense without it. On an H200 (32 query heads on 8 kv heads, bf16) the probe of every
-#: query head took 2.3 ms at 32K tokens, 16% of dense attention's 14.6 ms, and 3.1 ms at 64K,
-#: 5.6% (``bench/results/plan_stages_NVIDIA_H200_7394fdc.txt``); of one head per kv group
-#: the calibrated model said 1.6 ms at 32K (12%: dense) and 2.1 ms at 64K (4%: probed); the
-#: Triton probe (7acfceb) 0.40 ms at 32K (3%: probed) and 0.54 ms at 64K (1%). Calibrated as a
-#: diffuse call pays it (the probe's kernels, its verdict's host read and the planning work
-#: around them; 05ef020) it is 1.0 ms at 32K (7%: dense) and 1.75 ms measured at 64K (3%),
-#: where a call on random q/k/v ran 0.89x of the fastest dense kernel at 32K before.
-PROBE_SHARE = 0.05
 
 
 def length_verdict(
@@ -538,9 +363,6 @@ def length_verdict(
     what the call loses. A model without the probe's rates (an older cost file) leaves it
     out.
     """
-    from .probe import probe_rows
-    from .selection import window_pairs
-
     S = layout.seq_len
     fixed = layout.fixed_window_blocks
     floor_blocks = layout.min_window_blocks if fixed is None else fixed
@@ -567,24 +389,6 @@ def length_verdict(
             f"{PROBE_SHARE:.0%} a call on diffuse attention may lose to it {of_model}"
         )
     return None
-
-
-#: How much denser the selection comes out than the probe's least density, which is a lower
-#: bound (the per-row oracle of a few rows): over SmolLM2-135M's 30 layers on passkey prompts
-#: of 2K, 4K and 8K tokens the median ratio was 1.43, 1.64 and 2.12, 1.7 pooled (quartiles
-#: 1.23 and 2.46; ``bench/probe_selection.py``). The probe's verdict weighs the plan at this
-#: much its estimate. By the CPU cost model (that script's JSON) a plan pays at the density
-#: selection really reaches in 1 of the 30 layers at 2K (15 at 4K, 21 at 8K), yet weighed at
-#: the estimate alone the defaults planned layers at 2K and lost one passkey prompt of 20
-#: (lm-eval, e29fe87).
-SELECTION_OVER_PROBE = 1.7
-
-#: Shares of planning's time that follow selection: the row cover and the mask together,
-#: and the mask alone. Lower ends of what was measured (H200, ``bench/gpu_run.py``: cover +
-#: mask 37-39% at 32K-128K, 68% at 8K, mask 9-15%; 2-core CPU at 2K: 37% and 6%), so that
-#: the verdict after selection counts the planning still ahead, not only the sparse call.
-PLAN_SHARE_AFTER_SELECT = 0.35
-PLAN_SHARE_MASK = 0.06
 
 
 def density_verdict(

@@ -22,23 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import SampleLayout
+from .patterns import Pattern
 from .sampling.torch_sampler import (
     DEFAULT_MAX_CHUNK_ELEMS,
     causal_softmax_,
     chunk_probabilities,
     cpu_compiled,
 )
-from .selection import ColumnSelection, row_keep
-
-#: Keys first searched per short row (its heaviest missing ones); four times more, then a
-#: full sort, only where they do not reach ``alpha``.
-_PROBE = 64
-#: A repair adds only keys holding at least ``(1 - alpha) / KEY_FLOOR_DIVISOR`` of the row's
-#: mass. A shortfall spread thinner (a diffuse background) would cost thousands of columns,
-#: each read by every later query, for a few thousandths of mass: such a row stays short,
-#: and ``row_mass`` says by how much. ``alpha = 1`` has no floor.
-KEY_FLOOR_DIVISOR = 64
+from .tuning import COVER_FIRST_KEYS, KEY_FLOOR_DIVISOR
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +37,8 @@ class RowCover:
     """The result of :func:`cover_rows`.
 
     Attributes:
-        selection: the input selection with the repaired rows' columns added.
+        selection: the input pattern with the keys added for the repaired rows
+            (:meth:`~flexsample.patterns.Pattern.with_keys`).
         row_mass: ``(B, Hq, num_segments, rows_per_segment)`` float32, each sampled row's
             kept share of its mass: measured before the repair, plus the mass of the keys
             the repair added for that row. A lower bound on the final mask (a column added
@@ -55,7 +47,7 @@ class RowCover:
         repaired: ``(B, Hq)`` int64, sampled rows of each head that got keys added.
     """
 
-    selection: ColumnSelection
+    selection: Pattern
     row_mass: torch.Tensor
     repaired: torch.Tensor
 
@@ -66,12 +58,7 @@ def key_floor(alpha: float) -> float:
 
 
 def chunk_kept_mass(
-    q_rows: torch.Tensor,
-    keys: torch.Tensor,
-    pos: torch.Tensor,
-    window_start: torch.Tensor,
-    columns: torch.Tensor,
-    sink: int,
+    q_rows: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The share of each of a chunk of rows' (of heads sharing one kv head) mass that its
     head's mask keeps, and the heaviest probability it misses: the torch twin of
@@ -81,16 +68,13 @@ def chunk_kept_mass(
         q_rows: ``(c, D)`` queries, already multiplied by the softmax scale.
         keys: ``(W, D)`` the key prefix the chunk needs (``W > max(pos)``).
         pos: ``(c,)`` query positions.
-        window_start: ``(c,)`` first key of each row's window.
-        columns: ``(c, W)`` bool, the columns of each row's head.
-        sink: leading keys every row keeps.
+        keep: ``(c, W)`` bool, the keys each row's mask keeps
+            (:meth:`~flexsample.patterns.Pattern.keep_heads`).
 
     Returns:
         ``(kept (c,), heaviest_missing (c,))``.
     """
     p = chunk_probabilities(q_rows, keys, pos)
-    key = torch.arange(keys.shape[0], device=keys.device)
-    keep = (key[None, :] >= window_start[:, None]) | (key[None, :] < sink) | columns
     return (p * keep).sum(dim=-1), p.masked_fill(keep, 0).amax(dim=-1)
 
 
@@ -115,7 +99,7 @@ def cover_row_chunk(
     W = missing.shape[-1]
     rows = None  # the rows still searched (None: all, on the first search, which sets
     # gained and add for every row; later searches overwrite the rows they take up)
-    for probe in (_PROBE, 4 * _PROBE, W):
+    for probe in (COVER_FIRST_KEYS, 4 * COVER_FIRST_KEYS, W):
         part = missing if rows is None else missing[rows]
         part_need = need if rows is None else need[rows]
         top, index = part.topk(min(probe, W), dim=-1)
@@ -143,7 +127,7 @@ def cover_row_chunk(
 def cover_rows(
     q: torch.Tensor,
     k: torch.Tensor,
-    selection: ColumnSelection,
+    selection: Pattern,
     alpha: float,
     scale: float,
     sampler: str,
@@ -195,18 +179,14 @@ def cover_rows(
             dtype=dtype, max_chunk_elems=max_chunk_elems,
         )  # fmt: skip
         kept[b_idx, h_idx, r_idx] = rows_kept.float()
-    if layout.column_unit == "block":  # a repaired key brings its whole block
-        added = _whole_blocks(added, layout)
-    covered = ColumnSelection(
-        window_blocks=selection.window_blocks, columns=selection.columns | added, layout=layout
-    )
+    covered = selection.with_keys(added)
     return RowCover(selection=covered, row_mass=kept.view(B, Hq, G, r), repaired=repaired)
 
 
 def _measure_triton(
     q: torch.Tensor,
     k: torch.Tensor,
-    selection: ColumnSelection,
+    selection: Pattern,
     alpha: float,
     scale: float,
     row_lse: torch.Tensor | None,
@@ -226,7 +206,7 @@ def _measure_triton(
     layout = selection.layout
     B, Hq = q.shape[:2]
     G, r = layout.num_segments, layout.rows_per_segment
-    windows, attended = selection.window_blocks, selection.columns
+    windows, attended = selection.row_tables()
     if row_lse is None:
         row_lse = row_lse_triton(q, k, layout, scale)
     kept = row_kept_mass_sparse_triton(q, k, layout, scale, windows, attended, lse=row_lse)
@@ -245,7 +225,7 @@ def _measure_triton(
 def _measure_torch(
     q: torch.Tensor,
     k: torch.Tensor,
-    selection: ColumnSelection,
+    selection: Pattern,
     scale: float,
     dtype: torch.dtype,
     max_chunk_elems: int,
@@ -258,7 +238,7 @@ def _measure_torch(
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     G, r = layout.num_segments, layout.rows_per_segment
-    dev, bs = q.device, layout.block_size
+    dev = q.device
     positions = layout.sampled_rows(dev).flatten()  # (G * r,) ascending
     measure = chunk_kept_mass if dtype == torch.float64 else cpu_compiled(chunk_kept_mass, dev)
     kept = torch.empty(B, Hq, G * r, dtype=torch.float32, device=dev)
@@ -278,9 +258,7 @@ def _measure_torch(
                     q[b, h, pos - layout.query_start].to(dtype) * scale,
                     keys[:width],
                     pos,
-                    (pos // bs - selection.window_blocks[b, h]) * bs,
-                    selection.columns[b, h, :width],
-                    layout.sink_tokens,
+                    selection.keep_heads(b * Hq + h, pos)[:, :width],
                 )
                 kept[b, h, i], heaviest[b, h, i] = row_kept.float(), missing.float()
     return kept, heaviest
@@ -289,7 +267,7 @@ def _measure_torch(
 def repair_rows(
     q: torch.Tensor,
     k: torch.Tensor,
-    selection: ColumnSelection,
+    selection: Pattern,
     alpha: float,
     scale: float,
     rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -335,8 +313,6 @@ def repair_rows(
     head = (b_idx * Hq + h_idx)[order]
     pos = layout.sampled_rows(q.device).flatten()[r_idx[order]]
     q_rows = q.flatten(0, 1)[head, pos - layout.query_start].to(dtype) * scale  # (R, D)
-    windows = selection.window_blocks.flatten()[head]
-    columns = selection.columns.flatten(0, 1)
     repaired = repaired.view(-1)
     hits = torch.zeros(B * Hq, S, dtype=torch.int32, device=q.device)  # rows adding each key
     R = head.numel()
@@ -354,7 +330,7 @@ def repair_rows(
                 lo = hi
         p = causal_softmax_(logits, pos[start:stop])
         h = head[start:stop]
-        keep = row_keep(pos[start:stop], windows[start:stop], columns[h], layout)
+        keep = selection.keep_heads(h, pos[start:stop])
         row_kept = (p * keep).sum(dim=-1)
         gained, add = cover_row_chunk(p, keep, row_kept, alpha)
         hits.index_add_(0, h, add.to(torch.int32))  # no host read, unlike add.nonzero()
@@ -364,10 +340,3 @@ def repair_rows(
     result = torch.empty_like(out)
     result[order] = out  # back to the order of ``rows``
     return result
-
-
-def _whole_blocks(columns: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
-    S, bs, n = layout.seq_len, layout.block_size, layout.num_blocks
-    padded = torch.nn.functional.pad(columns, (0, n * bs - S))
-    blocks = padded.view(*columns.shape[:-1], n, bs).any(dim=-1)
-    return blocks.repeat_interleave(bs, dim=-1)[..., :S]

@@ -68,8 +68,9 @@ class SampleLayout:
         num_blocks = math.ceil(seq_len / bs)
         floor = math.ceil(config.min_window / bs)
         fixed = None
-        if config.window_ratio is not None:
-            fixed = max(floor, math.ceil(math.ceil(config.window_ratio * seq_len) / bs))
+        selection = config.selection
+        if selection.window_ratio is not None:
+            fixed = max(floor, math.ceil(math.ceil(selection.window_ratio * seq_len) / bs))
         num_segments = min(config.num_segments, query_len)
         shortest_segment = query_len // num_segments
         rows = math.ceil(config.sample_ratio * query_len / num_segments)
@@ -81,10 +82,10 @@ class SampleLayout:
             num_blocks=num_blocks,
             min_window_blocks=min(floor, num_blocks),
             fixed_window_blocks=None if fixed is None else min(fixed, num_blocks),
-            sink_blocks=config.sink_blocks,
+            sink_blocks=selection.sink_blocks,
             num_segments=num_segments,
             rows_per_segment=max(1, min(rows, shortest_segment)),
-            column_unit=config.column_unit,
+            column_unit=selection.column_unit,
             query_start=seq_len - query_len,
             requested_rows=config.sample_ratio * query_len / num_segments,
         )
@@ -210,3 +211,60 @@ def bucket_length(n: int, block_size: int) -> int:
             if candidate >= blocks:
                 return candidate * block_size
         size *= 2
+
+
+def query_blocks(layout: SampleLayout, device: torch.device | str = "cpu"):
+    """``(qb, first, rows)``, int64 over the query blocks: each block's index, its first
+    query and its number of queries (the window and the columns before it are the same for
+    every query of a block, so pair counts sum per block, not per query)."""
+    bs = layout.block_size
+    qb = torch.arange(layout.first_query_block, layout.num_blocks, device=device)
+    first = (qb * bs).clamp(min=layout.query_start)
+    rows = ((qb + 1) * bs).clamp(max=layout.seq_len) - first
+    return qb, first, rows
+
+
+def local_pairs(window_blocks: torch.Tensor, layout: SampleLayout) -> torch.Tensor:
+    """Causal pairs that windows of ``window_blocks`` (any shape) and the sink keep.
+
+    Closed form per query block: query ``q`` keeps keys ``start .. q`` of its block's window
+    and the sink keys before ``start``.
+    """
+    qb, first, rows = query_blocks(layout, window_blocks.device)
+    start = (qb - window_blocks[..., None]).clamp(min=0) * layout.block_size  # (..., blocks)
+    last = first + rows - 1
+    total = (
+        (first + last) * rows // 2 - rows * (start - 1) + rows * start.clamp(max=layout.sink_tokens)
+    )
+    return total.sum(dim=-1)
+
+
+@functools.lru_cache(maxsize=1024)
+def window_pairs(layout: SampleLayout, window_blocks: int) -> int:
+    """Causal (query, key) pairs a window of ``window_blocks`` blocks and the sink keep (on
+    the host: :func:`local_pairs` of one window; cached per layout and window, as every layer
+    of a prefill asks the same)."""
+    return int(local_pairs(torch.tensor(window_blocks), layout))
+
+
+@functools.lru_cache(maxsize=64)
+def window_candidate_tables(
+    layout: SampleLayout, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window candidates ``(c,)`` int64 in blocks and the causal pairs each keeps with
+    the sink ``(c,)`` int64 (:func:`local_pairs`), on ``device``, once per layout: selection
+    and the probe weigh the same candidates on every layer of a prefill (and a copy from the
+    host waits on a GPU for the work queued before it). Shared: read them, do not write."""
+    candidates = torch.tensor(layout.window_candidates(), device=device)
+    return candidates, local_pairs(candidates, layout)
+
+
+def column_readers(
+    layout: SampleLayout, windows: torch.Tensor, first_token: torch.Tensor
+) -> torch.Tensor:
+    """``(c, n)``: for windows of ``windows (c,)`` blocks, how many queries read a column
+    whose first token is ``first_token (n,)`` as a column: every query in the blocks after
+    the column's block plus the window (earlier ones reach it with their window)."""
+    bs = layout.block_size
+    first_reader = ((first_token // bs + windows[:, None] + 1) * bs).clamp(min=layout.query_start)
+    return (layout.seq_len - first_reader).clamp(min=0)

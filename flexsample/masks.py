@@ -1,19 +1,6 @@
-"""Mask building: a window per head plus gathered key columns -> FlexAttention ``BlockMask``.
-
-The attention call reads ``[gathered columns | all keys]``: for each kv head, the selected
-columns of each of its query heads, copied into a compact prefix of ``C`` keys (one slice of
-a whole number of blocks per query head, or one for the whole group where it shares its
-columns), then the keys in order. Query block ``qb`` of head ``h`` reads
-
-* the blocks of its slice whose columns lie before its window (the one block where the
-  window start falls is *partial*: the ``mask_mod`` checks each column's original position);
-* key blocks ``qb - window .. qb`` (full below the diagonal, partial on it).
-
-Sink tokens (``sink_blocks``) are columns every head selects, so they are gathered too.
-
-Full blocks are computed without a ``mask_mod`` call; the ``mask_mod`` is exact everywhere,
-so eager FlexAttention and ``BlockMask.to_dense`` mean the same attention as compiled kernels.
-"""
+"""FlexAttention ``BlockMask`` helpers that no mask shape owns: block maps to indices, the
+dense causal mask, padding to a static shape. Each pattern (:mod:`flexsample.patterns`)
+builds its own mask from these."""
 
 from __future__ import annotations
 
@@ -21,12 +8,18 @@ import functools
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from .graphs import graphed
-from .layout import SampleLayout, bucket_length
-from .selection import GatheredColumns, local_pairs, query_blocks
+from .layout import bucket_length
+
+__all__ = [
+    "block_map_indices",
+    "bucket_length",
+    "causal_block_mask",
+    "check_padded",
+    "from_kv_blocks",
+    "pad_sequence",
+]
 
 # compute_q_blocks (skip the transposed indices that only the backward pass reads) arrived
 # after torch 2.6; pass it only where it exists.
@@ -35,82 +28,29 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 )
 
 
-def key_codes(gathered: GatheredColumns, seq_len: int) -> torch.Tensor:
-    """``(B, Hq, C + S)`` int32: what each key the attention call reads is, per query head.
-
-    A column of the slice a query head reads, at original position ``p``, is coded
-    ``-(p + 1)`` (negative), the other slices of its kv head's list ``-(S + 1)`` (position
-    ``S``, which no query attends), the keys that follow by their position ``0 .. S - 1``.
-
-    Args:
-        gathered: from :meth:`~flexsample.ColumnSelection.gathered`.
-        seq_len: ``S``.
-    """
-    positions, group, slices = gathered.positions, gathered.group, gathered.slices
-    B, Hkv, C = positions.shape
-    own = -(positions.view(B, Hkv, 1, slices, gathered.width) + 1)  # (B, Hkv, 1, slice, W)
-    slice_ids = torch.arange(slices, device=positions.device)
-    mine = (gathered.slice_of_head()[:, None] == slice_ids[None, :])[:, :, None]  # (j, s, 1)
-    prefix = torch.where(mine, own, -(seq_len + 1)).view(B, Hkv * group, C)
-    tail = torch.arange(seq_len, device=positions.device).expand(B, Hkv * group, seq_len)
-    return torch.cat([prefix, tail], dim=-1).to(torch.int32).contiguous()
-
-
-def sample_attention_mask_mod(
-    codes: torch.Tensor,
-    window_blocks: torch.Tensor,
-    block_size: int,
+def from_kv_blocks(
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
     *,
-    query_offset: int = 0,
-    static: bool = False,
-):
-    """The exact ``mask_mod`` of a SampleAttention call over ``[gathered | keys]``.
-
-    Query ``q`` reads a gathered column iff its position is before ``q``'s window, and a key
-    of the second part iff it is in the window and causal.
-
-    Written for inductor's CPU template (torch 2.13), which miscompiles lookups into
-    captured tensors in several shapes (C++ that names an undeclared ``cur_kvSplitSize5``):
-    only flat 1-D tensors are indexed, every number is a 0-d tensor (a captured Python int
-    becomes a symbol under ``dynamic=True``), and the call runs without duck sizing (see
-    :func:`flexsample.attention.sparse_attention`). ``tests/test_attention.py`` compiles it
-    over batch sizes, head counts and lengths. FlashAttention-4's code generator takes
-    captured tensors but not 0-d ones ("Expected TensorSSA, but got int"); it compiles per
-    static shape, where plain Python ints are constants: ``static=True`` uses those.
-
-    Args:
-        codes: ``(B, Hq, C + S)`` from :func:`key_codes`.
-        window_blocks: ``(B, Hq)`` window per head, in blocks.
-        block_size: tile side in tokens.
-        query_offset: position of the call's query row 0 (a multiple of ``block_size``).
-        static: the numbers as Python ints, for a kernel compiled per static shape.
-    """
-    _, H, L = codes.shape
-    flat_codes = codes.reshape(-1)
-    flat_windows = window_blocks.to(torch.int32).reshape(-1).contiguous()
-
-    def number(x: int) -> torch.Tensor | int:
-        return x if static else _int32_scalar(x, codes.device)
-
-    heads, length, tile = number(H), number(L), number(block_size)
-    offset = number(query_offset)
-
-    def sample_attention_mask(b, h, q_idx, kv_idx):
-        q_idx = q_idx + offset
-        head = b * heads + h
-        code = flat_codes[head * length + kv_idx]
-        start = (q_idx // tile - flat_windows[head]) * tile  # first key of q's window
-        gathered = code < 0
-        return torch.where(gathered, -code - 1 < start, (code <= q_idx) & (code >= start))
-
-    return sample_attention_mask
-
-
-@functools.lru_cache(maxsize=256)
-def _int32_scalar(x: int, device: torch.device) -> torch.Tensor:
-    # Shared by the masks that capture it (read only): a new one per mask is a copy from the
-    # host, which on a GPU waits for the work queued before it.
-    return torch.tensor(x, dtype=torch.int32, device=device)
+    block_size: int,
+    mask_mod,
+    seq_lengths: tuple[int, int],
+) -> BlockMask:
+    """``BlockMask.from_kv_blocks`` for the forward pass: without the transposed indices
+    that only the backward pass reads, where the torch version allows skipping them."""
+    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
+    return BlockMask.from_kv_blocks(
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=seq_lengths,
+        **extra,
+    )
 
 
 def block_map_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,160 +68,6 @@ def block_map_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx[..., :nkv].contiguous()
 
 
-def block_maps(
-    window_blocks: torch.Tensor, gathered: GatheredColumns, layout: SampleLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which ``(query block, kv block)`` pairs are full and which partial (the dense maps
-    :func:`kv_block_indices` writes the indices of directly; kept as its reference twin).
-
-    Args:
-        window_blocks: ``(B, Hq)`` window per head, in blocks.
-        gathered: from :meth:`~flexsample.ColumnSelection.gathered`: ``C`` positions per
-            kv head in ascending slices of whole blocks (padding ``S``).
-        layout: the geometry.
-
-    Returns:
-        ``(full, partial)``, each ``(B, Hq, Nq, C / block_size + N)`` bool, where ``Nq``
-        counts the query blocks from ``layout.first_query_block``.
-    """
-    bs, n = layout.block_size, layout.num_blocks
-    Hq = window_blocks.shape[1]
-    width = gathered.width  # columns per slice
-    dev = window_blocks.device
-    qb = torch.arange(layout.first_query_block, n, device=dev)
-    kb = torch.arange(n, device=dev)
-    start = qb[None, None, :] - window_blocks[..., None]  # (B, Hq, Nq) window start block
-    # Gathered part: in the slice the head reads, the columns before the window start (a
-    # prefix of the ascending slice).
-    own = gathered.per_query_head().contiguous()
-    before = torch.searchsorted(own, (start.clamp(min=0) * bs).contiguous())  # (B, Hq, Nq)
-    slot = torch.arange(gathered.positions.shape[-1] // bs, device=dev)
-    first = gathered.slice_of_head().repeat(Hq // gathered.group) * (width // bs)  # (Hq,)
-    c = (slot[None, :] - first[:, None])[None, :, None, :]  # block index within the slice
-    g_full = (c >= 0) & (c < (before // bs)[..., None])
-    g_partial = (c == (before // bs)[..., None]) & (before % bs != 0)[..., None]
-    # Key part: the window; the diagonal is the only partial block.
-    below = kb[None, :] < qb[:, None]
-    k_full = below & (kb[None, None, None, :] >= start[..., None])
-    k_partial = (kb[None, :] == qb[:, None]).expand_as(k_full)
-    return torch.cat([g_full, k_full], dim=-1), torch.cat([g_partial, k_partial], dim=-1)
-
-
-def kv_block_indices(
-    window_blocks: torch.Tensor, gathered: GatheredColumns, layout: SampleLayout
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``BlockMask.from_kv_blocks``'s ``(full_num, full_idx, partial_num, partial_idx)``,
-    written directly: the fast twin of ``block_map_indices`` on :func:`block_maps` (tests hold
-    them equal).
-
-    Each query block's full blocks are two runs, the gathered slots before its window start
-    and the key blocks from the window start to the diagonal; its partial blocks are the
-    gathered slot where the window start falls (if it falls inside one) and the diagonal. So
-    the indices are arithmetic on ``(B, Hq, Nq)`` counts, with no ``(B, Hq, Nq, Nkv)``
-    boolean maps, cumulative sums or scatters (at 128K tokens those cost milliseconds).
-
-    Returns:
-        ``(B, Hq, Nq)`` int32 counts and ``(B, Hq, Nq, C / block_size + N)`` int32 ascending
-        block indices (zeros after the count), as :func:`block_map_indices` gives them.
-    """
-    bs, n = layout.block_size, layout.num_blocks
-    Hq = window_blocks.shape[1]
-    dev = window_blocks.device
-    i32 = torch.int32  # (B, Hq, Nq, Nkv) is large: every op on it in int32
-    gathered_blocks = gathered.positions.shape[-1] // bs
-    qb = torch.arange(layout.first_query_block, n, device=dev, dtype=i32)
-    start = (qb - window_blocks.to(i32)[..., None]).clamp(min=0)  # (B, Hq, Nq) window start
-    own = gathered.per_query_head().contiguous()
-    # columns of the head's slice before its window start
-    before = torch.searchsorted(own, (start.long() * bs).contiguous(), out_int32=True)
-    first = gathered.slice_of_head().repeat(Hq // gathered.group) * (gathered.width // bs)
-    first = first.to(i32)[None, :, None]  # (1, Hq, 1): the head's slice, in blocks
-    g_full, g_partial = before // bs, before % bs != 0
-    full_num = g_full + (qb - start)
-    j = torch.arange(gathered_blocks + n, device=dev, dtype=i32)
-    full_idx = torch.where(
-        j < g_full[..., None],
-        first[..., None] + j,
-        (gathered_blocks + start - g_full)[..., None] + j,
-    )
-    full_idx = torch.where(j < full_num[..., None], full_idx, 0)
-    diagonal = (gathered_blocks + qb).expand_as(start)
-    part_idx = torch.zeros(*start.shape, j.numel(), dtype=i32, device=dev)
-    part_idx[..., 0] = torch.where(g_partial, first + g_full, diagonal)
-    if j.numel() > 1:  # else there is no gathered block, and no second partial one
-        part_idx[..., 1] = torch.where(g_partial, diagonal, 0)
-    return full_num, full_idx.contiguous(), (g_partial + 1).to(i32), part_idx
-
-
-def build_block_mask(
-    window_blocks: torch.Tensor,
-    gathered: GatheredColumns,
-    layout: SampleLayout,
-    *,
-    padded: tuple[int, int] | None = None,
-    backend: str = "triton",
-) -> BlockMask:
-    """The SampleAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``.
-
-    Its query rows start at the first query's block, ``offset = first_query_block *
-    block_size`` (0 for a whole prompt): the caller pads the queries in front to it.
-
-    Args:
-        window_blocks: ``(B, Hq)`` window per head, in blocks.
-        gathered: from :meth:`~flexsample.ColumnSelection.gathered`.
-        layout: the geometry.
-        padded: ``(query rows, keys)``, multiples of the block size at least ``S - offset``
-            and ``C + S``: a mask over that larger shape, for a kernel compiled per static
-            shape (see :func:`bucket_length`). The extra query blocks read no key block (no
-            work), the extra keys no query; the caller pads q at the end and keys and
-            values after ``C + S`` (see :func:`pad_sequence`).
-        backend: the FlexAttention backend the mask is for (``"flash"``: its ``mask_mod``
-            holds its numbers as Python ints, see :func:`sample_attention_mask_mod`).
-
-    Returns:
-        A ``BlockMask`` for ``flex_attention`` with keys and values laid out by
-        :func:`gather_keys`. It carries no transposed indices where the torch version allows
-        skipping them, so it serves the forward pass only.
-    """
-    S, bs = layout.seq_len, layout.block_size
-    offset = layout.first_query_block * bs
-    rows, keys = mask_shape(layout, gathered.positions.shape[-1])
-    group, slices = gathered.group, gathered.slices
-
-    def indices(windows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        columns = GatheredColumns(positions=positions, group=group, slices=slices)
-        return (*kv_block_indices(windows, columns, layout), key_codes(columns, S))
-
-    # Sync-free and launch-bound on a GPU: replayed as a CUDA graph there (the gathered
-    # width is bucketed, see ColumnSelection.gathered, so that layers share a few shapes).
-    full_num, full_idx, part_num, part_idx, codes = graphed(
-        ("build_block_mask", layout, group, slices), indices, (window_blocks, gathered.positions)
-    )
-    if padded is not None:
-        rows, keys = _check_padded(padded, rows, keys, bs)
-        # The extra query blocks read no block; the extra key blocks are read by none.
-        grow_rows = (0, rows // bs - full_num.shape[-1])
-        grow = (0, keys // bs - full_idx.shape[-1], *grow_rows)
-        full_num, part_num = (F.pad(t, grow_rows) for t in (full_num, part_num))
-        full_idx, part_idx = (F.pad(t, grow) for t in (full_idx, part_idx))
-        # Padding keys sit after every query (position S): never attended.
-        codes = F.pad(codes, (0, keys - codes.shape[-1]), value=S)
-    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
-    mask_mod = sample_attention_mask_mod(
-        codes, window_blocks, bs, query_offset=offset, static=backend == "flash"
-    )
-    return BlockMask.from_kv_blocks(
-        part_num,
-        part_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=bs,
-        mask_mod=mask_mod,
-        seq_lengths=(rows, keys),
-        **extra,
-    )
-
-
 @functools.lru_cache(maxsize=32)
 def causal_block_mask(
     seq_len: int, padded: int, block_size: int, device: torch.device
@@ -293,23 +79,21 @@ def causal_block_mask(
     Cached per shape: every layer of a prefill, and every prompt of one bucket
     (:func:`bucket_length`), shares one mask.
     """
-    rows, _ = _check_padded((padded, padded), seq_len, seq_len, block_size)
+    rows, _ = check_padded((padded, padded), seq_len, seq_len, block_size)
     blocks, n = -(-seq_len // block_size), rows // block_size
     qb = torch.arange(n, device=device)[:, None]
     kb = torch.arange(n, device=device)[None, :]
     real = qb < blocks
     full_num, full_idx = block_map_indices(((kb < qb) & real)[None, None])
     part_num, part_idx = block_map_indices(((kb == qb) & real)[None, None])
-    extra = {"compute_q_blocks": False} if _FROM_KV_BLOCKS_HAS_Q_FLAG else {}
-    return BlockMask.from_kv_blocks(
+    return from_kv_blocks(
         part_num,
         part_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=block_size,
+        block_size=block_size,
         mask_mod=_causal,
         seq_lengths=(padded, padded),
-        **extra,
     )
 
 
@@ -317,7 +101,9 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> tuple[int, int]:
+def check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> tuple[int, int]:
+    """``padded`` if it is a ``(query rows, keys)`` shape of whole blocks holding ``(rows,
+    keys)``; else ``ValueError``."""
     padded_rows, padded_keys = padded
     if padded_rows < rows or padded_keys < keys or padded_rows % block or padded_keys % block:
         raise ValueError(
@@ -327,102 +113,7 @@ def _check_padded(padded: tuple[int, int], rows: int, keys: int, block: int) -> 
     return padded_rows, padded_keys
 
 
-def mask_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:
-    """``(query rows, keys)`` of the unpadded mask (:func:`build_block_mask`): rows from
-    the first query's block, ``S - offset``, and keys ``C + S``."""
-    S = layout.seq_len
-    return S - layout.first_query_block * layout.block_size, num_gathered + S
-
-
-def bucketed_shape(layout: SampleLayout, num_gathered: int) -> tuple[int, int]:
-    """``(query rows, keys)`` of a padded mask (:func:`build_block_mask`): those of
-    :func:`mask_shape`, each padded to :func:`bucket_length`."""
-    rows, keys = mask_shape(layout, num_gathered)
-    return bucket_length(rows, layout.block_size), bucket_length(keys, layout.block_size)
-
-
 def pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
     """``x (B, H, n, D)`` with zero rows appended along the sequence to ``length``."""
     extra = length - x.shape[-2]
     return x if extra == 0 else torch.nn.functional.pad(x, (0, 0, 0, extra))
-
-
-def gather_keys(
-    x: torch.Tensor, gathered: GatheredColumns, length: int | None = None
-) -> torch.Tensor:
-    """``[x at the gathered positions | x]`` along the sequence: ``(B, Hkv, C + S, D)``.
-
-    Padding positions (``S``) read key ``S - 1``; the mask never lets a query attend them.
-    With ``length``, zero rows follow up to that length (a padded shape, see
-    :func:`build_block_mask`), in the same copy.
-    """
-    positions = gathered.positions
-    S, D = x.shape[-2:]
-    parts = []
-    if positions.shape[-1]:
-        index = positions.clamp(max=S - 1)[..., None].expand(-1, -1, -1, D)
-        parts.append(x.gather(2, index))
-    parts.append(x)
-    extra = 0 if length is None else length - positions.shape[-1] - S
-    if extra < 0:
-        raise ValueError(f"length {length} is shorter than C + S = {positions.shape[-1] + S}")
-    if extra:
-        parts.append(x.new_zeros(*x.shape[:2], extra, D))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
-def pair_density(
-    window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
-) -> torch.Tensor:
-    """``(B, H)`` computed (query, key) pairs over the queries' causal pairs.
-
-    Every plan asks it (the density verdicts): a handful of operations, the per-window and
-    per-block counts looked up from :func:`density_tables`. :func:`~flexsample.keep_mask`
-    counted element by element is its reference (tests hold them equal).
-
-    Args:
-        window_blocks: ``(B, H)`` window per head, in blocks.
-        columns: ``(B, H, S)`` bool, the columns each head attends.
-        layout: the geometry.
-    """
-    qb, rows, local = density_tables(layout, columns.device)
-    start = (qb - window_blocks[..., None]).clamp(min=0) * layout.block_size  # (B, H, blocks)
-    # Columns before each query block's window start (the same for all its queries), the
-    # sink's excepted (the window count holds it): prefix sums at block boundaries.
-    prefix = F.pad(columns.cumsum(dim=-1), (1, 0))  # (B, H, S + 1) int64
-    sink = prefix[..., layout.sink_tokens : layout.sink_tokens + 1]
-    before = (prefix.gather(-1, start) - sink).clamp(min=0)
-    kept = local[window_blocks.clamp(max=layout.num_blocks)] + (before * rows).sum(dim=-1)
-    return kept.double() / layout.causal_pairs
-
-
-@functools.lru_cache(maxsize=64)
-def density_tables(
-    layout: SampleLayout, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(qb, rows, local)`` for :func:`pair_density`, once per layout and device: each query
-    block's index and number of queries, and the causal pairs a window of ``w`` blocks and
-    the sink keep, for every ``w`` from 0 to the whole sequence (:func:`local_pairs`).
-    Shared: read them, do not write."""
-    qb, _, rows = query_blocks(layout, device)
-    windows = torch.arange(layout.num_blocks + 1, device=device)
-    return qb, rows, local_pairs(windows, layout)
-
-
-def tile_coverage(
-    window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
-) -> torch.Tensor:
-    """``(B, H, N, N)`` float: fraction of each causal tile's key columns a query block reads.
-
-    1 for window, sink and diagonal tiles; for a tile before the window, the share of its
-    ``block_size`` keys that are gathered columns. For pictures.
-    """
-    S, bs, n = layout.seq_len, layout.block_size, layout.num_blocks
-    dev = columns.device
-    padded = torch.nn.functional.pad(columns.float(), (0, n * bs - S))
-    share = padded.view(*columns.shape[:-1], n, bs).mean(dim=-1)  # (B, H, N)
-    qb = torch.arange(n, device=dev)[:, None]
-    kb = torch.arange(n, device=dev)[None, :]
-    local = (kb >= qb - window_blocks[..., None, None]) | (kb < layout.sink_blocks)
-    causal = (kb <= qb) & (qb >= layout.first_query_block)
-    return torch.where(local, 1.0, share[..., None, :].expand(-1, -1, n, -1)) * causal

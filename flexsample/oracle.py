@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .selection import keep_mask
-
 if TYPE_CHECKING:
     from .plan import PrefillPlan
 
@@ -162,7 +160,7 @@ def evaluate_plan(
 
     A dense plan keeps every causal pair (density 1, error 0 up to rounding).
     """
-    if plan.selection is None or plan.layout is None:
+    if plan.pattern is None:
         return evaluate_mask(
             q,
             k,
@@ -172,12 +170,10 @@ def evaluate_plan(
             chunk=chunk,
             rows=rows,
         )
-    windows, columns, layout = plan.selection.window_blocks, plan.attended_columns(), plan.layout
+    pattern, heads = plan.pattern, plan.num_heads
 
     def keep_rows(b: int, h: int, pos: torch.Tensor) -> torch.Tensor:
-        return keep_mask(windows[b : b + 1, h : h + 1], columns[b : b + 1, h : h + 1], layout, pos)[
-            0, 0
-        ]
+        return pattern.keep_heads(torch.full_like(pos, b * heads + h), pos)
 
     return evaluate_mask(q, k, v, keep_rows, scale=plan.scale, chunk=chunk, rows=rows)
 

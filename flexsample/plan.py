@@ -13,23 +13,20 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .attention import (
     DENSE_BLOCK_SIZE,
-    Backend,
     dense_causal_attention,
     flex_dense_attention,
-    resolve_backend,
     sparse_attention,
 )
+from .backends import Backend, kernel_backend, resolve_backend
 from .config import SampleConfig
 from .costs import (
-    PLAN_SHARE_AFTER_SELECT,
-    PLAN_SHARE_MASK,
-    SELECTION_OVER_PROBE,
     CostModel,
     chunk_pairs,
     cost_model,
@@ -38,29 +35,18 @@ from .costs import (
     length_verdict,
 )
 from .cover import cover_rows
-from .layout import SampleLayout
-from .masks import (
-    bucket_length,
-    bucketed_shape,
-    build_block_mask,
-    gather_keys,
-    pad_sequence,
-    pair_density,
-    tile_coverage,
-)
+from .layout import SampleLayout, bucket_length, window_pairs
+from .patterns import MaskedCall, Pattern
 from .probe import probe_density, probe_rows
 from .sampling import resolve_sampler, run_sampler_with_lse
-from .selection import (
-    ColumnSelection,
-    GatheredColumns,
-    kept_sampled_mass,
-    select_columns,
-    window_pairs,
-)
-from .stats import Path, StageTimer
+from .selection import select_columns
+from .timing import StageTimer
+from .tuning import PLAN_SHARE_AFTER_SELECT, PLAN_SHARE_MASK, SELECTION_OVER_PROBE
 from .validation import check_qk, resolve_scale
 
 logger = logging.getLogger("flexsample")
+#: The two ways a call runs.
+CallPath = Literal["sparse", "dense"]
 _DEFAULT_CONFIG = SampleConfig()
 _logged_kinds: set[str] = set()
 
@@ -111,29 +97,26 @@ class PrefillPlan:
         layout: block geometry (None on the dense path).
         sampler: stage-1 implementation that ran (None on the dense path).
         scores: ``(B, Hq, num_segments, S)`` sampled column scores.
-        selection: the window and columns each head chose (with the per-row cover's
-            additions when ``config.cover_rows``).
+        pattern: what each head reads (:class:`~flexsample.patterns.WindowColumns`: the
+            window and columns each head chose, with the per-row cover's additions when
+            ``config.selection.cover_rows``).
         row_mass: ``(B, Hq, num_segments, rows_per_segment)`` kept share of each sampled
             row's mass (a lower bound, see :class:`~flexsample.cover.RowCover`); None unless
-            ``config.cover_rows``.
-        gathered: the columns the attention call gathers per kv head (one slice per query
-            head, or one per kv head where the group shares its columns).
-        block_mask: the FlexAttention ``BlockMask`` over ``(B, Hq, S - offset, C + S)``,
-            its rows starting at the first query's block (``offset``, see
-            :func:`~flexsample.masks.build_block_mask`), or over ``padded``.
+            ``config.selection.cover_rows``.
+        call: the pattern's FlexAttention call: its ``BlockMask`` and how q, k and v are
+            laid out for it (:class:`~flexsample.patterns.MaskedCall`).
         backend: the FlexAttention backend the call runs (``"triton"`` or ``"flash"``, see
             ``SampleConfig.backend``); on the dense path ``"flash"`` where the cost model
             found FlexAttention's FlashAttention-4 dense call faster than SDPA
             (:func:`~flexsample.attention.flex_dense_attention`), else None (SDPA).
-        padded: ``(query rows, keys)`` the mask and the call are padded to for the
-            ``"flash"`` backend's static shapes (:func:`~flexsample.masks.bucket_length`);
-            None when not padded.
+        padded: ``(query rows, keys)`` the call is padded to for a backend compiled per
+            static shape (:func:`~flexsample.bucket_length`); None when not padded.
         by_length: dense by the length checks alone (``config.min_seq_len`` or the cost
             model's length verdict), before any look at q and k: every call of this shape
             and config gets this plan.
     """
 
-    path: Path
+    path: CallPath
     seq_len: int
     query_len: int
     batch_size: int
@@ -145,49 +128,28 @@ class PrefillPlan:
     layout: SampleLayout | None = None
     sampler: str | None = None
     scores: torch.Tensor | None = None
-    selection: ColumnSelection | None = None
+    pattern: Pattern | None = None
     row_mass: torch.Tensor | None = None
-    gathered: GatheredColumns | None = None
-    block_mask: BlockMask | None = None
+    call: MaskedCall | None = None
     backend: Backend | None = None
     padded: tuple[int, int] | None = None
     by_length: bool = False
 
     @property
-    def group(self) -> int:
-        """Query heads per kv head."""
-        return 1 if self.gathered is None else self.gathered.group
-
-    def attended_columns(self) -> torch.Tensor | None:
-        """``(B, Hq, S)`` bool: the columns each head reads (its own); None if dense."""
-        return None if self.selection is None else self.selection.columns
-
-    @property
-    def window_blocks(self) -> torch.Tensor | None:
-        """``(B, Hq)`` window per head in blocks; None on the dense path."""
-        return None if self.selection is None else self.selection.window_blocks
+    def block_mask(self) -> BlockMask | None:
+        """The sparse call's FlexAttention ``BlockMask``; None on the dense path."""
+        return None if self.call is None else self.call.block_mask
 
     @property
     def density(self) -> torch.Tensor | None:
         """``(B, Hq)`` computed (query, key) pairs over causal pairs; None on the dense path."""
-        if self.selection is None or self.layout is None:
-            return None
-        return pair_density(self.selection.window_blocks, self.attended_columns(), self.layout)
+        return None if self.pattern is None else self.pattern.density()
 
     def kept_sampled_mass(self) -> torch.Tensor | None:
         """``(B, Hq)`` smallest, over segments, sampled mass the mask keeps (None if dense)."""
-        if self.scores is None or self.selection is None or self.layout is None:
+        if self.scores is None or self.pattern is None:
             return None
-        kept = kept_sampled_mass(
-            self.scores, self.selection.window_blocks, self.attended_columns(), self.layout
-        )
-        return kept.amin(dim=-1)
-
-    def tile_coverage(self) -> torch.Tensor | None:
-        """``(B, Hq, N, N)`` share of each tile's keys read (see ``masks.tile_coverage``)."""
-        if self.selection is None or self.layout is None:
-            return None
-        return tile_coverage(self.selection.window_blocks, self.attended_columns(), self.layout)
+        return self.pattern.kept_sampled_mass(self.scores).amin(dim=-1)
 
 
 def plan_prefill(
@@ -202,7 +164,7 @@ def plan_prefill(
 
     Runs stages 1–2 and builds the mask: sample the attention of a few query rows, choose per
     head the window and the key columns that with it hold ``config.alpha`` of each segment's
-    sampled mass, add keys for the sampled rows still short of it (``config.cover_rows``),
+    sampled mass, add keys for the sampled rows still short of it (``config.selection.cover_rows``),
     list each kv head's columns, and build the ``BlockMask``.
 
     A dense plan (with its reason) comes back where sparse would not pay: before sampling,
@@ -226,7 +188,7 @@ def plan_prefill(
         config: method settings; ``SampleConfig()`` if None.
         scale: softmax scale; ``1/sqrt(D)`` if None.
         timer: records the seconds of the ``probe`` (when it runs), ``sample``, ``select``,
-            ``cover`` (when ``config.cover_rows``) and ``mask`` stages.
+            ``cover`` (when ``config.selection.cover_rows``) and ``mask`` stages.
 
     Returns:
         A frozen :class:`PrefillPlan`; pass it to :func:`run_plan` with the same q, k and v.
@@ -260,7 +222,7 @@ def plan_prefill_checked(
     # Resolved first: a backend that cannot run here is an error on every path.
     compiling = torch.compiler.is_compiling()
     if compiling:
-        backend: Backend = "flash" if config.backend == "flash" else "triton"
+        backend: Backend = "triton" if config.backend == "auto" else config.backend
     else:
         backend = resolve_backend(config.backend, q.device, q.dtype, D)
     costs = (
@@ -318,44 +280,37 @@ def plan_prefill_checked(
     with timer.stage("sample"):
         scores, row_lse = run_sampler_with_lse(sampler, q, k, layout, scale)
     with timer.stage("select"):
-        selection = select_columns(scores, layout, config.alpha)
-        if config.group_union:
-            selection = selection.shared_by_group(Hq // k.shape[1])
+        pattern = select_columns(scores, layout, config.alpha)
+        if config.selection.group_union:
+            pattern = pattern.shared_by_group(Hq // k.shape[1])
     # Checked before the cover too: the cover only adds pairs, so a selection already too
     # dense saves the cover's pass.
-    after_select = PLAN_SHARE_AFTER_SELECT if config.cover_rows else PLAN_SHARE_MASK
-    reason = _density_verdict(config, costs, selection, layout, B * Hq, D, after_select)
+    after_select = PLAN_SHARE_AFTER_SELECT if config.selection.cover_rows else PLAN_SHARE_MASK
+    reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, after_select)
     row_mass = None
-    if reason is None and config.cover_rows:
+    if reason is None and config.selection.cover_rows:
         with timer.stage("cover"):
-            cover = cover_rows(q, k, selection, config.alpha, scale, sampler, row_lse=row_lse)
-            selection, row_mass = cover.selection, cover.row_mass
-            if config.group_union:  # a key a row's cover added serves its whole group
-                selection = selection.shared_by_group(Hq // k.shape[1])
-        reason = _density_verdict(config, costs, selection, layout, B * Hq, D, PLAN_SHARE_MASK)
+            cover = cover_rows(q, k, pattern, config.alpha, scale, sampler, row_lse=row_lse)
+            pattern, row_mass = cover.selection, cover.row_mass
+            if config.selection.group_union:  # a key a row's cover added serves its whole group
+                pattern = pattern.shared_by_group(Hq // k.shape[1])
+        reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, PLAN_SHARE_MASK)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
         return dense(reason)
     with timer.stage("mask"):
-        gathered = selection.gathered(Hq // k.shape[1])
-        padded = None
-        if backend == "flash":  # compiled per static shape: pad to a few sizes
-            padded = bucketed_shape(layout, gathered.positions.shape[-1])
-        block_mask = build_block_mask(
-            selection.window_blocks, gathered, layout, padded=padded, backend=backend
-        )
+        call = pattern.compile(Hq // k.shape[1], static=kernel_backend(backend).static_shapes)
     return PrefillPlan(
         path="sparse",
         notes=tuple(notes.values()),
         layout=layout,
         sampler=sampler,
         scores=scores,
-        selection=selection,
+        pattern=pattern,
         row_mass=row_mass,
-        gathered=gathered,
-        block_mask=block_mask,
+        call=call,
         backend=backend,
-        padded=padded,
+        padded=call.padded,
         **common,
     )
 
@@ -421,31 +376,17 @@ def run_plan_unchecked(
         if plan.backend is not None:
             return flex_dense_attention(q, k, v, plan.scale, plan.backend)
         return dense_causal_attention(q, k, v, plan.scale)
-    L = q.shape[2]
-    padded_rows, padded_keys = plan.padded or (None, None)
-    keys = gather_keys(k, plan.gathered, padded_keys)
-    values = gather_keys(v, plan.gathered, padded_keys)
-    # The mask's rows start at the first query's block: pad the queries in front to it (the
-    # padding rows attend their own position, and are dropped), and at the end to a padded
-    # shape (rows that read no key block).
-    layout = plan.layout
-    lead = layout.query_start - layout.first_query_block * layout.block_size
-    if lead:
-        q = torch.nn.functional.pad(q, (0, 0, lead, 0))
-    if padded_rows is not None:
-        q = pad_sequence(q, padded_rows)
+    call = plan.call
     out = sparse_attention(
-        q,
-        keys,
-        values,
-        plan.block_mask,
+        call.queries(q),
+        call.arrange(k),
+        call.arrange(v),
+        call.block_mask,
         plan.scale,
         plan.backend or "triton",
-        static_shapes=plan.padded is not None,
+        static_shapes=call.padded is not None,
     )
-    if lead or padded_rows is not None:
-        out = out[:, :, lead : lead + L]
-    return out
+    return call.outputs(out, q.shape[2])
 
 
 def _dense_plan(
@@ -461,7 +402,8 @@ def _dense_plan(
     """A dense plan on the faster dense kernel: FlexAttention on FlashAttention-4 for a whole
     prompt where this device's cost model (``costs``, or looked up where the config's
     explicit limits left it unread) measured it faster than SDPA, else SDPA."""
-    if backend == "flash" and layout.query_start == 0 and not torch.compiler.is_compiling():
+    dense_prompts = kernel_backend(backend).dense_prompts
+    if dense_prompts and layout.query_start == 0 and not torch.compiler.is_compiling():
         costs = costs or _cost_model(device, dtype, backend, quiet=True)  # SDPA needs none
         batch_heads = common["batch_size"] * common["num_heads"]
         if (
@@ -568,7 +510,7 @@ def _cost_model(
 def _density_verdict(
     config: SampleConfig,
     costs: CostModel | None,
-    selection: ColumnSelection,
+    pattern: Pattern,
     layout: SampleLayout,
     batch_heads: int,
     head_dim: int,
@@ -578,7 +520,7 @@ def _density_verdict(
     share ``planning_left`` of planning still ahead (:func:`~flexsample.costs.density_verdict`)."""
     if config.max_density == 1.0 or (config.max_density is None and costs is None):
         return None
-    density = pair_density(selection.window_blocks, selection.columns, layout)
+    density = pattern.density()
     if config.max_density is not None:
         mean = float(density.mean())
         if mean <= config.max_density:

@@ -3,7 +3,7 @@
 Planning costs a pass of the sampled rows over the keys, selection and the row cover. On
 diffuse attention (every key carries a little of the mass) all of it is wasted: the plan
 comes out too dense to beat dense attention and runs dense anyway. The probe asks first, on
-a handful of rows (the last :data:`ROWS_PER_SEGMENT` sampled rows of each segment, of the
+a handful of rows (the last :data:`PROBE_ROWS_PER_SEGMENT` sampled rows of each segment, of the
 first query head of each kv group: its estimate stands for the group), which keys each row
 needs: the fewest that hold ``alpha`` of its exact attention mass (the per-row
 oracle). Every mask that keeps ``alpha`` of these rows' mass (the row cover's guarantee)
@@ -27,21 +27,14 @@ import functools
 import numpy as np
 import torch
 
-from .layout import SampleLayout
+from .layout import SampleLayout, column_readers, window_candidate_tables
 from .sampling.reference import sampled_row_probabilities
 from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, chunk_probabilities, cpu_compiled
-from .selection import column_readers, window_candidate_tables
-
-#: Rows probed per segment: its last sampled row. Two per segment cost 11 ms at 128K on an
-#: H100 (32 heads; the sort of each row dominates), 4% of cuDNN's dense time.
-ROWS_PER_SEGMENT = 1
-#: The most probed rows the Triton probe takes (one program holds them all; more, from more
-#: than 64 segments, take the torch probe).
-MAX_TRITON_ROWS = 64
+from .tuning import MAX_TRITON_PROBE_ROWS, PROBE_ROWS_PER_SEGMENT
 
 
 def probe_rows(layout: SampleLayout, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Positions of the probed rows: the last :data:`ROWS_PER_SEGMENT` sampled rows of each
+    """Positions of the probed rows: the last :data:`PROBE_ROWS_PER_SEGMENT` sampled rows of each
     segment (fewer where a segment samples fewer), ascending, int64."""
     return layout.sampled_rows(device).flatten()[_probe_index(layout, device)]
 
@@ -59,7 +52,7 @@ def _probe_index(layout: SampleLayout, device: torch.device | str = "cpu") -> to
     """Where the probed rows sit among ``layout.sampled_rows().flatten()``."""
     G, r = layout.num_segments, layout.rows_per_segment
     index = torch.arange(G * r, device=device).view(G, r)
-    return index[:, -min(ROWS_PER_SEGMENT, r) :].flatten()
+    return index[:, -min(PROBE_ROWS_PER_SEGMENT, r) :].flatten()
 
 
 def fewest_keys(p: torch.Tensor, alpha: float, *, numpy_sort: bool | None = None) -> torch.Tensor:
@@ -193,7 +186,7 @@ def probe_density(
             sorting them (:mod:`flexsample.sampling.triton_probe`; the plan's choice where
             the Triton sampler runs): counts and reach exact up to the keys of one bin
             (probabilities within 19% of each other). More than
-            :data:`MAX_TRITON_ROWS` probed rows take the torch probe.
+            :data:`MAX_TRITON_PROBE_ROWS` probed rows take the torch probe.
         max_chunk_elems: bound on the elements of one probability chunk (default 2M on
             CPU, 32M on CUDA).
 
@@ -209,7 +202,7 @@ def probe_density(
     def per_query_head(estimate: torch.Tensor) -> torch.Tensor:
         return estimate.view(B, Hkv).repeat_interleave(group, dim=1)
 
-    if triton and R <= MAX_TRITON_ROWS:
+    if triton and R <= MAX_TRITON_PROBE_ROWS:
         from .sampling.triton_probe import probe_density_triton
 
         return probe_density_triton(q, k, layout, pos, alpha, scale, lengths)

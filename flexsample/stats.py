@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .layout import SampleLayout
-from .masks import tile_coverage
+from .patterns import Pattern, WindowColumns
+from .plan import CallPath, PrefillPlan
+from .timing import StageTimer
 
-if TYPE_CHECKING:  # plan.py imports this module
-    from .plan import PrefillPlan
-
-Path = Literal["sparse", "dense"]
+__all__ = ["PLAN_STAGES", "STAGES", "SampleStats", "StageTimer"]
 
 #: Stages of a plan, in order (``probe`` only where the density check is on, see
 #: :mod:`flexsample.probe`; ``cover`` only with ``SampleConfig.cover_rows``), and of a whole
@@ -50,17 +46,18 @@ class SampleStats:
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
         row_mass: ``(B, Hq, R)`` kept share of each of the ``R`` sampled rows' own attention
-            mass (a lower bound, at least ``alpha``); None unless ``config.cover_rows``.
+            mass (a lower bound, at least ``alpha``); None unless ``config.selection.cover_rows``.
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
         times: seconds per stage (:data:`STAGES`: ``probe``, ``sample``, ``select``,
             ``cover``, ``mask``, ``attention``; ``probe`` only where the density check is on,
-            ``cover`` only with ``config.cover_rows``), measured with device
+            ``cover`` only with ``config.selection.cover_rows``), measured with device
             synchronisation; on a path decided dense before sampling, ``attention`` and
             perhaps ``probe``.
+        pattern: what each head read (:mod:`flexsample.patterns`); None on the dense path.
     """
 
-    path: Path
+    path: CallPath
     seq_len: int
     batch_size: int
     num_heads: int
@@ -77,11 +74,16 @@ class SampleStats:
     row_mass: torch.Tensor | None = None
     notes: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
+    pattern: Pattern | None = None
 
     @classmethod
     def from_plan(cls, plan: PrefillPlan, times: dict[str, float]) -> SampleStats:
         """The statistics of a call that ran ``plan``, with the seconds of its stages."""
-        layout = plan.layout
+        pattern = plan.pattern
+        window = column_mask = None
+        if isinstance(pattern, WindowColumns):
+            window = pattern.window_blocks * pattern.layout.block_size
+            column_mask = pattern.columns
         return cls(
             path=plan.path,
             reason=plan.reason,
@@ -93,15 +95,14 @@ class SampleStats:
             backend=plan.backend,
             layout=plan.layout,
             density=plan.density,
-            window=None
-            if plan.window_blocks is None or layout is None
-            else plan.window_blocks * layout.block_size,
-            column_mask=plan.attended_columns(),
+            window=window,
+            column_mask=column_mask,
             scores=plan.scores,
             sampled_mass=plan.kept_sampled_mass(),
             row_mass=None if plan.row_mass is None else plan.row_mass.flatten(2),
             notes=plan.notes,
             times=dict(times),
+            pattern=pattern,
         )
 
     @property
@@ -119,10 +120,7 @@ class SampleStats:
 
         Computed on demand: it is ``N x N`` per head, too large to build on every call.
         """
-        if self.window is None or self.column_mask is None or self.layout is None:
-            return None
-        blocks = torch.div(self.window, self.layout.block_size, rounding_mode="floor")
-        return tile_coverage(blocks, self.column_mask, self.layout)
+        return None if self.pattern is None else self.pattern.tile_coverage()
 
     @property
     def mean_window(self) -> float | None:
@@ -166,29 +164,3 @@ class SampleStats:
             "notes": list(self.notes),
             **{f"time_{k}_s": v for k, v in self.times.items()},
         }
-
-
-class StageTimer:
-    """Wall time per stage, synchronising the device so asynchronous work is counted."""
-
-    def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.enabled = enabled and not torch.compiler.is_compiling()
-        self.device = device
-        self.times: dict[str, float] = {}
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def stage(self, name: str):
-        if not self.enabled:
-            yield
-            return
-        self._sync()
-        start = time.perf_counter()
-        # named for torch.profiler (bench/plan_stages.py attributes launches and syncs to it)
-        with torch.profiler.record_function(f"flexsample::{name}"):
-            yield
-            self._sync()
-        self.times[name] = time.perf_counter() - start

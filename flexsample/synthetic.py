@@ -172,7 +172,7 @@ def planted_case(
     # Keep the local peak inside the window so the planted structure is window + stripes, and
     # make the planted keys strong enough that the S background keys hold only about 1% of
     # the mass, whatever the length (else covering the background sets the density).
-    span = max(16, min(256, int(config.window_ratio * seq_len) // 2))
+    span = max(16, min(256, int(config.selection.window_ratio * seq_len) // 2))
     stripes = max(1, round(target_density * n / 2))
     heavy_tokens = 4 + 4 * stripes  # sink + stripes, at planted_qkv's default widths
     q, k, v = planted_qkv(

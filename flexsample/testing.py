@@ -6,7 +6,7 @@ import torch
 
 from .config import SampleConfig
 from .layout import SampleLayout
-from .selection import ColumnSelection
+from .patterns import WindowColumns
 
 
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -49,12 +49,12 @@ def random_selection(
     shared: bool = False,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-) -> ColumnSelection:
+) -> WindowColumns:
     """Random windows (0 to all blocks) and columns (each key with probability 0.1) per head:
     masks of every shape for checking the attention call against its element-mask oracle.
     ``shared``: each GQA group reads its union (as ``SampleConfig.group_union``)."""
     layout = SampleLayout.create(S, SampleConfig(block_size=block_size))
     draw = {"device": device, "generator": generator}
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), **draw)
-    selection = ColumnSelection(windows, torch.rand(B, Hq, S, **draw) < 0.1, layout)
+    selection = WindowColumns(windows, torch.rand(B, Hq, S, **draw) < 0.1, layout)
     return selection.shared_by_group(Hq // Hkv) if shared else selection

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -72,3 +73,29 @@ def interleaved_medians(
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - begin)
     return [statistics.median(times) for times in samples]
+
+
+class StageTimer:
+    """Wall time per stage, synchronising the device so asynchronous work is counted."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled and not torch.compiler.is_compiling()
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        # named for torch.profiler (bench/plan_stages.py attributes launches and syncs to it)
+        with torch.profiler.record_function(f"flexsample::{name}"):
+            yield
+            self._sync()
+        self.times[name] = time.perf_counter() - start

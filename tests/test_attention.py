@@ -8,14 +8,13 @@ import torch.nn.functional as F
 
 from flexsample import (
     SampleConfig,
-    build_block_mask,
+    WindowColumns,
     flex_sample_attention,
-    gather_keys,
-    keep_mask,
     plan_prefill,
     sparse_attention,
     sparse_attention_reference,
 )
+from flexsample.patterns.window_columns import build_block_mask, gather_keys
 from flexsample.synthetic import planted_qkv
 from flexsample.testing import random_qkv as _qkv
 from flexsample.testing import random_selection, rel_rmse
@@ -70,14 +69,14 @@ def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, 
     got = sparse_attention(q, gather_keys(k, gathered), gather_keys(v, gathered), bm, D**-0.5)
     cols = sel.columns
     ref = sparse_attention_reference(
-        q.double(), k.double(), v.double(), windows, cols, lay, D**-0.5
+        q.double(), k.double(), v.double(), WindowColumns(windows, cols, lay), D**-0.5
     )
     if dtype == torch.float32:
         assert float((got.double() - ref).abs().max()) < 1e-4
     else:
         # FlashAttention's rule: a low-precision kernel may err at most about twice as much
         # as PyTorch's own low-precision computation of the same masked attention.
-        allowed = keep_mask(windows, cols, lay, torch.arange(S))
+        allowed = WindowColumns(windows, cols, lay).keep(torch.arange(S))
         base = F.scaled_dot_product_attention(
             q,
             k.repeat_interleave(group, 1),
@@ -111,7 +110,7 @@ def test_planted_structure_keeps_alpha_of_true_mass(sampler):
         .masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
         .softmax(-1)
     )
-    keep = keep_mask(plan.window_blocks, plan.attended_columns(), lay, torch.arange(S))
+    keep = plan.pattern.keep(torch.arange(S))
     kept = (probs * keep).sum(-1)  # (B, H, S) mass kept per row
     rows = lay.sampled_rows()
     per_segment = kept[:, :, rows].mean(-1)  # (B, H, segments)

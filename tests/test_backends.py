@@ -12,20 +12,19 @@ import pytest
 import torch
 
 from flexsample import (
-    ColumnSelection,
     SampleConfig,
     SampleLayout,
+    WindowColumns,
     bucket_length,
-    build_block_mask,
     flash_unavailable,
     flex_sample_attention,
-    gather_keys,
     plan_prefill,
     run_plan,
     sparse_attention,
 )
-from flexsample.attention import resolve_backend
-from flexsample.masks import bucketed_shape, pad_sequence
+from flexsample.backends import resolve_backend
+from flexsample.masks import pad_sequence
+from flexsample.patterns.window_columns import bucketed_shape, build_block_mask, gather_keys
 from flexsample.testing import random_qkv as _qkv
 from flexsample.testing import random_selection
 
@@ -116,7 +115,7 @@ def test_padded_mask_gives_the_unpadded_output(B, Hq, Hkv, S, D, bs, shared, dty
 
 def test_padded_shapes_are_checked():
     lay = SampleLayout.create(300, SampleConfig(block_size=64))
-    sel = ColumnSelection(torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, 300).bool(), lay)
+    sel = WindowColumns(torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2, 300).bool(), lay)
     with pytest.raises(ValueError, match="padded shape"):
         build_block_mask(sel.window_blocks, sel.gathered(1), lay, padded=(256, 512))
     with pytest.raises(ValueError, match="shorter than"):
@@ -141,10 +140,9 @@ def test_static_shapes_compile_once_per_bucket():
         if S % 3 == 0:  # a chunk: the last 700 queries
             q = q[:, :, -700:].contiguous()
         plan = plan_prefill(q, k, cfg)
-        padded = bucketed_shape(plan.layout, plan.gathered.positions.shape[-1])
-        shapes.add(padded)
-        mask = build_block_mask(plan.window_blocks, plan.gathered, plan.layout, padded=padded)
-        bucketed = dataclasses.replace(plan, padded=padded, block_mask=mask)
+        call = plan.pattern.compile(plan.num_heads // k.shape[1], static=True)
+        shapes.add(call.padded)
+        bucketed = dataclasses.replace(plan, padded=call.padded, call=call)
         cases.append((plan, q, k, v, run_plan(bucketed, q, k, v)))
     static = len(_debug_get_cache_entry_list(flex_attention.__code__))
     print(f"10 lengths: {len(shapes)} padded shapes, {static} static compilations")
@@ -158,7 +156,7 @@ def test_flash_mask_mod_means_the_same_mask():
     refuses 0-d tensors); evaluated eagerly it must be the same mask as the default one."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from flexsample.masks import key_codes, sample_attention_mask_mod
+    from flexsample.patterns.window_columns import key_codes, sample_attention_mask_mod
 
     B, Hq, Hkv, S, bs = 2, 4, 2, 700, 64
     sel = random_selection(B, Hq, Hkv, S, bs, shared=True)
@@ -182,7 +180,7 @@ def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
     """A FlashAttention-4 call that fails runs on Triton with a warning, and the failure is
     remembered for later plans (``flash_unavailable``). (On CPU FlexAttention ignores the
     FLASH option, so the failure is simulated: the error H200 runs raised before 6bfffe8.)"""
-    from flexsample import attention
+    from flexsample import attention, backends
 
     def failing_compile():
         def run(*args, **kwargs):
@@ -191,7 +189,7 @@ def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
 
         return run
 
-    monkeypatch.setattr(attention, "_FLASH_FAILED", {})
+    monkeypatch.setattr(backends, "_FLASH_FAILED", {})
     monkeypatch.setattr(attention, "compiled_static_flex_attention", failing_compile)
     B, Hq, Hkv, S, D, bs = 1, 4, 2, 600, 64, 64
     q, k, v = _qkv(B, Hq, Hkv, S, D, torch.bfloat16)
@@ -203,8 +201,8 @@ def test_a_failing_flash_call_runs_on_triton_visibly(caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="flexsample"):
         got = sparse_attention(q, keys, values, mask, D**-0.5, "flash")
     torch.testing.assert_close(got, want)
-    assert "FlashAttention-4 failed" in caplog.text and "TensorSSA" in caplog.text
-    assert list(attention._FLASH_FAILED) == [(None, torch.bfloat16, D)]
+    assert "flash backend failed" in caplog.text and "TensorSSA" in caplog.text
+    assert list(backends._FLASH_FAILED) == [(None, torch.bfloat16, D)]
 
 
 @pytest.mark.parametrize("B, Hq, Hkv, S", [(1, 4, 4, 300), (2, 4, 2, 517), (1, 6, 2, 1000)])

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import flexsample as fs
 from flexsample.attention import sparse_attention_reference
 from flexsample.layout import SampleLayout
-from flexsample.masks import pair_density
+from flexsample.patterns import WindowColumns
+from flexsample.patterns.window_columns import pair_density
 from flexsample.sampling import run_sampler
-from flexsample.selection import keep_mask
 from flexsample.synthetic import planted_qkv
 from flexsample.testing import rel_rmse
 
@@ -64,19 +64,19 @@ def test_sparse_chunk_equals_its_reference(B, Hq, Hkv, S, L, dtype):
     assert plan.path == "sparse" and plan.query_len == L and plan.seq_len == S
     out = fs.run_plan(plan, q, k, v)
     assert out.shape == q.shape and out.dtype == dtype
-    columns = plan.attended_columns()
-    ref = sparse_attention_reference(q, k, v, plan.window_blocks, columns, plan.layout, plan.scale)
+    ref = sparse_attention_reference(q, k, v, plan.pattern, plan.scale)
     # The same mask read off the whole prompt: rows S - L .. S - 1 of the full computation.
     whole = SampleLayout.create(S, CFG)
-    full = sparse_attention_reference(q_full, k, v, plan.window_blocks, columns, whole, plan.scale)
+    as_whole = WindowColumns(plan.pattern.window_blocks, plan.pattern.columns, whole)
+    full = sparse_attention_reference(q_full, k, v, as_whole, plan.scale)
     assert torch.equal(ref, full[:, :, S - L :])
     assert rel_rmse(out, ref) < (2e-6 if dtype == torch.float32 else 1e-2)
     # Density counts the chunk's own causal pairs.
     rows = torch.arange(S - L, S)
-    kept = keep_mask(plan.window_blocks, columns, whole, rows).sum(dim=(-1, -2)).double()
+    kept = as_whole.keep(rows).sum(dim=(-1, -2)).double()
     causal = (rows + 1).sum().double()
     torch.testing.assert_close(plan.density, kept / causal)
-    density = pair_density(plan.window_blocks, columns, plan.layout)
+    density = pair_density(plan.pattern.window_blocks, plan.pattern.columns, plan.layout)
     torch.testing.assert_close(density, kept / causal)
 
 
@@ -88,7 +88,7 @@ def test_every_sampled_row_of_a_chunk_keeps_alpha(B, Hq, Hkv, S, L):
     layout = plan.layout
     probs = _sampled_probabilities(q_full, k, layout, plan.scale)
     rows = layout.sampled_rows().flatten()
-    keep = keep_mask(plan.window_blocks, plan.attended_columns(), layout, rows)
+    keep = plan.pattern.keep(rows)
     kept = (probs * keep).sum(dim=-1)
     # Each row keeps alpha, or misses only keys under the cover's floor.
     floor = fs.cover.key_floor(cfg.alpha)

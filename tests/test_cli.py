@@ -9,6 +9,7 @@ pytest.importorskip("transformers")
 from flexsample import SampleConfig
 from flexsample.integrations.cli import build_parser, config_from_args, main
 from flexsample.integrations.demo import DemoResult, MethodRun, explain
+from flexsample.presets import preset
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def test_bad_values_are_argparse_errors(argv, words, capsys):
         (["compare", "--tasks", "flexsample_paskey_2k"], "did you mean flexsample_passkey_2k"),
         (
             ["compare", "--tasks", "flexsample_passkey_2k", "--model_args", "alpah=0.9"],
-            "unknown model argument 'alpah': did you mean alpha? SampleConfig fields: alpha,",
+            "unknown model argument 'alpah': did you mean alpha? SampleConfig fields: preset,",
         ),
         (
             ["compare", "--tasks", "flexsample_passkey_2k", "--model_args", "alpha=2"],
@@ -107,8 +108,12 @@ def test_errors_in_a_run_are_one_line_unless_debug(capsys, monkeypatch):
 
 
 def test_config_options_build_a_sample_config():
-    args = build_parser().parse_args(["demo", "--alpha", "0.9", "--window-ratio", "0.05"])
-    assert config_from_args(args) == SampleConfig(alpha=0.9, window_ratio=0.05)
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["demo"])) == SampleConfig()
+    args = parse(["demo", "--preset", "0.3", "--alpha", "0.9"])
+    assert config_from_args(args) == preset("0.3").replace(alpha=0.9)
+    with pytest.raises(SystemExit):
+        parse(["demo", "--preset", "0.9"])
 
 
 def test_eval_help_names_the_model_its_arguments_and_the_tasks(capsys):

@@ -1,17 +1,21 @@
+import dataclasses
 import math
 import re
 
 import pytest
 
-from flexsample import SampleConfig, SampleLayout
+from flexsample import SampleConfig, SampleLayout, Selection
+from flexsample.presets import PRESETS, preset
 
 
 def test_defaults_follow_the_paper():
     c = SampleConfig()
     assert c.alpha == 0.95 and c.sample_ratio == 0.05 and c.block_size == 128
     assert c.max_sampled_rows == 4096  # binds from about 80K tokens on
-    # 0.2: the window adapts per head, columns are single tokens, the sink is a column
-    assert c.window_ratio is None and c.column_unit == "token" and c.sink_blocks == 0
+    # 0.2 on: the window adapts per head, columns are single tokens, the sink is a column;
+    # 0.3 on: every sampled row keeps alpha; 0.4 on: each query head reads its own columns
+    assert c.selection == Selection(cover_rows=True, group_union=False, window_ratio=None)
+    assert c.selection.column_unit == "token" and c.selection.sink_blocks == 0
 
 
 @pytest.mark.parametrize(
@@ -47,8 +51,39 @@ def test_defaults_follow_the_paper():
     ],
 )
 def test_bad_config_names_the_field(field, value, error, words):
+    selection = field in {f.name for f in dataclasses.fields(Selection)}
     with pytest.raises(error, match=re.escape(words)):
-        SampleConfig(**{field: value})
+        if selection:
+            Selection(**{field: value})
+        else:
+            SampleConfig(**{field: value})
+    with pytest.raises(error, match=re.escape(f"SampleConfig.{'selection.' * selection}{field}")):
+        SampleConfig().replace(**{field: value})
+
+
+def test_config_from_plain_fields_and_presets():
+    assert SampleConfig.from_fields({}) == SampleConfig()
+    config = SampleConfig.from_fields({"preset": "0.3", "alpha": 0.9, "cover_rows": False})
+    assert config == preset("0.3").replace(alpha=0.9, cover_rows=False)
+    assert config.selection.group_union and not config.selection.cover_rows
+    with pytest.raises(
+        ValueError, match="unknown SampleConfig fields \\['alhpa'\\]; known: preset"
+    ):
+        SampleConfig.from_fields({"alhpa": 0.9})
+    with pytest.raises(ValueError, match=re.escape("unknown preset '0.9': one of defaults, 0.1")):
+        SampleConfig.from_fields({"preset": "0.9"})
+    with pytest.raises(ValueError, match=re.escape("SampleConfig.selection.window_ratio must")):
+        SampleConfig.from_fields({"window_ratio": 2})
+    with pytest.raises(TypeError, match=re.escape("SampleConfig.selection must be a Selection")):
+        SampleConfig(selection={"cover_rows": False})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_distinct_and_documented(name):
+    config, text = PRESETS[name]
+    assert isinstance(config, SampleConfig) and len(text) > 20
+    others = [c for n, (c, _) in PRESETS.items() if n != name]
+    assert config not in others
 
 
 def test_replace_validates():

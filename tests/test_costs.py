@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flexsample as fs
-from flexsample import costs
+from flexsample import calibration, costs
 from flexsample.synthetic import planted_qkv
 
 # Made-up rates with the shape of a real device: dense and sparse cost the same per pair,
@@ -40,17 +40,21 @@ def model(monkeypatch):
 
 
 def test_fit_recovers_rates_and_stays_non_negative():
-    assert costs._fit([((0.0,), 2.0), ((1.0,), 5.0), ((3.0,), 11.0)]) == pytest.approx((2, 3))
-    fixed, rate = costs._fit([((1.0,), 5.0), ((2.0,), 4.0)])  # noise: time falls with work
+    assert calibration.fit_rates([((0.0,), 2.0), ((1.0,), 5.0), ((3.0,), 11.0)]) == pytest.approx(
+        (2, 3)
+    )
+    fixed, rate = calibration.fit_rates(
+        [((1.0,), 5.0), ((2.0,), 4.0)]
+    )  # noise: time falls with work
     # The fixed cost alone, fitted in relative terms: sum(1/y) / sum(1/y^2).
     assert rate == 0.0 and fixed == pytest.approx(0.45 / 0.1025)
     # A small fixed cost that decides the short lengths survives a long length's weight
     # (an absolute fit loses it: 1e-3 against 1e-1 of seconds).
     points = [((w,), 4e-4 + 1e-9 * w) for w in (1e5, 1e6, 1e8)]
-    assert costs._fit(points) == pytest.approx((4e-4, 1e-9), rel=1e-6)
+    assert calibration.fit_rates(points) == pytest.approx((4e-4, 1e-9), rel=1e-6)
     # Two terms over many decades, as planning's keys and (row, key) products.
     points = [((s, s * s * 1e3), 1e-3 + 2e-8 * s + 3e-14 * s * s * 1e3) for s in (2e3, 8e3, 3e4)]
-    assert costs._fit(points) == pytest.approx((1e-3, 2e-8, 3e-14), rel=1e-6)
+    assert calibration.fit_rates(points) == pytest.approx((1e-3, 2e-8, 3e-14), rel=1e-6)
 
 
 def test_short_sequences_run_dense_without_planning(model):
@@ -139,7 +143,7 @@ def test_too_dense_a_selection_runs_dense_after_planning(model, monkeypatch):
 
 def test_the_probe_verdict_weighs_the_selection_it_expects(model, monkeypatch):
     # The probe's estimate is a lower bound; the selection comes out about twice as dense on
-    # real attention (costs.SELECTION_OVER_PROBE, 1.7). At 0.6 a plan would pay, at 1.0 not.
+    # real attention (tuning.SELECTION_OVER_PROBE, 1.7). At 0.6 a plan would pay, at 1.0 not.
     model(
         dataclasses.replace(
             MODEL, dense_pair_s=2e-10, sparse_pair_s=3e-10, sparse_fixed_s=1e-4,
@@ -207,7 +211,9 @@ def test_builtin_table_covers_cpu_and_cuda():
 
 @pytest.mark.slow
 def test_calibrate_measures_a_usable_model():
-    m = costs.calibrate(torch.device("cpu"), torch.float32, lengths=(1024, 1536, 2048), repeats=1)
+    m = calibration.calibrate(
+        torch.device("cpu"), torch.float32, lengths=(1024, 1536, 2048), repeats=1
+    )
     assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
     assert m.dense_pair_s > 0 and m.plan_pair_s >= 0 and m.sparse_pair_s >= 0
     assert m.probe_pair_s is not None and m.probe_pair_s >= 0 and m.probe_fixed_s >= 0

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from flexsample import SampleConfig, SampleLayout, keep_mask, select_columns
-from flexsample.cover import KEY_FLOOR_DIVISOR, cover_row_chunk, cover_rows
+from flexsample import SampleConfig, SampleLayout, WindowColumns, select_columns
+from flexsample.cover import cover_row_chunk, cover_rows
 from flexsample.plan import plan_prefill
 from flexsample.sampling import (
     sample_column_scores_reference,
@@ -15,6 +15,7 @@ from flexsample.sampling import (
     triton_available,
 )
 from flexsample.synthetic import planted_qkv
+from flexsample.tuning import KEY_FLOOR_DIVISOR
 
 # (B, Hq, Hkv, S, D, block_size, segments, sample_ratio): lengths off the block grid, GQA,
 # batch > 1.
@@ -36,7 +37,7 @@ def _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, **config):
     # Rows whose heavy keys differ from their segment's: random extra logits per row make
     # the segment mean a poor cover for some rows.
     q = (q.float() + 0.6 * torch.randn_like(q.float())).to(dtype)
-    cfg = SampleConfig(block_size=bs, num_segments=segments, sample_ratio=ratio, **config)
+    cfg = SampleConfig(block_size=bs, num_segments=segments, sample_ratio=ratio).replace(**config)
     return q, k, SampleLayout.create(S, cfg), cfg
 
 
@@ -44,7 +45,7 @@ def _probs_and_keep(q, k, layout, window_blocks, columns):
     """float64 probabilities of the sampled rows and the mask's keys, each (B, Hq, G*r, S)."""
     p = sampled_row_probabilities(q, k, layout, q.shape[-1] ** -0.5)
     rows = layout.sampled_rows().flatten()
-    return p, keep_mask(window_blocks, columns, layout, rows)
+    return p, WindowColumns(window_blocks, columns, layout).keep(rows)
 
 
 def _exact_row_mass(q, k, layout, window_blocks, columns):
@@ -268,9 +269,9 @@ def test_plan_reports_row_mass_and_cover_can_be_turned_off():
     plain = plan_prefill(q, k, cfg.replace(cover_rows=False))
     assert plain.row_mass is None
     # The cover only adds columns to what the segments chose.
-    assert bool((plan.selection.columns >= plain.selection.columns).all())
+    assert bool((plan.pattern.columns >= plain.pattern.columns).all())
 
 
 def test_cover_rows_must_be_a_bool():
     with pytest.raises(TypeError, match="cover_rows"):
-        SampleConfig(cover_rows=1)
+        SampleConfig().replace(cover_rows=1)

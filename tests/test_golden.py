@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import flexsample as fs
+from flexsample.presets import preset
 from flexsample.synthetic import planted_qkv
 
 GOLDEN = Path(__file__).with_name("data") / "golden.pt"
@@ -49,7 +50,7 @@ CASES = {
     ),
     "0.2-selection-S1100": (
         1, 8, 2, 1100, 1100, 32, F32, "planted",
-        SPARSE(min_window=128, group_union=True, cover_rows=False),
+        preset("0.2").replace(min_seq_len=0, max_density=1.0),
     ),
     "fixed-window-S1100": (1, 8, 2, 1100, 1100, 32, F32, "planted", SPARSE(window_ratio=0.08)),
     # What the project CPU's cost model decides at the defaults (the table is fixed).
@@ -79,9 +80,9 @@ def _record(name: str) -> dict:
     }
     if plan.path == "sparse":
         record.update(
-            window_blocks=plan.selection.window_blocks,
-            columns=plan.selection.columns,
-            positions=plan.gathered.positions,
+            window_blocks=plan.pattern.window_blocks,
+            columns=plan.pattern.columns,
+            positions=plan.call.gathered.positions,
             density=plan.density.double(),
             row_mass=None if plan.row_mass is None else plan.row_mass.double(),
         )

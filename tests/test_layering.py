@@ -64,3 +64,46 @@ def test_no_private_names_are_imported_across_modules(folder):
         and any(part.startswith("_") for part in module.split(".")[1:])
     ]
     assert not offenders, offenders
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports (at the top, in a
+    function or for type checking alike), a package's own ``__init__`` left out of its
+    submodules' arrows."""
+    modules = {_module_name(p): p for p in _modules(PACKAGE)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for module, names in _imports(path):
+            for target in [f"{module}.{n}" for n in names] + [module]:
+                if target in modules:
+                    targets.add(target)
+                    break
+        graph[name] = {t for t in targets if t != name and not name.startswith(f"{t}.")}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    """No circles: the pipeline's modules stand on each other in one direction."""
+    graph = _import_graph()
+    assert "flexsample.plan" in graph and "flexsample.patterns.window_columns" in graph
+    cycles, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join([*trail[trail.index(nxt) :], node, nxt]))
+            elif nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, cycles

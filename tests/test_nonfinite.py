@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import flexsample as fs
-from flexsample.attention import flash_unavailable
+from flexsample.backends import flash_unavailable
 from flexsample.synthetic import planted_qkv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

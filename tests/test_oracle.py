@@ -63,7 +63,7 @@ def test_scoring_a_subset_of_rows():
     rows = torch.tensor([5, 100, 217, 332])
     some = evaluate_plan(q, k, v, plan, chunk=3, rows=rows)
     # Their own pairs: the plan's mask on those rows, counted by hand.
-    keep = fs.keep_mask(plan.window_blocks, plan.attended_columns(), plan.layout, rows)
+    keep = plan.pattern.keep(rows)
     assert some.density == pytest.approx(float(keep.sum()) / (2 * 4 * float((rows + 1).sum())))
     oracle = oracle_frontier(q, k, v, [0.9], chunk=3, rows=rows)[0.9]
     assert oracle.kept_mass_min >= 0.9 - 1e-9 and oracle.density <= some.density

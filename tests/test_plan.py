@@ -13,8 +13,8 @@ def test_plan_then_run_equals_flex_sample_attention(B, S):
     cfg = fs.SampleConfig.always_sparse(block_size=64, min_window=64)
     plan = fs.plan_prefill(q, k, cfg)
     assert plan.path == "sparse" and plan.sampler == "torch"
-    assert plan.selection.columns.shape == (B, 4, S) and plan.window_blocks.shape == (B, 4)
-    positions = plan.gathered.positions
+    assert plan.pattern.columns.shape == (B, 4, S) and plan.pattern.window_blocks.shape == (B, 4)
+    positions = plan.call.gathered.positions
     assert positions.shape[:2] == (B, 2) and positions.shape[2] % 64 == 0
     assert plan.density.shape == (B, 4) and float(plan.density.max()) < 1.0
     assert bool((plan.kept_sampled_mass() >= cfg.alpha - 1e-6).all())

@@ -7,7 +7,6 @@ import flexsample as fs
 from flexsample.layout import SampleLayout
 from flexsample.probe import estimate_from_needs, fewest_keys, probe_density, probe_rows
 from flexsample.sampling import triton_available
-from flexsample.selection import keep_mask
 from flexsample.synthetic import planted_qkv
 
 
@@ -85,7 +84,9 @@ def test_triton_probe_matches_the_sorted_count(B, Hq, Hkv, S, L, D, inputs, dtyp
     if inputs == "random":
         q, k = torch.randn_like(q), torch.randn_like(k)
     q = q[:, :, S - L :]
-    layout = SampleLayout.create(S, fs.SampleConfig(block_size=64, sink_blocks=1), query_len=L)
+    layout = SampleLayout.create(
+        S, fs.SampleConfig(block_size=64).replace(sink_blocks=1), query_len=L
+    )
     pos = probe_rows(layout)
     counts, reach = probe_needs_triton(
         q.to(device), k.to(device), layout, pos.to(device), alpha, D**-0.5
@@ -149,7 +150,7 @@ def test_every_covered_row_keeps_at_least_the_probes_count():
     causal = torch.arange(S) <= pos[:, None]
     p = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     needed = fewest_keys(p, config.alpha)  # (1, Hq, R)
-    keep = keep_mask(plan.window_blocks, plan.attended_columns(), layout, pos)  # (1, Hq, R, S)
+    keep = plan.pattern.keep(pos)  # (1, Hq, R, S)
     kept_mass = (p * keep).sum(dim=-1)
     kept_keys = keep.sum(dim=-1)
     covered = kept_mass >= config.alpha

@@ -9,16 +9,20 @@ from torch.nn.attention.flex_attention import create_mask
 from flexsample import (
     SampleConfig,
     SampleLayout,
-    build_block_mask,
-    keep_mask,
-    kept_sampled_mass,
-    pair_density,
+    WindowColumns,
     sample_column_scores_reference,
     select_columns,
+)
+from flexsample.layout import window_pairs
+from flexsample.masks import block_map_indices
+from flexsample.patterns.window_columns import (
+    block_maps,
+    build_block_mask,
+    key_codes,
+    kv_block_indices,
+    pair_density,
     tile_coverage,
 )
-from flexsample.masks import block_map_indices, block_maps, key_codes, kv_block_indices
-from flexsample.selection import ColumnSelection, window_pairs
 from flexsample.synthetic import planted_qkv
 
 
@@ -30,8 +34,10 @@ def _scores(B, Hq, Hkv, S, cfg, seed=0, **planted):
 
 CONFIGS = [
     pytest.param(SampleConfig(block_size=64), id="adaptive-tokens"),
-    pytest.param(SampleConfig(block_size=32, column_unit="block"), id="adaptive-blocks"),
-    pytest.param(SampleConfig(block_size=64, window_ratio=0.1, sink_blocks=1), id="fixed-sink"),
+    pytest.param(SampleConfig(block_size=32).replace(column_unit="block"), id="adaptive-blocks"),
+    pytest.param(
+        SampleConfig(block_size=64).replace(window_ratio=0.1, sink_blocks=1), id="fixed-sink"
+    ),
     pytest.param(SampleConfig(block_size=16, min_window=0, num_segments=3), id="floor0-bs16"),
 ]
 
@@ -42,7 +48,7 @@ def test_selection_reaches_alpha_for_every_segment(cfg, alpha):
     scores, layout = _scores(2, 4, 2, 1000, cfg, stripes=(2, 5), stripe_width=3)
     sel = select_columns(scores, layout, alpha)
     assert sel.window_blocks.shape == (2, 4) and sel.columns.shape == (2, 4, 1000)
-    kept = kept_sampled_mass(scores, sel.window_blocks, sel.columns, layout)
+    kept = WindowColumns(sel.window_blocks, sel.columns, layout).kept_sampled_mass(scores)
     assert (kept >= alpha - 1e-5).all()
     assert sel.columns[..., : layout.sink_tokens].all()  # the sink is always kept
 
@@ -60,7 +66,7 @@ def test_weighing_only_the_heaviest_units_keeps_alpha_and_costs_no_fewer_pairs(c
     whole_pairs = pair_density(whole.window_blocks, whole.columns, layout)
     for top in (1, 7, 64, 300):
         sel = select_columns(scores, layout, 0.9, top_units=top)
-        kept = kept_sampled_mass(scores, sel.window_blocks, sel.columns, layout)
+        kept = WindowColumns(sel.window_blocks, sel.columns, layout).kept_sampled_mass(scores)
         assert (kept >= 0.9 - 1e-5).all(), top
         density = pair_density(sel.window_blocks, sel.columns, layout)
         assert (density >= whole_pairs - 1e-12).all(), top
@@ -111,7 +117,7 @@ def test_a_short_first_list_gives_the_same_selection(cfg, structure, monkeypatch
 
 
 def test_block_columns_are_whole_blocks():
-    cfg = SampleConfig(block_size=32, column_unit="block")
+    cfg = SampleConfig(block_size=32).replace(column_unit="block")
     scores, layout = _scores(1, 2, 1, 700, cfg, stripes=3, stripe_width=1)
     cols = select_columns(scores, layout, 0.95).columns
     padded = torch.nn.functional.pad(cols, (0, layout.num_blocks * 32 - 700))
@@ -124,7 +130,7 @@ def _pairs(window: int, columns: torch.Tensor, layout: SampleLayout) -> int:
     """(query, key) pairs of one head, by the element mask."""
     rows = torch.arange(layout.seq_len)
     w = torch.tensor([[window]])
-    return int(keep_mask(w, columns[None, None], layout, rows).sum())
+    return int(WindowColumns(w, columns[None, None], layout).keep(rows).sum())
 
 
 def test_window_choice_computes_the_fewest_pairs():
@@ -149,7 +155,7 @@ def test_window_choice_computes_the_fewest_pairs():
 
 def test_each_segment_cover_is_its_smallest():
     """Brute force over column subsets for one segment and a fixed window."""
-    cfg = SampleConfig(block_size=16, window_ratio=0.1, min_window=0, num_segments=1)
+    cfg = SampleConfig(block_size=16, min_window=0, num_segments=1).replace(window_ratio=0.1)
     layout = SampleLayout.create(200, cfg)  # window: 2 blocks, from key 160 for the last row
     scores = torch.zeros(1, 1, 1, 200)
     scores[0, 0, 0, [3, 50, 70, 90, 120]] = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.05])
@@ -162,7 +168,7 @@ def test_each_segment_cover_is_its_smallest():
 
 
 def test_selection_unions_segments():
-    cfg = SampleConfig(block_size=16, window_ratio=0.0, min_window=0, num_segments=2)
+    cfg = SampleConfig(block_size=16, min_window=0, num_segments=2).replace(window_ratio=0.0)
     layout = SampleLayout.create(400, cfg)
     scores = torch.zeros(1, 1, 2, 400)
     scores[0, 0, 0, [10, 199]] = torch.tensor([0.9, 0.1])  # segment 0 needs column 10
@@ -172,7 +178,7 @@ def test_selection_unions_segments():
 
 
 def test_selection_keeps_no_columns_when_the_window_suffices():
-    layout = SampleLayout.create(400, SampleConfig(block_size=16, window_ratio=0.2))
+    layout = SampleLayout.create(400, SampleConfig(block_size=16).replace(window_ratio=0.2))
     scores = torch.zeros(1, 1, layout.num_segments, 400)
     for g, end in enumerate(layout.segment_ends()):
         scores[0, 0, g, end - 10 : end] = 0.1  # all mass right behind the row
@@ -200,7 +206,7 @@ def test_gathered_lists_each_query_heads_own_columns_in_order():
     cols[0, 0, [5, 40]] = True
     cols[0, 1, [40, 7, 90]] = True  # same kv head as head 0
     cols[0, 3, 60] = True
-    sel = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout)
+    sel = WindowColumns(torch.zeros(1, 4, dtype=torch.int64), cols, layout)
     gathered = sel.gathered(group=2)
     positions = gathered.positions
     # one slice per query head, 3 columns at most, rounded up to a block of 16
@@ -216,7 +222,7 @@ def test_gathered_lists_each_query_heads_own_columns_in_order():
     assert codes[0, 1, :16].eq(-101).all() and codes[0, 1, 16:19].tolist() == [-8, -41, -91]
     assert codes[0, 0, :2].tolist() == [-6, -41] and codes[0, 0, 16:32].eq(-101).all()
     assert codes[0, 2, 32:].tolist() == list(range(100))
-    empty = ColumnSelection(sel.window_blocks, torch.zeros_like(cols), layout)
+    empty = WindowColumns(sel.window_blocks, torch.zeros_like(cols), layout)
     assert empty.gathered(group=2).positions.shape == (1, 2, 0)
 
 
@@ -226,7 +232,7 @@ def test_group_union_is_gathered_once_per_kv_head():
     cols[0, 0, [5, 40]] = True
     cols[0, 1, [40, 7, 90]] = True
     cols[0, 3, 60] = True
-    shared = ColumnSelection(torch.zeros(1, 4, dtype=torch.int64), cols, layout).shared_by_group(2)
+    shared = WindowColumns(torch.zeros(1, 4, dtype=torch.int64), cols, layout).shared_by_group(2)
     assert shared.columns[0, 0].nonzero().flatten().tolist() == [5, 7, 40, 90]
     assert torch.equal(shared.columns[0, 0], shared.columns[0, 1])
     assert shared.columns[0, 2].nonzero().flatten().tolist() == [60]
@@ -242,7 +248,7 @@ def test_group_union_is_gathered_once_per_kv_head():
     assert codes.shape == (1, 4, 116)
     assert codes[0, 0, :4].tolist() == codes[0, 1, :4].tolist() == [-6, -8, -41, -91]
     # the same selection without the promise gathers one slice per query head
-    plain = ColumnSelection(shared.window_blocks, shared.columns, layout).gathered(group=2)
+    plain = WindowColumns(shared.window_blocks, shared.columns, layout).gathered(group=2)
     assert plain.slices == 2 and plain.positions.shape == (1, 2, 32)
 
 
@@ -251,7 +257,7 @@ def _random_selection(B, Hq, Hkv, S, bs, seed, shared=False):
     layout = SampleLayout.create(S, SampleConfig(block_size=bs))
     windows = torch.randint(0, layout.num_blocks + 1, (B, Hq), generator=gen)
     cols = torch.rand(B, Hq, S, generator=gen) < 0.08
-    sel = ColumnSelection(windows, cols, layout)
+    sel = WindowColumns(windows, cols, layout)
     if shared:
         sel = sel.shared_by_group(Hq // Hkv)
     return sel, layout, Hq // Hkv
@@ -274,7 +280,7 @@ def test_block_indices_are_the_block_maps_indices(B, Hq, Hkv, S, L, bs, density,
     gen = torch.Generator().manual_seed(S + L)
     layout = SampleLayout.create(S, SampleConfig(block_size=bs), query_len=L)
     windows = torch.randint(0, layout.num_blocks + 2, (B, Hq), generator=gen)
-    sel = ColumnSelection(windows, torch.rand(B, Hq, S, generator=gen) < density, layout)
+    sel = WindowColumns(windows, torch.rand(B, Hq, S, generator=gen) < density, layout)
     if shared:
         sel = sel.shared_by_group(Hq // Hkv)
     gathered = sel.gathered(Hq // Hkv)
@@ -325,7 +331,7 @@ def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs, shared):
     original = torch.where(codes < 0, -codes - 1, codes)  # (B, Hq, L); other heads' slices: S
     dense = torch.zeros(B, Hq, S, S + 1, dtype=torch.int32)
     dense.scatter_add_(-1, original[:, :, None, :].expand(B, Hq, S, L), kept.int())
-    expect = keep_mask(sel.window_blocks, sel.columns, layout, torch.arange(S))
+    expect = WindowColumns(sel.window_blocks, sel.columns, layout).keep(torch.arange(S))
     assert dense[..., :S].max() <= 1  # no key read twice
     assert torch.equal(dense[..., :S] > 0, expect)
     assert not dense[..., S].any()  # padding is never read
@@ -334,15 +340,15 @@ def test_block_mask_means_the_element_mask(B, Hq, Hkv, S, bs, shared):
 def test_pair_density_and_tile_coverage_count_the_element_mask():
     sel, layout, _ = _random_selection(2, 4, 2, 1000, 64, seed=3)
     cols = sel.columns
-    mask = keep_mask(sel.window_blocks, cols, layout, torch.arange(1000))
+    mask = WindowColumns(sel.window_blocks, cols, layout).keep(torch.arange(1000))
     expect = mask.sum(dim=(-1, -2)).double() / (1000 * 1001 / 2)
     assert torch.allclose(pair_density(sel.window_blocks, cols, layout), expect)
     # With a sink and windows past the last block (seed 4), on a length off the block grid.
     gen = torch.Generator().manual_seed(4)
-    sunk = SampleLayout.create(777, SampleConfig(block_size=32, sink_blocks=2))
+    sunk = SampleLayout.create(777, SampleConfig(block_size=32).replace(sink_blocks=2))
     windows = torch.randint(0, sunk.num_blocks + 5, (1, 3), generator=gen)
     picked = torch.rand(1, 3, 777, generator=gen) < 0.1
-    kept = keep_mask(windows, picked, sunk, torch.arange(777)).sum(dim=(-1, -2)).double()
+    kept = WindowColumns(windows, picked, sunk).keep(torch.arange(777)).sum(dim=(-1, -2)).double()
     assert torch.allclose(pair_density(windows, picked, sunk), kept / (777 * 778 / 2))
     cover = tile_coverage(sel.window_blocks, cols, layout)
     assert cover.shape == (2, 4, 16, 16)
@@ -357,7 +363,9 @@ def test_window_candidates():
     assert lay.window_candidates() == [1, 2, 4, 8, 16, 32, 64]
     lay = SampleLayout.create(1000, SampleConfig(block_size=64, min_window=0))
     assert lay.window_candidates() == [0, 1, 2, 4, 8, 16]
-    fixed = SampleLayout.create(1000, SampleConfig(block_size=64, window_ratio=0.2, min_window=128))
+    fixed = SampleLayout.create(
+        1000, SampleConfig(block_size=64, min_window=128).replace(window_ratio=0.2)
+    )
     assert fixed.window_candidates() == [4]
 
 
@@ -369,9 +377,9 @@ def test_window_candidates():
 def test_window_pairs_count_the_definition(S, bs, sink, query_len):
     """The closed form per query block against counting, query by query, the keys ``j <= q``
     in q's block's window or in the sink (a chunk's last queries too)."""
-    from flexsample.selection import local_pairs
+    from flexsample.layout import local_pairs
 
-    cfg = SampleConfig(block_size=bs, sink_blocks=sink, min_window=bs)
+    cfg = SampleConfig(block_size=bs, min_window=bs).replace(sink_blocks=sink)
     layout = SampleLayout.create(S, cfg, query_len=query_len)
     q = torch.arange(S - query_len, S)[:, None]
     j = torch.arange(S)[None, :]
@@ -389,14 +397,14 @@ def test_window_pairs_count_the_definition(S, bs, sink, query_len):
 def test_window_candidates_in_batches_choose_as_one_at_a_time(unit, monkeypatch):
     """Weighing candidates a batch at a time (few launches) or singly (bounded memory) picks
     the same window and columns, ties to the smallest window included."""
-    import flexsample.selection as selection
+    from flexsample import tuning
 
     q, k, _ = planted_qkv(2, 4, 2, 1300, 32, stripes=(2, 6))
-    cfg = SampleConfig(block_size=64, num_segments=3, sample_ratio=0.1, column_unit=unit)
+    cfg = SampleConfig(block_size=64, num_segments=3, sample_ratio=0.1).replace(column_unit=unit)
     layout = SampleLayout.create(1300, cfg)
     scores = sample_column_scores_reference(q, k, layout, 32**-0.5)
     single = select_columns(scores, layout, 0.95)  # on CPU: one candidate at a time
-    monkeypatch.setitem(selection._SELECT_BUDGET_BYTES, "cpu", 1 << 28)  # all at once
+    monkeypatch.setitem(tuning.SELECT_BUDGET_BYTES, "cpu", 1 << 28)  # all at once
     batched = select_columns(scores, layout, 0.95)
     assert torch.equal(batched.window_blocks, single.window_blocks)
     assert torch.equal(batched.columns, single.columns)

@@ -21,10 +21,6 @@ from flexsample import SampleConfig, __version__
 CONFIG_OPTIONS = {
     "--alpha": ("alpha", "CRA threshold: attention mass every sampled query row keeps"),
     "--sample-ratio": ("sample_ratio", "fraction of query rows sampled"),
-    "--window-ratio": (
-        "window_ratio",
-        "a fixed local window as a fraction of the length; unset, each head's window adapts",
-    ),
 }
 
 
@@ -104,21 +100,33 @@ def _picture_file(text: str) -> Path:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    from flexsample.presets import PRESETS
+
     defaults = SampleConfig()
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="start from a named config: "
+        + "; ".join(f"{name}: {text}" for name, (_, text) in PRESETS.items()),
+    )
     for option, (field, text) in CONFIG_OPTIONS.items():
         parser.add_argument(
             option,
             type=_config_value(field),
-            default=getattr(defaults, field),
-            help=f"{text} (default {getattr(defaults, field)})"
-            if getattr(defaults, field) is not None
-            else text,
+            default=None,
+            help=f"{text} (default {getattr(defaults, field)})",
         )
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
-    """The SampleConfig the command-line options describe (other fields at their defaults)."""
-    return SampleConfig(**{field: getattr(args, field) for field, _ in CONFIG_OPTIONS.values()})
+    """The SampleConfig the command-line options describe: the preset's (or the defaults),
+    with the fields given changed."""
+    fields = {field: getattr(args, field) for field, _ in CONFIG_OPTIONS.values()}
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if args.preset is not None:
+        fields["preset"] = args.preset
+    return SampleConfig.from_fields(fields)
 
 
 def _add_demo(commands) -> None:
@@ -237,14 +245,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from flexsample import costs
+    from flexsample import calibration, costs
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.dtype or (
         ["bfloat16", "float16"] if device.type == "cuda" else ["float32", "bfloat16", "float16"]
     )
     for name in names:
-        model = costs.calibrate(device, getattr(torch, name))
+        model = calibration.calibrate(device, getattr(torch, name))
         if args.as_device:
             model = dataclasses.replace(model, device=args.as_device)
         path = costs.save(model, args.out)

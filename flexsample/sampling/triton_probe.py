@@ -42,9 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import SampleLayout
-from ..probe import MAX_TRITON_ROWS
-from ..selection import window_candidate_tables
+from ..layout import SampleLayout, window_candidate_tables
+from ..tuning import MAX_TRITON_PROBE_ROWS
 from .triton_kernel import LOG2E, key_probabilities, key_scores, launch_settings
 
 #: Bins per halving of the probability: a bin spans a factor of 2 ** (1/4), about 19%.
@@ -344,7 +343,7 @@ def probe_needs_triton(
         k: ``(B, Hkv, S, D)`` on a CUDA device (or on CPU with ``TRITON_INTERPRET=1``).
         layout: the geometry (sink, block size, the first query's position).
         rows: ``(R,)`` int64 positions of the probed rows on q's device, ``R <=``
-            :data:`~flexsample.probe.MAX_TRITON_ROWS`.
+            :data:`~flexsample.probe.MAX_TRITON_PROBE_ROWS`.
         alpha: the share of each row's mass its needed keys hold.
         scale: softmax scale.
         block_n: key tile width (default: the sampler's).
@@ -411,8 +410,8 @@ def _probe(
     B, Hq = q.shape[:2]
     Hkv, S = k.shape[1], k.shape[2]
     R = rows.numel()
-    if not 1 <= R <= MAX_TRITON_ROWS:
-        raise ValueError(f"the Triton probe takes 1 to {MAX_TRITON_ROWS} rows, got {R}")
+    if not 1 <= R <= MAX_TRITON_PROBE_ROWS:
+        raise ValueError(f"the Triton probe takes 1 to {MAX_TRITON_PROBE_ROWS} rows, got {R}")
     settings = launch_settings(q, None, block_n, None)
     block_n = settings["block_n"]
     block_m = max(16, triton.next_power_of_2(R))

@@ -16,7 +16,6 @@ its attention (see :attr:`FlexSampleLM.report`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from .. import transformers as fst
 from ..models import MODELS
 from ..task_files import TASKS_DIR as TASKS_DIR  # the folder lm-eval reads the tasks from
 
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
+CONFIG_FIELDS = SampleConfig.field_names()
 
 
 def resolve_pretrained(pretrained: str | None, gguf_file: str | None) -> tuple[str, str | None]:
@@ -82,8 +81,8 @@ def check_model_args(text: str) -> dict[str, Any]:
     if args.get("attention", "flexsample") not in ("flexsample", "dense"):
         raise ValueError(f"attention must be flexsample or dense, got {args['attention']!r}")
     try:
-        SampleConfig(**{k: v for k, v in args.items() if k in CONFIG_FIELDS})
-    except (TypeError, ValueError) as error:
+        SampleConfig.from_fields({k: v for k, v in args.items() if k in CONFIG_FIELDS})
+    except ValueError as error:
         raise ValueError(str(error).replace("SampleConfig.", "model argument ")) from None
     return args
 
@@ -117,7 +116,7 @@ class FlexSampleLM(HFLM):
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         fields = {k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs}
-        self.sample_config = SampleConfig(**fields)
+        self.sample_config = SampleConfig.from_fields(fields)
         pretrained, gguf_file = resolve_pretrained(pretrained, kwargs.pop("gguf_file", None))
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file

@@ -12,14 +12,14 @@ Importing this package registers the name ``"flexsample"`` in transformers'
     print(fst.stats_table(model))
     fst.disable(model)  # back to the attention implementation it had
 
-One module per job: :mod:`.routing` (which calls run sparse, the interface entries),
-:mod:`.state` (enable/disable, per-layer configs), :mod:`.records` (what each call did, the
-per-layer report), :mod:`.capture` (q/k/v of a dense forward, for studies and benchmarks).
+One module per job, each importing only those before it: :mod:`.state` (per-layer configs
+and call records), :mod:`.records` (the per-layer report), :mod:`.routing` (which calls run
+sparse, the interface entries), :mod:`.switch` (enable/disable), :mod:`.capture` (q/k/v of
+a dense forward, for studies and benchmarks).
 """
 
 from .capture import capture_attention_inputs
 from .records import (
-    CallRecord,
     layer_stats,
     mean_prefill_density,
     prefill_density,
@@ -29,7 +29,8 @@ from .records import (
     summarize,
 )
 from .routing import flexsample_attention_forward, flexsample_mask, register
-from .state import NAME, LayerState, attention_modules, disable, enable, enabled, layer_state
+from .state import NAME, CallRecord, LayerState, attention_modules, layer_state
+from .switch import disable, enable, enabled
 
 __all__ = [
     "NAME",

@@ -11,53 +11,13 @@ import io
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from flexsample import SampleStats
 from flexsample.stats import STAGES
 
-from .state import known_layer_states
-
-
-@dataclass
-class CallRecord:
-    """One attention call of one layer.
-
-    Attributes:
-        layer: the layer index (``module.layer_idx``), or -1 if the module has none.
-        path: ``"sparse"`` or ``"dense"``.
-        reason: why the dense path ran (None on the sparse path).
-        q_len, kv_len, batch: shapes of the call.
-        density: per query head, computed share of causal (query, key) pairs (mean over
-            the batch); all ones on the dense path.
-        times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``) of this
-            call; the first call of a shape includes compilation.
-        details: the :class:`~flexsample.SampleStats` of each ``flex_sample_attention`` call
-            behind this record (one per batch row when rows were left-padded), with the
-            windows, columns and sampled scores; empty on the dense path.
-    """
-
-    layer: int
-    path: str
-    reason: str | None
-    q_len: int
-    kv_len: int
-    batch: int
-    density: list[float]
-    times: dict[str, float]
-    details: list[SampleStats] = field(default_factory=list)
-
-    @property
-    def mean_density(self) -> float:
-        """Density averaged over the query heads."""
-        return sum(self.density) / len(self.density)
-
-    @property
-    def is_prefill(self) -> bool:
-        """More than one query token: a prefill (or a prefill chunk), not a decode step."""
-        return self.q_len > 1
+from .state import CallRecord, known_layer_states
 
 
 def head_densities(calls: Sequence[SampleStats], heads: int, device: torch.device) -> torch.Tensor:

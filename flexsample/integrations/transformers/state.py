@@ -6,21 +6,55 @@ enabling flexsample leaves the model's objects untouched, and the state goes wit
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from flexsample import SampleConfig
-
-if TYPE_CHECKING:
-    from .records import CallRecord
+from flexsample import SampleConfig, SampleStats
 
 #: The attention implementation name registered with transformers.
 NAME = "flexsample"
+
+
+@dataclass
+class CallRecord:
+    """One attention call of one layer.
+
+    Attributes:
+        layer: the layer index (``module.layer_idx``), or -1 if the module has none.
+        path: ``"sparse"`` or ``"dense"``.
+        reason: why the dense path ran (None on the sparse path).
+        q_len, kv_len, batch: shapes of the call.
+        density: per query head, computed share of causal (query, key) pairs (mean over
+            the batch); all ones on the dense path.
+        times: seconds per stage (``sample``, ``select``, ``mask``, ``attention``) of this
+            call; the first call of a shape includes compilation.
+        details: the :class:`~flexsample.SampleStats` of each ``flex_sample_attention`` call
+            behind this record (one per batch row when rows were left-padded), with the
+            windows, columns and sampled scores; empty on the dense path.
+    """
+
+    layer: int
+    path: str
+    reason: str | None
+    q_len: int
+    kv_len: int
+    batch: int
+    density: list[float]
+    times: dict[str, float]
+    details: list[SampleStats] = field(default_factory=list)
+
+    @property
+    def mean_density(self) -> float:
+        """Density averaged over the query heads."""
+        return sum(self.density) / len(self.density)
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one query token: a prefill (or a prefill chunk), not a decode step."""
+        return self.q_len > 1
 
 
 @dataclass
@@ -80,78 +114,22 @@ def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             yield module
 
 
-def enable(
-    model: torch.nn.Module,
-    config: SampleConfig | None = None,
-    *,
-    collect_stats: bool = True,
-    layers: Iterable[int] | None = None,
-) -> torch.nn.Module:
-    """Switch a loaded transformers model to SampleAttention with its own config.
-
-    Two models in one process can carry different configs. Statistics collect per layer
-    (see :func:`~flexsample.integrations.transformers.layer_stats`) unless
-    ``collect_stats`` is False; collecting times each stage and synchronises the device
-    between stages.
-
-    Args:
-        model: a ``PreTrainedModel``.
-        config: settings for every layer of this model; ``SampleConfig()`` if None.
-        collect_stats: record one call record per attention call.
-        layers: the layer indices (``module.layer_idx``) that run SampleAttention; the
-            others run SDPA, recorded as dense with the reason "layer not enabled". None:
-            every layer.
-
-    Returns:
-        The model (switched in place).
-
-    Raises:
-        TypeError: ``model`` is not a transformers model or ``config`` not a SampleConfig.
-        ValueError: ``layers`` names a layer the model does not have.
-    """
-    from .routing import register
-
-    if not hasattr(model, "set_attn_implementation"):
-        raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
-    config = SampleConfig() if config is None else config
-    if not isinstance(config, SampleConfig):
-        raise TypeError(f"config must be a SampleConfig, got {type(config).__name__}")
-    modules = list(attention_modules(model))
-    chosen = None if layers is None else set(layers)
-    if chosen is not None and chosen - {m.layer_idx for m in modules}:
-        known = sorted(m.layer_idx for m in modules)
-        raise ValueError(f"layers {sorted(chosen)} not all among the model's {known}")
-    register()
+def switch_on(model: torch.nn.Module, states: dict[torch.nn.Module, LayerState]) -> None:
+    """Give ``model``'s attention modules these states, remembering the attention
+    implementation it runs now (see :func:`switch_off`)."""
     current = model.config._attn_implementation
     if current != NAME:
         _PREVIOUS[model] = current
-    for module in modules:
-        sparse = chosen is None or module.layer_idx in chosen
-        _LAYERS[module] = LayerState(config, collect_stats=collect_stats, sparse=sparse)
+    for module, state in states.items():
+        _LAYERS[module] = state
         _DISABLED.pop(module, None)
-    model.set_attn_implementation(NAME)
-    return model
 
 
-def disable(model: torch.nn.Module) -> torch.nn.Module:
-    """Return a model to the attention implementation it had before :func:`enable`.
-
-    The calls recorded so far stay readable (``stats_table`` says they are the last run's)
-    until :func:`enable` or :func:`~flexsample.integrations.transformers.reset_stats`.
-    """
-    model.set_attn_implementation(_PREVIOUS.pop(model, "sdpa"))
+def switch_off(model: torch.nn.Module) -> str:
+    """Take ``model``'s modules off SampleAttention, keeping their records readable, and
+    return the attention implementation it had before :func:`switch_on`."""
     for module in attention_modules(model):
         state = _LAYERS.pop(module, None)
         if state is not None:
             _DISABLED[module] = state
-    return model
-
-
-@contextlib.contextmanager
-def enabled(model: torch.nn.Module, config: SampleConfig | None = None, **kwargs):
-    """``with enabled(model, config): ...`` runs the block with SampleAttention."""
-    enable(model, config, **kwargs)
-    try:
-        yield model
-    finally:
-        disable(model)
+    return _PREVIOUS.pop(model, "sdpa")

@@ -82,15 +82,9 @@ def load_config() -> SampleConfig:
         raise ValueError(f"{CONFIG_ENV} is not JSON ({error}): {text!r}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"{CONFIG_ENV} must be a JSON object of SampleConfig fields: {text!r}")
-    known = {f.name for f in dataclasses.fields(SampleConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(
-            f"{CONFIG_ENV}: unknown SampleConfig fields {unknown}; known: {sorted(known)}"
-        )
     try:
-        return SampleConfig(**fields)
-    except (TypeError, ValueError) as error:
+        return SampleConfig.from_fields(fields)
+    except ValueError as error:
         raise ValueError(f"{CONFIG_ENV}: {error}") from None
 
 

@@ -1,0 +1,52 @@
+"""Named configs: the selections of earlier releases, to measure today's against.
+
+Each preset is the release's selection rule (window, columns, cover) as today's code
+expresses it; planning around it (the cost model, the probe, the cap on sampled rows) is
+today's. Benchmarks and tests take them from here::
+
+    from flexsample.presets import preset
+    config = preset("0.3").replace(alpha=0.98)
+
+``flexsample demo --preset 0.3``, lm-eval's ``--model_args preset=0.3`` and vLLM's
+``FLEXSAMPLE_VLLM_CONFIG='{"preset": "0.3"}'`` name them too.
+"""
+
+from __future__ import annotations
+
+from .config import SampleConfig, Selection
+
+#: name: (config, what it is)
+PRESETS: dict[str, tuple[SampleConfig, str]] = {
+    "defaults": (SampleConfig(), "today's defaults (0.4 on)"),
+    "0.1": (
+        SampleConfig(
+            min_window=128,
+            selection=Selection(
+                cover_rows=False, window_ratio=0.08, column_unit="block", sink_blocks=1
+            ),
+        ),
+        "a fixed window of 8% of the sequence, whole key blocks as columns, one sink block, "
+        "alpha kept per segment",
+    ),
+    "0.2": (
+        SampleConfig(min_window=128, selection=Selection(cover_rows=False, group_union=True)),
+        "the adaptive window from 128 tokens, single-key columns shared by each GQA group, "
+        "alpha kept per segment",
+    ),
+    "0.3": (
+        SampleConfig(min_window=128, selection=Selection(group_union=True)),
+        "0.2 with every sampled row keeping alpha (the row cover)",
+    ),
+}
+
+
+def preset(name: str) -> SampleConfig:
+    """The config of the preset ``name`` (a key of :data:`PRESETS`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    try:
+        return PRESETS[name][0]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}: one of {', '.join(PRESETS)}") from None
