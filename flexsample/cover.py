@@ -206,16 +206,17 @@ def _measure_triton(
     layout = selection.layout
     B, Hq = q.shape[:2]
     G, r = layout.num_segments, layout.rows_per_segment
-    windows, attended = selection.row_tables()
+    starts, attended = selection.row_tables(layout.sampled_rows(q.device).flatten())
+    starts = starts.view(B, Hq, G, r)
     if row_lse is None:
         row_lse = row_lse_triton(q, k, layout, scale)
-    kept = row_kept_mass_sparse_triton(q, k, layout, scale, windows, attended, lse=row_lse)
+    kept = row_kept_mass_sparse_triton(q, k, layout, scale, starts, attended, lse=row_lse)
     kept = kept.view(B, Hq, G * r)
     heaviest = torch.zeros_like(kept)
     short = kept < alpha
     if bool(short.any()):
         measured, missing = row_kept_mass_triton(
-            q, k, layout, scale, windows, attended, lse=row_lse, only=short.view(B, Hq, G, r)
+            q, k, layout, scale, starts, attended, lse=row_lse, only=short.view(B, Hq, G, r)
         )
         kept = torch.where(short, measured.view(B, Hq, G * r), kept)
         heaviest = missing.view(B, Hq, G * r)

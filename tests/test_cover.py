@@ -41,6 +41,12 @@ def _case(B, Hq, Hkv, S, D, bs, segments, ratio, dtype, **config):
     return q, k, SampleLayout.create(S, cfg), cfg
 
 
+def _row_starts(pattern, layout):
+    """Each sampled row's window start, ``(B, Hq, G, r)``, as the row kernels take it."""
+    starts, _ = pattern.row_tables(layout.sampled_rows().flatten())
+    return starts.view(*starts.shape[:2], layout.num_segments, layout.rows_per_segment)
+
+
 def _probs_and_keep(q, k, layout, window_blocks, columns):
     """float64 probabilities of the sampled rows and the mask's keys, each (B, Hq, G*r, S)."""
     p = sampled_row_probabilities(q, k, layout, q.shape[-1] ** -0.5)
@@ -116,17 +122,17 @@ def test_triton_row_kernel_matches_exact_kept_mass(
     cols = sel.columns
     expect = _exact_row_mass(q, k, layout, sel.window_blocks, cols)
     q, k = q.to(device), k.to(device)
-    windows, cols_d = sel.window_blocks.to(device), cols.to(device)
+    starts, cols_d = _row_starts(sel, layout).to(device), cols.to(device)
     heaviest = _heaviest_missing(q.cpu(), k.cpu(), layout, sel.window_blocks, cols)
     # Its own log-sum-exp pass, and the one the sampler computed on the way (the plan's path).
     _, lse = sample_scores_and_lse_triton(q, k, layout, D**-0.5)
     for given in (None, lse):
-        got, missing = row_kept_mass_triton(q, k, layout, D**-0.5, windows, cols_d, lse=given)
+        got, missing = row_kept_mass_triton(q, k, layout, D**-0.5, starts, cols_d, lse=given)
         assert got.shape == (B, Hq, layout.num_segments, layout.rows_per_segment)
         assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
         assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4
         # The kernel over the kept keys alone (sink, window, the group's columns).
-        kept = row_kept_mass_sparse_triton(q, k, layout, D**-0.5, windows, cols_d, lse=given)
+        kept = row_kept_mass_sparse_triton(q, k, layout, D**-0.5, starts, cols_d, lse=given)
         assert float((kept.cpu().flatten(2) - expect).abs().max()) < 1e-4
 
 
@@ -144,7 +150,8 @@ def test_triton_row_kernel_on_random_windows_and_columns(sink_blocks, device):
     columns[1, 3:] = False  # a kv group without columns: its list is all padding
     expect = _exact_row_mass(q, k, layout, windows, columns)
     heaviest = _heaviest_missing(q, k, layout, windows, columns)
-    args = (q.to(device), k.to(device), layout, 32**-0.5, windows.to(device), columns.to(device))
+    starts = _row_starts(WindowColumns(windows, columns, layout), layout)
+    args = (q.to(device), k.to(device), layout, 32**-0.5, starts.to(device), columns.to(device))
     got, missing = row_kept_mass_triton(*args)
     assert float((got.cpu().flatten(2) - expect).abs().max()) < 1e-4
     assert float((missing.cpu().flatten(2) - heaviest).abs().max()) < 1e-4

@@ -91,9 +91,11 @@ class Pattern(abc.ABC):
         """This pattern reading also ``added (B, H, S)`` bool keys (the row cover's repair)."""
 
     @abc.abstractmethod
-    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pattern as the Triton row kernels of the cover read it: ``(window_blocks (B, H),
-        columns (B, H, S) bool)``, a window per head and the keys it reads before it."""
+    def row_tables(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pattern as the cover's Triton row kernels read it, for query positions
+        ``rows (R,)``: ``(start (B, H, R) int64, columns (B, H, S) bool)``. Row ``i`` of
+        head ``h`` reads every key from ``start[..., i]`` up to itself, the sink, and the
+        head's columns (the kernels take the sink from the layout)."""
 
     @abc.abstractmethod
     def compile(self, group: int, *, static: bool = False) -> MaskedCall:

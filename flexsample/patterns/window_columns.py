@@ -145,8 +145,10 @@ class WindowColumns(Pattern):
     def density(self) -> torch.Tensor:
         return pair_density(self.window_blocks, self.columns, self.layout)
 
-    def row_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.window_blocks, self.columns
+    def row_tables(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = rows // self.layout.block_size
+        start = window_start(block, self.window_blocks[..., None]).clamp(min=0)
+        return start * self.layout.block_size, self.columns
 
     def with_keys(self, added: torch.Tensor) -> WindowColumns:
         """With ``added`` keys as columns (whole blocks where the layout's columns are

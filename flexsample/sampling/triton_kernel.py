@@ -293,7 +293,7 @@ def _row_missing_kernel(
     K,
     ROWS,
     LSE,
-    WINDOW,
+    WIN_START,
     COLS,
     TILE_COLS,
     MISSED,
@@ -314,7 +314,6 @@ def _row_missing_kernel(
     qk_scale,
     seq_len,
     query_start,
-    mask_block,
     sink_tokens,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -332,16 +331,16 @@ def _row_missing_kernel(
     # the window test excludes both), and each element costs one FMA, one exp2 and two
     # masked reductions: no running max, no rescaling. With HAS_ONLY, a tile none of whose
     # rows ONLY flags skips the loop (its rows store nothing missed).
-    pid_bh, b, h_kv, q_head, row_valid, pos, q, d, d_valid, out_offs = _row_tile(
+    pid_bh, b, h_kv, q_head, row_valid, _, q, d, d_valid, out_offs = _row_tile(
         Q, ROWS, stride_qb, stride_qh, stride_qm, stride_qd, num_kv_heads, rows_per_segment,
         tiles_per_segment, num_segments, query_start, GROUP, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD,
         UPCAST,
     )  # fmt: skip
     lse = tl.load(LSE + out_offs, mask=row_valid, other=0.0)  # log2 units, scaled logits
     num_q_heads = num_kv_heads * GROUP
-    w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
-    # An invalid slot's window starts at 0: it misses nothing.
-    win_start = tl.where(row_valid, tl.maximum((pos // mask_block - w) * mask_block, 0), 0)
+    # The first key of each row's window, as the pattern gives it (an invalid slot's window
+    # starts at 0: it misses nothing).
+    win_start = tl.load(WIN_START + out_offs, mask=row_valid, other=0)
     cols_rows = COLS + (b * num_q_heads + q_head).to(tl.int64) * seq_len
     tile_cols = TILE_COLS + pid_bh.to(tl.int64) * tl.cdiv(seq_len, BLOCK_N)
     k_base = K + b * stride_kb + h_kv * stride_kh
@@ -396,7 +395,7 @@ def _row_kept_kernel(
     K,
     ROWS,
     LSE,
-    WINDOW,
+    WIN_START,
     COLS,
     COL_POS,
     KEPT,
@@ -415,7 +414,6 @@ def _row_kept_kernel(
     qk_scale,
     seq_len,
     query_start,
-    mask_block,
     sink_tokens,
     num_col_pos,
     GROUP: tl.constexpr,
@@ -437,8 +435,7 @@ def _row_kept_kernel(
     )  # fmt: skip
     lse = tl.load(LSE + out_offs, mask=row_valid, other=0.0)  # log2 units, scaled logits
     num_q_heads = num_kv_heads * GROUP
-    w = tl.load(WINDOW + b * num_q_heads + q_head, mask=row_valid, other=0)
-    win_start = tl.maximum((pos // mask_block - w) * mask_block, 0)
+    win_start = tl.load(WIN_START + out_offs, mask=row_valid, other=0)  # the pattern's
     # Window keys from the sink on (the sink's own keys are counted once, below).
     lo = tl.where(row_valid, tl.maximum(win_start, sink_tokens), seq_len)
     hi = tl.where(row_valid, pos, -1)  # inclusive
@@ -649,6 +646,14 @@ def _measure_setup(
     return settings, lse, rows, block_m, tiles
 
 
+def _kernel_row_order(rows: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(B, Hq, G, r)`` per-row values as the row kernels index them, ``(B, Hkv, G, r,
+    group)`` int32 (what :func:`_per_query_head` undoes)."""
+    B, Hq, G, r = rows.shape
+    grouped = rows.view(B, num_kv_heads, Hq // num_kv_heads, G, r).permute(0, 1, 3, 4, 2)
+    return grouped.to(torch.int32).contiguous()
+
+
 def _per_query_head(rows: torch.Tensor) -> torch.Tensor:
     """A row kernel's ``(B, Hkv, G, r, group)`` output as ``(B, Hq, G, r)``."""
     B, Hkv, G, r, group = rows.shape
@@ -660,7 +665,7 @@ def row_kept_mass_triton(
     k: torch.Tensor,
     layout: SampleLayout,
     scale: float,
-    window_blocks: torch.Tensor,
+    window_start: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor | None = None,
     only: torch.Tensor | None = None,
@@ -677,7 +682,8 @@ def row_kept_mass_triton(
         k: ``(B, Hkv, S, D)`` keys.
         layout: the geometry (sampled rows, block size, sink).
         scale: softmax scale.
-        window_blocks: ``(B, Hq)`` window per head in blocks.
+        window_start: ``(B, Hq, num_segments, rows_per_segment)`` int, the first key of
+            each sampled row's window (:meth:`~flexsample.patterns.Pattern.row_tables`).
         columns: ``(B, Hq, S)`` bool, the columns each query head reads.
         lse: the sampled rows' log-sum-exp from :func:`sample_scores_and_lse_triton` on the
             same q, k, layout and scale (None: computed here).
@@ -699,15 +705,13 @@ def row_kept_mass_triton(
     if only is not None:
         if only.shape != (B, Hq, G, r):
             raise ValueError(f"only must have shape {(B, Hq, G, r)}, got {tuple(only.shape)}")
-        # The kernel's (B, Hkv, G, r, group) row order, as _per_query_head undoes it.
-        flags = only.view(B, Hkv, group, G, r).permute(0, 1, 3, 4, 2).to(torch.uint8)
-        flags = flags.contiguous()
+        flags = _kernel_row_order(only, Hkv).to(torch.uint8)
     _row_missing_kernel[(G * tiles, B * Hkv)](
         q,
         k,
         rows,
         lse,
-        window_blocks.to(torch.int32).contiguous(),
+        _kernel_row_order(window_start, Hkv),
         columns.contiguous().view(torch.uint8),
         _tiles_with_columns(columns, Hkv, settings["block_n"]),
         missed,
@@ -722,7 +726,6 @@ def row_kept_mass_triton(
         scale * LOG2E,
         layout.seq_len,
         layout.query_start,
-        layout.block_size,
         layout.sink_tokens,
         GROUP=group,
         BLOCK_M=block_m,
@@ -755,7 +758,7 @@ def row_kept_mass_sparse_triton(
     k: torch.Tensor,
     layout: SampleLayout,
     scale: float,
-    window_blocks: torch.Tensor,
+    window_start: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -776,7 +779,7 @@ def row_kept_mass_sparse_triton(
         k,
         rows,
         lse,
-        window_blocks.to(torch.int32).contiguous(),
+        _kernel_row_order(window_start, Hkv),
         columns.contiguous().view(torch.uint8),
         positions,
         kept,
@@ -789,7 +792,6 @@ def row_kept_mass_sparse_triton(
         scale * LOG2E,
         layout.seq_len,
         layout.query_start,
-        layout.block_size,
         layout.sink_tokens,
         positions.shape[-1],
         GROUP=group,
