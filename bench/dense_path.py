@@ -7,7 +7,7 @@ attention shape (32 query heads, 8 kv heads, D=128, bf16; with ``--cpu`` on this
 CPU, 8 on 2, D=64, fp32; ``--input diffuse-background`` for the frontier benchmark's planted
 structure over diffuse attention instead):
 
-* ``sdpa_cudnn_gqa``: SDPA restricted to cuDNN, grouped K/V as they are (``bench/gpu_run.py``'s
+* ``sdpa_cudnn_gqa``: SDPA restricted to cuDNN, grouped K/V as they are (``bench/speed.py``'s
   baseline);
 * ``sdpa``: SDPA with its own choice of kernel;
 * ``cudnn_op``: cuDNN's ATen op called directly, as ``flexsample.dense_causal_attention`` does;
@@ -21,7 +21,7 @@ structure over diffuse attention instead):
   idle and slowed whichever call followed it in the round by tens of microseconds.
 
 on two clocks: ``device`` (CUDA events around the call: the host's work before the first
-launch counts, as in gpu_run's tables) and ``wall`` (the call and a device sync), each in the
+launch counts, as in speed.py's tables) and ``wall`` (the call and a device sync), each in the
 listed order and reversed. Ratios are against ``sdpa_cudnn_gqa`` (``sdpa`` on CPU).
 
     PYTHONPATH=. python3 bench/dense_path.py --lengths 2048 4096 8192 16384

@@ -26,8 +26,8 @@ import json
 from collections import defaultdict
 
 import torch
-from gpu_run import INPUTS, bench_shape, make_inputs
 from report import write_rows
+from speed import INPUTS, bench_shape, make_inputs
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 

@@ -128,7 +128,7 @@ def flex_dense_attention(
 
     On Hopper with FlashAttention-4 (``backend="flash"``) this is the fastest dense kernel at
     long lengths (H200, 32 query heads on 8 kv heads, D=128, bf16, 128K tokens: 231.7 ms
-    against cuDNN's 247.7, ``bench/results/gpu_NVIDIA_H200_fa4_128k.md``); the plan's cost
+    against cuDNN's 247.7, ``bench/archive/gpu_NVIDIA_H200_fa4_128k.md``); the plan's cost
     model says where it beats SDPA (:meth:`~flexsample.costs.CostModel.dense_kernel`).
 
     Args:
@@ -224,7 +224,7 @@ def _cudnn_direct(
 ) -> torch.Tensor | None:
     """A whole prompt's causal attention on cuDNN's ATen op, without SDPA's dispatch: the
     same kernel SDPA picks first, for half the host time (35 against 76 us a call on an H200,
-    ``bench/results/gpu_NVIDIA_H200_flash_smoke.txt``: at 8K tokens that is 4% of the call).
+    ``bench/archive/gpu_NVIDIA_H200_flash_smoke.txt``: at 8K tokens that is 4% of the call).
 
     Only where SDPA would run cuDNN too (fp16/bf16, head dim a multiple of 8 up to 128, unit
     stride in the head dim); None where not, or where the op refuses the case (remembered).

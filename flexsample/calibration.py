@@ -108,7 +108,7 @@ def calibrate(
     with torch.no_grad():
         for S in lengths:
             # Structured attention (single-token stripes holding all but about 1% of the
-            # mass, as bench/gpu_run.py's): what planning costs where sparse can pay.
+            # mass, as bench/speed.py's): what planning costs where sparse can pay.
             q, k, v = planted_qkv(
                 1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
                 device=device, signal=max(10.0, math.log(100 * S / 64)),

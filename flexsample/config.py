@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -162,35 +161,11 @@ class SampleConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> SampleConfig:
-        """A config from plain values, as command lines and environment variables give
-        them: SampleConfig's own fields, :class:`Selection`'s fields, and ``preset`` (a name
-        in :data:`flexsample.presets.PRESETS`, whose config the other fields then change).
-
-        Raises:
-            ValueError: an unknown name (the message lists the known ones) or a bad value.
-        """
-        fields = dict(fields)
-        known = cls.field_names()
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ValueError(f"unknown SampleConfig fields {unknown}; known: {', '.join(known)}")
-        base = cls()
-        if "preset" in fields:
-            from .presets import preset
-
-            base = preset(str(fields.pop("preset")))
-        try:
-            return base.replace(**fields)
-        except TypeError as error:
-            raise ValueError(str(error)) from None
-
-    @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        """The names :meth:`from_fields` takes: ``preset``, SampleConfig's fields and
-        :class:`Selection`'s."""
+        """SampleConfig's fields and :class:`Selection`'s, by name: what :meth:`replace`
+        takes (and :func:`flexsample.presets.config_from_fields`, with ``preset``)."""
         own = [f.name for f in dataclasses.fields(cls) if f.name != "selection"]
-        return ("preset", *own, *(f.name for f in dataclasses.fields(Selection)))
+        return (*own, *(f.name for f in dataclasses.fields(Selection)))
 
     @classmethod
     def always_sparse(cls, **changes: object) -> SampleConfig:

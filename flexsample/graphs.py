@@ -6,7 +6,7 @@ shape, 1.46 ms of launching for 0.79 ms of device work). :func:`graphed` capture
 in a CUDA graph on its shape's second call (:data:`EAGER_CALLS`: a prefill's layers share a
 shape, a length seen once costs no capture) and replays it after that: one launch, the same
 kernels. Replayed, that search took 1.02 ms instead of 1.58 at 32K, and an always-sparse
-plan 4.90 instead of 5.91 ms (``bench/results/cover_ab_NVIDIA_H200.txt``).
+plan 4.90 instead of 5.91 ms (``bench/archive/cover_ab_NVIDIA_H200.txt``).
 
 The eager function is the reference twin: a step runs eagerly on CPU, inside
 ``torch.compile``, while another capture is under way, where its inputs would be too large to

@@ -13,6 +13,8 @@ today's. Benchmarks and tests take them from here::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .config import SampleConfig, Selection
 
 #: name: (config, what it is)
@@ -50,3 +52,26 @@ def preset(name: str) -> SampleConfig:
         return PRESETS[name][0]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}: one of {', '.join(PRESETS)}") from None
+
+
+#: The names :func:`config_from_fields` takes.
+FIELD_NAMES: tuple[str, ...] = ("preset", *SampleConfig.field_names())
+
+
+def config_from_fields(fields: Mapping[str, object]) -> SampleConfig:
+    """A config from plain values, as command lines and environment variables give them:
+    ``preset`` (a name in :data:`PRESETS`, the config to start from; the defaults without
+    it), SampleConfig's fields and :class:`~flexsample.Selection`'s.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones) or a bad value.
+    """
+    fields = dict(fields)
+    unknown = sorted(set(fields) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown SampleConfig fields {unknown}; known: {', '.join(FIELD_NAMES)}")
+    base = preset(str(fields.pop("preset"))) if "preset" in fields else SampleConfig()
+    try:
+        return base.replace(**fields)
+    except TypeError as error:
+        raise ValueError(str(error)) from None

@@ -170,7 +170,7 @@ def probe_density(
     window, each read by every later query whose window does not reach it) come to the
     fewest. The first alone is blind to rows
     that need different keys: on random q/k at 128K it said 0.74 where the selection came
-    out at 1.0 (H200, ``bench/gpu_run.py``). On the planted inputs of the frontier benchmark
+    out at 1.0 (H200, ``bench/speed.py``). On the planted inputs of the frontier benchmark
     the second is within 0.91x to 1.36x of the selection's density at 8K (CPU,
     ``bench/probe_cost.py --vs-selection``).
 

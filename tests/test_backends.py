@@ -1,7 +1,7 @@
 """The sparse call's FlexAttention backends: choosing one, and the padded static shapes that
 FlashAttention-4 (``backend="flash"``) compiles for.
 
-FlashAttention-4 itself needs a Hopper or later GPU (``bench/gpu_run.py`` runs it); here the
+FlashAttention-4 itself needs a Hopper or later GPU (``tests/cuda`` runs it); here the
 same padded masks and static-shape compilation run through FlexAttention's CPU kernel, and
 must give the unpadded call's output.
 """

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from flexsample import SampleConfig, SampleLayout, Selection
-from flexsample.presets import PRESETS, preset
+from flexsample.presets import PRESETS, config_from_fields, preset
 
 
 def test_defaults_follow_the_paper():
@@ -62,18 +62,18 @@ def test_bad_config_names_the_field(field, value, error, words):
 
 
 def test_config_from_plain_fields_and_presets():
-    assert SampleConfig.from_fields({}) == SampleConfig()
-    config = SampleConfig.from_fields({"preset": "0.3", "alpha": 0.9, "cover_rows": False})
+    assert config_from_fields({}) == SampleConfig()
+    config = config_from_fields({"preset": "0.3", "alpha": 0.9, "cover_rows": False})
     assert config == preset("0.3").replace(alpha=0.9, cover_rows=False)
     assert config.selection.group_union and not config.selection.cover_rows
     with pytest.raises(
         ValueError, match="unknown SampleConfig fields \\['alhpa'\\]; known: preset"
     ):
-        SampleConfig.from_fields({"alhpa": 0.9})
+        config_from_fields({"alhpa": 0.9})
     with pytest.raises(ValueError, match=re.escape("unknown preset '0.9': one of defaults, 0.1")):
-        SampleConfig.from_fields({"preset": "0.9"})
+        config_from_fields({"preset": "0.9"})
     with pytest.raises(ValueError, match=re.escape("SampleConfig.selection.window_ratio must")):
-        SampleConfig.from_fields({"window_ratio": 2})
+        config_from_fields({"window_ratio": 2})
     with pytest.raises(TypeError, match=re.escape("SampleConfig.selection must be a Selection")):
         SampleConfig(selection={"cover_rows": False})  # type: ignore[arg-type]
 

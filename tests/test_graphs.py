@@ -1,5 +1,5 @@
 """CUDA-graph replay of planning steps (flexsample.graphs): where it does not apply, the eager
-step runs, unchanged. (Replay itself is checked on a GPU: bench/gpu_run.py --checks graph.)"""
+step runs, unchanged. (Replay itself is checked on a GPU: tests/cuda/test_kernels.py.)"""
 
 import os
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from flexsample import SampleConfig, __version__
+from flexsample.presets import PRESETS, config_from_fields
 
 #: The command-line options that set SampleConfig fields: ``option -> (field, help)``.
 CONFIG_OPTIONS = {
@@ -100,7 +101,6 @@ def _picture_file(text: str) -> Path:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    from flexsample.presets import PRESETS
 
     defaults = SampleConfig()
     parser.add_argument(
@@ -126,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     fields = {name: value for name, value in fields.items() if value is not None}
     if args.preset is not None:
         fields["preset"] = args.preset
-    return SampleConfig.from_fields(fields)
+    return config_from_fields(fields)
 
 
 def _add_demo(commands) -> None:

@@ -99,7 +99,7 @@ def cache_root() -> Path:
 #: ``flexsample demo``'s prompt length: SmolLM2's context less room for the answer. At 4K
 #: tokens on a 2-core CPU, attention is about a third of this small model's prefill, and
 #: sparse prefill measured level with dense within the noise (0.94x in
-#: ``bench/results/lm_eval_niah``, 1.10x in ``bench/results/cpu_prefill_modes.md``). At 8K
+#: ``bench/archive/lm_eval_niah``, 1.10x in ``bench/results/cpu_prefill_modes.md``). At 8K
 #: attention is 44% of the prefill and sparse prefill pays, by little: ``make demo`` 1.16x on
 #: a quiet machine (72bdd60), 0.92x in a run under load from other jobs (7e0fc6a).
 DEMO_LENGTH = 8000

@@ -26,13 +26,13 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from flexsample import SampleConfig
+from flexsample.presets import FIELD_NAMES, config_from_fields
 
 from .. import transformers as fst
 from ..models import MODELS
 from ..task_files import TASKS_DIR as TASKS_DIR  # the folder lm-eval reads the tasks from
 
-CONFIG_FIELDS = SampleConfig.field_names()
+CONFIG_FIELDS = FIELD_NAMES
 
 
 def resolve_pretrained(pretrained: str | None, gguf_file: str | None) -> tuple[str, str | None]:
@@ -81,7 +81,7 @@ def check_model_args(text: str) -> dict[str, Any]:
     if args.get("attention", "flexsample") not in ("flexsample", "dense"):
         raise ValueError(f"attention must be flexsample or dense, got {args['attention']!r}")
     try:
-        SampleConfig.from_fields({k: v for k, v in args.items() if k in CONFIG_FIELDS})
+        config_from_fields({k: v for k, v in args.items() if k in CONFIG_FIELDS})
     except ValueError as error:
         raise ValueError(str(error).replace("SampleConfig.", "model argument ")) from None
     return args
@@ -116,7 +116,7 @@ class FlexSampleLM(HFLM):
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         fields = {k: kwargs.pop(k) for k in CONFIG_FIELDS if k in kwargs}
-        self.sample_config = SampleConfig.from_fields(fields)
+        self.sample_config = config_from_fields(fields)
         pretrained, gguf_file = resolve_pretrained(pretrained, kwargs.pop("gguf_file", None))
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file

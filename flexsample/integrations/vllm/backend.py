@@ -39,6 +39,7 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 
 from flexsample import SampleConfig, dense_before_sampling, plan_prefill, run_plan
+from flexsample.presets import config_from_fields
 
 from .kv_cache import Reader, cache_reader
 
@@ -83,7 +84,7 @@ def load_config() -> SampleConfig:
     if not isinstance(fields, dict):
         raise ValueError(f"{CONFIG_ENV} must be a JSON object of SampleConfig fields: {text!r}")
     try:
-        return SampleConfig.from_fields(fields)
+        return config_from_fields(fields)
     except ValueError as error:
         raise ValueError(f"{CONFIG_ENV}: {error}") from None
 
