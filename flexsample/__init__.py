@@ -37,7 +37,7 @@ from .selection import select_columns
 from .stats import PLAN_STAGES, STAGES, SampleStats
 from .timing import StageTimer
 
-__version__ = "0.4.1"
+__version__ = "0.5.0"
 
 __all__ = [
     "PLAN_STAGES",

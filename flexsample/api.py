@@ -91,9 +91,8 @@ def _call(
 
 
 #: Call signatures (see :func:`_signature`: v and the checks' inputs too, unlike
-#: :func:`~flexsample.plan.plan_prefill`'s key) whose plan is dense by length alone. On an H200
-#: at 4K tokens, checking and planning such a call again took 16 us of its 310
-#: (``bench/dense_path.py``).
+#: :func:`~flexsample.plan.plan_prefill`'s key) whose plan is dense by length alone: checking
+#: and planning such a call again is a measurable share of a short call (``docs/tuning.md``).
 _BY_LENGTH = DenseByLength()
 
 

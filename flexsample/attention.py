@@ -126,10 +126,8 @@ def flex_dense_attention(
     tile (:func:`~flexsample.masks.causal_block_mask`), static shapes padded to
     :func:`~flexsample.masks.bucket_length` so that prompt lengths share compilations.
 
-    On Hopper with FlashAttention-4 (``backend="flash"``) this is the fastest dense kernel at
-    long lengths (H200, 32 query heads on 8 kv heads, D=128, bf16, 128K tokens: 231.7 ms
-    against cuDNN's 247.7, ``bench/archive/gpu_NVIDIA_H200_fa4_128k.md``); the plan's cost
-    model says where it beats SDPA (:meth:`~flexsample.costs.CostModel.dense_kernel`).
+    On Hopper with FlashAttention-4 (``backend="flash"``) this can beat cuDNN at long lengths;
+    the plan's cost model says where (:meth:`~flexsample.costs.CostModel.dense_kernel`).
 
     Args:
         q: ``(B, Hq, S, D)``.
@@ -151,8 +149,8 @@ def flex_dense_attention(
     return out[:, :, :S]
 
 
-#: Dense kernels in order of preference on CUDA: cuDNN is the fastest on Hopper (about 1.8x
-#: FlashAttention-2 at 128K on an H100); SDPA skips the ones that cannot run a case.
+#: Dense kernels in order of preference on CUDA: cuDNN is the fastest on Hopper
+#: (``docs/tuning.md``); SDPA skips the ones that cannot run a case.
 _CUDA_DENSE_ORDER = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -223,8 +221,7 @@ def _cudnn_direct(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor | None:
     """A whole prompt's causal attention on cuDNN's ATen op, without SDPA's dispatch: the
-    same kernel SDPA picks first, for half the host time (35 against 76 us a call on an H200,
-    ``bench/archive/gpu_NVIDIA_H200_flash_smoke.txt``: at 8K tokens that is 4% of the call).
+    same kernel SDPA picks first, for about half the host time (``docs/tuning.md``).
 
     Only where SDPA would run cuDNN too (fp16/bf16, head dim a multiple of 8 up to 128, unit
     stride in the head dim); None where not, or where the op refuses the case (remembered).

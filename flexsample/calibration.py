@@ -37,8 +37,7 @@ def fit_rates(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...
 
     Relative, because the points span decades (8K to 64K tokens is 64x the work): an absolute
     fit follows the longest length and can lose a fixed cost that decides the short ones
-    (on an H200 it made FlashAttention-4's dense call look faster than cuDNN at 8K, where
-    it is 27% slower).
+    (``docs/tuning.md``).
 
     Returns:
         ``(fixed, rate_1, ..., rate_n)``.
@@ -88,9 +87,8 @@ def calibrate(
         device: where to measure.
         dtype: the dtype the model will serve.
         lengths: the sequence lengths (default 1024 to 8192 on CPU, four: planning's
-            three rates fitted to three lengths followed each run's noise, its cost at 2K
-            varied from 13 to 20 ms; 8192 to 65536 on CUDA, four: 16K is where the dense
-            kernels cross on an H200).
+            three rates fitted to three lengths followed each run's noise; 8192 to 65536 on
+            CUDA, four, around where the dense kernels cross).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed rounds (median), after one warm-up call of each.
     """

@@ -284,7 +284,7 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
     """The cost model for ``device``, ``dtype`` and the sparse call's FlexAttention
     ``backend``: this machine's calibration if there is one, else the built-in entry for this
     device (of this backend, else of the other), else the built-in entry of a device of the
-    same kind (the project's CPU, or its H100), saying so in ``source``.
+    same kind the project measured, saying so in ``source``.
 
     Read once per process and (device, dtype, backend); :func:`clear_cache` reads again.
 
@@ -304,9 +304,9 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
     return model
 
 
-#: :func:`cost_model` per (device, dtype, backend): asked on every planned call, and on an
-#: H200's host the lookup (the environment's cache folder, the device's name) took several
-#: microseconds of a 4K call's 0.3 ms.
+#: :func:`cost_model` per (device, dtype, backend): asked on every planned call, where the
+#: lookup (the environment's cache folder, the device's name) is a measurable share of a
+#: short call's host time.
 _MODELS: dict[tuple, CostModel] = {}
 #: Bumped by :func:`clear_cache`: decisions cached on the models read so far are stale.
 _generation = 0

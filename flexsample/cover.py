@@ -194,9 +194,8 @@ def _measure_triton(
     """``(kept, heaviest_missing)``, each ``(B, Hq, G * r)``, from the Triton row kernels:
     first over the keys the mask keeps (a few tiles a row where it is sparse); then, for the
     rows that come out short and only for their tiles, the pass over every key they miss,
-    which also finds each one's heaviest missed key. (At 128K tokens on an H200 that pass over
-    every row took 9.8 ms of the cover's 11; on planted stripes at 16K, 61 of 26368 sampled
-    rows were short.)"""
+    which also finds each one's heaviest missed key. (That pass over every row was most of
+    the cover's time, and few rows come out short: ``docs/tuning.md``.)"""
     from .sampling.triton_kernel import (
         row_kept_mass_sparse_triton,
         row_kept_mass_triton,

@@ -1,12 +1,10 @@
 """CUDA-graph replay of planning's launch-bound, sync-free steps.
 
 On a GPU, selection's window search is dozens of small kernels, and the host takes longer to
-launch them than the device takes to run them (on an H200 at 32K tokens in the Llama-3-8B
-shape, 1.46 ms of launching for 0.79 ms of device work). :func:`graphed` captures such a step
-in a CUDA graph on its shape's second call (:data:`EAGER_CALLS`: a prefill's layers share a
-shape, a length seen once costs no capture) and replays it after that: one launch, the same
-kernels. Replayed, that search took 1.02 ms instead of 1.58 at 32K, and an always-sparse
-plan 4.90 instead of 5.91 ms (``bench/archive/cover_ab_NVIDIA_H200.txt``).
+launch them than the device takes to run them (``docs/tuning.md``). :func:`graphed`
+captures such a step in a CUDA graph on its shape's second call (:data:`EAGER_CALLS`: a
+prefill's layers share a shape, a length seen once costs no capture) and replays it after
+that: one launch, the same kernels.
 
 The eager function is the reference twin: a step runs eagerly on CPU, inside
 ``torch.compile``, while another capture is under way, where its inputs would be too large to

@@ -231,7 +231,7 @@ def plan_prefill_checked(
         else None
     )
     # A length that runs dense runs dense on every call of its shape: the plan is made once
-    # (on an H200 at 4K tokens, making it took a tenth of the call's time).
+    # (making it again is a tenth of a short call's time on a GPU, docs/tuning.md).
     key = (q.shape, k.shape, q.dtype, q.device, config, scale, backend)  # Hkv: the probe's cost
     known = _DENSE_BY_LENGTH.get(key, costs)
     if known is not None:

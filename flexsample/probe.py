@@ -16,8 +16,8 @@ attention, the call runs dense before sampling.
 Three implementations: :func:`probe_density` (chunked float32 with a sort of each row,
 inductor-compiled on CPU), its float64 twin ``probe_density(..., reference=True)``, and
 ``probe_density(..., triton=True)`` (:mod:`flexsample.sampling.triton_probe`: the rows'
-mass histogrammed in four Triton launches, the plan's choice where the Triton sampler runs:
-0.35 ms a call at 32K tokens on an H200 against the sort's 0.86); tests hold them together.
+mass histogrammed in four Triton launches, the plan's choice where the Triton sampler runs,
+far fewer launches than the sort); tests hold them together.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def estimate_from_needs(
     candidates, window, readers = _candidate_tables(layout, reach.device)
     # Key j is a column of a window of w blocks where a row needs it from more than w blocks
     # back; then every query past its block + w reads it. All candidates at once: few
-    # launches (a loop over the candidates cost about 5 ms per probe on an H200).
+    # launches (a loop over the candidates was launch-bound on a GPU).
     columns = (reach[..., None, :] > candidates[:, None]).float()  # (units, c, S)
     pairs = window + (columns * readers).sum(dim=-1)
     best = pairs.amin(dim=-1)
@@ -157,10 +157,9 @@ def probe_density(
 ) -> torch.Tensor:
     """The probe's estimate of the least density a mask keeping ``alpha`` of the probed
     rows' mass computes, per head: the first query head of each kv group is probed, and its
-    estimate stands for the group (probing every head cost an H200 5.3 ms at 128K tokens,
-    32 query heads on 8 kv heads, against 1.3 ms of sampling the same rows per kv head; the
-    probe must stay a small share of dense attention, see
-    :data:`~flexsample.costs.PROBE_SHARE`).
+    estimate stands for the group (probing every head cost four times as much at GQA 32/8;
+    the probe must stay a small share of dense attention, see
+    :data:`~flexsample.tuning.PROBE_SHARE`).
 
     The larger of two numbers. The per-row oracle's share of the rows' causal keys (the
     fewest keys holding ``alpha`` of each row's mass): every such mask computes at least
@@ -168,11 +167,8 @@ def probe_density(
     those keys of every row, as SampleAttention's masks keep them: of the window candidates
     selection weighs, the one whose window pairs plus columns (the needed keys before the
     window, each read by every later query whose window does not reach it) come to the
-    fewest. The first alone is blind to rows
-    that need different keys: on random q/k at 128K it said 0.74 where the selection came
-    out at 1.0 (H200, ``bench/speed.py``). On the planted inputs of the frontier benchmark
-    the second is within 0.91x to 1.36x of the selection's density at 8K (CPU,
-    ``bench/probe_cost.py --vs-selection``).
+    fewest. The first alone is blind to rows that need different keys (random q/k: far
+    below the selection's density); how close the second comes is in ``docs/tuning.md``.
 
     Args:
         q: ``(B, Hq, L, D)`` queries, the last ``L`` of the ``S`` positions.

@@ -31,9 +31,8 @@ from ..layout import SampleLayout
 
 LOG2E = 1.4426950408889634
 
-#: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability, the
-#: fastest measured by ``bench/gpu_run.py --tune-sampler`` (sampling 64K tokens, 32/8 heads,
-#: bf16). H100: (64, 128, 4) 7.26 ms, the default (64, 64, 4) 7.72 ms, eight others 8.3-12.1.
+#: Launch configuration ``(block_m, block_n, num_warps)`` per GPU compute capability: the
+#: fastest of ten measured (``docs/tuning.md``).
 LAUNCH_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {(9, 0): (64, 128, 4)}
 #: For devices not in the table (and the interpreter).
 DEFAULT_LAUNCH_CONFIG = (64, 64, 4)
@@ -348,8 +347,8 @@ def _row_missing_kernel(
     missed = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_miss = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # raw logits
     # Key tiles past the sink, before every valid row's window and holding no column: every
-    # key there is missed by every row, and the tile needs no mask. (A loop without this
-    # branch, masking every tile, measured 15.8 ms at 128K tokens on an H200 against 9.8.)
+    # key there is missed by every row, and the tile needs no mask (masking every tile
+    # measured 1.6x slower).
     lo = tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N
     first_window = tl.min(tl.where(row_valid, win_start, seq_len), axis=0)
     open_end = tl.maximum(lo, (first_window // BLOCK_N) * BLOCK_N)

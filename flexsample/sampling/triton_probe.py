@@ -2,11 +2,9 @@
 
 The torch probe (:func:`flexsample.probe.probe_density`) computes the probed rows'
 probabilities, sorts each row and counts the heaviest keys that hold ``alpha`` of its mass:
-about forty-five small operations, each a launch. On an H200 that cost 0.86 ms a call at 32K
-tokens (794 us of it host time; ``bench/probe_host.py``), and the calibrated cost model said
-1.6 ms, 12% of dense attention: more than the probe may cost
-(:data:`~flexsample.costs.PROBE_SHARE`), so 32K ran dense without planning. These kernels
-take 0.35 ms there (238 us of host time), 0.62 ms at 128K (the sort: 3.5 ms).
+about forty-five small operations, each a launch, mostly host time on a GPU: more than the
+probe may cost (:data:`~flexsample.tuning.PROBE_SHARE`) at lengths where sparse pays. These
+kernels take a fraction of it (``docs/tuning.md``).
 
 Each probed row's mass is histogrammed instead of sorted. The rows are few (one per
 segment, of one query head per kv group), so every program takes all of them against one
@@ -371,8 +369,8 @@ def probe_density_triton(
 ) -> torch.Tensor:
     """:func:`flexsample.probe.probe_density`'s estimate in four launches: the three kernels
     with the window candidates' column pairs summed per chunk in the last, then one program
-    per kv head for the cheapest candidate (no torch operation between them: on an H200
-    host each costs about as much as the probe's work at 32K tokens).
+    per kv head for the cheapest candidate (no torch operation between them: on a GPU each
+    costs the host about as much as the probe's work).
 
     Args: as :func:`probe_needs_triton`, and ``lengths``, the probed rows' causal lengths
     summed.
