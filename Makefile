@@ -2,8 +2,9 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# Compiled FlexAttention kernels are cached on disk: the second run compiles almost nothing.
-export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+# Compiled kernels are cached on disk, once per machine for every checkout (as vLLM's
+# environment is): a fresh clone's second `make test` compiles almost nothing.
+export TORCHINDUCTOR_CACHE_DIR ?= $(HOME)/.cache/flexsample/inductor
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-foreign lint docs pictures bench bench-frontier bench-frontier-gemma bench-smoke clean \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import SampleConfig
-from .plan import DenseByLength, plan_prefill_checked, run_plan, run_plan_unchecked
+from .plan import DenseByLength, plan_prefill_unchecked, run_plan, run_plan_unchecked
 from .stats import SampleStats, StageTimer
 from .validation import check_qkv
 
@@ -58,12 +58,12 @@ def flex_sample_attention(
     compiling = torch.compiler.is_compiling()
     if not return_stats:
         if compiling:
-            return run_plan(plan_prefill_checked(q, k, config, scale, None), q, k, v)
+            return run_plan(plan_prefill_unchecked(q, k, config, scale, None), q, k, v)
         return _call(q, k, v, config, scale)
     if not compiling:
         check_qkv(q, k, v)
     timer = StageTimer(q.device, enabled=True)
-    plan = plan_prefill_checked(q, k, config, scale, timer, v)  # q, k, v checked above
+    plan = plan_prefill_unchecked(q, k, config, scale, timer, v)  # q, k, v checked above
     with timer.stage("attention"):  # the plan was made from these tensors, v seen
         out = run_plan_unchecked(plan, q, k, v)
     return out, SampleStats.from_plan(plan, timer.times)
@@ -84,7 +84,7 @@ def _call(
     if known is not None:
         return run_plan_unchecked(known, q, k, v)
     check_qkv(q, k, v)
-    plan = plan_prefill_checked(q, k, config, scale, None, v)
+    plan = plan_prefill_unchecked(q, k, config, scale, None, v)
     if plan.by_length and signature is not None:
         _BY_LENGTH.put(signature, plan)
     return run_plan_unchecked(plan, q, k, v)

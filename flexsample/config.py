@@ -42,7 +42,7 @@ class Selection:
     against. Every field is checked like :class:`SampleConfig`'s.
 
     Attributes:
-        cover_rows: ``True`` (the default): every sampled row keeps at least ``alpha`` of its
+        row_guarantee: ``True`` (the default): every sampled row keeps at least ``alpha`` of its
             own mass; rows the segments' columns leave short get their heaviest missing keys
             added. ``False``: only each segment's mean sampled row keeps ``alpha`` (0.1, 0.2).
         group_union: ``True``: query heads that share a kv head read the union of their
@@ -56,14 +56,14 @@ class Selection:
             sink tokens are columns like any other.
     """
 
-    cover_rows: bool = True
+    row_guarantee: bool = True
     group_union: bool = False
     window_ratio: float | None = None
     column_unit: ColumnUnit = "token"
     sink_blocks: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("cover_rows", "group_union"):
+        for name in ("row_guarantee", "group_union"):
             if not isinstance(getattr(self, name), bool):
                 kind = type(getattr(self, name)).__name__
                 raise TypeError(f"SampleConfig.selection.{name} must be a bool, got {kind}")
@@ -149,7 +149,7 @@ class SampleConfig:
 
     def replace(self, **changes: object) -> SampleConfig:
         """A copy with some fields changed (validated like a new config). Fields of
-        :class:`Selection` may be named here too: ``config.replace(cover_rows=False)``."""
+        :class:`Selection` may be named here too: ``config.replace(row_guarantee=False)``."""
         own = {f.name for f in dataclasses.fields(self)}
         picked = {k: changes.pop(k) for k in list(changes) if k not in own}
         if picked:

@@ -99,10 +99,10 @@ class PrefillPlan:
         scores: ``(B, Hq, num_segments, S)`` sampled column scores.
         pattern: what each head reads (:class:`~flexsample.patterns.WindowColumns`: the
             window and columns each head chose, with the per-row cover's additions when
-            ``config.selection.cover_rows``).
+            ``config.selection.row_guarantee``).
         row_mass: ``(B, Hq, num_segments, rows_per_segment)`` kept share of each sampled
             row's mass (a lower bound, see :class:`~flexsample.cover.RowCover`); None unless
-            ``config.selection.cover_rows``.
+            ``config.selection.row_guarantee``.
         call: the pattern's FlexAttention call: its ``BlockMask`` and how q, k and v are
             laid out for it (:class:`~flexsample.patterns.MaskedCall`).
         backend: the FlexAttention backend the call runs (``"triton"`` or ``"flash"``, see
@@ -164,7 +164,8 @@ def plan_prefill(
 
     Runs stages 1–2 and builds the mask: sample the attention of a few query rows, choose per
     head the window and the key columns that with it hold ``config.alpha`` of each segment's
-    sampled mass, add keys for the sampled rows still short of it (``config.selection.cover_rows``),
+    sampled mass, add keys for the sampled rows still short of it
+    (``config.selection.row_guarantee``),
     list each kv head's columns, and build the ``BlockMask``.
 
     A dense plan (with its reason) comes back where sparse would not pay: before sampling,
@@ -188,7 +189,7 @@ def plan_prefill(
         config: method settings; ``SampleConfig()`` if None.
         scale: softmax scale; ``1/sqrt(D)`` if None.
         timer: records the seconds of the ``probe`` (when it runs), ``sample``, ``select``,
-            ``cover`` (when ``config.selection.cover_rows``) and ``mask`` stages.
+            ``cover`` (when ``config.selection.row_guarantee``) and ``mask`` stages.
 
     Returns:
         A frozen :class:`PrefillPlan`; pass it to :func:`run_plan` with the same q, k and v.
@@ -198,10 +199,10 @@ def plan_prefill(
     """
     if not torch.compiler.is_compiling():
         check_qk(q, k)
-    return plan_prefill_checked(q, k, config, scale, timer)
+    return plan_prefill_unchecked(q, k, config, scale, timer)
 
 
-def plan_prefill_checked(
+def plan_prefill_unchecked(
     q: torch.Tensor,
     k: torch.Tensor,
     config: SampleConfig | None,
@@ -285,10 +286,10 @@ def plan_prefill_checked(
             pattern = pattern.shared_by_group(Hq // k.shape[1])
     # Checked before the cover too: the cover only adds pairs, so a selection already too
     # dense saves the cover's pass.
-    after_select = PLAN_SHARE_AFTER_SELECT if config.selection.cover_rows else PLAN_SHARE_MASK
+    after_select = PLAN_SHARE_AFTER_SELECT if config.selection.row_guarantee else PLAN_SHARE_MASK
     reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, after_select)
     row_mass = None
-    if reason is None and config.selection.cover_rows:
+    if reason is None and config.selection.row_guarantee:
         with timer.stage("cover"):
             cover = cover_rows(q, k, pattern, config.alpha, scale, sampler, row_lse=row_lse)
             pattern, row_mass = cover.selection, cover.row_mass

@@ -24,14 +24,14 @@ PRESETS: dict[str, tuple[SampleConfig, str]] = {
         SampleConfig(
             min_window=128,
             selection=Selection(
-                cover_rows=False, window_ratio=0.08, column_unit="block", sink_blocks=1
+                row_guarantee=False, window_ratio=0.08, column_unit="block", sink_blocks=1
             ),
         ),
         "a fixed window of 8% of the sequence, whole key blocks as columns, one sink block, "
         "alpha kept per segment",
     ),
     "0.2": (
-        SampleConfig(min_window=128, selection=Selection(cover_rows=False, group_union=True)),
+        SampleConfig(min_window=128, selection=Selection(row_guarantee=False, group_union=True)),
         "the adaptive window from 128 tokens, single-key columns shared by each GQA group, "
         "alpha kept per segment",
     ),

@@ -14,7 +14,7 @@ from .timing import StageTimer
 __all__ = ["PLAN_STAGES", "STAGES", "SampleStats", "StageTimer"]
 
 #: Stages of a plan, in order (``probe`` only where the density check is on, see
-#: :mod:`flexsample.probe`; ``cover`` only with ``SampleConfig.cover_rows``), and of a whole
+#: :mod:`flexsample.probe`; ``cover`` only with ``Selection.row_guarantee``), and of a whole
 #: call.
 PLAN_STAGES: tuple[str, ...] = ("probe", "sample", "select", "cover", "mask")
 STAGES: tuple[str, ...] = (*PLAN_STAGES, "attention")
@@ -46,12 +46,13 @@ class SampleStats:
         sampled_mass: ``(B, Hq)`` smallest, over query segments, fraction of the sampled rows'
             attention mass that the mask keeps (at least ``alpha`` by construction).
         row_mass: ``(B, Hq, R)`` kept share of each of the ``R`` sampled rows' own attention
-            mass (a lower bound, at least ``alpha``); None unless ``config.selection.cover_rows``.
+            mass (a lower bound, at least ``alpha``); None without
+            ``config.selection.row_guarantee``.
         notes: what about the length and config limited sparsity (e.g. a single tile); empty
             when nothing did.
         times: seconds per stage (:data:`STAGES`: ``probe``, ``sample``, ``select``,
             ``cover``, ``mask``, ``attention``; ``probe`` only where the density check is on,
-            ``cover`` only with ``config.selection.cover_rows``), measured with device
+            ``cover`` only with ``config.selection.row_guarantee``), measured with device
             synchronisation; on a path decided dense before sampling, ``attention`` and
             perhaps ``probe``.
         pattern: what each head read (:mod:`flexsample.patterns`); None on the dense path.

@@ -54,16 +54,24 @@ def test_speed_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_dense_path_dry_run(tmp_path):
-    out = _run("dense_path.py", "--dry-run", "--lengths", "512", "--json", str(tmp_path / "d.json"))
-    assert "S=512 random: dense" in out  # the path and its reason
-    assert out.count("S=512 device ") == 2 and out.count("S=512 wall ") == 2  # two orders each
-    assert "flex_sample_attention" in out
+    _run("dense_path.py", "--dry-run", "--lengths", "512", "--json", str(tmp_path / "d.json"))
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    # Each clock in both orders, one row each, every call timed; random q/k/v run dense.
+    assert sorted((r["clock"], r["order"]) for r in rows) == sorted(
+        (c, o) for c in ("device", "wall") for o in ("forward", "reversed")
+    )
+    for r in rows:
+        assert r["seq_len"] == 512 and r["path"] == "dense"
+        assert r["sdpa"] > 0 and r["flex_sample_attention"] > 0
 
 
 @pytest.mark.slow
 def test_ttft_dry_run(tmp_path):
     pytest.importorskip("gguf")
-    out = _run("ttft.py", "--dry-run", "--json", str(tmp_path / "t.json"))
-    for mode in ("dense", "flexsample", "always sparse"):
-        assert f"| niah_single_1100 | 1096 | {mode} | " in out
-    assert "/2 |" in out  # scores over the two prompts
+    _run("ttft.py", "--dry-run", "--json", str(tmp_path / "t.json"))
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert sorted(r["mode"] for r in rows) == ["always sparse", "dense", "flexsample"]
+    for r in rows:
+        assert r["task"] == "niah_single_1100" and r["samples"] == 2 and r["ttft_s"] > 0
+        assert 0 <= r["score"] <= 2 and len(r["answers"]) == 2
+    assert next(r for r in rows if r["mode"] == "dense")["same_as_dense"] == 2  # itself

@@ -14,7 +14,7 @@ def test_defaults_follow_the_paper():
     assert c.max_sampled_rows == 4096  # binds from about 80K tokens on
     # 0.2 on: the window adapts per head, columns are single tokens, the sink is a column;
     # 0.3 on: every sampled row keeps alpha; 0.4 on: each query head reads its own columns
-    assert c.selection == Selection(cover_rows=True, group_union=False, window_ratio=None)
+    assert c.selection == Selection(row_guarantee=True, group_union=False, window_ratio=None)
     assert c.selection.column_unit == "token" and c.selection.sink_blocks == 0
 
 
@@ -44,7 +44,7 @@ def test_defaults_follow_the_paper():
         ("max_density", 0.0, ValueError, "max_density must lie in"),
         ("max_density", 1.5, ValueError, "max_density must lie in"),
         ("max_density", "high", TypeError, "max_density must be a real number"),
-        ("cover_rows", "yes", TypeError, "cover_rows must be a bool"),
+        ("row_guarantee", "yes", TypeError, "row_guarantee must be a bool"),
         ("group_union", 1, TypeError, "group_union must be a bool"),
         ("sampler", "cuda", ValueError, "sampler must be one of"),
         ("column_unit", "tile", ValueError, "column_unit must be one of"),
@@ -63,9 +63,9 @@ def test_bad_config_names_the_field(field, value, error, words):
 
 def test_config_from_plain_fields_and_presets():
     assert config_from_fields({}) == SampleConfig()
-    config = config_from_fields({"preset": "0.3", "alpha": 0.9, "cover_rows": False})
-    assert config == preset("0.3").replace(alpha=0.9, cover_rows=False)
-    assert config.selection.group_union and not config.selection.cover_rows
+    config = config_from_fields({"preset": "0.3", "alpha": 0.9, "row_guarantee": False})
+    assert config == preset("0.3").replace(alpha=0.9, row_guarantee=False)
+    assert config.selection.group_union and not config.selection.row_guarantee
     with pytest.raises(
         ValueError, match="unknown SampleConfig fields \\['alhpa'\\]; known: preset"
     ):
@@ -75,7 +75,7 @@ def test_config_from_plain_fields_and_presets():
     with pytest.raises(ValueError, match=re.escape("SampleConfig.selection.window_ratio must")):
         config_from_fields({"window_ratio": 2})
     with pytest.raises(TypeError, match=re.escape("SampleConfig.selection must be a Selection")):
-        SampleConfig(selection={"cover_rows": False})  # type: ignore[arg-type]
+        SampleConfig(selection={"row_guarantee": False})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -273,12 +273,12 @@ def test_plan_reports_row_mass_and_cover_can_be_turned_off():
     assert plan.row_mass is not None
     assert plan.row_mass.shape == (1, 4, 3, plan.layout.rows_per_segment)
     assert float(plan.row_mass.quantile(0.05)) >= cfg.alpha - 1e-4
-    plain = plan_prefill(q, k, cfg.replace(cover_rows=False))
+    plain = plan_prefill(q, k, cfg.replace(row_guarantee=False))
     assert plain.row_mass is None
     # The cover only adds columns to what the segments chose.
     assert bool((plan.pattern.columns >= plain.pattern.columns).all())
 
 
-def test_cover_rows_must_be_a_bool():
-    with pytest.raises(TypeError, match="cover_rows"):
-        SampleConfig().replace(cover_rows=1)
+def test_row_guarantee_must_be_a_bool():
+    with pytest.raises(TypeError, match="row_guarantee"):
+        SampleConfig().replace(row_guarantee=1)

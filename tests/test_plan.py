@@ -39,7 +39,7 @@ def test_plan_records_stage_times_with_a_timer():
     fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(), timer=timer)
     assert set(timer.times) == {"sample", "select", "cover", "mask"}
     timer = fs.StageTimer(q.device, enabled=True)
-    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(cover_rows=False), timer=timer)
+    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(row_guarantee=False), timer=timer)
     assert set(timer.times) == {"sample", "select", "mask"}
 
 
@@ -71,8 +71,8 @@ def test_calls_dense_by_length_skip_planning_but_not_the_checks(monkeypatch):
     q, k, v = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     planned = []
-    real = plan_module.plan_prefill_checked
-    monkeypatch.setattr(api, "plan_prefill_checked", lambda *a: planned.append(a) or real(*a))
+    real = plan_module.plan_prefill_unchecked
+    monkeypatch.setattr(api, "plan_prefill_unchecked", lambda *a: planned.append(a) or real(*a))
     with torch.no_grad():
         for _ in range(3):
             assert torch.allclose(fs.flex_sample_attention(q, k, v), ref, atol=1e-6)

@@ -295,8 +295,8 @@ def _row_missing_kernel(
     WIN_START,
     COLS,
     TILE_COLS,
-    MISSED,
-    MISS,
+    MISSED_MASS,
+    HEAVIEST_MISS,
     ONLY,
     stride_qb,
     stride_qh,
@@ -373,8 +373,8 @@ def _row_missing_kernel(
                 miss = miss & (col == 0)
             missed += tl.sum(tl.where(miss, p, 0.0), axis=1)
             m_miss = tl.maximum(m_miss, tl.max(tl.where(miss, s, float("-inf")), axis=1))
-    tl.store(MISSED + out_offs, missed, mask=row_valid)
-    tl.store(MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
+    tl.store(MISSED_MASS + out_offs, missed, mask=row_valid)
+    tl.store(HEAVIEST_MISS + out_offs, tl.exp2(m_miss * qk_scale - lse), mask=row_valid)
 
 
 @triton.jit
