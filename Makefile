@@ -7,8 +7,8 @@ BIN     := $(VENV)/bin
 export TORCHINDUCTOR_CACHE_DIR ?= $(HOME)/.cache/flexsample/inductor
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-foreign lint docs pictures bench bench-frontier bench-frontier-gemma bench-smoke clean \
-	vllm-env vllm-test bench-vllm
+.PHONY: setup demo test test-full test-foreign lint docs pictures bench bench-frontier bench-frontier-gemma \
+	bench-smoke clean vllm-env vllm-test bench-vllm
 
 # vLLM's CPU build pins torch 2.13.0+cpu and transformers<5.20: the vLLM plugin's tests run in
 # an environment of their own, created once per machine (about 6 minutes, 3.5 GB) and reused
@@ -40,13 +40,21 @@ lint: setup
 # tests/test_docs.py, which also checks what they print).
 DOC_PAGES := README.md $(filter-out docs/getting-started.md,$(wildcard docs/*.md))
 
+# The tests in two lanes, run together on two workers (pytest-xdist): every test not marked
+# `slow` (plain `pytest` runs those alone), and the slow lane (real models, the benchmark
+# runners' dry runs, vLLM's engine) in smoke form: the instances marked `full` (larger
+# lengths, another dtype of a path already run) are left out. `make test-full` runs it whole.
+SLOW ?= --smoke-slow
 test: lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n 2 -m "slow or not slow" $(SLOW) --durations=20
 	$(BIN)/python -m pytest --markdown-docs --markdown-docs-syntax=superfences -p no:cacheprovider \
 		--durations=5 $(DOC_PAGES)
 	$(MAKE) vllm-test
 	$(MAKE) bench-smoke
 	$(MAKE) docs
+
+test-full:
+	$(MAKE) test SLOW=
 
 # The whole of `make test` as a machine with other costs would run it: every cost lookup reads
 # TABLE (default: a CPU whose sparse call costs 2.35x SDPA's time per pair and whose planning
@@ -73,7 +81,8 @@ vllm-env: $(VLLM_BIN)/.ready
 # The plugin's tests: offline generation, chunked prefill beside decodes, the OpenAI server
 # (about 10 minutes on 2 cores). The SmolLM2 transformers directory is written to .cache once.
 vllm-test: vllm-env
-	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python -m pytest tests/vllm_plugin -p no:cacheprovider --durations=10
+	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python -m pytest tests/vllm_plugin \
+		-m "slow or not slow" $(SLOW) -p no:cacheprovider --durations=10
 
 # Prefill through vLLM with and without the plugin (bench/results/vllm_cpu.{json,md}).
 bench-vllm: vllm-env

@@ -35,6 +35,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="write tests/data/golden.pt anew from this code (an intended change of behaviour)",
     )
+    parser.addoption(
+        "--smoke-slow",
+        action="store_true",
+        help="the slow lane in smoke form: leave out the tests marked `full` (larger instances "
+        "of what the rest of the lane already runs)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--smoke-slow"):
+        return
+    kept = [item for item in items if item.get_closest_marker("full") is None]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

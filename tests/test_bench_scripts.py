@@ -66,6 +66,7 @@ def test_dense_path_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_ttft_dry_run(tmp_path):
     pytest.importorskip("gguf")
     _run("ttft.py", "--dry-run", "--json", str(tmp_path / "t.json"))

@@ -126,6 +126,7 @@ def test_compare_runs_the_real_evaluator_dense_and_flexsample(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_flexsample_eval_is_lm_evals_cli(tmp_path):
     """`flexsample eval` accepts lm-eval's flags unchanged and finds the shipped tasks."""
     pytest.importorskip("gguf")

@@ -33,7 +33,7 @@ def test_dense_equivalent_logits_match_sdpa_at_2k(smollm2):
     assert err < 5e-4
 
 
-@pytest.mark.parametrize("length", [2048, 4096])
+@pytest.mark.parametrize("length", [2048, pytest.param(4096, marks=pytest.mark.full)])
 def test_passkey_answers_match_dense(smollm2, length):
     """The default selection, every layer sparse (the cost model would run 2K dense on a
     slow CPU): same answer as dense at three needle depths; densities reported."""

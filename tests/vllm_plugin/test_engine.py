@@ -74,7 +74,7 @@ def baselines(tmp_path_factory) -> dict:
     return get
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.full), "bfloat16"])
 def test_chunked_prefill_beside_decoding_requests(tmp_path, baselines, dtype):
     baseline = baselines(dtype)
     # Chunks of at most 1024 tokens: the first attends to itself; the second and third to
