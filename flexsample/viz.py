@@ -2,7 +2,8 @@
 
 Needs matplotlib (``pip install flexsample[viz]``); it is imported when a function runs.
 Every function draws from tensors the library returns (:class:`~flexsample.SampleStats`
-fields), so a picture shows a real run, and returns the matplotlib ``Figure``.
+fields), so a picture shows a real run, returns the matplotlib ``Figure``, and with ``path``
+saves it there (PNG).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ if TYPE_CHECKING:  # matplotlib is optional and imported only when a picture is 
     from matplotlib.figure import Figure
 
     from .stats import SampleStats
+
+
+def _check_matrix(x: torch.Tensor, name: str, axes: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be {axes}, got {tuple(x.shape)}")
 
 
 def _pyplot():
@@ -45,10 +51,6 @@ def plot_tile_layouts(
             columns for tiles before the window.
         titles: one per layout (say which layer, head and density).
         columns: pictures per row.
-        path: save the figure there (PNG) if given.
-
-    Returns:
-        matplotlib.figure.Figure: the figure.
 
     Raises:
         ValueError: ``layouts`` and ``titles`` differ in length, or a layout is not square.
@@ -86,10 +88,6 @@ def plot_layer_masks(
     Args:
         stats_by_layer: ``{layer: stats}`` of sparse calls (batch row 0 is drawn).
         heads: heads per layer.
-        path: save the figure there (PNG) if given.
-
-    Returns:
-        matplotlib.figure.Figure: the figure.
 
     Raises:
         ValueError: no layers, or a stats object of a dense call (it has no tile layout).
@@ -123,16 +121,11 @@ def plot_column_scores(
         scores: ``(num_segments, S)``, e.g. ``stats.scores[b, h]``.
         title: figure title.
         bins: most key bins drawn.
-        path: save the figure there (PNG) if given.
-
-    Returns:
-        matplotlib.figure.Figure: the figure.
 
     Raises:
         ValueError: ``scores`` is not 2-D.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (num_segments, S), got {tuple(scores.shape)}")
+    _check_matrix(scores, "scores", "(num_segments, S)")
     from matplotlib.colors import LogNorm
 
     plt = _pyplot()
@@ -165,16 +158,11 @@ def plot_density_heatmap(
     Args:
         density: ``(layers, heads)`` in ``[0, 1]``.
         title: figure title.
-        path: save the figure there (PNG) if given.
-
-    Returns:
-        matplotlib.figure.Figure: the figure.
 
     Raises:
         ValueError: ``density`` is not 2-D.
     """
-    if density.dim() != 2:
-        raise ValueError(f"density must be (layers, heads), got {tuple(density.shape)}")
+    _check_matrix(density, "density", "(layers, heads)")
     plt = _pyplot()
     layers, heads = density.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * heads + 2), max(3, 0.22 * layers + 1)))

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -264,18 +265,15 @@ def render_demo(result: DemoResult, console=None) -> None:
 
 
 def run_demo(
-    length: int = DEMO_LENGTH,
-    depth: float = 0.5,
-    seed: int = 0,
-    config: SampleConfig | None = None,
-    repeats: int = 2,
-    new_tokens: int = 8,
+    *,
     save_masks: Path | None = None,
     save_json: Path | None = None,
     console=None,
+    **settings: Any,
 ) -> DemoResult:
-    """Measure, print, and optionally save the mask picture and the numbers as JSON."""
-    result = measure_demo(length, depth, seed, config, repeats, new_tokens)
+    """:func:`measure_demo` with ``settings`` (its arguments), then print the result, and
+    optionally save the mask picture and the numbers as JSON."""
+    result = measure_demo(**settings)
     render_demo(result, console)
     if save_masks is not None:
         from flexsample.viz import plot_layer_masks
