@@ -47,8 +47,8 @@ DOC_PAGES := README.md $(filter-out docs/getting-started.md,$(wildcard docs/*.md
 SLOW ?= --smoke-slow
 test: lint
 	$(BIN)/python -m pytest -n 2 -m "slow or not slow" $(SLOW) --durations=20
-	$(BIN)/python -m pytest --markdown-docs --markdown-docs-syntax=superfences -p no:cacheprovider \
-		--durations=5 $(DOC_PAGES)
+	$(BIN)/python -m pytest -n 2 --markdown-docs --markdown-docs-syntax=superfences \
+		-p no:cacheprovider --durations=5 $(DOC_PAGES)
 	$(MAKE) vllm-test
 	$(MAKE) bench-smoke
 	$(MAKE) docs
