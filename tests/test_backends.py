@@ -135,7 +135,7 @@ def test_static_shapes_compile_once_per_bucket():
     torch._dynamo.reset()
     cfg = SampleConfig.always_sparse(block_size=128, sampler="torch")
     cases, shapes = [], set()
-    for S in [1030, 1100, 1150, 1200, 1290, 1300, 1400, 1450, 1500, 1530]:
+    for S in [1030, 1150, 1290, 1300, 1450, 1530]:
         q, k, v = _qkv(2, 4, 2, S, 32)
         if S % 3 == 0:  # a chunk: the last 700 queries
             q = q[:, :, -700:].contiguous()
@@ -145,8 +145,8 @@ def test_static_shapes_compile_once_per_bucket():
         bucketed = dataclasses.replace(plan, padded=call.padded, call=call)
         cases.append((plan, q, k, v, run_plan(bucketed, q, k, v)))
     static = len(_debug_get_cache_entry_list(flex_attention.__code__))
-    print(f"10 lengths: {len(shapes)} padded shapes, {static} static compilations")
-    assert static == len(shapes) <= 5  # ten lengths, five (rows, keys) buckets here
+    print(f"6 lengths: {len(shapes)} padded shapes, {static} static compilations")
+    assert static == len(shapes) <= 4  # six lengths share at most four (rows, keys) buckets
     for plan, q, k, v, got in cases:
         torch.testing.assert_close(got, run_plan(plan, q, k, v))
 
