@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import platform
 import shlex
 import statistics
@@ -43,7 +42,7 @@ from flexsample.backends import resolve_backend
 from flexsample.costs import cost_model
 from flexsample.presets import preset
 from flexsample.provenance import code_commit
-from flexsample.synthetic import planted_qkv
+from flexsample.synthetic import single_token_stripes
 from flexsample.testing import random_qkv, rel_rmse
 from flexsample.timing import interleaved_medians
 
@@ -270,10 +269,7 @@ def bench_shape(dry_run: bool) -> tuple[torch.device, tuple[int, int, int], torc
 
 def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
     if name == "single-token stripes":
-        return planted_qkv(
-            1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
-            signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
-        )  # fmt: skip
+        return single_token_stripes(Hq, Hkv, S, D, dtype, device)
     return random_qkv(1, Hq, Hkv, S, D, dtype, device)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import functools
 import itertools
-import math
 
 import torch
 
@@ -21,7 +20,7 @@ from .costs import CostModel, device_name, dtype_name, save
 from .layout import SampleLayout
 from .plan import plan_prefill, run_plan
 from .probe import probe_rows
-from .synthetic import planted_qkv
+from .synthetic import single_token_stripes
 from .testing import random_qkv
 from .timing import interleaved_medians
 from .tuning import CALIBRATION_WINDOWS
@@ -107,10 +106,7 @@ def calibrate(
         for S in lengths:
             # Structured attention (single-token stripes holding all but about 1% of the
             # mass, as bench/speed.py's): what planning costs where sparse can pay.
-            q, k, v = planted_qkv(
-                1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1, seed=0, dtype=dtype,
-                device=device, signal=max(10.0, math.log(100 * S / 64)),
-            )  # fmt: skip
+            q, k, v = single_token_stripes(Hq, Hkv, S, D, dtype, device)
             # Diffuse attention (random q/k): the probe finds it and the call runs dense, so
             # what planning cost is what the probe costs such a call (the probe, its
             # verdict's read on the host, the checks and lookups around them).

@@ -114,6 +114,23 @@ def planted_qkv(
     return tuple(t.to(dtype) for t in (q, k, v))  # type: ignore[return-value]
 
 
+def single_token_stripes(
+    q_heads: int,
+    kv_heads: int,
+    seq_len: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prompt of 16 to 32 single-token key columns per kv head holding all but about 1%
+    of the mass at any length (the signal grows with ``log S``), seed 0: the structured
+    input the calibration, the speed runner and the GPU tests share."""
+    return planted_qkv(
+        1, q_heads, kv_heads, seq_len, head_dim, stripes=(16, 32), stripe_width=1, seed=0,
+        signal=max(10.0, math.log(100 * seq_len / 64)), dtype=dtype, device=device,
+    )  # fmt: skip
+
+
 def planted_case(
     target_density: float,
     batch: int,

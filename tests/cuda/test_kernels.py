@@ -22,7 +22,7 @@ import flexsample as fs
 from flexsample import graphs
 from flexsample.probe import probe_density
 from flexsample.sampling import run_sampler, sampled_row_probabilities
-from flexsample.synthetic import planted_case, planted_qkv
+from flexsample.synthetic import planted_case, single_token_stripes
 from flexsample.testing import random_qkv, random_selection, rel_max, rel_rmse
 
 pytestmark = [
@@ -41,10 +41,7 @@ HALF = [torch.bfloat16, torch.float16]
 
 def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
     if name == "single-token stripes":
-        return planted_qkv(
-            1, Hq, Hkv, S, D, stripes=(16, 32), stripe_width=1,
-            signal=max(10.0, math.log(100 * S / 64)), dtype=dtype, device=device, seed=0,
-        )  # fmt: skip
+        return single_token_stripes(Hq, Hkv, S, D, dtype, device)
     return random_qkv(1, Hq, Hkv, S, D, dtype, device)
 
 
