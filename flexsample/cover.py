@@ -258,7 +258,7 @@ def _measure_torch(
                     q[b, h, pos - layout.query_start].to(dtype) * scale,
                     keys[:width],
                     pos,
-                    selection.keep_heads(b * Hq + h, pos)[:, :width],
+                    selection.keep_heads(b * Hq + h, pos, width),
                 )
                 kept[b, h, i], heaviest[b, h, i] = row_kept.float(), missing.float()
     return kept, heaviest

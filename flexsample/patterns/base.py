@@ -78,9 +78,12 @@ class Pattern(abc.ABC):
         """``(B, H, R, S)`` bool: the keys query positions ``rows (R,)`` read (causal)."""
 
     @abc.abstractmethod
-    def keep_heads(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``(R, S)`` bool: the keys each of ``R`` rows reads, row ``i`` of flattened head
-        ``heads[i]`` (``b * H + h``) at position ``rows[i]``."""
+    def keep_heads(
+        self, heads: torch.Tensor, rows: torch.Tensor, num_keys: int | None = None
+    ) -> torch.Tensor:
+        """``(R, K)`` bool: the keys each of ``R`` rows reads, row ``i`` of flattened head
+        ``heads[i]`` (``b * H + h``) at position ``rows[i]``, over the first ``K = num_keys``
+        keys (all ``S`` if None; the cover's measurement needs only the rows' causal prefix)."""
 
     @abc.abstractmethod
     def density(self) -> torch.Tensor:

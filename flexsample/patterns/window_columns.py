@@ -56,21 +56,27 @@ def keeps(
 
 
 def row_keep(
-    pos: torch.Tensor, window_blocks: torch.Tensor, columns: torch.Tensor, layout: SampleLayout
+    pos: torch.Tensor,
+    window_blocks: torch.Tensor,
+    columns: torch.Tensor,
+    layout: SampleLayout,
+    num_keys: int | None = None,
 ) -> torch.Tensor:
     """The keys that query ``pos`` of a head reads, row by row.
 
     Args:
         pos: ``(...)`` query positions.
         window_blocks: the window of each row's head in blocks (broadcasts with ``pos``).
-        columns: ``(..., S)`` bool, the columns each row's head reads (broadcasts).
+        columns: ``(..., K)`` bool, the columns each row's head reads (broadcasts).
         layout: the geometry.
+        num_keys: ``K``, the first keys only (a prefix the rows' causal keys fit in); all
+            ``S`` if None.
 
     Returns:
-        ``(..., S)`` bool, causal.
+        ``(..., K)`` bool, causal.
     """
     bs = layout.block_size
-    key = torch.arange(layout.seq_len, device=pos.device)
+    key = torch.arange(layout.seq_len if num_keys is None else num_keys, device=pos.device)
     start = (window_start(pos // bs, window_blocks) * bs)[..., None]
     return keeps(key, pos[..., None], start, layout.sink_tokens, columns)
 
@@ -138,9 +144,12 @@ class WindowColumns(Pattern):
             rows, self.window_blocks[..., None], self.columns[:, :, None, :], self.layout
         )
 
-    def keep_heads(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def keep_heads(
+        self, heads: torch.Tensor, rows: torch.Tensor, num_keys: int | None = None
+    ) -> torch.Tensor:
         windows = self.window_blocks.flatten()[heads]
-        return row_keep(rows, windows, self.columns.flatten(0, 1)[heads], self.layout)
+        columns = self.columns.flatten(0, 1)[:, :num_keys][heads]
+        return row_keep(rows, windows, columns, self.layout, num_keys)
 
     def density(self) -> torch.Tensor:
         return pair_density(self.window_blocks, self.columns, self.layout)
