@@ -35,7 +35,7 @@ def compiled_flex_attention():
 @functools.cache
 def compiled_static_flex_attention():
     """``flex_attention`` compiled per static shape (the ``"flash"`` backend, which has no
-    dynamic shapes): callers pad lengths to :func:`~flexsample.masks.bucket_length`, so
+    dynamic shapes): callers pad lengths to :func:`~flexsample.bucket_length`, so
     distinct prompt lengths share few compilations."""
     return torch.compile(flex_attention, dynamic=False)
 
@@ -56,13 +56,13 @@ def sparse_attention(
         q: ``(B, Hq, S, D)``.
         k: ``(B, Hkv, L, D)`` with ``Hq % Hkv == 0``: the keys the mask indexes (for
             SampleAttention, ``[gathered columns | keys]``, see
-            :func:`flexsample.masks.gather_keys`).
+            :func:`flexsample.patterns.window_columns.gather_keys`).
         v: ``(B, Hkv, L, D)``.
         block_mask: a ``BlockMask`` over ``(B, Hq, S, L)``.
         scale: softmax scale.
         backend: ``"triton"`` or ``"flash"`` (see ``SampleConfig.backend``).
         static_shapes: compile per static shape (pad lengths to
-            :func:`~flexsample.masks.bucket_length` to share compilations) instead of once
+            :func:`~flexsample.bucket_length` to share compilations) instead of once
             with dynamic shapes; default: only for ``"flash"``, which needs it.
 
     Returns:
@@ -86,7 +86,7 @@ def sparse_attention(
     compiled = compiled_static_flex_attention if static else compiled_flex_attention
     # Past the recompile limit Dynamo would run eager flex_attention: dense and slow. No duck
     # sizing: the mask's lookup tables must not share a symbol with the key length (see
-    # flexsample.masks.sample_attention_mask_mod).
+    # flexsample.patterns.window_columns.sample_attention_mask_mod).
     with (
         recompile_policy(fail_on_limit=True),
         torch.fx.experimental._config.patch(use_duck_shape=False),
@@ -124,7 +124,7 @@ def flex_dense_attention(
 ) -> torch.Tensor:
     """Dense causal attention of a whole prompt through compiled FlexAttention: every causal
     tile (:func:`~flexsample.masks.causal_block_mask`), static shapes padded to
-    :func:`~flexsample.masks.bucket_length` so that prompt lengths share compilations.
+    :func:`~flexsample.bucket_length` so that prompt lengths share compilations.
 
     On Hopper with FlashAttention-4 (``backend="flash"``) this can beat cuDNN at long lengths;
     the plan's cost model says where (:meth:`~flexsample.costs.CostModel.dense_kernel`).

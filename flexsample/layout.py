@@ -200,7 +200,7 @@ def bucket_length(n: int, block_size: int) -> int:
 
     Distinct prompt lengths then share few compiled kernels; the padding costs memory for
     the padded copies of q, k and v, not attention work (see
-    :func:`~flexsample.masks.build_block_mask`).
+    :func:`~flexsample.patterns.window_columns.build_block_mask`).
     """
     if n < 1 or block_size < 1:
         raise ValueError(f"n and block_size must be positive, got {n}, {block_size}")

@@ -319,9 +319,10 @@ def plan_prefill_unchecked(
 def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Compute the attention a plan decided: compiled block-sparse FlexAttention, or dense SDPA.
 
-    The sparse path gathers each kv head's selected key and value columns in front of the
-    keys (see :func:`flexsample.masks.gather_keys`) and runs one FlexAttention call. Where v
-    holds a NaN or an Inf, a sparse plan runs dense (logged once), as SDPA would spread it.
+    The sparse path lays q, k and v out as the pattern's call reads them (``plan.call``: for
+    :class:`~flexsample.WindowColumns`, each kv head's columns gathered in front of its keys)
+    and runs one FlexAttention call. Where v holds a NaN or an Inf, a sparse plan runs dense
+    (logged once), as SDPA would spread it.
 
     Args:
         plan: from :func:`plan_prefill` on these ``q`` and ``k``.

@@ -341,7 +341,7 @@ def probe_needs_triton(
         k: ``(B, Hkv, S, D)`` on a CUDA device (or on CPU with ``TRITON_INTERPRET=1``).
         layout: the geometry (sink, block size, the first query's position).
         rows: ``(R,)`` int64 positions of the probed rows on q's device, ``R <=``
-            :data:`~flexsample.probe.MAX_TRITON_PROBE_ROWS`.
+            :data:`~flexsample.tuning.MAX_TRITON_PROBE_ROWS`.
         alpha: the share of each row's mass its needed keys hold.
         scale: softmax scale.
         block_n: key tile width (default: the sampler's).
