@@ -10,11 +10,8 @@ import inspect
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import bucket_length
-
 __all__ = [
     "block_map_indices",
-    "bucket_length",
     "causal_block_mask",
     "check_padded",
     "from_kv_blocks",
@@ -77,7 +74,7 @@ def causal_block_mask(
     partial, and no tile for the query blocks past ``seq_len`` (padding costs no work).
 
     Cached per shape: every layer of a prefill, and every prompt of one bucket
-    (:func:`bucket_length`), shares one mask.
+    (:func:`~flexsample.bucket_length`), shares one mask.
     """
     rows, _ = check_padded((padded, padded), seq_len, seq_len, block_size)
     blocks, n = -(-seq_len // block_size), rows // block_size
