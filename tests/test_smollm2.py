@@ -78,3 +78,21 @@ def test_generate_left_padded_batch_matches_dense(smollm2):
     assert {r.path for r in prefill} == {"sparse"}
     print("dense:", tokenizer.batch_decode(dense), "flexsample:", tokenizer.batch_decode(sparse))
     assert torch.equal(dense, sparse)
+
+
+def test_the_cached_directory_holds_the_gguf_files_weights(smollm2):
+    """load_model reads SmolLM2 from its dequantised directory (written on first use): the
+    same weights, config and tokens as dequantising the GGUF file again."""
+    from flexsample.integrations.models import SMOLLM2, load_model, transformers_directory
+
+    model, tokenizer = smollm2
+    folder = transformers_directory(SMOLLM2, dtype=torch.float32)
+    assert (folder / "config.json").is_file() and folder.name.startswith("smollm2-float32-")
+    from_gguf, gguf_tokenizer = load_model(SMOLLM2, gguf=SMOLLM2.path())
+    cached, fresh = model.state_dict(), from_gguf.state_dict()
+    assert cached.keys() == fresh.keys()
+    for name, weight in fresh.items():
+        assert torch.equal(cached[name], weight), name
+    assert model.config.num_hidden_layers == from_gguf.config.num_hidden_layers
+    text = "The pass key is 71432. Remember it. 71432 is the pass key."
+    assert tokenizer(text).input_ids == gguf_tokenizer(text).input_ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,13 +117,18 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an offline model and its tokenizer (dequantised to ``dtype``, eval mode).
 
+    The first load of an installed model dequantises its GGUF file (tens of seconds for
+    SmolLM2 on a CPU) and saves the result as a transformers directory under the model cache
+    (:func:`transformers_directory`); later loads read that directory (a second or two).
+
     Args:
         model: an :class:`OfflineModel` or its name.
         attn_implementation: transformers' attention implementation (``"flexsample"``
             registers it first).
         dtype: the dequantised weights' dtype.
-        gguf: the model's GGUF file, read instead of the installed package's (a machine
-            without the package, such as a GPU machine the file was carried to).
+        gguf: the model's GGUF file, read (every time, nothing cached) instead of the
+            installed package's (a machine without the package, such as a GPU machine the
+            file was carried to).
 
     Returns:
         ``(model, tokenizer)``.
@@ -134,11 +140,19 @@ def load_model(
     """
     spec = MODELS[model] if isinstance(model, str) else model
     if gguf is None:
-        path = spec.path()
+        folder, gguf_name = transformers_directory(spec, dtype=dtype), None
     else:
         path = Path(gguf)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
+        folder, gguf_name = path.parent, path.name
+    return _from_pretrained(folder, gguf_name, dtype, attn_implementation)
+
+
+def _from_pretrained(
+    folder: Path, gguf_name: str | None, dtype: torch.dtype, attn_implementation: str = "sdpa"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model and tokenizer from a transformers directory, or from a GGUF file in it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,9 +160,9 @@ def load_model(
         raise ImportError("loading models needs: pip install 'flexsample[transformers]'") from e
     if attn_implementation == "flexsample":
         import flexsample.integrations.transformers  # noqa: F401 - registers the name
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
     lm = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn_implementation
+        folder, gguf_file=gguf_name, dtype=dtype, attn_implementation=attn_implementation
     )
     return lm.eval(), tokenizer
 
@@ -159,25 +173,41 @@ def transformers_directory(
     *,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """The model saved as a plain transformers directory (for engines that do not read
-    GGUF, e.g. vLLM), written once under ``root`` and reused.
+    """The model dequantised to ``dtype`` and saved as a plain transformers directory, written
+    once under ``root`` and reused: what :func:`load_model` reads, and what engines that do
+    not read GGUF (vLLM) load.
 
     ``root`` defaults to ``$FLEXSAMPLE_CACHE_DIR/models`` or ``~/.cache/flexsample/models``.
-    Returns the directory (``config.json``, safetensors weights, tokenizer files).
+    The directory is named after the model, the dtype and the GGUF file's size, so a changed
+    file is written anew. Processes that write it at the same time each write their own copy
+    and the first to finish names it.
+
+    Returns:
+        the directory (``config.json``, safetensors weights, tokenizer files).
+
+    Raises:
+        ModelNotInstalled: the model's package is missing.
     """
     spec = MODELS[model] if isinstance(model, str) else model
+    gguf = spec.path()
     if root is None:
         root = cache_root()
-    out = Path(root) / f"{spec.name}-{str(dtype).removeprefix('torch.')}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    out = Path(root) / f"{spec.name}-{dtype_name}-{gguf.stat().st_size}"
     if (out / "config.json").is_file():
         return out
-    lm, tokenizer = load_model(spec, dtype=dtype)
+    lm, tokenizer = _from_pretrained(gguf.parent, gguf.name, dtype)
     # The weights are dequantised already: save them as plain weights, not as "GGUF".
     lm.hf_quantizer = None
     if hasattr(lm.config, "quantization_config"):
         del lm.config.quantization_config
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     lm.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(out)  # only a complete directory gets the final name
+    try:
+        partial.rename(out)  # only a complete directory gets the final name
+    except OSError:  # another process named its copy first
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return out

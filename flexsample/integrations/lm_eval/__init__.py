@@ -29,18 +29,19 @@ from lm_eval.models.huggingface import HFLM
 from flexsample.presets import FIELD_NAMES, config_from_fields
 
 from .. import transformers as fst
-from ..models import MODELS
+from ..models import MODELS, transformers_directory
 from ..task_files import TASKS_DIR as TASKS_DIR  # the folder lm-eval reads the tasks from
 
 CONFIG_FIELDS = FIELD_NAMES
 
 
 def resolve_pretrained(pretrained: str | None, gguf_file: str | None) -> tuple[str, str | None]:
-    """Map an offline model's short name (``smollm2``) to its folder and GGUF file."""
+    """Map an offline model's short name (``smollm2``) to its dequantised transformers
+    directory (:func:`~flexsample.integrations.models.transformers_directory`, float32,
+    written on first use); other names pass through with their ``gguf_file``."""
     name = pretrained or "smollm2"
     if name in MODELS:
-        path = MODELS[name].path()
-        return str(path.parent), path.name
+        return str(transformers_directory(MODELS[name], dtype=torch.float32)), None
     if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
             f"pretrained={name!r} is not a local path and the hub is offline; pass a model "
