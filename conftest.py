@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# A machine without a cost model of its own measures one on first use (flexsample.costs): the
+# suites turn that off (tests that assert decisions fix their table; the first-use
+# calibration has its own test), so that a run on a new machine does not time it in workers.
+os.environ.setdefault("FLEXSAMPLE_AUTO_CALIBRATE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ a call runs dense because sparse would not pay.
 :func:`flex_sample_attention` is ``plan_prefill`` then ``run_plan``, with statistics.
 """
 
+from . import calibration  # noqa: F401 - installs the first-use calibration
 from .api import flex_sample_attention
 from .attention import (
     dense_causal_attention,
@@ -36,8 +37,7 @@ from .sampling import (
 from .selection import select_columns
 from .stats import PLAN_STAGES, STAGES, SampleStats
 from .timing import StageTimer
-
-__version__ = "0.5.0"
+from .version import __version__
 
 __all__ = [
     "PLAN_STAGES",

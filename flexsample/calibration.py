@@ -3,6 +3,9 @@
 Times dense attention, planning, the probe and the sparse call on this machine and fits
 each as a fixed cost plus rates (:class:`~flexsample.costs.CostModel`); :func:`save` writes
 the result where :func:`~flexsample.costs.cost_model` reads it first.
+
+:func:`first_use_calibration` is the short form :func:`~flexsample.costs.cost_model` runs by
+itself where no cost model of the device exists (importing this module installs it).
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ import torch
 from .attention import dense_causal_attention, flex_dense_attention
 from .backends import kernel_backend, resolve_backend
 from .config import SampleConfig
-from .costs import CostModel, device_name, dtype_name, save
+from .costs import CostModel, device_name, dtype_name, save, set_calibrator
 from .layout import SampleLayout
 from .plan import plan_prefill, run_plan
 from .probe import probe_rows
 from .synthetic import single_token_stripes
 from .testing import random_qkv
 from .timing import interleaved_medians
-from .tuning import CALIBRATION_WINDOWS
+from .tuning import CALIBRATION_WINDOWS, FIRST_USE_LENGTHS, FIRST_USE_REPEATS
+from .version import __version__
 
-__all__ = ["calibrate", "fit_rates", "save"]
+__all__ = ["calibrate", "first_use_calibration", "fit_rates", "save"]
 
 
 def fit_rates(points: list[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
@@ -69,6 +73,8 @@ def calibrate(
     lengths: tuple[int, ...] | None = None,
     heads: tuple[int, int, int] | None = None,
     repeats: int = 5,
+    backend: str | None = None,
+    automatic: bool = False,
 ) -> CostModel:
     """Measure the cost model of ``device`` and ``dtype`` (seconds to minutes; compiles once).
 
@@ -90,16 +96,19 @@ def calibrate(
             CUDA, four, around where the dense kernels cross).
         heads: ``(Hq, Hkv, D)`` (default 8, 2, 64 on CPU; 32, 8, 128 on CUDA).
         repeats: timed rounds (median), after one warm-up call of each.
+        backend: the sparse call's FlexAttention backend (default: what
+            ``SampleConfig.backend="auto"`` picks here).
+        automatic: mark the model as a first-use calibration's.
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
     lengths = lengths or ((8192, 16384, 32768, 65536) if gpu else (1024, 2048, 4096, 8192))
     Hq, Hkv, D = heads or ((32, 8, 128) if gpu else (8, 2, 64))
-    plan_config = SampleConfig.always_sparse()
+    backend = backend or resolve_backend("auto", device, dtype, D)
+    plan_config = SampleConfig.always_sparse().replace(backend=backend)
     # The defaults past the length verdict; a numeric max_density, so that the probe finds
     # random q/k too dense whatever cost model there is now.
-    probe_config = SampleConfig(min_seq_len=0, max_density=0.5)
-    backend = resolve_backend(plan_config.backend, device, dtype, D)
+    probe_config = SampleConfig(min_seq_len=0, max_density=0.5, backend=backend)
     dense, plan, sparse, flex_dense, probe = [], [], [], [], []
     # no_grad, as models run prefill (planning under inference_mode measured slower).
     with torch.no_grad():
@@ -146,6 +155,7 @@ def calibrate(
     flex_fit = fit_rates(flex_dense) if flex_dense else (None, None)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     shape = f"Hq={Hq} Hkv={Hkv} D={D}, S in {', '.join(map(str, lengths))}"
+    how = "first-use calibration" if automatic else "flexsample calibrate"
     return CostModel(
         device=device_name(device),
         kind=device.type,
@@ -157,10 +167,30 @@ def calibrate(
         plan_pair_s=plan_fit[2],
         sparse_fixed_s=sparse_fit[0],
         sparse_pair_s=sparse_fit[1],
-        source=f"flexsample calibrate, {stamp}, torch {torch.__version__}, {shape}",
+        source=f"{how}, {stamp}, torch {torch.__version__}, {shape}",
         backend=backend,
         flex_dense_fixed_s=flex_fit[0],
         flex_dense_pair_s=flex_fit[1],
         probe_fixed_s=probe_fit[0],
         probe_pair_s=probe_fit[1],
+        version=__version__,
+        automatic=automatic,
     )
+
+
+def first_use_calibration(device: torch.device, dtype: torch.dtype, backend: str) -> CostModel:
+    """:func:`calibrate` in its short form (:data:`FIRST_USE_LENGTHS`,
+    :data:`FIRST_USE_REPEATS` rounds): what :func:`~flexsample.costs.cost_model` measures by
+    itself where no cost model of this device exists."""
+    device = torch.device(device)
+    return calibrate(
+        device,
+        dtype,
+        lengths=FIRST_USE_LENGTHS[device.type],
+        repeats=FIRST_USE_REPEATS,
+        backend=backend,
+        automatic=True,
+    )
+
+
+set_calibrator(first_use_calibration)

@@ -18,11 +18,13 @@ counts, so each is modelled as a fixed cost plus rates:
   Hopper at long lengths: the dense path runs whichever of the two the model says is faster.
 
 The rates are measured per device, dtype and FlexAttention backend by
-:func:`~flexsample.calibration.calibrate`
-(``flexsample calibrate``), cached under the user's cache directory, and otherwise taken
-from the table shipped with the package (``flexsample/costs.json``: the devices the project
-measured) or, for an unknown device, from a measured device of the same kind.
-:func:`cost_model` says which in ``source``.
+:func:`~flexsample.calibration.calibrate` (``flexsample calibrate``) and cached under the
+user's cache directory. Where this machine has none for a device, dtype and backend, the
+first planned call measures them (a bounded first-use calibration, seconds; see
+:func:`cost_model`): no machine decides on another's numbers, since devices of one name
+differ (``docs/tuning.md``). With that turned off (``$FLEXSAMPLE_AUTO_CALIBRATE=0``), the table
+shipped with the package (``flexsample/costs.json``: the devices the project measured)
+stands in. :func:`cost_model` says which in ``source``.
 
 ``$FLEXSAMPLE_COST_TABLE`` names a cost file whose entries replace all of these for every
 device of their kind and dtype, whatever its name: a way to run as another machine would
@@ -36,8 +38,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +50,15 @@ import torch
 from .layout import SampleLayout, window_pairs
 from .probe import probe_rows
 from .tuning import DENSE_KERNEL_MARGIN, PROBE_SHARE
+from .version import __version__
 
 BUILTIN = Path(__file__).with_name("costs.json")
 #: Environment variable naming a cost file that replaces every other table (see above).
 FORCED_TABLE_ENV = "FLEXSAMPLE_COST_TABLE"
+#: Environment variable that turns the first-use calibration off (``0``).
+AUTO_CALIBRATE_ENV = "FLEXSAMPLE_AUTO_CALIBRATE"
+
+logger = logging.getLogger("flexsample")
 
 
 def user_cache() -> Path:
@@ -126,6 +135,9 @@ class CostModel:
             (planning up to the probe's dense verdict): fixed seconds, and seconds per
             (probed row, key) product and head-dim element; None where not measured (cost files
             written before flexsample 0.4: the length verdict then leaves the probe out).
+        version: the flexsample version that measured it (empty in older files).
+        automatic: measured by the first-use calibration (a short one), not by
+            ``flexsample calibrate``: measured again when the version changes.
     """
 
     device: str
@@ -144,6 +156,8 @@ class CostModel:
     flex_dense_pair_s: float | None = None
     probe_fixed_s: float | None = None
     probe_pair_s: float | None = None
+    version: str = ""
+    automatic: bool = False
 
     def sdpa_s(
         self, batch_heads: int, seq_len: int, head_dim: int, *, causal_pairs: int | None = None
@@ -240,9 +254,11 @@ def _backend(entry: dict) -> str:
 @functools.cache
 def _lookup(
     name: str, kind: str, dtype: str, backend: str, cache_file: str, forced_file: str | None
-) -> CostModel:
+) -> tuple[CostModel, bool]:
+    """The model, and whether this machine measured it for this device, dtype and backend
+    (by this version, for a first-use calibration's)."""
     if forced_file:
-        return _forced(Path(forced_file), kind, dtype, backend)
+        return _forced(Path(forced_file), kind, dtype, backend), True
     files = ((Path(cache_file), "calibrated"), (BUILTIN, "built-in"))
     # This device with the backend asked for, then with the other one (its sparse rates and
     # dense kernels are then the other backend's, as the source says).
@@ -256,13 +272,17 @@ def _lookup(
                 note = label if same_backend else f"{label}, {_backend(entry)} backend"
                 model = _model(entry, note)
                 if model is not None:
-                    return model
+                    # The built-in table is another machine's measurement, even under this
+                    # device's name (a CPU's name says little of its speed): only this
+                    # machine's own calibration is exact.
+                    current = not model.automatic or model.version == __version__
+                    return model, same_backend and path != BUILTIN and current
     for entry in _entries(BUILTIN):  # a device of the same kind that the project measured
         if entry.get("kind") == kind and entry.get("dtype") == dtype:
             note = f"measured on {entry['device']}, not on {name} (run `flexsample calibrate`)"
             model = _model(entry, note)
             if model is not None:
-                return model
+                return model, False
     raise LookupError(f"no cost model for {kind} {dtype}")
 
 
@@ -282,15 +302,22 @@ def _forced(path: Path, kind: str, dtype: str, backend: str) -> CostModel:
 
 def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton") -> CostModel:
     """The cost model for ``device``, ``dtype`` and the sparse call's FlexAttention
-    ``backend``: this machine's calibration if there is one, else the built-in entry for this
-    device (of this backend, else of the other), else the built-in entry of a device of the
-    same kind the project measured, saying so in ``source``.
+    ``backend``: this machine's calibration.
+
+    Where this machine has none (or a first-use one of another flexsample version), the
+    first call measures one: a first-use calibration (:func:`set_calibrator`; seconds on a
+    CPU, announced by one warning), saved in the user cache (:func:`user_cache`) and read
+    from there by every later process. It does not run inside ``torch.compile`` tracing or
+    CUDA graph capture, under ``$FLEXSAMPLE_COST_TABLE``, or with
+    ``$FLEXSAMPLE_AUTO_CALIBRATE=0``; there, and where it fails (logged), the built-in table
+    stands in: its entry for this device and backend, else for this device and the other
+    backend, else a device of the same kind, saying so in ``source``.
 
     Read once per process and (device, dtype, backend); :func:`clear_cache` reads again.
 
     Raises:
-        LookupError: no entry for this kind of device and dtype; the plan then samples
-            every call it is given (and logs why once).
+        LookupError: no entry for this kind of device and dtype (and none could be
+            measured); the plan then samples every call it is given (and logs why once).
     """
     key = (device, dtype, backend)
     model = _MODELS.get(key)
@@ -298,10 +325,74 @@ def cost_model(device: torch.device, dtype: torch.dtype, backend: str = "triton"
         device = torch.device(device)
         name, dtype_key = device_name(device), dtype_name(dtype)
         forced = os.environ.get(FORCED_TABLE_ENV) or None
-        model = _MODELS[key] = _lookup(
-            name, device.type, dtype_key, backend, str(user_cache()), forced
-        )
+        try:
+            model, exact = _lookup(name, device.type, dtype_key, backend, str(user_cache()), forced)
+        except LookupError as error:
+            missing, model, exact = error, None, False
+        if not exact and _may_calibrate(device):
+            model = _calibrate_first_use(device, dtype, backend, name) or model
+        if model is None:
+            raise missing
+        _MODELS[key] = model
     return model
+
+
+#: The first-use calibration: ``(device, dtype, backend) -> CostModel``, measuring a short
+#: calibration on this machine. Set by :mod:`flexsample.calibration` (it runs the planner,
+#: which sits above this module); None: none.
+_calibrator: Callable[[torch.device, torch.dtype, str], CostModel] | None = None
+#: True while a first-use calibration runs (its own planned calls must not start another).
+_calibrating = False
+#: (device name, dtype, backend) whose first-use calibration failed in this process.
+_failed: set[tuple[str, str, str]] = set()
+
+
+def set_calibrator(calibrator: Callable[[torch.device, torch.dtype, str], CostModel]) -> None:
+    """Install the first-use calibration :func:`cost_model` runs where no cost model of
+    this device exists."""
+    global _calibrator
+    _calibrator = calibrator
+
+
+def auto_calibration_enabled() -> bool:
+    """Whether a missing cost model is measured on first use (``$FLEXSAMPLE_AUTO_CALIBRATE``
+    is not ``0``, and no ``$FLEXSAMPLE_COST_TABLE`` decides instead)."""
+    env = os.environ
+    return env.get(AUTO_CALIBRATE_ENV, "1") != "0" and not env.get(FORCED_TABLE_ENV)
+
+
+def _may_calibrate(device: torch.device) -> bool:
+    if _calibrator is None or _calibrating or not auto_calibration_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _calibrate_first_use(
+    device: torch.device, dtype: torch.dtype, backend: str, name: str
+) -> CostModel | None:
+    """Measure, save and return this device's cost model; None (logged) where it fails."""
+    global _calibrating
+    key = (name, dtype_name(dtype), backend)
+    if key in _failed:
+        return None
+    logger.warning(
+        "flexsample: no cost model of %r (%s, %s backend) for flexsample %s: measuring one "
+        "now, once (seconds; saved in %s; %s=0 turns this off)",
+        name, key[1], backend, __version__, user_cache(), AUTO_CALIBRATE_ENV,
+    )  # fmt: skip
+    _calibrating = True
+    try:
+        model = _calibrator(device, dtype, backend)
+        save(model)
+    except Exception as error:
+        _failed.add(key)
+        logger.warning("flexsample: the first-use calibration failed (%r)", error)
+        return None
+    finally:
+        _calibrating = False
+    return _lookup(name, device.type, key[1], backend, str(user_cache()), None)[0]
 
 
 #: :func:`cost_model` per (device, dtype, backend): asked on every planned call, where the

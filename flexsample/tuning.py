@@ -33,6 +33,12 @@ PLAN_SHARE_MASK = 0.06
 #: sequence: densities from near the floor to where dense attention usually wins, so that
 #: the fitted rate per pair is the slope over the densities the verdicts weigh.
 CALIBRATION_WINDOWS = (0.05, 0.3, 0.6)
+#: The first-use calibration's lengths per device type (``flexsample.costs.cost_model``
+#: measures them by itself where no cost model of the device exists): the shortest that
+#: reproduce the full calibration's decisions (``docs/tuning.md``), so it takes seconds.
+FIRST_USE_LENGTHS = {"cpu": (1024, 2048, 4096), "cuda": (8192, 16384, 32768)}
+#: Timed rounds of the first-use calibration (median), after one warm-up call.
+FIRST_USE_REPEATS = 3
 
 # --- Selection (flexsample.selection) ---------------------------------------------------
 

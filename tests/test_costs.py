@@ -9,7 +9,10 @@ import torch
 
 import flexsample as fs
 from flexsample import calibration, costs
+from flexsample.layout import window_pairs
+from flexsample.probe import probe_rows
 from flexsample.synthetic import planted_qkv
+from flexsample.tuning import PLAN_SHARE_AFTER_SELECT
 
 # Made-up rates with the shape of a real device: dense and sparse cost the same per pair,
 # planning a few milliseconds.
@@ -208,20 +211,87 @@ def test_builtin_table_covers_cpu_and_cuda():
         assert e["dense_pair_s"] > 0 and e["sparse_pair_s"] > 0 and e["source"]
 
 
+def _verdict_ratios(m: costs.CostModel, heads: int, S: int, density: float) -> tuple[float, float]:
+    """The two decisions the cost model makes for a prompt of ``heads`` query heads (a
+    quarter as many kv heads), D 64, as costs over dense attention (sparse below 1): the
+    length verdict's (planning, the probe and the sparsest call) and the density verdict's
+    after selection (the sparse call at ``density`` and the rest of planning)."""
+    layout = fs.SampleLayout.create(S, fs.SampleConfig())
+    rows = layout.num_segments * layout.rows_per_segment
+    dense = m.dense_s(heads, S, 64)
+    floor = float(window_pairs(layout, layout.min_window_blocks)) * heads
+    plan = m.plan_s(heads, S, 64, rows)
+    probe = m.probe_s(heads // 4, S, 64, probe_rows(layout).numel()) or 0.0
+    length = (plan + probe + m.sparse_s(floor, 64)) / dense
+    pairs = density * heads * layout.causal_pairs
+    after_select = (m.sparse_s(pairs, 64) + PLAN_SHARE_AFTER_SELECT * plan) / dense
+    return length, after_select
+
+
 @pytest.mark.slow
-def test_calibrate_measures_a_usable_model():
-    # Lengths a factor of four apart and three rounds: planning's work grows enough to stand
-    # out of a shared machine's noise (one round at 1K-2K fitted a fixed cost alone there).
-    m = calibration.calibrate(
-        torch.device("cpu"), torch.float32, lengths=(1024, 2048, 4096), repeats=3
+def test_a_foreign_table_is_replaced_by_a_first_use_calibration(
+    tmp_path, monkeypatch, fresh_costs, caplog
+):
+    """On a device the tables do not know, the first planned call measures its cost model
+    (once, announced, saved) and decides as this machine's own full calibration does."""
+    cpu = torch.device("cpu")
+    # This machine's own calibration, in full: the reference.
+    own = calibration.calibrate(cpu, torch.float32)
+    # Another CPU's table: one where the sparse call and planning cost a third of this one's.
+    foreign = dataclasses.replace(
+        own,
+        device="cpu another x2",
+        sparse_pair_s=own.sparse_pair_s / 3,
+        plan_token_s=own.plan_token_s / 3,
+        plan_pair_s=own.plan_pair_s / 3,
     )
-    assert m.dtype == "float32" and m.device == costs.device_name(torch.device("cpu"))
+    monkeypatch.setattr(costs, "BUILTIN", tmp_path / "builtin.json")  # the only table
+    costs.BUILTIN.write_text(json.dumps({"models": [foreign.to_json()]}))
+    monkeypatch.setenv("FLEXSAMPLE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(costs.AUTO_CALIBRATE_ENV, "1")
+    borrowed = costs._lookup(
+        costs.device_name(cpu), "cpu", "float32", "triton", str(costs.user_cache()), None
+    )[0]
+    assert "not on" in borrowed.source
+
+    q, k, _ = planted_qkv(1, 8, 2, 2048, 64, seed=0)
+    with caplog.at_level("WARNING", logger="flexsample"):
+        fs.plan_prefill(q, k)  # the defaults: the cost model decides
+        fs.plan_prefill(q, k)
+    notices = [r for r in caplog.records if "measuring one now" in r.getMessage()]
+    assert len(notices) == 1  # once per process
+    first_use = costs.cost_model(cpu, torch.float32)
+    assert first_use.automatic and first_use.version == fs.__version__
+    assert "first-use calibration" in first_use.source
+    assert (tmp_path / "cache/costs.json").is_file()  # later processes read it
+    costs.clear_cache()
+    assert costs.cost_model(cpu, torch.float32).source == first_use.source
     # Each cost grows with its work (a fit of noise alone would leave a fixed cost only).
-    assert m.dense_s(8, 2048, 64) > 1.5 * m.dense_s(8, 1024, 64)
-    assert m.sparse_s(1e7, 64) > m.sparse_s(1e6, 64)
-    assert m.plan_s(8, 2048, 64, 32) > m.plan_s(8, 1024, 64, 32)
-    assert m.probe_pair_s is not None and m.probe_s(8, 2048, 64, 8) > 0
-    assert "flexsample calibrate" in m.source
+    assert first_use.dense_s(8, 2048, 64) > 1.5 * first_use.dense_s(8, 1024, 64)
+    assert first_use.sparse_s(1e7, 64) > first_use.sparse_s(1e6, 64)
+    assert first_use.plan_s(8, 2048, 64, 32) > first_use.plan_s(8, 1024, 64, 32)
+
+    # The first-use calibration decides as this machine's full one does wherever that is
+    # not within 15% of a tie (there either decision costs little); the foreign table did not.
+    grid = [
+        (heads, S, density)
+        for heads in (8, 9)
+        for S in (1024, 2048, 4096, 8192, 16384)
+        for density in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
+    ]
+    clear = [g for g in grid if all(abs(r - 1) > 0.15 for r in _verdict_ratios(own, *g))]
+    assert len(clear) > len(grid) / 2
+
+    def decisions(m):
+        return [all(r < 1 for r in _verdict_ratios(m, *g)) for g in clear]
+
+    differ = [
+        (g, _verdict_ratios(own, *g), _verdict_ratios(first_use, *g))
+        for g, a, b in zip(clear, decisions(own), decisions(first_use), strict=True)
+        if a != b
+    ]
+    assert not differ, f"(heads, S, density), own and first-use ratios: {differ}"
+    assert decisions(borrowed) != decisions(own)
 
 
 def test_dense_kernel_is_the_faster_one_measured():
