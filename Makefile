@@ -36,8 +36,8 @@ $(SHARED_VENV)/.ready:
 # editable flexsample is pointed at this checkout unless it is already.
 setup: $(SHARED_VENV)/.ready
 	test -e $(VENV) || ln -s $(SHARED_VENV) $(VENV)
-	cd / && $(abspath $(BIN))/python -c "import flexsample, sys; \
-		sys.exit(flexsample.__file__ != '$(CURDIR)/flexsample/__init__.py')" 2>/dev/null \
+	(cd / && $(abspath $(BIN))/python -c "import flexsample, sys; \
+		sys.exit(flexsample.__file__ != '$(CURDIR)/flexsample/__init__.py')") 2>/dev/null \
 		|| $(BIN)/pip install --quiet --no-deps -e .
 
 demo: setup
