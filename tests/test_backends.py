@@ -52,12 +52,16 @@ def test_bucket_length_rejects_non_positive_sizes():
         bucket_length(0, 128)
 
 
-def test_backend_is_validated_and_auto_runs_triton_on_cpu():
+def test_backend_is_validated_and_auto_runs_gather_on_cpu():
     with pytest.raises(ValueError, match=r"SampleConfig\.backend must be one of"):
         SampleConfig(backend="cudnn")
-    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 128) == "triton"
+    assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 128) == "gather"
+    assert resolve_backend("triton", torch.device("cpu"), torch.bfloat16, 128) == "triton"
     with pytest.raises(ValueError, match="backend='flash' cannot run here: needs a CUDA device"):
         resolve_backend("flash", torch.device("cpu"), torch.bfloat16, 128)
+    cuda = torch.device("cuda", 0)  # checked before the device is touched
+    with pytest.raises(ValueError, match="backend='gather' cannot run here: runs on the CPU"):
+        resolve_backend("gather", cuda, torch.bfloat16, 128)
     q, k, v = _qkv(1, 2, 1, 300, 16)
     with pytest.raises(ValueError, match="backend='flash'"):
         flex_sample_attention(q, k, v, config=SampleConfig(backend="flash"))
@@ -72,10 +76,10 @@ def test_flash_unavailable_names_the_reason():
 
 def test_stats_say_which_backend_ran():
     q, k, v = _qkv(1, 4, 2, 700, 32)
-    _, sparse = flex_sample_attention(
-        q, k, v, config=SampleConfig.always_sparse(block_size=64), return_stats=True
-    )
-    assert sparse.backend == "triton" and sparse.summary()["backend"] == "triton"
+    for backend, ran in (("auto", "gather"), ("triton", "triton")):  # "auto" on the CPU
+        config = SampleConfig.always_sparse(block_size=64, backend=backend)
+        _, sparse = flex_sample_attention(q, k, v, config=config, return_stats=True)
+        assert sparse.backend == ran and sparse.summary()["backend"] == ran
     _, dense = flex_sample_attention(
         q, k, v, config=SampleConfig(min_seq_len=10_000), return_stats=True
     )

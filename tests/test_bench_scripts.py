@@ -78,3 +78,23 @@ def test_ttft_dry_run(tmp_path):
         assert r["task"] == "niah_single_1100" and r["samples"] == 2 and r["ttft_s"] > 0
         assert 0 <= r["score"] <= 2 and len(r["answers"]) == 2
     assert next(r for r in rows if r["mode"] == "dense")["same_as_dense"] == 2  # itself
+
+
+@pytest.mark.slow
+def test_cpu_defaults_dry_run_measures_a_foreign_machine(tmp_path):
+    """The CPU runner as a machine without its own costs: the first call measures them,
+    then each input's times, path and error, and the sparse call per pair on both backends."""
+    table = ROOT / "tests" / "data" / "costs_sparse_cheap_cpu.json"
+    _run("cpu_defaults.py", "--dry-run", "--foreign", str(table), "--out", str(tmp_path))
+    (report,) = tmp_path.glob("cpu_defaults_dry_run.json")
+    results = json.loads(report.read_text())
+    assert results["meta"]["first_use_s"] > 0
+    assert "first-use calibration" in results["meta"]["cost_source"]
+    rows = results["defaults"]
+    assert {(r["seq_len"], r["input"]) for r in rows} == {
+        (S, kind) for S in (1024, 2048) for kind in ("random", "planted", "stripes")
+    }
+    assert all(r["sdpa_ms"] > 0 and r["defaults_ms"] > 0 and r["rel_rmse"] < 0.2 for r in rows)
+    (pair, *_) = results["per_pair"]
+    assert pair["triton_per_pair"] > 0 and pair["gather_per_pair"] > 0
+    assert "| 2048 | planted |" in (tmp_path / "cpu_defaults_dry_run.md").read_text()

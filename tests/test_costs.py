@@ -9,6 +9,7 @@ import torch
 
 import flexsample as fs
 from flexsample import calibration, costs
+from flexsample.backends import resolve_backend
 from flexsample.layout import window_pairs
 from flexsample.probe import probe_rows
 from flexsample.synthetic import planted_qkv
@@ -235,8 +236,9 @@ def test_a_foreign_table_is_replaced_by_a_first_use_calibration(
     """On a device the tables do not know, the first planned call measures its cost model
     (once, announced, saved) and decides as this machine's own full calibration does."""
     cpu = torch.device("cpu")
-    # This machine's own calibration, in full: the reference.
-    own = calibration.calibrate(cpu, torch.float32)
+    # This machine's own calibration at the full lengths (three rounds, not five: the test
+    # runs beside others): the reference.
+    own = calibration.calibrate(cpu, torch.float32, repeats=3)
     # Another CPU's table: one where the sparse call and planning cost a third of this one's.
     foreign = dataclasses.replace(
         own,
@@ -260,26 +262,27 @@ def test_a_foreign_table_is_replaced_by_a_first_use_calibration(
         fs.plan_prefill(q, k)
     notices = [r for r in caplog.records if "measuring one now" in r.getMessage()]
     assert len(notices) == 1  # once per process
-    first_use = costs.cost_model(cpu, torch.float32)
+    backend = resolve_backend("auto", cpu, torch.float32, 64)  # what the defaults ran
+    first_use = costs.cost_model(cpu, torch.float32, backend)
     assert first_use.automatic and first_use.version == fs.__version__
     assert "first-use calibration" in first_use.source
     assert (tmp_path / "cache/costs.json").is_file()  # later processes read it
     costs.clear_cache()
-    assert costs.cost_model(cpu, torch.float32).source == first_use.source
+    assert costs.cost_model(cpu, torch.float32, backend).source == first_use.source
     # Each cost grows with its work (a fit of noise alone would leave a fixed cost only).
     assert first_use.dense_s(8, 2048, 64) > 1.5 * first_use.dense_s(8, 1024, 64)
     assert first_use.sparse_s(1e7, 64) > first_use.sparse_s(1e6, 64)
     assert first_use.plan_s(8, 2048, 64, 32) > first_use.plan_s(8, 1024, 64, 32)
 
     # The first-use calibration decides as this machine's full one does wherever that is
-    # not within 15% of a tie (there either decision costs little); the foreign table did not.
+    # not within 20% of a tie (there either decision costs little); the foreign table did not.
     grid = [
         (heads, S, density)
         for heads in (8, 9)
         for S in (1024, 2048, 4096, 8192, 16384)
         for density in (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
     ]
-    clear = [g for g in grid if all(abs(r - 1) > 0.15 for r in _verdict_ratios(own, *g))]
+    clear = [g for g in grid if all(abs(r - 1) > 0.2 for r in _verdict_ratios(own, *g))]
     assert len(clear) > len(grid) / 2
 
     def decisions(m):

@@ -33,9 +33,10 @@ CASES = [
 IDS = [f"{name}{pos}-{value}" for name, pos, value in CASES]
 
 
-#: The sparse call's FlexAttention backends where this machine runs them: Triton (C++ on the
-#: CPU) everywhere, FlashAttention-4 on a Hopper GPU with flash-attn-4 installed.
-BACKENDS = ["triton"]
+#: The sparse call's backends where this machine runs them: FlexAttention's Triton kernel
+#: (C++ on the CPU) everywhere, the gathered products on the CPU, FlashAttention-4 on a
+#: Hopper GPU with flash-attn-4 installed.
+BACKENDS = ["triton", "gather"] if DEVICE.type == "cpu" else ["triton"]
 if DEVICE.type == "cuda" and flash_unavailable(DEVICE, torch.bfloat16, 64) is None:
     BACKENDS.append("flash")
 #: fp32 on the CPU; on a GPU bf16, where SDPA and flexsample's dense kernel may differ in

@@ -7,14 +7,17 @@ import flexsample as fs
 from flexsample.synthetic import planted_qkv
 
 
+@pytest.mark.parametrize("backend", ["gather", "triton"])
 @pytest.mark.parametrize("B, S", [(1, 1100), (2, 777)], ids=["B1-S1100", "B2-S777"])
-def test_plan_then_run_equals_flex_sample_attention(B, S):
+def test_plan_then_run_equals_flex_sample_attention(B, S, backend):
     q, k, v = planted_qkv(B, 4, 2, S, 32, stripes=3, seed=7)
-    cfg = fs.SampleConfig.always_sparse(block_size=64, min_window=64)
+    cfg = fs.SampleConfig.always_sparse(block_size=64, min_window=64, backend=backend)
     plan = fs.plan_prefill(q, k, cfg)
-    assert plan.path == "sparse" and plan.sampler == "torch"
+    assert plan.path == "sparse" and plan.sampler == "torch" and plan.backend == backend
     assert plan.pattern.columns.shape == (B, 4, S) and plan.pattern.window_blocks.shape == (B, 4)
-    positions = plan.call.gathered.positions
+    # Only FlexAttention's kernel reads a BlockMask: the gathered products need none.
+    assert (plan.call is None) == (backend == "gather")
+    positions = plan.pattern.gathered(2).positions
     assert positions.shape[:2] == (B, 2) and positions.shape[2] % 64 == 0
     assert plan.density.shape == (B, 4) and float(plan.density.max()) < 1.0
     assert bool((plan.kept_sampled_mass() >= cfg.alpha - 1e-6).all())
@@ -36,11 +39,15 @@ def test_plan_is_frozen_and_dense_plans_cost_nothing(project_costs):
 def test_plan_records_stage_times_with_a_timer():
     q, k, _ = planted_qkv(1, 2, 1, 1100, 16, stripes=2, seed=1)
     timer = fs.StageTimer(q.device, enabled=True)
-    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(), timer=timer)
+    config = fs.SampleConfig.always_sparse(backend="triton")
+    fs.plan_prefill(q, k, config, timer=timer)
     assert set(timer.times) == {"sample", "select", "cover", "mask"}
     timer = fs.StageTimer(q.device, enabled=True)
-    fs.plan_prefill(q, k, fs.SampleConfig.always_sparse(row_guarantee=False), timer=timer)
+    fs.plan_prefill(q, k, config.replace(row_guarantee=False), timer=timer)
     assert set(timer.times) == {"sample", "select", "mask"}
+    timer = fs.StageTimer(q.device, enabled=True)  # no BlockMask to build
+    fs.plan_prefill(q, k, config.replace(backend="gather"), timer=timer)
+    assert set(timer.times) == {"sample", "select", "cover"}
 
 
 def test_run_plan_rejects_inputs_it_was_not_made_for():

@@ -33,7 +33,10 @@ def test_dense_equivalent_logits_match_sdpa_at_2k(smollm2):
     assert err < 5e-4
 
 
-@pytest.mark.parametrize("length", [2048, pytest.param(4096, marks=pytest.mark.full)])
+# The smoke lane's passkey check on SmolLM2 is lm-eval's (tests/test_lm_eval.py, 1K tokens,
+# the real evaluator, dense and flexsample); these are its longer instances.
+@pytest.mark.full
+@pytest.mark.parametrize("length", [2048, 4096])
 def test_passkey_answers_match_dense(smollm2, length):
     """The default selection, every layer sparse (the cost model would run 2K dense on a
     slow CPU): same answer as dense at three needle depths; densities reported."""
@@ -59,6 +62,7 @@ def test_passkey_answers_match_dense(smollm2, length):
     assert sum(dense == key for _, key, dense, _, _ in rows) >= 2
 
 
+@pytest.mark.full  # the smoke lane checks left padding on a small model (test_transformers)
 def test_generate_left_padded_batch_matches_dense(smollm2):
     model, tokenizer = smollm2
     tokenizer.padding_side = "left"

@@ -63,7 +63,8 @@ class Pattern(abc.ABC):
 
     A pattern owns its rule once: the per-row keep test (:meth:`keep`, the reference every
     other form is held to), the pairs it computes (:meth:`density`), how the row cover adds
-    keys (:meth:`with_keys`) and the FlexAttention call it compiles to (:meth:`compile`).
+    keys (:meth:`with_keys`), the FlexAttention call it compiles to (:meth:`compile`) and
+    its attention as dense products where no ``BlockMask`` is wanted (:meth:`attend`).
     Planning, the cost model, the cover, the oracle and the statistics use only this
     interface.
     """
@@ -105,6 +106,15 @@ class Pattern(abc.ABC):
         """The FlexAttention call of this pattern for ``group`` query heads per kv head;
         ``static``: for a kernel compiled per static shape (padded to bucket lengths, the
         ``mask_mod``'s numbers as Python constants)."""
+
+    @abc.abstractmethod
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """The pattern's attention without a ``BlockMask``: dense products over the keys
+        each head reads (``SampleConfig.backend="gather"``, the CPU's faster path).
+        ``q (B, Hq, L, D)`` are the last ``L`` positions of ``k, v (B, Hkv, S, D)``; returns
+        ``(B, Hq, L, D)`` in q's dtype."""
 
     def kept_sampled_mass(self, scores: torch.Tensor) -> torch.Tensor:
         """``(B, H, G)``: the share of each segment's sampled mass ``scores (B, H, G, S)``

@@ -25,6 +25,7 @@ FlexAttention and ``BlockMask.to_dense`` mean the same attention as compiled ker
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..graphs import graphed
 from ..layout import SampleLayout, bucket_length, local_pairs, query_blocks
 from ..masks import check_padded, from_kv_blocks
+from ..products import attend_with_lse, merge
 from .base import MaskedCall, Pattern
 
 
@@ -221,6 +223,127 @@ class WindowColumns(Pattern):
     def tile_coverage(self) -> torch.Tensor:
         """``(B, H, N, N)`` share of each tile's keys read (:func:`tile_coverage`)."""
         return tile_coverage(self.window_blocks, self.columns, self.layout)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Each head's window and columns as dense products, in float32 (see
+        :func:`attend_window_columns`)."""
+        group = q.shape[1] // k.shape[1]
+        positions = self.gathered(group).per_query_head()
+        windows = self.window_blocks.tolist()
+        B, Hq, L, D = q.shape
+        nb, bs = self.layout.num_blocks, self.layout.block_size
+        out = q.new_empty(B, Hq, L, D)
+        for b in range(B):
+            for kv in range(k.shape[1]):
+                # Whole blocks of keys: a block's window is then a view of them.
+                keys = F.pad(k[b, kv].float(), (0, 0, 0, nb * bs - k.shape[2]))
+                values = F.pad(v[b, kv].float(), (0, 0, 0, nb * bs - k.shape[2]))
+                for h in range(kv * group, (kv + 1) * group):
+                    rows = attend_window_columns(
+                        q[b, h].float(), keys, values, windows[b][h], positions[b, h],
+                        self.layout, scale,
+                    )  # fmt: skip
+                    out[b, h] = rows.to(q.dtype)
+        return out
+
+
+def attend_window_columns(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    window_blocks: int,
+    positions: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+) -> torch.Tensor:
+    """One head's attention under the rule, as dense products over the keys it reads.
+
+    Disjoint key sets, each one call of the fused CPU kernel
+    (:func:`~flexsample.products.attend_with_lse`), merged by their log-sum-exp:
+
+    * rows whose window reaches key 0: causal attention over that prefix;
+    * every later query block: its own block (causal), the ``window_blocks`` whole blocks
+      before it (a strided view of the keys, no copy), and the columns before its window
+      start (the gathered positions, with a mask where a block's start cuts the list).
+
+    Args:
+        q: ``(L, D)`` float32, the last ``L`` of ``S`` positions.
+        keys: ``(num_blocks * block_size, D)`` float32, zero after ``S``.
+        values: likewise.
+        window_blocks: the head's window in blocks.
+        positions: ``(C,)`` the head's columns, ascending, padded with ``S``
+            (:meth:`GatheredColumns.per_query_head`).
+        layout: the geometry.
+        scale: softmax scale.
+
+    Returns:
+        ``(L, D)`` float32.
+    """
+    L, D = q.shape
+    S, bs = layout.seq_len, layout.block_size
+    first = S - L
+    window = min(window_blocks, layout.num_blocks)
+    out = q.new_empty(L, D)
+    # Rows before block window + 1 read every causal key: their window starts at key 0.
+    prefix = min(S, (window + 1) * bs) - first
+    if prefix > 0:
+        rows = q[None, None, :prefix]
+        if first == 0:
+            part, _ = attend_with_lse(
+                rows, keys[None, None, :prefix], values[None, None, :prefix], scale, causal=True
+            )
+        else:  # a chunk's queries: causal from the bottom right
+            visible = torch.ones(prefix, first + prefix, dtype=torch.bool).tril(first)
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)
+            part, _ = attend_with_lse(
+                rows, keys[None, None, : first + prefix], values[None, None, : first + prefix],
+                scale, mask=mask,
+            )  # fmt: skip
+        out[:prefix] = part[0, 0]
+    done = max(prefix, 0)
+    if done == L:
+        return out
+    # The rest, in whole query blocks from qb0 (the first padded in front by `lead` rows).
+    start_row = first + done
+    qb0, lead = divmod(start_row, bs)
+    rows_left = L - done
+    blocks = -(-(lead + rows_left) // bs)
+    mine = slice(lead, lead + rows_left)
+    tiles = F.pad(q[done:], (0, 0, lead, blocks * bs - lead - rows_left)).view(blocks, 1, bs, D)
+
+    def own(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = part
+        return o.reshape(-1, D)[mine], lse.reshape(-1)[mine]
+
+    def blocks_of(x: torch.Tensor, first_block: int, width: int) -> torch.Tensor:
+        # (blocks, 1, width, D): block qb0 + i reads x[(first_block + i) * bs :][:width].
+        return x.as_strided((blocks, 1, width, D), (bs * D, bs * D, D, 1), first_block * bs * D)
+
+    parts = [own(attend_with_lse(
+        tiles, blocks_of(keys, qb0, bs), blocks_of(values, qb0, bs), scale, causal=True
+    ))]  # fmt: skip
+    if window:
+        width = window * bs
+        parts.append(own(attend_with_lse(
+            tiles, blocks_of(keys, qb0 - window, width), blocks_of(values, qb0 - window, width),
+            scale,
+        )))  # fmt: skip
+    pos = torch.arange(start_row, S)
+    start = (window_start(pos // bs, window) * bs)[:, None]
+    count = int((positions < start[-1]).sum())  # columns any of these rows reads
+    if count:
+        cols = positions[:count]
+        mask = torch.zeros(rows_left, count).masked_fill_(cols >= start, -math.inf)
+        o, lse = attend_with_lse(
+            q[None, None, done:], keys[cols][None, None], values[cols][None, None], scale,
+            mask=mask,
+        )  # fmt: skip
+        reads = cols[0] < start[:, 0]  # rows before any column's window start read none
+        parts.append((o[0, 0], torch.where(reads, lse[0, 0], -math.inf)))
+    out[done:] = merge(parts)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
