@@ -241,3 +241,21 @@ def test_tiny_lengths_run_the_sparse_path(S):
     out, stats = flex_sample_attention(q, k, v, config=cfg, return_stats=True)
     assert stats.path == "sparse" and stats.mean_density == 1.0
     assert float((out - _sdpa(q, k, v)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("L", [1000, 411], ids=["whole", "chunk-411"])
+def test_gathered_columns_in_row_chunks_match_reference(L, monkeypatch):
+    """Rows read the columns in chunks (each up to its last row's window start): chunks of
+    64 rows, not on block boundaries for a chunk of the prompt's queries."""
+    import flexsample.patterns.window_columns as wc
+
+    monkeypatch.setattr(wc, "COLUMN_CHUNK_ROWS", 64)
+    S = 1000
+    q, k, v = _qkv(1, 4, 2, S, 32)
+    q = q[:, :, S - L :]
+    drawn = random_selection(1, 4, 2, S, 32)
+    layout = SampleLayout.create(S, SampleConfig(block_size=32), query_len=L)
+    pattern = WindowColumns(drawn.window_blocks.clamp(max=3), drawn.columns, layout)
+    got = pattern.attend(q, k, v, 32**-0.5)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 32**-0.5)
+    assert float((got.double() - ref).abs().max()) < 1e-4

@@ -108,15 +108,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(PRESETS),
         default=None,
         help="start from a named config: "
-        + "; ".join(f"{name}: {text}" for name, (_, text) in PRESETS.items()),
+        + "; ".join(f"{name}: {_literal(text)}" for name, (_, text) in PRESETS.items()),
     )
     for option, (field, text) in CONFIG_OPTIONS.items():
         parser.add_argument(
             option,
             type=_config_value(field),
             default=None,
-            help=f"{text} (default {getattr(defaults, field)})",
+            help=f"{_literal(text)} (default {getattr(defaults, field)})",
         )
+
+
+def _literal(text: str) -> str:
+    """``text`` as argparse prints it (it formats help with ``%``: "8% of" would be read as
+    a conversion)."""
+    return text.replace("%", "%%")
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
@@ -206,13 +212,14 @@ def _add_calibrate(commands) -> None:
         "calibrate",
         help="measure this device's cost model (when sparse attention pays) and cache it",
         description="Time dense causal SDPA, flexsample's planning, its probe and its sparse "
-        "call on this device (on the FlexAttention backend the defaults pick there; with "
+        "call on this device (on the backend the defaults pick there; with "
         "FlashAttention-4 also FlexAttention's dense call, which the dense path then runs "
         "where it is faster), fit the cost model that decides when a call runs dense "
         "(flexsample.costs), and save it (by default in the user cache, where every later "
         "call on this device reads it). On a 2-core CPU each dtype takes one to two minutes "
         "the first time (compiling), so the three default dtypes take a few minutes; under a "
-        "minute on an H100.",
+        "minute on an H100. Without it, the first planned call of a device, dtype and backend "
+        "measures a shorter form once (seconds; FLEXSAMPLE_AUTO_CALIBRATE=0 turns that off).",
     )
     calibrate.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)"

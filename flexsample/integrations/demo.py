@@ -160,7 +160,7 @@ def measure_demo(
             f"length {length} must lie in [{MIN_DEMO_LENGTH}, {SMOLLM2.context}]: shorter "
             "prompts run dense attention, longer ones exceed SmolLM2's context"
         )
-    with step("Loading SmolLM2-135M (dequantising the GGUF file, about 20 s)"):
+    with step("Loading SmolLM2-135M (the first time: dequantising its GGUF file and caching it)"):
         model, tokenizer = load_model(SMOLLM2)
     prompt = passkey_prompt(tokenizer, length, depth, seed=seed)
     ids = tokenizer(prompt.text, return_tensors="pt").input_ids

@@ -330,20 +330,52 @@ def attend_window_columns(
             tiles, blocks_of(keys, qb0 - window, width), blocks_of(values, qb0 - window, width),
             scale,
         )))  # fmt: skip
-    pos = torch.arange(start_row, S)
-    start = (window_start(pos // bs, window) * bs)[:, None]
-    count = int((positions < start[-1]).sum())  # columns any of these rows reads
-    if count:
-        cols = positions[:count]
-        mask = torch.zeros(rows_left, count).masked_fill_(cols >= start, -math.inf)
-        o, lse = attend_with_lse(
-            q[None, None, done:], keys[cols][None, None], values[cols][None, None], scale,
-            mask=mask,
-        )  # fmt: skip
-        reads = cols[0] < start[:, 0]  # rows before any column's window start read none
-        parts.append((o[0, 0], torch.where(reads, lse[0, 0], -math.inf)))
+    columns = _before_windows(q[done:], keys, values, positions, start_row, window, layout, scale)
+    if columns is not None:
+        parts.append(columns)
     out[done:] = merge(parts)
     return out
+
+
+#: Query rows per call of :func:`_before_windows`: each call reads the columns before its
+#: last row's window start, so earlier rows read few they must mask (whole blocks).
+COLUMN_CHUNK_ROWS = 1024
+
+
+def _before_windows(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    first: int,
+    window: int,
+    layout: SampleLayout,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out, lse)`` of query rows ``first ..`` over the columns before their window start
+    (``lse = -inf`` for rows that read none); None where no row reads any."""
+    R, D = q.shape
+    bs = layout.block_size
+    start = window_start(torch.arange(first, first + R) // bs, window) * bs
+    out, lse = q.new_zeros(R, D), q.new_full((R,), -math.inf)
+    found = False
+    edges = list(range(COLUMN_CHUNK_ROWS, R, COLUMN_CHUNK_ROWS))
+    for lo, hi in zip([0, *edges], [*edges, R], strict=True):
+        count = int((positions < start[hi - 1]).sum())  # ascending: a prefix
+        if not count:
+            continue
+        cols = positions[:count]
+        cut = start[lo:hi, None]
+        mask = torch.zeros(hi - lo, count).masked_fill_(cols >= cut, -math.inf)
+        o, chunk_lse = attend_with_lse(
+            q[None, None, lo:hi], keys[cols][None, None], values[cols][None, None], scale,
+            mask=mask,
+        )  # fmt: skip
+        reads = cols[0] < cut[:, 0]  # rows before any column's window start read none
+        out[lo:hi] = o[0, 0]
+        lse[lo:hi] = torch.where(reads, chunk_lse[0, 0], -math.inf)
+        found = True
+    return (out, lse) if found else None
 
 
 @dataclass(frozen=True, eq=False)
