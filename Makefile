@@ -148,6 +148,7 @@ bench-frontier-gemma: setup
 
 # Tiny sizes, one round: proves the suites and the report still run (part of `make test`).
 bench-smoke: setup
+	mkdir -p .cache
 	$(BIN)/python -m pytest bench --smoke -p no:cacheprovider -q \
 		--benchmark-json=.cache/bench-smoke.json
 	$(BIN)/python bench/report.py .cache/bench-smoke.json --out .cache/bench-smoke
