@@ -56,11 +56,13 @@ DOC_PAGES := README.md $(filter-out docs/getting-started.md,$(wildcard docs/*.md
 # `slow` (plain `pytest` runs those alone), and the slow lane (real models, the benchmark
 # runners' dry runs, vLLM's engine) in smoke form: the instances marked `full` (larger
 # lengths, another dtype of a path already run) are left out. `make test-full` runs it whole.
-# Then vLLM's tests (another environment; they wait on its engine much of the time) beside
+# Tests that decide from timings (marked `alone`) run next, by themselves. Then vLLM's tests
+# (another environment; they wait on its engine much of the time) beside
 # the docs' code blocks, the benchmark smoke run and the site, two at a time.
 SLOW ?= --smoke-slow
 test: lint
-	$(BIN)/python -m pytest -n 2 -m "slow or not slow" $(SLOW) --durations=20
+	$(BIN)/python -m pytest -n 2 -m "(slow or not slow) and not alone" $(SLOW) --durations=20
+	$(BIN)/python -m pytest -m "alone" -p no:cacheprovider --durations=5
 	$(MAKE) --output-sync=target -j 2 vllm-test docs-blocks bench-smoke docs
 
 test-full:

@@ -230,6 +230,7 @@ def _verdict_ratios(m: costs.CostModel, heads: int, S: int, density: float) -> t
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # two calibrations compared: another test beside them skews one of them
 def test_a_foreign_table_is_replaced_by_a_first_use_calibration(
     tmp_path, monkeypatch, fresh_costs, caplog
 ):
