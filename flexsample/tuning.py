@@ -34,9 +34,9 @@ PLAN_SHARE_MASK = 0.06
 #: the fitted rate per pair is the slope over the densities the verdicts weigh.
 CALIBRATION_WINDOWS = (0.05, 0.3, 0.6)
 #: The first-use calibration's lengths per device type (``flexsample.costs.cost_model``
-#: measures them by itself where no cost model of the device exists): the shortest that
-#: reproduce the full calibration's decisions (``docs/tuning.md``), so it takes seconds.
-FIRST_USE_LENGTHS = {"cpu": (1024, 2048, 4096), "cuda": (8192, 16384, 32768)}
+#: measures them by itself where no cost model of the device exists): the full calibration's,
+#: since shorter ones (1K-4K) decided otherwise at 8K-16K (``docs/tuning.md``).
+FIRST_USE_LENGTHS = {"cpu": (1024, 2048, 4096, 8192), "cuda": (8192, 16384, 32768, 65536)}
 #: Timed rounds of the first-use calibration (median), after one warm-up call.
 FIRST_USE_REPEATS = 3
 
