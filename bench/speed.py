@@ -381,7 +381,11 @@ def _cost_model_line(model: dict | str | None) -> str:
         return str(model or "not recorded")
     flex = model.get("flex_dense_pair_s")
     dense = "SDPA" if flex is None else "the faster of SDPA and FlexAttention dense"
-    return f"{model['source']} (sparse call on {model.get('backend', 'triton')}; dense: {dense})"
+    how = "measured on first use" if model.get("automatic") else "calibrated"
+    return (
+        f"{model['source']} ({how}; sparse call on {model.get('backend', 'triton')}; "
+        f"dense: {dense})"
+    )
 
 
 def markdown(meta: dict, rows: list[dict], frontier: list[dict]) -> str:
@@ -397,7 +401,8 @@ def markdown(meta: dict, rows: list[dict], frontier: list[dict]) -> str:
         "",
         f"FlexAttention's FlashAttention-4 backend: {meta.get('flash', 'not checked')}",
         "",
-        f"Cost model the defaults used: {_cost_model_line(meta.get('cost_model'))}",
+        f"Cost model the defaults used: {_cost_model_line(meta.get('cost_model'))}; "
+        f"looking it up took {meta.get('cost_model_s', float('nan')):.1f} s",
         "",
         "### Speed and accuracy (ms, median)",
         "",
@@ -603,10 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     meta["matmul_tflops"] = matmul_tflops(device, measure)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = resolve_backend("auto", device, dtype, heads[2])
+    start = time.perf_counter()  # on a machine without its own calibration: the first-use one
     try:
         meta["cost_model"] = cost_model(device, dtype, backend).to_json()
     except LookupError as error:
         meta["cost_model"] = str(error)
+    meta["cost_model_s"] = time.perf_counter() - start
     print(json.dumps(meta), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dry_run" if args.dry_run else meta["device"].replace(" ", "_")
