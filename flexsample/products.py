@@ -77,5 +77,7 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return parts[0][0]
     lse = torch.stack([lse for _, lse in parts])
     weights = torch.exp(lse - lse.amax(dim=0))
-    out = sum(o * w[:, None] for (o, _), w in zip(parts, weights, strict=True))
-    return out / weights.sum(dim=0)[:, None]
+    out = parts[0][0] * weights[0, :, None]
+    for (o, _), w in zip(parts[1:], weights[1:], strict=True):
+        out.addcmul_(o, w[:, None])
+    return out.div_(weights.sum(dim=0)[:, None])

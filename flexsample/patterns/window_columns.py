@@ -238,15 +238,18 @@ class WindowColumns(Pattern):
         for b in range(B):
             for kv in range(k.shape[1]):
                 # Whole blocks of keys: a block's window is then a view of them.
-                keys = F.pad(k[b, kv].float(), (0, 0, 0, nb * bs - k.shape[2]))
-                values = F.pad(v[b, kv].float(), (0, 0, 0, nb * bs - k.shape[2]))
+                keys, values = (_whole_key_blocks(x[b, kv].float(), nb * bs) for x in (k, v))
                 for h in range(kv * group, (kv + 1) * group):
-                    rows = attend_window_columns(
+                    attend_window_columns(
                         q[b, h].float(), keys, values, windows[b][h], positions[b, h],
-                        self.layout, scale,
+                        self.layout, scale, out=out[b, h],
                     )  # fmt: skip
-                    out[b, h] = rows.to(q.dtype)
         return out
+
+
+def _whole_key_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x (S, D)`` zero-padded to ``length`` rows (itself where it has them)."""
+    return x if x.shape[0] == length else F.pad(x, (0, 0, 0, length - x.shape[0]))
 
 
 def attend_window_columns(
@@ -257,6 +260,7 @@ def attend_window_columns(
     positions: torch.Tensor,
     layout: SampleLayout,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One head's attention under the rule, as dense products over the keys it reads.
 
@@ -264,9 +268,10 @@ def attend_window_columns(
     (:func:`~flexsample.products.attend_with_lse`), merged by their log-sum-exp:
 
     * rows whose window reaches key 0: causal attention over that prefix;
-    * every later query block: its own block (causal), the ``window_blocks`` whole blocks
-      before it (a strided view of the keys, no copy), and the columns before its window
-      start (the gathered positions, with a mask where a block's start cuts the list).
+    * every later query block: the ``window_blocks`` whole blocks before it and its own
+      block, one strided view of the keys (no copy) with a mask causal on the diagonal
+      block, and the columns before its window start (the gathered positions, with a mask
+      where a block's start cuts the list).
 
     Args:
         q: ``(L, D)`` float32, the last ``L`` of ``S`` positions.
@@ -277,15 +282,16 @@ def attend_window_columns(
             (:meth:`GatheredColumns.per_query_head`).
         layout: the geometry.
         scale: softmax scale.
+        out: ``(L, D)`` to write the rows into (converted to its dtype), or None.
 
     Returns:
-        ``(L, D)`` float32.
+        ``out``, or a new ``(L, D)`` float32 tensor.
     """
     L, D = q.shape
     S, bs = layout.seq_len, layout.block_size
     first = S - L
     window = min(window_blocks, layout.num_blocks)
-    out = q.new_empty(L, D)
+    out = q.new_empty(L, D) if out is None else out
     # Rows before block window + 1 read every causal key: their window starts at key 0.
     prefix = min(S, (window + 1) * bs) - first
     if prefix > 0:
@@ -311,30 +317,38 @@ def attend_window_columns(
     rows_left = L - done
     blocks = -(-(lead + rows_left) // bs)
     mine = slice(lead, lead + rows_left)
-    tiles = F.pad(q[done:], (0, 0, lead, blocks * bs - lead - rows_left)).view(blocks, 1, bs, D)
-
-    def own(part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = part
-        return o.reshape(-1, D)[mine], lse.reshape(-1)[mine]
-
-    def blocks_of(x: torch.Tensor, first_block: int, width: int) -> torch.Tensor:
-        # (blocks, 1, width, D): block qb0 + i reads x[(first_block + i) * bs :][:width].
-        return x.as_strided((blocks, 1, width, D), (bs * D, bs * D, D, 1), first_block * bs * D)
-
-    parts = [own(attend_with_lse(
-        tiles, blocks_of(keys, qb0, bs), blocks_of(values, qb0, bs), scale, causal=True
-    ))]  # fmt: skip
-    if window:
-        width = window * bs
-        parts.append(own(attend_with_lse(
-            tiles, blocks_of(keys, qb0 - window, width), blocks_of(values, qb0 - window, width),
-            scale,
-        )))  # fmt: skip
+    tail = blocks * bs - lead - rows_left
+    tiles = (F.pad(q[done:], (0, 0, lead, tail)) if lead or tail else q[done:]).view(
+        blocks, 1, bs, D
+    )
+    # (blocks, 1, width, D): block qb0 + i reads the window's blocks and its own.
+    width = (window + 1) * bs
+    shape, strides = (blocks, 1, width, D), (bs * D, bs * D, D, 1)
+    offset = (qb0 - window) * bs * D
+    o, lse = attend_with_lse(
+        tiles,
+        keys.as_strided(shape, strides, offset),
+        values.as_strided(shape, strides, offset),
+        scale,
+        causal=not window,
+        mask=_window_mask(bs, window, q.dtype) if window else None,
+    )
+    parts = [(o.reshape(-1, D)[mine], lse.reshape(-1)[mine])]
     columns = _before_windows(q[done:], keys, values, positions, start_row, window, layout, scale)
     if columns is not None:
         parts.append(columns)
     out[done:] = merge(parts)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _window_mask(block_size: int, window_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(block_size, (window_blocks + 1) * block_size)`` additive mask of a query block over
+    its window and its own block: 0, and ``-inf`` above the diagonal of the last block."""
+    mask = torch.zeros(block_size, (window_blocks + 1) * block_size, dtype=dtype)
+    above = torch.ones(block_size, block_size, dtype=torch.bool).triu(1)
+    mask[:, window_blocks * block_size :].masked_fill_(above, -math.inf)
+    return mask
 
 
 #: Query rows per call of :func:`_before_windows`: each call reads the columns before its
