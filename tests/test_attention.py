@@ -96,15 +96,22 @@ def test_compiled_flex_matches_reference_on_random_selections(B, Hq, Hkv, S, D, 
         pytest.param(2, 6, 2, 777, 777, 64, True, id="B2-H6/2-S777-bs64-group-union"),
         pytest.param(1, 4, 2, 1300, 333, 128, False, id="chunk-333-of-1300-bs128"),
         pytest.param(2, 2, 1, 700, 129, 64, False, id="chunk-129-of-700-bs64"),
+        # Whole blocks: the keys are read in place (no padded copy), from every kv head.
+        pytest.param(2, 4, 2, 1024, 1024, 128, False, id="B2-H4/2-S1024-bs128"),
+        pytest.param(1, 4, 2, 1024, 256, 64, True, id="chunk-256-of-1024-bs64-group-union"),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "model"])
 def test_gathered_products_match_reference_on_random_selections(
-    B, Hq, Hkv, S, L, bs, shared, dtype
+    B, Hq, Hkv, S, L, bs, shared, dtype, layout
 ):
     """The pattern's products without a BlockMask (``backend="gather"``) == the element
-    mask, on random windows (none to all blocks) and columns, whole prompts and chunks."""
+    mask, on random windows (none to all blocks) and columns, whole prompts and chunks,
+    with k and v contiguous or as a model hands them over (``(B, S, H, D)`` transposed)."""
     q, k, v = _qkv(B, Hq, Hkv, S, 64, dtype)
+    if layout == "model":
+        k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
     q = q[:, :, S - L :]
     drawn = random_selection(B, Hq, Hkv, S, bs, shared=shared)
     layout = SampleLayout.create(S, SampleConfig(block_size=bs), query_len=L)

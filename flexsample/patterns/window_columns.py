@@ -248,8 +248,8 @@ class WindowColumns(Pattern):
 
 
 def _whole_key_blocks(x: torch.Tensor, length: int) -> torch.Tensor:
-    """``x (S, D)`` zero-padded to ``length`` rows (itself where it has them)."""
-    return x if x.shape[0] == length else F.pad(x, (0, 0, 0, length - x.shape[0]))
+    """``x (S, D)`` contiguous and zero-padded to ``length`` rows (itself where it is both)."""
+    return x.contiguous() if x.shape[0] == length else F.pad(x, (0, 0, 0, length - x.shape[0]))
 
 
 def attend_window_columns(
@@ -275,7 +275,7 @@ def attend_window_columns(
 
     Args:
         q: ``(L, D)`` float32, the last ``L`` of ``S`` positions.
-        keys: ``(num_blocks * block_size, D)`` float32, zero after ``S``.
+        keys: ``(num_blocks * block_size, D)`` float32, contiguous, zero after ``S``.
         values: likewise.
         window_blocks: the head's window in blocks.
         positions: ``(C,)`` the head's columns, ascending, padded with ``S``
@@ -324,11 +324,14 @@ def attend_window_columns(
     # (blocks, 1, width, D): block qb0 + i reads the window's blocks and its own.
     width = (window + 1) * bs
     shape, strides = (blocks, 1, width, D), (bs * D, bs * D, D, 1)
-    offset = (qb0 - window) * bs * D
+
+    def blocks_of(x: torch.Tensor) -> torch.Tensor:  # as_strided's offset is the storage's
+        return x.as_strided(shape, strides, x.storage_offset() + (qb0 - window) * bs * D)
+
     o, lse = attend_with_lse(
         tiles,
-        keys.as_strided(shape, strides, offset),
-        values.as_strided(shape, strides, offset),
+        blocks_of(keys),
+        blocks_of(values),
         scale,
         causal=not window,
         mask=_window_mask(bs, window, q.dtype) if window else None,
