@@ -156,6 +156,11 @@ def test_demo_explains_a_faster_prefill_without_excuses():
     text = "\n".join(explain(_result(37.0, 20.0, 34.7, 17.3, 2.2, 0.476)))
     assert "slower than dense" not in text
     assert "1.07x, flexsample faster" in text
+    # 37 / (17 + 0.476 * 20) = 1.395; 0.6's demo: 41.35 / (20.61 + 0.56 * 20.74) = 1.283.
+    assert "would make prefill at most 1.40x faster" not in text
+    assert "would make prefill 1.40x faster" in text
+    text = "\n".join(explain(_result(41.35, 20.74, 38.57, 19.24, 5.06, 0.56)))  # 0.6's demo
+    assert "would make prefill at most 1.28x faster: what the masks keep" in text
 
 
 def test_demo_explains_a_prefill_that_ran_dense_in_every_layer():

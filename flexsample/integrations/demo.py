@@ -237,6 +237,16 @@ def _explain_sparse(dense: MethodRun, flex: MethodRun, speedup: float) -> list[s
         f"{flex.overhead_s:.2f} s + sparse attention {sparse_s:.2f} s at density "
         f"{flex.density:.3f}, against dense SDPA's {dense.attention_s:.2f} s ({speedup:.2f}x)."
     ]
+    rest = dense.prefill_s - dense.attention_s
+    bound = dense.prefill_s / (rest + flex.density * dense.attention_s)
+    lines.append(
+        f"At this density, even free planning and a sparse kernel as fast per pair as SDPA "
+        f"would make prefill at most {bound:.2f}x faster: what the masks keep, not the "
+        f"kernels, bounds this prompt."
+        if bound < 1.3
+        else f"At this density, free planning and a sparse kernel as fast per pair as SDPA "
+        f"would make prefill {bound:.2f}x faster."
+    )
     if flex.attention_s >= dense.attention_s:
         per_pair = sparse_s / (flex.density * dense.attention_s)
         lines.append(
