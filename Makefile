@@ -14,6 +14,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(HOME)/.cache/flexsample/inductor
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-full test-foreign lint docs pictures bench bench-frontier bench-frontier-gemma \
+	bench-frontier-tiles bench-frontier-report \
 	bench-smoke clean vllm-env vllm-test bench-vllm docs-blocks
 
 # vLLM's CPU build pins torch 2.13.0+cpu and transformers<5.20: the vLLM plugin's tests run in
@@ -133,9 +134,20 @@ bench: setup
 bench-frontier: setup
 	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
 		-k "not oracle and not gemma" --benchmark-json=bench/results/cpu_selection.json
+	$(MAKE) bench-frontier-report
+
+# The oracle a tile kernel can reach on every input of the frontier, and every selection and
+# oracle on the regional stripes (about 10 min on 2 cores): cpu_selection_tiles.json.
+bench-frontier-tiles: setup
+	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
+		-k "not gemma and ((oracle and query) or regional)" \
+		--benchmark-json=bench/results/cpu_selection_tiles.json
+	$(MAKE) bench-frontier-report
+
+bench-frontier-report: setup
 	$(BIN)/python bench/report.py bench/results/cpu_selection.json \
 		bench/results/cpu_selection_0.1.json bench/results/cpu_selection_0.3.json \
-		--name cpu_selection --out bench/results
+		bench/results/cpu_selection_tiles.json --name cpu_selection --out bench/results
 	mkdir -p docs/assets/bench && cp bench/results/cpu_selection_frontier.png docs/assets/bench/
 
 # The frontier on Gemma-3-270M's global layers at 16K and 32K tokens (installs the model's

@@ -4,8 +4,9 @@ For each input, every selection (flexsample at its defaults, an alpha sweep, the
 selection and the pieces in between) is scored on exact float64 attention
 (``flexsample.oracle.evaluate_plan`` on the pairs the call computes), next to the per-row
 oracle at several alphas: every query row keeps its fewest keys (``oracle tokens``) or key
-tiles (``oracle tiles``) reaching alpha of its mass. Density counts computed (query, key)
-pairs over causal pairs.
+tiles (``oracle tiles``) reaching alpha of its mass, and the oracle a tile kernel can reach
+(``oracle query tiles``): the rows of each 128-row query tile share the fewest keys that give
+every one of them alpha. Density counts computed (query, key) pairs over causal pairs.
 
 Inputs: planted structures (``STRUCTURES``), q/k/v captured from SmolLM2 on a passkey
 prompt, and from Gemma-3-270M's global-attention layers on needle prompts of 16K and 32K
@@ -35,6 +36,15 @@ STRUCTURES = {
     "strong locality": {"stripes": (4, 8), "stripe_width": 1, "locality": 12.0, "local_span": 64},
     "weak locality": {"stripes": (4, 8), "stripe_width": 1, "locality": 3.0, "local_span": 1024},
     "diffuse background": {"stripes": (4, 8), "stripe_width": 1, "signal": 3.0, "locality": 2.0},
+    # Each column read by one 256-row query region after it (what one column set per head
+    # misses): locality as in "weak locality".
+    "regional stripes": {
+        "stripes": (32, 64),
+        "stripe_width": 1,
+        "stripe_scope": 256,
+        "locality": 3.0,
+        "local_span": 1024,
+    },
 }
 
 #: flexsample configurations on the frontier: the defaults, 0.2's selection (no per-row
@@ -51,6 +61,8 @@ METHODS = {
     "adaptive window, block columns": fs.SampleConfig().replace(column_unit="block"),
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
+#: The oracles: ``(unit, query_tile)`` of ``oracle_frontier`` by name.
+ORACLES = {"tokens": ("token", None), "tiles": ("tile", None), "query tiles": ("token", 128)}
 SMOLLM2_LAYERS = (2, 15, 27)
 #: Gemma-3-270M's global-attention layers, the prompt lengths captured, and the query rows
 #: scored there (evenly spread, the last one included).
@@ -71,8 +83,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "method" in metafunc.fixturenames:
         names = list(METHODS)[:1] if smoke else list(METHODS)
         metafunc.parametrize("method", names)
-    if "unit" in metafunc.fixturenames:
-        metafunc.parametrize("unit", ["token", "tile"])
+    if "oracle" in metafunc.fixturenames:
+        metafunc.parametrize("oracle", list(ORACLES))
     if "layer" in metafunc.fixturenames:
         layers = SMOLLM2_LAYERS[1:2] if smoke else SMOLLM2_LAYERS
         metafunc.parametrize("layer", layers, ids=lambda i: f"L{i}")
@@ -139,12 +151,15 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds, 
     )
 
 
-def _score_oracle(benchmark, inputs: str, unit: str, q, k, v, smoke: bool, rows=None) -> None:
+def _score_oracle(benchmark, inputs: str, oracle: str, q, k, v, smoke: bool, rows=None) -> None:
     alphas = ORACLE_ALPHAS[2:3] if smoke else ORACLE_ALPHAS
+    unit, query_tile = ORACLES[oracle]
     results: dict = {}
 
     def compute():
-        results.update(oracle_frontier(q, k, v, alphas, unit=unit, rows=rows))
+        results.update(
+            oracle_frontier(q, k, v, alphas, unit=unit, rows=rows, query_tile=query_tile)
+        )
 
     benchmark.group = f"frontier {inputs}"
     benchmark.pedantic(compute, rounds=1, iterations=1)
@@ -152,9 +167,10 @@ def _score_oracle(benchmark, inputs: str, unit: str, q, k, v, smoke: bool, rows=
         {
             "suite": "frontier",
             "inputs": inputs,
-            "method": f"oracle {unit}s",
+            "method": f"oracle {oracle}",
             "points": [
-                _info(inputs, f"oracle {unit}s", quality, alpha=a) for a, quality in results.items()
+                _info(inputs, f"oracle {oracle}", quality, alpha=a)
+                for a, quality in results.items()
             ],
         }
     )
@@ -168,9 +184,9 @@ def test_frontier_planted(benchmark, structure, method, seq_len, device, rounds)
     _score_method(benchmark, f"planted {structure}", method, q, k, v, device, rounds)
 
 
-def test_oracle_planted(benchmark, structure, unit, seq_len, device, smoke):
+def test_oracle_planted(benchmark, structure, oracle, seq_len, device, smoke):
     q, k, v = (t.to(device) for t in _planted(structure, seq_len))
-    _score_oracle(benchmark, f"planted {structure}", unit, q, k, v, smoke)
+    _score_oracle(benchmark, f"planted {structure}", oracle, q, k, v, smoke)
 
 
 # --- q/k/v captured from SmolLM2 ------------------------------------------------------------
@@ -194,9 +210,9 @@ def test_frontier_smollm2(benchmark, smollm2_frontier_qkv, layer, method, device
     _score_method(benchmark, inputs, method, q, k, v, device, rounds)
 
 
-def test_oracle_smollm2(benchmark, smollm2_frontier_qkv, layer, unit, device, smoke):
+def test_oracle_smollm2(benchmark, smollm2_frontier_qkv, layer, oracle, device, smoke):
     q, k, v = (t.to(device) for t in smollm2_frontier_qkv[layer])
-    _score_oracle(benchmark, f"SmolLM2 S={q.shape[2]} layer {layer}", unit, q, k, v, smoke)
+    _score_oracle(benchmark, f"SmolLM2 S={q.shape[2]} layer {layer}", oracle, q, k, v, smoke)
 
 
 # --- q/k/v captured from Gemma-3-270M's global layers -----------------------------------------
@@ -235,4 +251,4 @@ def test_oracle_gemma(benchmark, gemma_frontier_qkv, gemma_layer, device, smoke)
     qkv, rows = gemma_frontier_qkv
     q, k, v = (t.to(device) for t in qkv[gemma_layer])
     inputs = f"Gemma-3-270M S={q.shape[2]} layer {gemma_layer} ({len(rows)} rows)"
-    _score_oracle(benchmark, inputs, "token", q, k, v, smoke, rows=rows.to(device))
+    _score_oracle(benchmark, inputs, "tokens", q, k, v, smoke, rows=rows.to(device))

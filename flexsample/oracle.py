@@ -4,7 +4,9 @@ The yardstick of every selection choice. :func:`evaluate_plan` scores what a Sam
 plan computes (:func:`evaluate_mask` any mask given row by row); :func:`oracle_frontier`
 scores the per-row oracle, which keeps for
 each query row the fewest keys (or tiles) reaching ``alpha`` of that row's exact attention
-mass: the smallest mask any selection with a per-row guarantee could compute.
+mass: the smallest mask any selection with a per-row guarantee could compute. With
+``query_tile`` it scores the oracle a tile kernel can reach: the rows of one query tile read
+one key set, the fewest (greedily) that give every one of them ``alpha``.
 
 Everything runs in float64 over chunks of query rows, one head at a time, so memory stays at
 ``chunk x S`` doubles; time grows with ``S^2`` (the oracle also sorts every row). Meant for
@@ -189,8 +191,17 @@ def oracle_frontier(
     scale: float | None = None,
     chunk: int = 256,
     rows: torch.Tensor | None = None,
+    query_tile: int | None = None,
 ) -> dict[float, MaskQuality]:
-    """The per-row oracle at each ``alpha``: every row keeps its fewest keys reaching alpha.
+    """The per-row oracle at each ``alpha``: every row keeps its fewest keys reaching alpha;
+    with ``query_tile``, the query-tile oracle: the rows of a tile share their keys.
+
+    The query-tile oracle ranks keys (or key tiles) by their mass summed over the tile's
+    rows and keeps, for the whole tile, the shortest prefix of that ranking that gives each
+    of its rows ``alpha`` of its mass: what a kernel computing whole query tiles can reach
+    (a greedy answer to a covering problem, so an upper bound of the fewest keys, and the
+    same as the per-row oracle for a tile of one row). Density counts each row's causal
+    keys in its tile's set.
 
     Args:
         q: ``(B, Hq, S, D)``.
@@ -201,42 +212,82 @@ def oracle_frontier(
             blocks, a row's own blocks: the best any per-row tile mask can do).
         block_size: tile width for ``unit="tile"``.
         scale: softmax scale, ``1/sqrt(D)`` if None.
-        chunk: query rows per step.
-        rows: score only the query rows at these positions (default: all).
+        chunk: query rows per step (per-row oracle).
+        rows: score only the query rows at these positions (default: all). With
+            ``query_tile``, a tile holds the given rows in it (give whole tiles: a tile's
+            rows left out are not held to alpha).
+        query_tile: rows per query tile (positions ``t * query_tile ..``), e.g. the
+            kernel's 128; None: the per-row oracle.
 
     Returns:
         ``{alpha: MaskQuality}``.
 
     Raises:
-        ValueError: an alpha outside ``(0, 1]`` or an unknown ``unit``.
+        ValueError: an alpha outside ``(0, 1]``, an unknown ``unit`` or a ``query_tile``
+            below 1.
     """
     if unit not in ("token", "tile"):
         raise ValueError(f"unit must be 'token' or 'tile', got {unit!r}")
     if not all(0 < a <= 1 for a in alphas):
         raise ValueError(f"alphas must lie in (0, 1], got {list(alphas)}")
+    if query_tile is not None and query_tile < 1:
+        raise ValueError(f"query_tile must be at least 1 row, got {query_tile}")
     S = q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n = -(-S // block_size)
     positions = _rows(q, rows)
+    keys = torch.arange(S, device=q.device)
     accs = {a: _Accumulator() for a in alphas}
     for _, _, qh, kh, vh in _heads(q, k, v):
         values = vh.double()
-        for pos in _row_chunks(positions, chunk):
+        groups = (
+            _row_chunks(positions, chunk)
+            if query_tile is None
+            else _query_tiles(positions, query_tile)
+        )
+        for pos in groups:
             probs = _exact_probs(qh[pos], kh, pos, scale)
             if unit == "token":
                 units = probs
             else:
                 padded = torch.nn.functional.pad(probs, (0, n * block_size - S))
                 units = padded.view(len(pos), n, block_size).sum(dim=-1)
-            ordered, order = units.sort(dim=-1, descending=True)
-            before = ordered.cumsum(dim=-1) - ordered  # mass of the heavier units
-            for alpha, acc in accs.items():
-                take = (before < alpha - 1e-12) & (ordered > 0)
-                keep_units = torch.zeros_like(take).scatter_(-1, order, take)
+            for alpha, keep_units in _oracle_units(units, alphas, shared=query_tile is not None):
                 if unit == "token":
                     keep = keep_units
                 else:
                     keep = keep_units.repeat_interleave(block_size, dim=-1)[:, :S]
-                    keep &= torch.arange(S, device=q.device)[None, :] <= pos[:, None]
-                acc.add(probs, keep, values, pos)
+                accs[alpha].add(probs, keep & (keys[None, :] <= pos[:, None]), values, pos)
     return {a: acc.result() for a, acc in accs.items()}
+
+
+def _query_tiles(positions: torch.Tensor, query_tile: int) -> Iterator[torch.Tensor]:
+    """The positions of each query tile that holds any, tile by tile."""
+    tiles = positions // query_tile
+    for tile in torch.unique(tiles).tolist():
+        yield positions[tiles == tile]
+
+
+def _oracle_units(
+    units: torch.Tensor, alphas: Sequence[float], *, shared: bool
+) -> Iterator[tuple[float, torch.Tensor]]:
+    """``(alpha, keep (R, N) bool)``: the units (keys or key tiles) each of ``R`` rows keeps,
+    from their masses ``units (R, N)``: per row its heaviest reaching alpha, or (``shared``)
+    for all rows one prefix of the units ranked by summed mass, the shortest giving every
+    row alpha."""
+    if not shared:
+        ordered, order = units.sort(dim=-1, descending=True)
+        before = ordered.cumsum(dim=-1) - ordered  # mass of the heavier units
+        for alpha in alphas:
+            take = (before < alpha - 1e-12) & (ordered > 0)
+            yield alpha, torch.zeros_like(take).scatter_(-1, order, take)
+        return
+    order = units.sum(dim=0).argsort(descending=True)
+    reached = units[:, order].cumsum(dim=-1)  # (R, N): each row's mass over a prefix
+    for alpha in alphas:
+        # Units each row needs: those before its mass reaches alpha, and the one that does.
+        needed = (reached < alpha - 1e-12).sum(dim=-1) + 1
+        length = min(int(needed.max()), units.shape[-1])
+        keep = torch.zeros(units.shape[-1], dtype=torch.bool, device=units.device)
+        keep[order[:length]] = True
+        yield alpha, keep.expand(units.shape[0], -1)

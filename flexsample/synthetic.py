@@ -28,6 +28,7 @@ def planted_qkv(
     signal: float = 10.0,
     locality: float = 6.0,
     local_span: int = 256,
+    stripe_scope: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int | None = None,
@@ -43,6 +44,14 @@ def planted_qkv(
     only about ``locality / sqrt(head_dim)`` of logit noise. Query heads of one group share
     keys, so they share stripes, as heads of a GQA group often do.
 
+    With ``stripe_scope``, a stripe is read only by the queries of one ``stripe_scope``-row
+    region after it (drawn per stripe) instead of by all: columns a query-aware mask must
+    find per query region. Each region's queries carry a dimension of their own (noise-free,
+    taken from the local features, whose strength stays ``locality``), and so do the keys of
+    its stripes instead of ``u``. There are at most ``(head_dim - 1) // 2`` such
+    dimensions: beyond that many regions, regions ``r, r + n, ...`` share one, and a stripe
+    is read by those of them after it.
+
     Args:
         batch: ``B``.
         q_heads: ``Hq``, a multiple of ``kv_heads``.
@@ -56,6 +65,8 @@ def planted_qkv(
         signal: logit boost (after the ``1/sqrt(head_dim)`` scale) of sinks and stripes.
         locality: logit boost of keys close to the query.
         local_span: width in tokens of the local peak (the boost falls linearly to zero).
+        stripe_scope: rows of the query region that reads each stripe (None: every later
+            query reads every stripe).
         dtype: of the returned tensors.
         device: where the tensors are made (drawn there directly).
         seed: makes the draw reproducible.
@@ -64,12 +75,15 @@ def planted_qkv(
         ``q (B, Hq, S, D)``, ``k (B, Hkv, S, D)``, ``v (B, Hkv, S, D)``.
 
     Raises:
-        ValueError: ``q_heads`` not a multiple of ``kv_heads``, or ``head_dim < 8``.
+        ValueError: ``q_heads`` not a multiple of ``kv_heads``, ``head_dim < 8`` or a
+            ``stripe_scope`` below 1.
     """
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     if head_dim < 8:
         raise ValueError(f"head_dim must be >= 8, got {head_dim}")
+    if stripe_scope is not None and stripe_scope < 1:
+        raise ValueError(f"stripe_scope must be at least 1 row, got {stripe_scope}")
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int(torch.randint(2**31, (1,))))
@@ -81,7 +95,11 @@ def planted_qkv(
     # Dim 0 carries u. Dims 1.. carry a local feature r(t): boxcar-smoothed noise along the
     # sequence, so r(i).r(j) / m follows a triangle max(0, 1 - |i - j| / span) and, far away,
     # fluctuates by only 1 / sqrt(m).
-    m = D - 1
+    # With stripe_scope, the last `reserved` dimensions carry the query regions instead
+    # (noise-free, one dimension per region, regions r, r + reserved, ... sharing one).
+    regions = 0 if stripe_scope is None else -(-S // stripe_scope)
+    reserved = min((D - 1) // 2, regions)
+    m = D - 1 - reserved
     span = max(1, min(local_span, S))
     white = torch.randn(B, Hkv, S + span, m, generator=gen, **f32)
     csum = white.cumsum(dim=2)
@@ -91,8 +109,14 @@ def planted_qkv(
     q = 0.5 * torch.randn(B, Hkv, group, S, D, generator=gen, **f32)
     k = 0.5 * torch.randn(B, Hkv, S, D, generator=gen, **f32)
     v = torch.randn(B, Hkv, S, D, generator=gen, **f32)
-    q[..., 1:] += local[:, :, None]
-    k[..., 1:] += local
+    q[..., 1 : 1 + m] += local[:, :, None]
+    k[..., 1 : 1 + m] += local
+    if reserved:
+        q[..., 1 + m :] = 0.0
+        k[..., 1 + m :] = 0.0
+        for region in range(regions):
+            rows = slice(region * stripe_scope, (region + 1) * stripe_scope)
+            q[:, :, :, rows, 1 + m + region % reserved] = root
     q[..., 0] = root
     k[..., 0] = 0.0
     k[:, :, :sink_tokens, 0] = signal * root
@@ -109,7 +133,13 @@ def planted_qkv(
             )
             high = max(sink_tokens + 1, S - stripe_width)
             for s in torch.randint(sink_tokens, high, (count,), generator=cpu_gen).tolist():
-                k[b, h, s : s + stripe_width, 0] = signal * root
+                if stripe_scope is None:
+                    k[b, h, s : s + stripe_width, 0] = signal * root
+                    continue
+                first = -(-(s + stripe_width) // stripe_scope)  # regions wholly after it
+                if first < regions:  # else no region after it: a stripe nobody reads
+                    region = int(torch.randint(first, regions, (1,), generator=cpu_gen))
+                    k[b, h, s : s + stripe_width, 1 + m + region % reserved] = signal * root
     q = q.reshape(B, Hq, S, D)
     return tuple(t.to(dtype) for t in (q, k, v))  # type: ignore[return-value]
 
