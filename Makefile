@@ -133,14 +133,16 @@ bench: setup
 # takes about 13 min; run the oracle tests when the inputs change).
 bench-frontier: setup
 	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
-		-k "not oracle and not gemma" --benchmark-json=bench/results/cpu_selection.json
+		-k "not oracle and not gemma and not regional and not keys" \
+		--benchmark-json=bench/results/cpu_selection.json
 	$(MAKE) bench-frontier-report
 
-# The oracle a tile kernel can reach on every input of the frontier, and every selection and
-# oracle on the regional stripes (about 10 min on 2 cores): cpu_selection_tiles.json.
+# The oracle a tile kernel can reach and the query-aware selections (tile keys) on every
+# input of the frontier, and every selection and oracle on the regional stripes (about 20 min
+# on 2 cores): cpu_selection_tiles.json, reported with the frontier above.
 bench-frontier-tiles: setup
 	$(BIN)/python -m pytest bench/test_frontier.py -p no:cacheprovider \
-		-k "not gemma and ((oracle and query) or regional)" \
+		-k "not gemma and ((oracle and query) or regional or keys)" \
 		--benchmark-json=bench/results/cpu_selection_tiles.json
 	$(MAKE) bench-frontier-report
 

@@ -59,6 +59,11 @@ METHODS = {
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "window 8%, token columns": fs.SampleConfig().replace(window_ratio=0.08),
     "adaptive window, block columns": fs.SampleConfig().replace(column_unit="block"),
+    # Query-aware: each query tile's own keys (up to 256) on top of the defaults' pattern.
+    "tile keys": fs.SampleConfig().replace(tile_keys=256, backend="gather"),
+    "tile keys, no row cover": fs.SampleConfig().replace(
+        tile_keys=256, backend="gather", row_guarantee=False
+    ),
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
 #: The oracles: ``(unit, query_tile)`` of ``oracle_frontier`` by name.

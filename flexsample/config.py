@@ -54,6 +54,11 @@ class Selection:
             ``block_size`` key block (0.1's stripes).
         sink_blocks: leading key blocks every query keeps whole (0.1: 1); by default 0, and
             sink tokens are columns like any other.
+        tile_keys: ``0`` (the default): every query of a head reads its window and columns.
+            ``n``: query-aware selection: each query tile (``block_size`` queries) also
+            reads up to ``n`` keys of its own, those ``tile_rows`` sampled rows of it need
+            to reach ``alpha`` (:mod:`flexsample.tiles`). Runs on the ``"gather"`` backend.
+        tile_rows: rows of each query tile the tile keys are chosen from.
     """
 
     row_guarantee: bool = True
@@ -61,6 +66,8 @@ class Selection:
     window_ratio: float | None = None
     column_unit: ColumnUnit = "token"
     sink_blocks: int = 0
+    tile_keys: int = 0
+    tile_rows: int = 4
 
     def __post_init__(self) -> None:
         for name in ("row_guarantee", "group_union"):
@@ -75,6 +82,8 @@ class Selection:
                 f"got {self.column_unit!r}"
             )
         _check_int("selection.sink_blocks", self.sink_blocks, low=0)
+        _check_int("selection.tile_keys", self.tile_keys, low=0)
+        _check_int("selection.tile_rows", self.tile_rows, low=1)
 
 
 @dataclass(frozen=True)

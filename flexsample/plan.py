@@ -40,6 +40,7 @@ from .patterns import MaskedCall, Pattern
 from .probe import probe_density, probe_rows
 from .sampling import resolve_sampler, run_sampler_with_lse
 from .selection import select_columns
+from .tiles import select_tile_keys
 from .timing import StageTimer
 from .tuning import PLAN_SHARE_AFTER_SELECT, PLAN_SHARE_MASK, SELECTION_OVER_PROBE
 from .validation import check_qk, resolve_scale
@@ -227,6 +228,11 @@ def plan_prefill_unchecked(
         backend: Backend = "triton" if config.backend == "auto" else config.backend
     else:
         backend = resolve_backend(config.backend, q.device, q.dtype, D)
+    if config.selection.tile_keys and kernel_backend(backend).block_mask:
+        raise ValueError(
+            f"SampleConfig.selection.tile_keys runs on the 'gather' backend (CPU) only; "
+            f"backend {backend!r} has no FlexAttention call for tile keys yet"
+        )
     costs = (
         _cost_model(q.device, q.dtype, backend)
         if config.min_seq_len is None or config.max_density is None
@@ -296,6 +302,13 @@ def plan_prefill_unchecked(
             pattern, row_mass = cover.selection, cover.row_mass
             if config.selection.group_union:  # a key a row's cover added serves its whole group
                 pattern = pattern.shared_by_group(Hq // k.shape[1])
+        reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, PLAN_SHARE_MASK)
+    if reason is None and config.selection.tile_keys:
+        with timer.stage("tiles"):
+            pattern = select_tile_keys(
+                q, k, pattern, config.alpha, scale, config.selection.tile_rows,
+                config.selection.tile_keys,
+            )  # fmt: skip
         reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, PLAN_SHARE_MASK)
     if reason is not None:
         _log_once("density", logging.INFO, "flexsample: dense attention (%s)", reason)

@@ -81,3 +81,38 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     for (o, _), w in zip(parts[1:], weights[1:], strict=True):
         out.addcmul_(o, w[:, None])
     return out.div_(weights.sum(dim=0)[:, None])
+
+
+def attend_tile_keys(
+    tiles: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of query tiles over their own keys, one call for all of them.
+
+    Args:
+        tiles: ``(N, 1, block_size, D)`` query tiles.
+        keys: ``(num_keys, D)`` a head's keys, values likewise.
+        values: likewise.
+        positions: ``(N, C)`` each tile's keys, padded with ``num_keys`` or beyond.
+        scale: softmax scale.
+
+    Returns:
+        ``(N, 1, block_size, D)`` and ``(N, 1, block_size)``; ``lse = -inf`` (output 0) in
+        tiles that read no key.
+    """
+    N, C = positions.shape
+    unused = positions >= keys.shape[0]
+    index = positions.masked_fill(unused, 0)
+    mask = torch.zeros(N, 1, 1, C, dtype=tiles.dtype).masked_fill_(unused[:, None, None], -math.inf)
+    # A tile with no key gets one unmasked (its result is dropped) so no row is empty.
+    empty = unused.all(dim=-1)
+    mask[empty, :, :, 0] = 0.0
+    out, lse = attend_with_lse(
+        tiles, keys[index][:, None], values[index][:, None], scale, mask=mask
+    )
+    out[empty] = 0.0
+    lse[empty] = -math.inf
+    return out, lse

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import SampleLayout
-from .patterns import Pattern, WindowColumns
+from .patterns import Pattern, TileKeys, WindowColumns
 from .plan import CallPath, PrefillPlan
 from .timing import StageTimer
 
 __all__ = ["PLAN_STAGES", "STAGES", "SampleStats", "StageTimer"]
 
 #: Stages of a plan, in order (``probe`` only where the density check is on, see
-#: :mod:`flexsample.probe`; ``cover`` only with ``Selection.row_guarantee``), and of a whole
-#: call.
-PLAN_STAGES: tuple[str, ...] = ("probe", "sample", "select", "cover", "mask")
+#: :mod:`flexsample.probe`; ``cover`` only with ``Selection.row_guarantee``; ``tiles`` only
+#: with ``Selection.tile_keys``), and of a whole call.
+PLAN_STAGES: tuple[str, ...] = ("probe", "sample", "select", "cover", "tiles", "mask")
 STAGES: tuple[str, ...] = (*PLAN_STAGES, "attention")
 
 
@@ -82,9 +82,10 @@ class SampleStats:
         """The statistics of a call that ran ``plan``, with the seconds of its stages."""
         pattern = plan.pattern
         window = column_mask = None
-        if isinstance(pattern, WindowColumns):
-            window = pattern.window_blocks * pattern.layout.block_size
-            column_mask = pattern.columns
+        base = pattern.base if isinstance(pattern, TileKeys) else pattern
+        if isinstance(base, WindowColumns):
+            window = base.window_blocks * base.layout.block_size
+            column_mask = base.columns
         return cls(
             path=plan.path,
             reason=plan.reason,

@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from ..graphs import graphed
 from ..layout import SampleLayout, bucket_length, local_pairs, query_blocks
 from ..masks import check_padded, from_kv_blocks
-from ..products import attend_with_lse, merge
+from ..products import attend_tile_keys, attend_with_lse, merge
 from .base import MaskedCall, Pattern
 
 
@@ -225,10 +225,16 @@ class WindowColumns(Pattern):
         return tile_coverage(self.window_blocks, self.columns, self.layout)
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        tile_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each head's window and columns as dense products, in float32 (see
-        :func:`attend_window_columns`)."""
+        :func:`attend_window_columns`); ``tile_keys (B, Hq, T, C)``: and each query tile's
+        own keys (:class:`~flexsample.patterns.TileKeys`)."""
         group = q.shape[1] // k.shape[1]
         positions = self.gathered(group).per_query_head()
         windows = self.window_blocks.tolist()
@@ -243,6 +249,7 @@ class WindowColumns(Pattern):
                     attend_window_columns(
                         q[b, h].float(), keys, values, windows[b][h], positions[b, h],
                         self.layout, scale, out=out[b, h],
+                        tile_keys=None if tile_keys is None else tile_keys[b, h],
                     )  # fmt: skip
         return out
 
@@ -261,6 +268,7 @@ def attend_window_columns(
     layout: SampleLayout,
     scale: float,
     out: torch.Tensor | None = None,
+    tile_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One head's attention under the rule, as dense products over the keys it reads.
 
@@ -283,6 +291,8 @@ def attend_window_columns(
         layout: the geometry.
         scale: softmax scale.
         out: ``(L, D)`` to write the rows into (converted to its dtype), or None.
+        tile_keys: ``(T, C)`` each query tile's own keys (before its window, not columns;
+            padded with ``S`` or beyond), read by the tile's every row; None: none.
 
     Returns:
         ``out``, or a new ``(L, D)`` float32 tensor.
@@ -340,6 +350,13 @@ def attend_window_columns(
     columns = _before_windows(q[done:], keys, values, positions, start_row, window, layout, scale)
     if columns is not None:
         parts.append(columns)
+    if tile_keys is not None and tile_keys.shape[-1]:
+        # The prefix rows' tiles hold none (nothing lies before their window).
+        first_tile = qb0 - layout.first_query_block
+        o, lse = attend_tile_keys(
+            tiles, keys[:S], values[:S], tile_keys[first_tile : first_tile + blocks], scale
+        )
+        parts.append((o.reshape(-1, D)[mine], lse.reshape(-1)[mine]))
     out[done:] = merge(parts)
     return out
 

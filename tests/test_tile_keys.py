@@ -1,0 +1,123 @@
+"""The query-aware pattern: every form of its rule agrees with the element mask."""
+
+import pytest
+import torch
+
+from flexsample import SampleConfig, plan_prefill, run_plan
+from flexsample.attention import sparse_attention_reference
+from flexsample.layout import SampleLayout
+from flexsample.patterns import TileKeys, WindowColumns
+from flexsample.synthetic import planted_qkv
+from flexsample.testing import random_qkv, random_selection, rel_rmse
+from flexsample.tiles import tile_rows
+
+
+def _tile_keys(B, Hq, Hkv, S, L, bs, shared, per_tile=12, seed=0):
+    """Random window + columns and up to ``per_tile`` random keys per query tile."""
+    gen = torch.Generator().manual_seed(seed)
+    drawn = random_selection(B, Hq, Hkv, S, bs, shared=shared, generator=gen)
+    layout = SampleLayout.create(S, SampleConfig(block_size=bs), query_len=L)
+    base = WindowColumns(drawn.window_blocks, drawn.columns, layout, drawn.shared_by)
+    tiles = layout.num_blocks - layout.first_query_block
+    keys = torch.randint(0, S + per_tile, (B, Hq, tiles, per_tile), generator=gen)
+    return TileKeys.create(base, keys)
+
+
+CASES = [
+    pytest.param(2, 4, 2, 1000, 1000, 64, False, id="B2-H4/2-S1000-bs64"),
+    pytest.param(1, 4, 2, 1024, 1024, 128, True, id="H4/2-S1024-bs128-group-union"),
+    pytest.param(1, 4, 2, 1300, 333, 128, False, id="chunk-333-of-1300-bs128"),
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, S, L, bs, shared", CASES)
+def test_tile_keys_obey_the_rule_and_every_form_agrees(B, Hq, Hkv, S, L, bs, shared):
+    pattern = _tile_keys(B, Hq, Hkv, S, L, bs, shared)
+    layout = pattern.layout
+    assert pattern.counts().sum() > 0  # some keys survived create()
+    rows = torch.arange(layout.query_start, S)
+    keep = pattern.keep(rows)  # (B, H, L, S)
+    base = pattern.base.keep(rows)
+    extra = keep & ~base
+    # A tile's keys: before its window, neither columns nor sink, so causal for its rows.
+    assert not (extra & (torch.arange(S)[None, :] > rows[:, None])).any()
+    assert int(extra.sum()) == int(
+        (pattern.counts()[..., (rows // bs - layout.first_query_block)]).sum()
+    )
+    assert layout.causal_pairs == int((rows + 1).sum())
+    assert float(pattern.density().sum()) * layout.causal_pairs == pytest.approx(keep.sum())
+    heads = torch.arange(B * Hq).repeat_interleave(len(rows))
+    flat = pattern.keep_heads(heads, rows.repeat(B * Hq))
+    assert torch.equal(flat.view(B, Hq, len(rows), S), keep)
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, S, L, bs, shared", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_keys_products_match_the_element_mask(B, Hq, Hkv, S, L, bs, shared, dtype):
+    q, k, v = random_qkv(B, Hq, Hkv, S, 64, dtype)
+    q = q[:, :, S - L :]
+    pattern = _tile_keys(B, Hq, Hkv, S, L, bs, shared, seed=1)
+    got = pattern.attend(q, k, v, 64**-0.5)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 64**-0.5)
+    base = sparse_attention_reference(q.double(), k.double(), v.double(), pattern.base, 64**-0.5)
+    assert rel_rmse(base, ref) > 1e-3  # the tiles' keys matter here
+    if dtype == torch.float32:
+        assert float((got.double() - ref).abs().max()) < 1e-4
+    else:
+        assert rel_rmse(got, ref) < 4e-3
+
+
+def test_the_cover_and_the_flex_call_say_what_they_do_not_take():
+    pattern = _tile_keys(1, 2, 1, 512, 512, 64, False)
+    with pytest.raises(TypeError, match="row cover"):
+        pattern.row_tables(torch.arange(4))
+    with pytest.raises(NotImplementedError, match="gathered products"):
+        pattern.compile(2)
+
+
+def test_tile_rows_end_each_tile_and_stay_in_it():
+    layout = SampleLayout.create(1000, SampleConfig(block_size=128), query_len=700)
+    rows = tile_rows(layout, 4)
+    qb = torch.arange(layout.first_query_block, layout.num_blocks)
+    assert rows.shape == (len(qb), 4)
+    assert torch.equal(rows[:, -1], ((qb + 1) * 128).clamp(max=1000) - 1)
+    assert (rows >= 300).all() and (rows // 128 == qb[:, None]).all()
+    assert (rows.diff(dim=-1) > 0).all()
+
+
+def test_query_aware_selection_gives_each_sampled_row_of_a_tile_alpha():
+    """Regional stripes: window + columns leave tiles far short; their own keys bring every
+    sampled row to alpha (or the tile to its most keys) and cut the error tenfold."""
+    S, alpha, most = 4096, 0.95, 256
+    q, k, v = planted_qkv(1, 4, 2, S, 64, stripes=(16, 32), stripe_width=1, stripe_scope=256,
+                          locality=3.0, local_span=512, seed=5)  # fmt: skip
+    config = SampleConfig.always_sparse(
+        alpha=alpha, backend="gather", row_guarantee=False, min_window=128
+    )
+    plain = plan_prefill(q, k, config)
+    aware = plan_prefill(q, k, config.replace(tile_keys=most))
+    assert isinstance(aware.pattern, TileKeys) and torch.equal(
+        aware.pattern.base.columns, plain.pattern.columns
+    )
+    rows = tile_rows(aware.layout, 4)  # (T, 4)
+    logits = (q[0] @ k[0].repeat_interleave(2, dim=0).transpose(-1, -2))[:, rows.flatten()] / 8
+    future = torch.arange(S)[None, :] > rows.flatten()[:, None]
+    probs = torch.softmax(logits.masked_fill(future, -torch.inf), dim=-1)  # (H, T * 4, S)
+    kept = [(probs * p.pattern.keep(rows.flatten())[0]).sum(dim=-1) for p in (plain, aware)]
+    assert float(kept[0].min()) < 0.5  # the base misses what some regions read
+    full = aware.pattern.counts()[0].repeat_interleave(4, dim=-1) == most  # (H, T * 4)
+    assert bool((kept[1] >= alpha - 1e-4)[~full].all()) and full.float().mean() < 0.2
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
+    )
+    errors = [rel_rmse(run_plan(p, q, k, v), exact) for p in (plain, aware)]
+    assert errors[1] < 0.1 * errors[0] and errors[1] < 0.05
+    assert float(aware.density.mean()) < 1.1 * float(plain.density.mean())
+
+
+def test_tile_keys_need_the_gather_backend_and_valid_settings():
+    q, k, _ = random_qkv(1, 2, 1, 512, 32)
+    with pytest.raises(ValueError, match="'gather' backend"):
+        plan_prefill(q, k, SampleConfig.always_sparse(backend="triton", tile_keys=64))
+    with pytest.raises(ValueError, match="tile_rows"):
+        SampleConfig().replace(tile_rows=0)
