@@ -7,8 +7,9 @@ The pipeline, each stage usable on its own::
     plan, q, k, v ─► run_plan (compiled FlexAttention over the pattern's mask, the pattern's
                                gathered products on the CPU, or dense)
 
-Selection returns a pattern (:class:`WindowColumns`: a window and key columns per head),
-the one object that knows the mask's shape (:mod:`flexsample.patterns`).
+Selection returns a pattern (:class:`WindowColumns`: a window and key columns per head;
+with ``Selection.tile_keys``, :class:`TileKeys`: and each query tile's own keys), the one
+object that knows the mask's shape (:mod:`flexsample.patterns`).
 
 ``plan_prefill`` also decides, from the device's cost model (:mod:`flexsample.costs`), when
 a call runs dense because sparse would not pay.
@@ -28,7 +29,7 @@ from .backends import flash_unavailable
 from .config import SampleConfig, Selection
 from .cover import RowCover, cover_rows
 from .layout import SampleLayout, bucket_length
-from .patterns import GatheredColumns, MaskedCall, Pattern, WindowColumns
+from .patterns import GatheredColumns, MaskedCall, Pattern, TileKeys, WindowColumns
 from .plan import PrefillPlan, dense_before_sampling, plan_prefill, run_plan
 from .sampling import (
     sample_column_scores,
@@ -53,6 +54,7 @@ __all__ = [
     "SampleStats",
     "Selection",
     "StageTimer",
+    "TileKeys",
     "WindowColumns",
     "__version__",
     "bucket_length",
