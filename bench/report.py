@@ -301,7 +301,8 @@ def _frontier_section(frontier: list[dict]) -> list[str]:
         "reach. 'x oracle' and 'x tile oracle' = density over the token oracle's and the "
         "query-tile oracle's density at the same output error (interpolated between their "
         "alpha points; n/a outside their range or where not measured). Window and "
-        "columns: means over heads, in tokens.",
+        "columns: means over heads, in tokens; tile keys: each query tile's own keys, mean "
+        "over tiles and heads (query-aware selection).",
         "",
     ]
     for inputs in dict.fromkeys(r["inputs"] for r in frontier):
@@ -312,8 +313,9 @@ def _frontier_section(frontier: list[dict]) -> list[str]:
             f"#### {inputs}",
             "",
             "| selection | alpha | density | output rel. error | x oracle | x tile oracle | "
-            "kept mass min | kept mass 1st pct. | kept mass mean | window | columns |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "kept mass min | kept mass 1st pct. | kept mass mean | window | columns | "
+            "tile keys |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             ratios = []
@@ -329,7 +331,8 @@ def _frontier_section(frontier: list[dict]) -> list[str]:
                 f"{r['output_error']:.2e} | {_f(ratios[0], '.2f')} | {_f(ratios[1], '.2f')} | "
                 f"{r['kept_mass_min']:.4f} | "
                 f"{r['kept_mass_p1']:.4f} | {r['kept_mass_mean']:.4f} | "
-                f"{_f(r.get('mean_window'), '.0f')} | {_f(r.get('mean_columns'), '.0f')} |"
+                f"{_f(r.get('mean_window'), '.0f')} | {_f(r.get('mean_columns'), '.0f')} | "
+                f"{_f(r.get('mean_tile_keys'), '.1f')} |"
             )
         lines.append("")
     return lines

@@ -137,6 +137,9 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds, 
     config = METHODS[method].replace(min_seq_len=0, max_density=1.0)
     plan = fs.plan_prefill(q, k, config)
     quality = evaluate_plan(q, k, v, plan, rows=rows)
+    pattern = plan.pattern
+    base = pattern.base if isinstance(pattern, fs.TileKeys) else pattern
+    tiles = pattern.counts().float().mean() if isinstance(pattern, fs.TileKeys) else None
     benchmark.group = f"frontier {inputs}"
     run(
         benchmark,
@@ -150,8 +153,9 @@ def _score_method(benchmark, inputs: str, method: str, q, k, v, device, rounds, 
             alpha=config.alpha,
             path=as_configured.path,
             dense_reason=as_configured.reason,
-            mean_window=float(plan.pattern.window_blocks.float().mean()) * plan.layout.block_size,
-            mean_columns=float(plan.pattern.columns.sum(-1).float().mean()),
+            mean_window=float(base.window_blocks.float().mean()) * plan.layout.block_size,
+            mean_columns=float(base.columns.sum(-1).float().mean()),
+            mean_tile_keys=None if tiles is None else float(tiles),
         ),
     )
 

@@ -57,7 +57,7 @@ class Selection:
         tile_keys: ``0`` (the default): every query of a head reads its window and columns.
             ``n``: query-aware selection: each query tile (``block_size`` queries) also
             reads up to ``n`` keys of its own, those ``tile_rows`` sampled rows of it need
-            to reach ``alpha`` (:mod:`flexsample.tiles`). Runs on the ``"gather"`` backend.
+            to reach ``alpha`` (:mod:`flexsample.tiles`). Not on ``"flash"`` yet.
         tile_rows: rows of each query tile the tile keys are chosen from.
     """
 

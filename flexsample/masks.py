@@ -25,6 +25,16 @@ _FROM_KV_BLOCKS_HAS_Q_FLAG = (
 )
 
 
+@functools.lru_cache(maxsize=256)
+def int32_scalar(x: int, device: torch.device) -> torch.Tensor:
+    """``x`` as a 0-d int32 tensor on ``device``, one per value and device: how a
+    ``mask_mod`` for inductor's CPU template captures a number (a captured Python int
+    becomes a symbol under ``dynamic=True``). Shared by the masks that capture it (read
+    only): a new one per mask is a copy from the host, which on a GPU waits for the work
+    queued before it."""
+    return torch.tensor(x, dtype=torch.int32, device=device)
+
+
 def from_kv_blocks(
     part_num: torch.Tensor,
     part_idx: torch.Tensor,

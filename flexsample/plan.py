@@ -228,10 +228,10 @@ def plan_prefill_unchecked(
         backend: Backend = "triton" if config.backend == "auto" else config.backend
     else:
         backend = resolve_backend(config.backend, q.device, q.dtype, D)
-    if config.selection.tile_keys and kernel_backend(backend).block_mask:
+    if config.selection.tile_keys and kernel_backend(backend).static_shapes:
         raise ValueError(
-            f"SampleConfig.selection.tile_keys runs on the 'gather' backend (CPU) only; "
-            f"backend {backend!r} has no FlexAttention call for tile keys yet"
+            f"SampleConfig.selection.tile_keys has no call for backend {backend!r} (a kernel "
+            "compiled per static shape) yet: use backend='triton' or 'gather'"
         )
     costs = (
         _cost_model(q.device, q.dtype, backend)

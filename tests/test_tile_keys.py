@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexsample import SampleConfig, plan_prefill, run_plan
-from flexsample.attention import sparse_attention_reference
+from flexsample.attention import sparse_attention, sparse_attention_reference
 from flexsample.layout import SampleLayout
 from flexsample.patterns import TileKeys, WindowColumns
 from flexsample.synthetic import planted_qkv
@@ -35,6 +35,7 @@ def test_tile_keys_obey_the_rule_and_every_form_agrees(B, Hq, Hkv, S, L, bs, sha
     pattern = _tile_keys(B, Hq, Hkv, S, L, bs, shared)
     layout = pattern.layout
     assert pattern.counts().sum() > 0  # some keys survived create()
+    assert (pattern.keys[..., 1:] > pattern.keys[..., :-1])[pattern.keys[..., 1:] < S].all()
     rows = torch.arange(layout.query_start, S)
     keep = pattern.keep(rows)  # (B, H, L, S)
     base = pattern.base.keep(rows)
@@ -67,12 +68,27 @@ def test_tile_keys_products_match_the_element_mask(B, Hq, Hkv, S, L, bs, shared,
         assert rel_rmse(got, ref) < 4e-3
 
 
-def test_the_cover_and_the_flex_call_say_what_they_do_not_take():
+@pytest.mark.parametrize("B, Hq, Hkv, S, L, bs, shared", CASES)
+def test_tile_keys_flex_call_matches_the_element_mask(B, Hq, Hkv, S, L, bs, shared):
+    """Slots in front of the base's keys + BlockMask + compiled FlexAttention == the rule."""
+    q, k, v = random_qkv(B, Hq, Hkv, S, 64)
+    q = q[:, :, S - L :]
+    pattern = _tile_keys(B, Hq, Hkv, S, L, bs, shared, seed=2)
+    call = pattern.compile(Hq // Hkv)
+    out = sparse_attention(
+        call.queries(q), call.arrange(k), call.arrange(v), call.block_mask, 64**-0.5
+    )
+    got = call.outputs(out, L)
+    ref = sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 64**-0.5)
+    assert float((got.double() - ref).abs().max()) < 1e-4
+
+
+def test_the_cover_and_static_kernels_say_what_they_do_not_take():
     pattern = _tile_keys(1, 2, 1, 512, 512, 64, False)
     with pytest.raises(TypeError, match="row cover"):
         pattern.row_tables(torch.arange(4))
-    with pytest.raises(NotImplementedError, match="gathered products"):
-        pattern.compile(2)
+    with pytest.raises(NotImplementedError, match="static-shape"):
+        pattern.compile(2, static=True)
 
 
 def test_tile_rows_end_each_tile_and_stay_in_it():
@@ -115,9 +131,20 @@ def test_query_aware_selection_gives_each_sampled_row_of_a_tile_alpha():
     assert float(aware.density.mean()) < 1.1 * float(plain.density.mean())
 
 
-def test_tile_keys_need_the_gather_backend_and_valid_settings():
-    q, k, _ = random_qkv(1, 2, 1, 512, 32)
-    with pytest.raises(ValueError, match="'gather' backend"):
-        plan_prefill(q, k, SampleConfig.always_sparse(backend="triton", tile_keys=64))
+def test_tile_keys_settings_are_checked():
+    with pytest.raises(ValueError, match="tile_keys"):
+        SampleConfig().replace(tile_keys=-1)
     with pytest.raises(ValueError, match="tile_rows"):
         SampleConfig().replace(tile_rows=0)
+
+
+def test_tile_keys_run_the_same_on_flex_attention_and_as_gathered_products():
+    q, k, v = planted_qkv(1, 4, 2, 4096, 64, stripes=(16, 32), stripe_width=1, stripe_scope=256,
+                          locality=3.0, local_span=512, seed=5)  # fmt: skip
+    config = SampleConfig.always_sparse(min_window=128, tile_keys=128, row_guarantee=False)
+    outs = []
+    for backend in ("gather", "triton"):
+        plan = plan_prefill(q, k, config.replace(backend=backend))
+        assert isinstance(plan.pattern, TileKeys) and int(plan.pattern.counts().sum()) > 0
+        outs.append(run_plan(plan, q, k, v))
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-4

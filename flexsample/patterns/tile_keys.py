@@ -7,7 +7,8 @@ query read it. Here query tile ``t`` (the queries of block ``first_query_block +
 kernel's tile) of head ``h`` also reads ``keys[b, h, t]``: positions before the tile's
 window, not among the head's columns, chosen for that tile
 (:func:`~flexsample.tiles.select_tile_keys`). The rule, :meth:`TileKeys.keep`: the base
-pattern's keys, and the tile's.
+pattern's keys, and the tile's. It runs as gathered products (:meth:`TileKeys.attend`) or
+as one FlexAttention call with each tile's keys gathered in front (:meth:`TileKeys.compile`).
 
 Built after the base pattern's row cover (the cover's row kernels read window + columns
 tables), so the cover's interface (:meth:`TileKeys.row_tables`, :meth:`TileKeys.with_keys`)
@@ -19,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..layout import SampleLayout, query_blocks
+from ..masks import from_kv_blocks, int32_scalar
 from .base import MaskedCall, Pattern
 from .window_columns import WindowColumns, window_start
 
@@ -47,7 +50,7 @@ class TileKeys(Pattern):
     @classmethod
     def create(cls, base: WindowColumns, keys: torch.Tensor) -> TileKeys:
         """``base`` plus ``keys (B, Hq, T, C)`` (positions, any order, ``S`` or beyond for
-        none), dropping those the rule gives a tile anyway or may not give it."""
+        none), dropping repeats and those the rule gives a tile anyway or may not give it."""
         layout = base.layout
         S, bs = layout.seq_len, layout.block_size
         keys = keys.clamp(max=S)
@@ -57,6 +60,8 @@ class TileKeys(Pattern):
         column = columns.gather(-1, keys.flatten(2)).view(keys.shape)
         keep = (keys < start[..., None]) & (keys >= layout.sink_tokens) & ~column
         keys = torch.where(keep, keys, S).sort(dim=-1).values
+        repeated = F.pad(keys[..., 1:] == keys[..., :-1], (1, 0))  # each key once
+        keys = keys.masked_fill(repeated, S).sort(dim=-1).values
         width = int((keys < S).sum(dim=-1).max()) if keys.numel() else 0
         return cls(base=base, keys=keys[..., :width].contiguous())
 
@@ -101,10 +106,81 @@ class TileKeys(Pattern):
         )
 
     def compile(self, group: int, *, static: bool = False) -> MaskedCall:
-        raise NotImplementedError(
-            "tile keys run as gathered products (backend 'gather'); the FlexAttention call "
-            "of this pattern is not built yet"
+        """The base pattern's call with each tile's keys gathered in front of its keys.
+
+        Kv head ``h`` reads ``[slots | the base's keys]``: one slot of ``W`` keys (the
+        widest tile's count, in whole blocks) per query head of its group and query tile,
+        holding that tile's keys; query block ``t`` of query head ``j`` of the group reads
+        its own slot's blocks, then the base's (indices shifted past the slots). The
+        ``mask_mod`` keeps a slot's first ``counts()`` keys and defers the rest to the
+        base's. Not for kernels compiled per static shape (FlashAttention-4).
+        """
+        if static:
+            raise NotImplementedError(
+                "tile keys have no FlexAttention call for static-shape kernels (FlashAttention-4)"
+            )
+        base = self.base.compile(group)
+        B, Hq, T, C = self.keys.shape
+        bs = self.layout.block_size
+        blocks = -(-C // bs)
+        if not blocks:
+            return base
+        width = blocks * bs
+        S, device = self.layout.seq_len, self.keys.device
+        slots = F.pad(self.keys, (0, width - C), value=S).reshape(B, Hq // group, -1)
+        prefix = slots.shape[-1]
+        mask = base.block_mask
+        rows = mask.kv_num_blocks.shape[-1]
+        tile = torch.arange(rows, device=device).clamp(max=T - 1)
+        head = torch.arange(Hq, device=device) % group
+        own = ((head[:, None] * T + tile) * blocks)[..., None] + torch.arange(blocks, device=device)
+        counts = self.counts()  # (B, Hq, T)
+        used = (counts > 0)[..., tile].to(torch.int32)  # (B, Hq, rows)
+        if rows > T:  # rows past the queries read nothing of their own
+            used[..., T:] = 0
+        # Own blocks first (they precede every base block: indices stay ascending), listed
+        # only where the tile has keys; the index tables span every key block (FlexAttention
+        # reads the key length off them).
+        num, shift = mask.kv_num_blocks, prefix // bs
+        based = mask.kv_indices + shift
+        own = own.expand(B, -1, -1, -1).to(based.dtype)
+        idx = torch.where(
+            used[..., None].bool(), torch.cat([own, based], -1), torch.cat([based, own], -1)
         )
+        idx = F.pad(idx, (0, shift - blocks))
+        base_mod = mask.mask_mod
+        # Written as the base's is for inductor's CPU template (see
+        # sample_attention_mask_mod): flat 1-D lookups, every number a 0-d tensor.
+        flat_counts = counts.to(torch.int32).reshape(-1).contiguous()
+        heads, tiles, last, group_size, tile, slot_width, start, zero = (
+            int32_scalar(x, device) for x in (Hq, T, T - 1, group, bs, width, prefix, 0)
+        )
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            t = torch.minimum(q_idx // tile, last)
+            owner = (h % group_size) * tiles + t
+            count = flat_counts[(b * heads + h) * tiles + t]
+            mine = (kv_idx // slot_width == owner) & (kv_idx % slot_width < count)
+            shifted = torch.maximum(kv_idx - start, zero)
+            return torch.where(kv_idx < start, mine, base_mod(b, h, q_idx, shifted))
+
+        block_mask = from_kv_blocks(
+            num + blocks * used,
+            idx,
+            mask.full_kv_num_blocks,
+            None
+            if mask.full_kv_indices is None
+            else F.pad(mask.full_kv_indices + shift, (0, shift)),
+            block_size=bs,
+            mask_mod=mask_mod,
+            seq_lengths=(mask.seq_lengths[0], mask.seq_lengths[1] + prefix),
+        )
+
+        def arrange(x: torch.Tensor) -> torch.Tensor:
+            index = slots.clamp(max=x.shape[2] - 1)[..., None].expand(-1, -1, -1, x.shape[-1])
+            return torch.cat([x.gather(2, index), base.arrange(x)], dim=2)
+
+        return MaskedCall(block_mask=block_mask, layout=self.layout, arrange=arrange)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

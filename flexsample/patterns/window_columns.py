@@ -34,7 +34,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..graphs import graphed
 from ..layout import SampleLayout, bucket_length, local_pairs, query_blocks
-from ..masks import check_padded, from_kv_blocks
+from ..masks import check_padded, from_kv_blocks, int32_scalar
 from ..products import attend_tile_keys, attend_with_lse, merge
 from .base import MaskedCall, Pattern
 
@@ -481,7 +481,7 @@ def sample_attention_mask_mod(
     flat_windows = window_blocks.to(torch.int32).reshape(-1).contiguous()
 
     def number(x: int) -> torch.Tensor | int:
-        return x if static else _int32_scalar(x, codes.device)
+        return x if static else int32_scalar(x, codes.device)
 
     heads, length, tile = number(H), number(L), number(block_size)
     offset = number(query_offset)
@@ -495,13 +495,6 @@ def sample_attention_mask_mod(
         return torch.where(gathered, -code - 1 < start, (code <= q_idx) & (code >= start))
 
     return sample_attention_mask
-
-
-@functools.lru_cache(maxsize=256)
-def _int32_scalar(x: int, device: torch.device) -> torch.Tensor:
-    # Shared by the masks that capture it (read only): a new one per mask is a copy from the
-    # host, which on a GPU waits for the work queued before it.
-    return torch.tensor(x, dtype=torch.int32, device=device)
 
 
 def block_maps(
