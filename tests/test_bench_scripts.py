@@ -99,3 +99,5 @@ def test_cpu_defaults_dry_run_measures_a_foreign_machine(tmp_path):
     (pair, *_) = results["per_pair"]
     assert pair["triton_per_pair"] > 0 and pair["gather_per_pair"] > 0
     assert "| 2048 | planted |" in (tmp_path / "cpu_defaults_dry_run.md").read_text()
+    (shape,) = results["kernel_shapes"]
+    assert (shape["rows"], shape["keys"]) == (128, 512) and shape["per_pair"] > 0
