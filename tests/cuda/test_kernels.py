@@ -419,3 +419,28 @@ def test_dense_path_matches_float64(dtype):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_flex_dense_on_flash_matches_float64(dtype):
     check_flex_dense(dtype, DEVICE, "flash").holds()
+
+
+@pytest.mark.parametrize(
+    "B, Hq, Hkv, S, L, shared",
+    [(2, 4, 2, 1000, 1000, False), (1, 8, 2, 4096, 4096, True), (1, 4, 2, 1300, 333, False)],
+    ids=["B2-S1000", "S4096-group-union", "chunk-333-of-1300"],
+)
+def test_tile_keys_call_matches_float64(B, Hq, Hkv, S, L, shared):
+    """The query-aware pattern's FlexAttention call (each tile's keys in slots in front of
+    the keys) == its element mask, on random windows, columns and tile keys."""
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    drawn = random_selection(B, Hq, Hkv, S, 128, shared=shared, device=DEVICE, generator=gen)
+    layout = fs.SampleLayout.create(S, fs.SampleConfig(), query_len=L)
+    base = fs.WindowColumns(drawn.window_blocks, drawn.columns, layout, drawn.shared_by)
+    tiles = layout.num_blocks - layout.first_query_block
+    keys = torch.randint(0, S + 12, (B, Hq, tiles, 12), generator=gen, device=DEVICE)
+    pattern = fs.TileKeys.create(base, keys)
+    q, k, v = random_qkv(B, Hq, Hkv, S, 64, torch.float32, DEVICE)
+    q = q[:, :, S - L :]
+    call = pattern.compile(Hq // Hkv)
+    out = fs.sparse_attention(
+        call.queries(q), call.arrange(k), call.arrange(v), call.block_mask, 64**-0.5
+    )
+    ref = fs.sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 64**-0.5)
+    assert float((call.outputs(out, L).double() - ref).abs().max()) < 1e-4
