@@ -200,6 +200,12 @@ def test_stats_table_is_readable():
         "layer", "calls", "sparse", "density", "1st", "probe", "sample", "select", "cover",
         "mask", "attn", "decode", "dense",
     ]  # fmt: skip
+    # The opt-in query-aware stage gets its column where it ran.
+    fst.enable(model, SPARSE.replace(tile_keys=64))
+    logits(model, torch.randint(0, 128, (1, 300)))
+    lines = fst.stats_table(model).splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    assert "tiles" in header.split() and header.split()[-1] == "dense"
     body = lines[lines.index(header) + 2 :]
     assert [row.split()[:3] for row in body[:2]] == [["0", "1", "1"], ["1", "1", "1"]]
     assert any("median over a layer's prefill calls" in line for line in lines)

@@ -159,7 +159,7 @@ def summarize(model: torch.nn.Module) -> list[dict[str, object]]:
 
 
 #: Width of :func:`stats_table`'s text: a terminal's, a log's, a notebook cell's.
-TABLE_WIDTH = 100
+TABLE_WIDTH = 112
 
 
 def stats_report(model: torch.nn.Module):
@@ -208,12 +208,14 @@ def stats_report(model: torch.nn.Module):
     if records and not is_enabled(model):
         summary += " (flexsample is disabled on this model: its last run)"
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    # The opt-in stage (query-aware tile keys) gets its column only where it ran.
+    stages = [s for s in STAGES if s != "tiles" or any(row["tiles_s"] for row in rows)]
     columns = ["layer", "calls", "sparse", "density", "1st"]
-    columns += ["attn" if stage == "attention" else stage for stage in STAGES]
+    columns += ["attn" if stage == "attention" else stage for stage in stages]
     columns += ["decode"]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
-    table.add_column("dense", justify="left")  # the numbered reasons below the table
+    table.add_column("dense", justify="left", min_width=5)  # the numbered reasons below
     for row in rows:
         table.add_row(
             str(row["layer"]),
@@ -221,7 +223,7 @@ def stats_report(model: torch.nn.Module):
             str(row["sparse"]),
             "-" if row["density"] is None else f"{row['density']:.3f}",
             f"{1e3 * row['first_call_s']:.1f}",
-            *(f"{1e3 * row[f'{stage}_s']:.1f}" for stage in STAGES),
+            *(f"{1e3 * row[f'{stage}_s']:.1f}" for stage in stages),
             "-" if row["decode_s"] is None else f"{1e3 * row['decode_s']:.2f}",
             " ".join(f"[{number[kind]}]x{n}" for kind, n in _count_kinds(row["fallbacks"]).items()),
         )
