@@ -17,6 +17,7 @@ import torch
 from .layout import SampleLayout, query_blocks
 from .patterns import TileKeys, WindowColumns
 from .patterns.window_columns import window_start
+from .sampling.torch_sampler import chunk_probabilities
 
 #: Scores held at once while selecting (float32 elements: tiles x rows x keys).
 CHUNK_ELEMENTS = 1 << 24
@@ -68,13 +69,15 @@ def select_tile_keys(
     step = max(1, CHUNK_ELEMENTS // (r * S))
     for b in range(B):
         for h in range(Hq):
-            head_keys = k[b, h // group].float()
+            head_q, head_keys = q[b, h].float() * scale, k[b, h // group].float()
             outside = (keys >= layout.sink_tokens) & ~base.columns[b, h]  # (S,)
             for t0 in range(0, T, step):
                 pos = rows[t0 : t0 + step]  # (t, r)
-                probs = _row_probs(q[b, h].float(), head_keys, pos, layout, scale)  # (t, r, S)
+                flat = pos.flatten()
+                probs = chunk_probabilities(head_q[flat - layout.query_start], head_keys, flat)
+                probs = probs.view(*pos.shape, S)  # (t, r, S)
                 heads = torch.full((pos.numel(),), b * Hq + h, device=device)
-                kept = base.keep_heads(heads, pos.flatten()).view(probs.shape)
+                kept = base.keep_heads(heads, flat).view(probs.shape)
                 short = alpha - (probs * kept).sum(dim=-1)  # (t, r)
                 free = outside & (keys < start[b, h, t0 : t0 + step, None])  # (t, S)
                 mass, order = (probs.sum(dim=1) * free).topk(width, dim=-1)  # (t, width)
@@ -85,13 +88,3 @@ def select_tile_keys(
                 take = (torch.arange(width, device=device) < count) & (mass > 0)
                 chosen[b, h, t0 : t0 + step] = torch.where(take, order, S)
     return TileKeys.create(base, chosen)
-
-
-def _row_probs(
-    q: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, layout: SampleLayout, scale: float
-) -> torch.Tensor:
-    """``(t, r, S)`` causal softmax of the queries at positions ``pos (t, r)`` (one head;
-    ``q`` holds the last ``L`` positions)."""
-    logits = (q[pos - layout.query_start] @ keys.T) * scale
-    future = torch.arange(keys.shape[0], device=q.device) > pos[..., None]
-    return logits.masked_fill_(future, float("-inf")).softmax(dim=-1)

@@ -152,12 +152,12 @@ class TileKeys(Pattern):
         # Written as the base's is for inductor's CPU template (see
         # sample_attention_mask_mod): flat 1-D lookups, every number a 0-d tensor.
         flat_counts = counts.to(torch.int32).reshape(-1).contiguous()
-        heads, tiles, last, group_size, tile, slot_width, start, zero = (
+        heads, tiles, last, group_size, block, slot_width, start, zero = (
             int32_scalar(x, device) for x in (Hq, T, T - 1, group, bs, width, prefix, 0)
         )
 
         def mask_mod(b, h, q_idx, kv_idx):
-            t = torch.minimum(q_idx // tile, last)
+            t = torch.minimum(q_idx // block, last)
             owner = (h % group_size) * tiles + t
             count = flat_counts[(b * heads + h) * tiles + t]
             mine = (kv_idx // slot_width == owner) & (kv_idx % slot_width < count)
