@@ -2,16 +2,18 @@
 
     PYTHONPATH=. python3 bench/cpu_defaults.py --out bench/results [--foreign TABLE]
 
-Two parts, written to ``cpu_defaults_<device>.{json,md}``:
+Three parts, written to ``cpu_defaults_<device>.{json,md}``:
 
-* **the defaults vs SDPA**: ``flex_sample_attention`` at the defaults (the cost model decides
-  sparse or dense; planning included) against causal SDPA, on random q/k/v (diffuse: dense
-  must win) and on two planted inputs (moderate locality with stripes; single-token
+* **the defaults vs SDPA**: ``flex_sample_attention`` at the defaults (the cost model
+  decides sparse or dense; planning included) against causal SDPA, on random q/k/v (diffuse:
+  dense must win) and on two planted inputs (moderate locality with stripes; single-token
   columns), at 4K-32K, GQA 8/2, D 64, float32: medians of interleaved rounds, and the output
-  error against SDPA. With ``--foreign``, the cost tables are those of a machine that never
-  ran flexsample: the built-in table replaced by ``TABLE`` (another CPU's), an empty user
-  cache, the first-use calibration on, so the first call measures this machine (its time is
-  reported) and every decision after it rests on that.
+  error against SDPA. Each round also times SDPA a second time (an A/A control): the ratio
+  of SDPA's two medians is this run's noise floor, printed beside each row. With
+  ``--foreign``, the cost tables are those of a machine that never ran flexsample: the
+  built-in table replaced by ``TABLE`` (another CPU's), an empty user cache, the first-use
+  calibration on, so the first call measures this machine (its time is reported) and every
+  decision after it rests on that.
 * **the sparse call per computed pair**: the same planted inputs planned always sparse, the
   call alone on FlexAttention's kernel (``"triton"``) and on the gathered products
   (``"gather"``), in seconds per computed pair over SDPA's per causal pair.
@@ -67,8 +69,10 @@ def defaults_vs_sdpa(lengths: list[int], rounds: int) -> list[dict]:
         for kind in INPUTS:
             q, k, v = inputs(kind, S)
             call = functools.partial(fs.flex_sample_attention, q, k, v)
-            dense_s, flex_s = interleaved_medians(
-                [functools.partial(sdpa, q, k, v), call], torch.device("cpu"), rounds
+            dense = functools.partial(sdpa, q, k, v)
+            # SDPA twice per round: what two identical calls' medians differ by is the noise.
+            dense_s, flex_s, control_s = interleaved_medians(
+                [dense, call, dense], torch.device("cpu"), rounds
             )
             out, stats = fs.flex_sample_attention(q, k, v, return_stats=True)
             row = {
@@ -77,6 +81,8 @@ def defaults_vs_sdpa(lengths: list[int], rounds: int) -> list[dict]:
                 "sdpa_ms": dense_s * 1e3,
                 "defaults_ms": flex_s * 1e3,
                 "speedup": dense_s / flex_s,
+                "sdpa_again_ms": control_s * 1e3,
+                "control": dense_s / control_s,
                 "path": stats.path,
                 "backend": stats.backend,
                 "density": stats.mean_density,
@@ -153,13 +159,18 @@ def markdown(meta: dict, rows: list[dict], pairs: list[dict], shapes: list[dict]
         )
     lines += [
         "",
-        "| S | input | SDPA ms | defaults ms | speedup | path | backend | density | rel. RMSE |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "A/A: SDPA's median over its own second median in the same rounds, the noise floor "
+        "of the row's speedup.",
+        "",
+        "| S | input | SDPA ms | defaults ms | speedup | A/A | path | backend | density "
+        "| rel. RMSE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        control = f"{r['control']:.2f}x" if "control" in r else "-"
         lines.append(
             f"| {r['seq_len']} | {r['input']} | {r['sdpa_ms']:.1f} | {r['defaults_ms']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['path']} | {r['backend'] or 'SDPA'} | "
+            f"{r['speedup']:.2f}x | {control} | {r['path']} | {r['backend'] or 'SDPA'} | "
             f"{r['density']:.3f} | {r['rel_rmse']:.2e} |"
         )
     if pairs:

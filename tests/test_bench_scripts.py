@@ -96,6 +96,7 @@ def test_cpu_defaults_dry_run_measures_a_foreign_machine(tmp_path):
         (S, kind) for S in (1024, 2048) for kind in ("random", "planted", "stripes")
     }
     assert all(r["sdpa_ms"] > 0 and r["defaults_ms"] > 0 and r["rel_rmse"] < 0.2 for r in rows)
+    assert all(r["control"] == r["sdpa_ms"] / r["sdpa_again_ms"] for r in rows)
     (pair, *_) = results["per_pair"]
     assert pair["triton_per_pair"] > 0 and pair["gather_per_pair"] > 0
     assert "| 2048 | planted |" in (tmp_path / "cpu_defaults_dry_run.md").read_text()
