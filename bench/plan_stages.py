@@ -11,11 +11,12 @@ input (after a warm-up plan) and attributes to every stage:
 * syncs: calls that wait for the device (stream/device synchronisations and device-to-host
   copies such as ``.item()``, ``nonzero``, ``int(tensor)``).
 
-Inputs: planted single-token stripes and random q/k in the Llama-3-8B attention shape (32
-query heads, 8 kv heads, D=128, bf16), planned at the defaults and always sparse (where the
-defaults choose dense attention the later stages do not run).
+Inputs: ``bench/speed.py``'s (planted single-token stripes, random q/k, regional stripes;
+``--inputs`` picks) in the Llama-3-8B attention shape (32 query heads, 8 kv heads, D=128,
+bf16), planned at the defaults, always sparse (where the defaults choose dense attention the
+later stages do not run) and always sparse with query-aware tile keys (``--configs`` picks).
 
-    PYTHONPATH=. python3 bench/plan_stages.py --lengths 8192 32768 131072
+    PYTHONPATH=.:bench python3 bench/plan_stages.py --lengths 8192 32768 131072
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ TOP_OPS = 6
 CONFIGS = {
     "defaults": fs.SampleConfig(),
     "always sparse": fs.SampleConfig(min_seq_len=0, max_density=1.0),
+    "always sparse, tile keys 256": fs.SampleConfig.always_sparse(backend="triton").replace(
+        tile_keys=256
+    ),
 }
 
 
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--calls", type=int, default=3, help="profiled plans per row (means)")
     p.add_argument("--dry-run", action="store_true", help="CPU, a small shape")
+    p.add_argument("--inputs", nargs="+", choices=INPUTS, default=INPUTS, metavar="NAME")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device, (Hq, Hkv, D), dtype = bench_shape(args.dry_run)
@@ -163,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for S in args.lengths:
-        for name in INPUTS:
+        for name in args.inputs:
             q, k, _ = make_inputs(name, Hq, Hkv, S, D, dtype, device)
-            for label, config in CONFIGS.items():
+            for label in args.configs:
+                config = CONFIGS[label]
                 path, stages = stage_anatomy(q, k, config, args.calls)
                 for stage, r in stages.items():
                     rows.append({"S": S, "input": name, "config": label, "stage": stage, **r})

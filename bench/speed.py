@@ -3,9 +3,10 @@ accuracy kept, at the defaults and named configs (GPU; ``--dry-run`` tries it on
 
 Writes ``gpu_<device>.json``, ``.md`` and ``.png`` into ``--out``:
 
-* speed and accuracy, on planted inputs with single-token stripes and on random q/k/v, for
-  the defaults (the cost model decides dense or sparse), the same selection always sparse,
-  the 0.2 and 0.3 presets, alpha 0.98, the union of columns and a lower cap on sampled rows:
+* speed and accuracy, on planted inputs with single-token stripes, on random q/k/v and on
+  regional stripes (``--inputs`` picks), for the defaults (the cost model decides dense or
+  sparse), the same selection always sparse, the 0.2 and 0.3 presets, alpha 0.98, the union
+  of columns, a lower cap on sampled rows and query-aware tile keys (``--methods`` picks):
   each stage, the whole call, the path, density, output error against dense SDPA; SDPA
   (flash, cuDNN with expanded and grouped K/V), FlexAttention's dense call (Triton and,
   where installed, FlashAttention-4); CUDA-event medians after warm-up; the counted floor
@@ -42,7 +43,7 @@ from flexsample.backends import resolve_backend
 from flexsample.costs import cost_model
 from flexsample.presets import preset
 from flexsample.provenance import code_commit
-from flexsample.synthetic import single_token_stripes
+from flexsample.synthetic import planted_qkv, single_token_stripes
 from flexsample.testing import random_qkv, rel_rmse
 from flexsample.timing import interleaved_medians
 
@@ -251,12 +252,16 @@ METHODS = {
     "alpha 0.98": fs.SampleConfig(alpha=0.98),
     "alpha 0.98, Triton backend": fs.SampleConfig(alpha=0.98, backend="triton"),
     "defaults, at most 2048 sampled rows": fs.SampleConfig(max_sampled_rows=2048),
+    # Query-aware selection (not on FlashAttention-4 yet: FlexAttention's Triton kernel).
+    "tile keys 256, Triton backend": fs.SampleConfig(backend="triton").replace(tile_keys=256),
 }
 
 #: Inputs: planted single-token stripes (as bench/test_frontier.py: sinks, delimiters and
-#: needles are single tokens; the planted keys hold all but about 1% of the mass), and plain
-#: random q/k/v, diffuse attention where sparsity cannot help.
-INPUTS = ("single-token stripes", "diffuse (random q/k/v)")
+#: needles are single tokens; the planted keys hold all but about 1% of the mass), plain
+#: random q/k/v, diffuse attention where sparsity cannot help, and regional stripes
+#: (bench/test_frontier.py's: each single-token column read by the queries of one 256-row
+#: region after it, what one column set per head misses).
+INPUTS = ("single-token stripes", "diffuse (random q/k/v)", "regional stripes")
 
 
 def bench_shape(dry_run: bool) -> tuple[torch.device, tuple[int, int, int], torch.dtype]:
@@ -270,6 +275,11 @@ def bench_shape(dry_run: bool) -> tuple[torch.device, tuple[int, int, int], torc
 def make_inputs(name: str, Hq: int, Hkv: int, S: int, D: int, dtype, device):
     if name == "single-token stripes":
         return single_token_stripes(Hq, Hkv, S, D, dtype, device)
+    if name == "regional stripes":
+        return planted_qkv(
+            1, Hq, Hkv, S, D, stripes=(32, 64), stripe_width=1, stripe_scope=256, locality=3.0,
+            local_span=1024, dtype=dtype, device=device, seed=0,
+        )  # fmt: skip
     return random_qkv(1, Hq, Hkv, S, D, dtype, device)
 
 
@@ -281,16 +291,18 @@ def speed(
     tflops,
     on_row=None,
     methods: list[str] | None = None,
+    inputs_named: list[str] | None = None,
 ) -> list[dict]:
     """Every configuration of :data:`METHODS` (or those named in ``methods``) on every input
-    of :data:`INPUTS`, per length: stage times, the whole call, path, density, output error
-    against dense SDPA, and the dense kernels' times."""
+    of :data:`INPUTS` (or those named in ``inputs_named``), per length: stage times, the
+    whole call, path, density, output error against dense SDPA, and the dense kernels'
+    times."""
     Hq, Hkv, D = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows: list[dict] = []
     for S in lengths:
         causal_flops = 4 * Hq * D * S * (S + 1) / 2
-        for inputs in INPUTS:
+        for inputs in inputs_named or INPUTS:
             q, k, v = make_inputs(inputs, Hq, Hkv, S, D, dtype, device)
             dense_fns: dict = {}
             dense = time_dense(q, k, v, D**-0.5, measure, dense_fns)
@@ -556,6 +568,14 @@ def main(argv: list[str] | None = None) -> int:
         "the head to head at every length in one device call)",
     )
     p.add_argument(
+        "--inputs",
+        nargs="+",
+        choices=list(INPUTS),
+        metavar="NAME",
+        default=None,
+        help=f"time only these inputs (default: all of them: {', '.join(INPUTS)})",
+    )
+    p.add_argument(
         "--replot",
         type=Path,
         metavar="JSON",
@@ -627,8 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"gpu_{tag}.md").write_text(markdown(meta, rows, frontier))
 
     rows = speed(
-        device, lengths, heads, measure, meta["matmul_tflops"], on_row=write, methods=args.methods
-    )
+        device, lengths, heads, measure, meta["matmul_tflops"], on_row=write,
+        methods=args.methods, inputs_named=args.inputs,
+    )  # fmt: skip
     frontier_lengths = args.frontier
     if not frontier_lengths:  # omitted, or given without lengths (which once meant: skip)
         frontier_lengths = [2048] if args.dry_run else [65536, 131072]

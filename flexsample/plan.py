@@ -307,7 +307,7 @@ def plan_prefill_unchecked(
         with timer.stage("tiles"):
             pattern = select_tile_keys(
                 q, k, pattern, config.alpha, scale, config.selection.tile_rows,
-                config.selection.tile_keys,
+                config.selection.tile_keys, sampler,
             )  # fmt: skip
         reason = _density_verdict(config, costs, pattern, layout, B * Hq, D, PLAN_SHARE_MASK)
     if reason is not None:

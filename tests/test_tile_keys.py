@@ -9,7 +9,7 @@ from flexsample.layout import SampleLayout
 from flexsample.patterns import TileKeys, WindowColumns
 from flexsample.synthetic import planted_qkv
 from flexsample.testing import random_qkv, random_selection, rel_rmse
-from flexsample.tiles import tile_rows
+from flexsample.tiles import choose_tile_keys, short_tiles_triton, tile_rows
 
 
 def _tile_keys(B, Hq, Hkv, S, L, bs, shared, per_tile=12, seed=0):
@@ -148,3 +148,44 @@ def test_tile_keys_run_the_same_on_flex_attention_and_as_gathered_products():
         assert isinstance(plan.pattern, TileKeys) and int(plan.pattern.counts().sum()) > 0
         outs.append(run_plan(plan, q, k, v))
     assert float((outs[0] - outs[1]).abs().max()) < 1e-4
+
+
+def _regional_base(B, S, L):
+    """Regional stripes, and the window + columns the plan chooses for them."""
+    q, k, _ = planted_qkv(B, 4, 2, S, 64, stripes=(16, 32), stripe_width=1, stripe_scope=256,
+                          locality=3.0, local_span=512, seed=5)  # fmt: skip
+    q = q[:, :, S - L :]
+    config = SampleConfig.always_sparse(min_window=128, row_guarantee=False, backend="gather")
+    base = plan_prefill(q, k, config).pattern
+    return q, k, base, tile_rows(base.layout, 4)
+
+
+@pytest.mark.parametrize(
+    "B, S, L",
+    [(1, 4096, 4096), (2, 3000, 3000), (1, 4000, 1500)],
+    ids=["S4096", "B2-S3000", "chunk-1500-of-4000"],
+)
+def test_tile_choice_is_the_same_in_chunks_and_in_float64(B, S, L):
+    """Chunks over the tiles of every head (some holding two kv heads' tiles) and float64
+    choose the keys one chunk in float32 does."""
+    q, k, base, rows = _regional_base(B, S, L)
+    every = torch.ones(B, 4, rows.shape[0], dtype=torch.bool)
+    args = (q, k, base, 0.95, 64**-0.5, rows)
+    whole = choose_tile_keys(*args, every, 64)
+    taking = (whole < S).any(dim=-1)
+    assert 0 < taking.float().mean() < 1  # some tiles take keys, some do not
+    assert torch.equal(choose_tile_keys(*args, every, 64, chunk_elements=7 * 4 * S), whole)
+    exact = choose_tile_keys(*args, every, 64, dtype=torch.float64)
+    assert (exact == whole).float().mean() > 0.99
+
+
+def test_tiles_the_triton_filter_skips_take_no_keys():
+    """The Triton row kernels' short tiles (under the interpreter here) hold every tile that
+    takes keys, and choosing over them alone gives the keys choosing over all tiles does."""
+    q, k, base, rows = _regional_base(1, 4000, 1500)
+    args = (q, k, base, 0.95, 64**-0.5, rows)
+    whole = choose_tile_keys(*args, torch.ones(1, 4, rows.shape[0], dtype=torch.bool), 64)
+    short = short_tiles_triton(*args)
+    taking = (whole < 4000).any(dim=-1)
+    assert bool((short | ~taking).all()) and not bool(short.all()) and bool(taking.any())
+    assert torch.equal(choose_tile_keys(*args, short, 64), whole)

@@ -516,16 +516,31 @@ def _tiles_with_columns(columns: torch.Tensor, num_kv_heads: int, block_n: int) 
     return padded.view(B, num_kv_heads, tiles, block_n).any(dim=-1).to(torch.uint8).contiguous()
 
 
+def _row_table(
+    layout: SampleLayout, device: torch.device, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """The row kernels' ``(G, r)`` int32 table of query positions: the layout's sampled rows,
+    or ``rows`` (any positions of the layout's queries, ascending within each of the ``G``
+    groups, which take the place of segments)."""
+    table = layout.sampled_rows(device) if rows is None else rows
+    return table.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _row_pass(
-    q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float, settings: dict
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    settings: dict,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Run ``_row_lse_kernel``: ``(lse (B, Hkv, G, r, group), rows, block_m, tiles)``."""
     B = q.shape[0]
     Hkv = k.shape[1]
     group = q.shape[1] // Hkv
-    G, r = layout.num_segments, layout.rows_per_segment
+    rows = _row_table(layout, q.device, rows)
+    G, r = rows.shape
     block_m, tiles = _row_tiling(settings, group, r)
-    rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
     lse = torch.empty(B, Hkv, G, r, group, dtype=torch.float32, device=q.device)
     _row_lse_kernel[(G * tiles, B * Hkv)](
         q,
@@ -551,7 +566,9 @@ def _row_pass(
 def _row_tiling(settings: dict, group: int, rows_per_segment: int) -> tuple[int, int]:
     """``(block_m, tiles per segment)`` of the row kernels: block_m (row, query head) pairs
     per program, at least the GQA group."""
-    block_m = max(settings["block_m"], 16, triton.next_power_of_2(group))
+    # Not more pairs than a segment has (few rows per group: the tile rows of flexsample.tiles).
+    block_m = min(settings["block_m"], triton.next_power_of_2(group * rows_per_segment))
+    block_m = max(block_m, 16, triton.next_power_of_2(group))
     return block_m, triton.cdiv(rows_per_segment, block_m // group)
 
 
@@ -632,16 +649,17 @@ def _measure_setup(
     layout: SampleLayout,
     scale: float,
     lse: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[dict, torch.Tensor, torch.Tensor, int, int]:
     """What the cover's row kernels share: ``(settings, lse, rows, block_m, tiles)``, the
     log-sum-exp pass run here where ``lse`` is None."""
     settings = launch_settings(q, None, None, None)
     if lse is None:
-        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings)
+        lse, rows, _, _ = _row_pass(q, k, layout, scale, settings, rows)
     else:
-        rows = layout.sampled_rows(q.device).to(torch.int32).contiguous()
+        rows = _row_table(layout, q.device, rows)
     group = q.shape[1] // k.shape[1]
-    block_m, tiles = _row_tiling(settings, group, layout.rows_per_segment)
+    block_m, tiles = _row_tiling(settings, group, rows.shape[1])
     return settings, lse, rows, block_m, tiles
 
 
@@ -760,17 +778,21 @@ def row_kept_mass_sparse_triton(
     window_start: torch.Tensor,
     columns: torch.Tensor,
     lse: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Share of each sampled row's exact attention mass that its head's mask keeps, summed
     over the keys the mask keeps (``_row_kept_kernel``: the sink, the window and the kv
     group's columns): a few key tiles per row where masks are sparse, against
     :func:`row_kept_mass_triton`'s pass over every key before the window. Same arguments;
-    returns ``kept`` alone, ``(B, Hq, num_segments, rows_per_segment)`` float32."""
-    B, Hq, _, _ = q.shape
-    Hkv = k.shape[1]
-    group = Hq // Hkv
-    G, r = layout.num_segments, layout.rows_per_segment
-    settings, lse, rows, block_m, tiles = _measure_setup(q, k, layout, scale, lse)
+    returns ``kept`` alone, ``(B, Hq, num_segments, rows_per_segment)`` float32.
+
+    ``rows``: ``(G, r)`` query positions measured instead of the sampled rows (ascending
+    within each group; the shapes above then read ``G`` and ``r``), with ``lse`` from
+    :func:`row_lse_triton` on the same rows."""
+    B, Hkv = q.shape[0], k.shape[1]
+    group = q.shape[1] // Hkv
+    settings, lse, rows, block_m, tiles = _measure_setup(q, k, layout, scale, lse, rows)
+    G, r = rows.shape
     positions = group_column_positions(columns, Hkv)
     kept = torch.empty_like(lse)
     _row_kept_kernel[(G * tiles, B * Hkv)](
@@ -802,9 +824,15 @@ def row_kept_mass_sparse_triton(
 
 
 def row_lse_triton(
-    q: torch.Tensor, k: torch.Tensor, layout: SampleLayout, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: SampleLayout,
+    scale: float,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sampled rows' log-sum-exp, ``(B, Hkv, num_segments, rows_per_segment, group)``
     float32 in log2 units of the scaled logits (``_row_lse_kernel``): the ``lse`` of
-    :func:`row_kept_mass_triton` and :func:`row_kept_mass_sparse_triton`."""
-    return _row_pass(q, k, layout, scale, launch_settings(q, None, None, None))[0]
+    :func:`row_kept_mass_triton` and :func:`row_kept_mass_sparse_triton`. ``rows``: a
+    ``(G, r)`` table of query positions instead of the sampled rows (ascending within each
+    group)."""
+    return _row_pass(q, k, layout, scale, launch_settings(q, None, None, None), rows)[0]

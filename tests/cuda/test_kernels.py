@@ -444,3 +444,30 @@ def test_tile_keys_call_matches_float64(B, Hq, Hkv, S, L, shared):
     )
     ref = fs.sparse_attention_reference(q.double(), k.double(), v.double(), pattern, 64**-0.5)
     assert float((call.outputs(out, L).double() - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tile_keys_after_the_triton_filter_match_every_tile_chosen(dtype):
+    """On the device, the Triton row kernels' short tiles, then the choice over them, give
+    the keys the choice over every tile gives (a tile reaching alpha takes none)."""
+    from flexsample.synthetic import planted_qkv
+    from flexsample.tiles import choose_tile_keys, short_tiles_triton, tile_rows
+
+    S = 8192
+    q, k, _ = planted_qkv(
+        1, 8, 2, S, 128, stripes=(32, 64), stripe_width=1, stripe_scope=256, locality=3.0,
+        local_span=1024, dtype=dtype, device=DEVICE, seed=0,
+    )  # fmt: skip
+    config = fs.SampleConfig.always_sparse(backend="triton")
+    base = fs.plan_prefill(q, k, config).pattern
+    rows = tile_rows(base.layout, 4)
+    args = (q, k, base, 0.95, 128**-0.5, rows)
+    every = torch.ones(1, 8, rows.shape[0], dtype=torch.bool)
+    whole = choose_tile_keys(*args, every, 256)
+    short = short_tiles_triton(q, k, base, 0.95, 128**-0.5, rows.to(DEVICE))
+    taking = (whole < S).any(dim=-1)
+    assert bool((short | ~taking).all()) and bool(taking.any())
+    filtered = choose_tile_keys(*args, short, 256)
+    assert (filtered == whole).float().mean() > 0.999
+    plan = fs.plan_prefill(q, k, config.replace(tile_keys=256))
+    assert torch.equal(plan.pattern.keys, fs.TileKeys.create(base, filtered).keys)
