@@ -59,6 +59,11 @@ class Selection:
             reads up to ``n`` keys of its own, those ``tile_rows`` sampled rows of it need
             to reach ``alpha`` (:mod:`flexsample.tiles`). Not on ``"flash"`` yet.
         tile_rows: rows of each query tile the tile keys are chosen from.
+        column_alpha: with ``tile_keys``, the share of the sampled rows' mass the window and
+            columns (and the row cover) keep, below ``alpha``: the tiles' own keys then take
+            each tile's sampled rows from there to ``alpha``, so that keys only some query
+            tiles need are read by those tiles alone, not by every later query. ``None``
+            (the default): ``alpha``.
     """
 
     row_guarantee: bool = True
@@ -68,6 +73,7 @@ class Selection:
     sink_blocks: int = 0
     tile_keys: int = 0
     tile_rows: int = 4
+    column_alpha: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("row_guarantee", "group_union"):
@@ -84,6 +90,15 @@ class Selection:
         _check_int("selection.sink_blocks", self.sink_blocks, low=0)
         _check_int("selection.tile_keys", self.tile_keys, low=0)
         _check_int("selection.tile_rows", self.tile_rows, low=1)
+        if self.column_alpha is not None:
+            _check_real(
+                "selection.column_alpha", self.column_alpha, low=0.0, high=1.0, low_open=True
+            )
+            if not self.tile_keys:
+                raise ValueError(
+                    "SampleConfig.selection.column_alpha needs tile_keys > 0 (without the "
+                    "tiles' own keys the mask would keep only column_alpha: set alpha)"
+                )
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,18 @@ class SampleConfig:
             raise TypeError(
                 f"SampleConfig.selection must be a Selection, got {type(self.selection).__name__}"
             )
+        if self.column_alpha > self.alpha:
+            raise ValueError(
+                f"SampleConfig.selection.column_alpha ({self.selection.column_alpha}) must not "
+                f"exceed alpha ({self.alpha})"
+            )
+
+    @property
+    def column_alpha(self) -> float:
+        """The share of the sampled rows' mass the window, columns and row cover keep:
+        ``selection.column_alpha``, or ``alpha`` where it is None."""
+        chosen = self.selection.column_alpha
+        return self.alpha if chosen is None else chosen
 
     def replace(self, **changes: object) -> SampleConfig:
         """A copy with some fields changed (validated like a new config). Fields of

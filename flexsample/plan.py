@@ -166,9 +166,10 @@ def plan_prefill(
 
     Runs stages 1–2 and builds the mask: sample the attention of a few query rows, choose per
     head the window and the key columns that with it hold ``config.alpha`` of each segment's
-    sampled mass, add keys for the sampled rows still short of it
-    (``config.selection.row_guarantee``),
-    list each kv head's columns, and build the ``BlockMask``.
+    sampled mass (``config.column_alpha`` with query-aware selection), add keys for the
+    sampled rows still short of it (``config.selection.row_guarantee``), with
+    ``config.selection.tile_keys`` add each query tile's own keys until a few rows of every
+    tile keep ``config.alpha``, list each kv head's columns, and build the ``BlockMask``.
 
     A dense plan (with its reason) comes back where sparse would not pay: before sampling,
     when the length is below ``config.min_seq_len`` or, with ``min_seq_len=None``, when the
@@ -288,7 +289,7 @@ def plan_prefill_unchecked(
     with timer.stage("sample"):
         scores, row_lse = run_sampler_with_lse(sampler, q, k, layout, scale)
     with timer.stage("select"):
-        pattern = select_columns(scores, layout, config.alpha)
+        pattern = select_columns(scores, layout, config.column_alpha)
         if config.selection.group_union:
             pattern = pattern.shared_by_group(Hq // k.shape[1])
     # Checked before the cover too: the cover only adds pairs, so a selection already too
@@ -298,7 +299,7 @@ def plan_prefill_unchecked(
     row_mass = None
     if reason is None and config.selection.row_guarantee:
         with timer.stage("cover"):
-            cover = cover_rows(q, k, pattern, config.alpha, scale, sampler, row_lse=row_lse)
+            cover = cover_rows(q, k, pattern, config.column_alpha, scale, sampler, row_lse=row_lse)
             pattern, row_mass = cover.selection, cover.row_mass
             if config.selection.group_union:  # a key a row's cover added serves its whole group
                 pattern = pattern.shared_by_group(Hq // k.shape[1])

@@ -189,3 +189,42 @@ def test_tiles_the_triton_filter_skips_take_no_keys():
     taking = (whole < 4000).any(dim=-1)
     assert bool((short | ~taking).all()) and not bool(short.all()) and bool(taking.any())
     assert torch.equal(choose_tile_keys(*args, short, 64), whole)
+
+
+def test_column_alpha_leaves_to_the_tiles_what_only_some_tiles_need():
+    """With column_alpha below alpha, the window + columns keep less (fewer columns that
+    every later query reads) and the tiles' own keys bring each tile's sampled rows to
+    alpha: on regional stripes, fewer pairs and less error than one alpha for both."""
+    S = 4096
+    q, k, v = planted_qkv(1, 4, 2, S, 64, stripes=(16, 32), stripe_width=1, stripe_scope=256,
+                          locality=3.0, local_span=512, seed=5)  # fmt: skip
+    config = SampleConfig.always_sparse(backend="gather", min_window=128).replace(tile_keys=512)
+    one = plan_prefill(q, k, config.replace(alpha=0.97))
+    split = plan_prefill(q, k, config.replace(alpha=0.98, column_alpha=0.9))
+    lower = plan_prefill(q, k, config.replace(alpha=0.9, tile_keys=0))
+    assert torch.equal(split.pattern.base.columns, lower.pattern.columns)
+    assert split.pattern.base.columns.sum() < one.pattern.base.columns.sum()
+    rows = tile_rows(split.layout, 4).flatten()
+    logits = (q[0] @ k[0].repeat_interleave(2, dim=0).transpose(-1, -2))[:, rows] / 8
+    future = torch.arange(S)[None, :] > rows[:, None]
+    probs = torch.softmax(logits.masked_fill(future, -torch.inf), dim=-1)
+    kept = (probs * split.pattern.keep(rows)[0]).sum(dim=-1)
+    full = split.pattern.counts()[0].repeat_interleave(4, dim=-1) == 512
+    assert bool((kept >= 0.98 - 1e-4)[~full].all())
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True
+    )
+    errors = [rel_rmse(run_plan(p, q, k, v), exact) for p in (one, split)]
+    assert float(split.density.mean()) < 0.9 * float(one.density.mean())
+    assert errors[1] < errors[0]
+
+
+def test_column_alpha_is_checked():
+    with pytest.raises(ValueError, match="column_alpha needs tile_keys"):
+        SampleConfig().replace(column_alpha=0.9)
+    with pytest.raises(ValueError, match="must not exceed alpha"):
+        SampleConfig(alpha=0.9).replace(tile_keys=64, column_alpha=0.95)
+    with pytest.raises(ValueError, match="column_alpha"):
+        SampleConfig().replace(tile_keys=64, column_alpha=0.0)
+    config = SampleConfig(alpha=0.97).replace(tile_keys=64, column_alpha=0.9)
+    assert (config.column_alpha, SampleConfig().column_alpha) == (0.9, 0.95)
