@@ -64,6 +64,8 @@ METHODS = {
     "tile keys, no row cover": fs.SampleConfig().replace(
         tile_keys=256, backend="gather", row_guarantee=False
     ),
+    # Columns at 0.9, each tile topped up to 0.98 by keys of its own, a 128-token window floor.
+    "query-aware preset (tile keys)": preset("query-aware").replace(backend="gather"),
 }
 ORACLE_ALPHAS = (0.8, 0.9, 0.95, 0.98, 0.99)
 #: The oracles: ``(unit, query_tile)`` of ``oracle_frontier`` by name.

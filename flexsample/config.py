@@ -57,7 +57,8 @@ class Selection:
         tile_keys: ``0`` (the default): every query of a head reads its window and columns.
             ``n``: query-aware selection: each query tile (``block_size`` queries) also
             reads up to ``n`` keys of its own, those ``tile_rows`` sampled rows of it need
-            to reach ``alpha`` (:mod:`flexsample.tiles`). Not on ``"flash"`` yet.
+            to reach ``alpha`` (:mod:`flexsample.tiles`). Not on ``"flash"`` yet
+            (``"auto"`` runs ``"triton"`` instead).
         tile_rows: rows of each query tile the tile keys are chosen from.
         column_alpha: with ``tile_keys``, the share of the sampled rows' mass the window and
             columns (and the row cover) keep, below ``alpha``: the tiles' own keys then take

@@ -230,10 +230,17 @@ def plan_prefill_unchecked(
     else:
         backend = resolve_backend(config.backend, q.device, q.dtype, D)
     if config.selection.tile_keys and kernel_backend(backend).static_shapes:
-        raise ValueError(
-            f"SampleConfig.selection.tile_keys has no call for backend {backend!r} (a kernel "
-            "compiled per static shape) yet: use backend='triton' or 'gather'"
-        )
+        if config.backend != "auto":
+            raise ValueError(
+                f"SampleConfig.selection.tile_keys has no call for backend {backend!r} (a "
+                "kernel compiled per static shape) yet: use backend='triton' or 'gather'"
+            )
+        _log_once(
+            "tile-keys-backend", logging.INFO,
+            "flexsample: query-aware selection (tile_keys) runs on FlexAttention's Triton "
+            "kernel: backend %r has no call for it yet", backend,
+        )  # fmt: skip
+        backend = "triton"
     costs = (
         _cost_model(q.device, q.dtype, backend)
         if config.min_seq_len is None or config.max_density is None

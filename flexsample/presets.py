@@ -1,6 +1,7 @@
-"""Named configs: the selections of earlier releases, to measure today's against.
+"""Named configs: the selections of earlier releases, to measure today's against, and the
+opt-in query-aware selection.
 
-Each preset is the release's selection rule (window, columns, cover) as today's code
+Each release preset is the release's selection rule (window, columns, cover) as today's code
 expresses it; planning around it (the cost model, the probe, the cap on sampled rows) is
 today's. Benchmarks and tests take them from here::
 
@@ -38,6 +39,11 @@ PRESETS: dict[str, tuple[SampleConfig, str]] = {
     "0.3": (
         SampleConfig(min_window=128, selection=Selection(group_union=True)),
         "0.2 with every sampled row keeping alpha (the row cover)",
+    ),
+    "query-aware": (
+        SampleConfig(alpha=0.98, min_window=128).replace(tile_keys=512, column_alpha=0.9),
+        "window from 128 tokens and columns keeping 0.9 of the sampled mass, then up to 512 "
+        "keys of each query tile's own until 4 rows of every tile keep 0.98",
     ),
 }
 

@@ -228,3 +228,16 @@ def test_column_alpha_is_checked():
         SampleConfig().replace(tile_keys=64, column_alpha=0.0)
     config = SampleConfig(alpha=0.97).replace(tile_keys=64, column_alpha=0.9)
     assert (config.column_alpha, SampleConfig().column_alpha) == (0.9, 0.95)
+
+
+def test_auto_runs_tile_keys_on_triton_where_it_would_pick_a_static_shape_kernel(monkeypatch):
+    """Where "auto" resolves to FlashAttention-4 (static shapes, no call for tile keys yet),
+    a query-aware plan runs FlexAttention's Triton kernel instead; naming it is an error."""
+    import flexsample.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "resolve_backend", lambda *args: "flash")
+    q, k, _ = random_qkv(1, 4, 2, 1024, 64)
+    config = SampleConfig.always_sparse().replace(tile_keys=64)
+    assert plan_prefill(q, k, config).backend == "triton"
+    with pytest.raises(ValueError, match="no call for backend 'flash'"):
+        plan_prefill(q, k, config.replace(backend="flash"))
