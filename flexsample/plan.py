@@ -42,7 +42,12 @@ from .sampling import resolve_sampler, run_sampler_with_lse
 from .selection import select_columns
 from .tiles import select_tile_keys
 from .timing import StageTimer
-from .tuning import PLAN_SHARE_AFTER_SELECT, PLAN_SHARE_MASK, SELECTION_OVER_PROBE
+from .tuning import (
+    PLAN_SHARE_AFTER_SELECT,
+    PLAN_SHARE_MASK,
+    SELECTION_OVER_PROBE,
+    TILE_KEYS_OVER_PROBE,
+)
 from .validation import check_qk, resolve_scale
 
 logger = logging.getLogger("flexsample")
@@ -588,7 +593,8 @@ def _probe_verdict(
     fixed = layout.fixed_window_blocks
     window = float(window_pairs(layout, layout.min_window_blocks if fixed is None else fixed))
     # The selection comes out denser than this lower bound: weigh the plan it will make.
-    expected = (least * SELECTION_OVER_PROBE).clamp(max=1.0)
+    margin = TILE_KEYS_OVER_PROBE if config.selection.tile_keys else SELECTION_OVER_PROBE
+    expected = (least * margin).clamp(max=1.0)
     pairs = max(float(expected.sum()) * layout.causal_pairs, window * batch_heads)
     plan = costs.plan_s(batch_heads, layout.seq_len, head_dim, layout.num_sampled_rows)
     sparse = costs.sparse_s(pairs, head_dim)
@@ -596,7 +602,7 @@ def _probe_verdict(
     if plan + sparse < dense:
         return None
     return (
-        f"{found}: planning ~{plan * 1e3:.3g} ms + a call at {SELECTION_OVER_PROBE:g}x that "
+        f"{found}: planning ~{plan * 1e3:.3g} ms + a call at {margin:g}x that "
         f"density ~{sparse * 1e3:.3g} ms (what selection makes of it) would not beat dense "
         f"~{dense * 1e3:.3g} ms (cost model of {costs.device!r}, {costs.dtype})"
     )

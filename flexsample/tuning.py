@@ -22,6 +22,10 @@ PROBE_SHARE = 0.05
 #: the per-row oracle of a few rows): the probe's verdict weighs the plan at this much its
 #: estimate.
 SELECTION_OVER_PROBE = 1.7
+#: The same for query-aware plans (``tile_keys``), which come out less dense for the probe's
+#: estimate at ``alpha`` than window + columns plans: the defaults' margin over their pooled
+#: ratio on SmolLM2's layers at 8K (1.7 / 1.24), times the query-aware preset's ratio (0.87).
+TILE_KEYS_OVER_PROBE = 1.2
 
 #: Shares of planning's time that follow selection: the row cover and the mask together,
 #: and the mask alone, so that the verdict after selection counts the planning still
