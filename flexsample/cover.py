@@ -25,9 +25,9 @@ import torch
 from .patterns import Pattern
 from .sampling.torch_sampler import (
     DEFAULT_MAX_CHUNK_ELEMS,
-    causal_softmax_,
     chunk_probabilities,
     cpu_compiled,
+    grouped_probabilities,
 )
 from .tuning import COVER_FIRST_KEYS, KEY_FLOOR_DIVISOR
 
@@ -320,15 +320,7 @@ def repair_rows(
     chunk = max(1, max_chunk_elems // S)
     for start in range(0, R, chunk):
         stop = min(start + chunk, R)
-        logits = torch.empty(stop - start, S, dtype=dtype, device=q.device)
-        lo = start
-        for slot, end in enumerate(bounds):  # the kv heads this chunk holds rows of
-            hi = min(end, stop)
-            if hi > lo:
-                b, kv = divmod(slot, Hkv)
-                torch.mm(q_rows[lo:hi], k[b, kv].to(dtype).T, out=logits[lo - start : hi - start])
-                lo = hi
-        p = causal_softmax_(logits, pos[start:stop])
+        p = grouped_probabilities(q_rows, k, bounds, start, stop, pos)
         h = head[start:stop]
         keep = selection.keep_heads(h, pos[start:stop])
         row_kept = (p * keep).sum(dim=-1)

@@ -24,7 +24,7 @@ import torch
 from .layout import SampleLayout, query_blocks
 from .patterns import TileKeys, WindowColumns
 from .patterns.window_columns import window_start
-from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, causal_softmax_
+from .sampling.torch_sampler import DEFAULT_MAX_CHUNK_ELEMS, grouped_probabilities
 
 #: Probabilities held at once while choosing (elements of ``tiles x rows x keys``), per device
 #: type; others take the CPU's. On a CPU, chunks that stay in cache (the sampler's size: 16M
@@ -141,6 +141,7 @@ def choose_tile_keys(
     owner = head // group  # b * Hkv + kv
     order = torch.argsort(owner * T + tile, stable=True)
     head, tile, owner = head[order], tile[order], owner[order]
+    bounds = (torch.bincount(owner, minlength=B * Hkv).cumsum(0) * r).tolist()  # in rows
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
     per_chunk = max(1, chunk_elements // (r * S))
@@ -149,26 +150,20 @@ def choose_tile_keys(
     starts = window_start(qb, base.window_blocks.cpu()[..., None]) * layout.block_size
     starts = starts.view(B * Hq, T)
     keys = torch.arange(S, device=device)
-    q_flat = q.flatten(0, 1)
+    # Every short tile's sampled rows, in the order above: their heads, positions, queries.
+    row_heads = head.repeat_interleave(r).to(device)
+    row_pos = rows[tile].flatten().to(device)
+    q_rows = q.flatten(0, 1)[row_heads, row_pos - layout.query_start].to(dtype) * scale
     for lo in range(0, head.numel(), per_chunk):
-        h, t, o = (x[lo : lo + per_chunk] for x in (head, tile, owner))
-        pos = rows[t]  # (c, r)
-        c, W = t.numel(), int(pos.max()) + 1  # keys up to the chunk's last row
-        flat = pos.flatten().to(device)
-        h_dev = h.to(device)
-        q_rows = q_flat[h_dev.repeat_interleave(r), flat - layout.query_start].to(dtype) * scale
-        logits = torch.empty(c * r, W, dtype=dtype, device=device)
-        for slot in o.unique().tolist():  # the kv heads of this chunk, contiguous in it
-            at = (o == slot).nonzero().squeeze(-1)
-            a, z = int(at[0]) * r, (int(at[-1]) + 1) * r
-            b, kv = divmod(slot, Hkv)
-            torch.mm(q_rows[a:z], k[b, kv, :W].to(dtype).T, out=logits[a:z])
-        probs = causal_softmax_(logits, flat)
-        kept = base.keep_heads(h_dev.repeat_interleave(r), flat, W)
+        h, t = head[lo : lo + per_chunk], tile[lo : lo + per_chunk]
+        c, W = t.numel(), int(rows[t].max()) + 1  # keys up to the chunk's last row
+        a, z = lo * r, (lo + c) * r  # the chunk's rows
+        probs = grouped_probabilities(q_rows, k, bounds, a, z, row_pos, W)
+        kept = base.keep_heads(row_heads[a:z], row_pos[a:z], W)
         missing = alpha - (probs * kept).sum(dim=-1).view(c, r)
         probs = probs.view(c, r, W)
         # Keys the tile may take: past the sink, not the head's columns, before its window.
-        columns = base.columns.flatten(0, 1)[h_dev, :W]
+        columns = base.columns.flatten(0, 1)[h.to(device), :W]
         free = (keys[:W] >= layout.sink_tokens) & ~columns
         free &= keys[None, :W] < starts[h, t].to(device)[:, None]
         mass, order_k = (probs.sum(dim=1) * free).topk(min(width, W), dim=-1)  # (c, n)

@@ -49,6 +49,45 @@ def causal_softmax_(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(key_idx[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
 
 
+def grouped_probabilities(
+    q_rows: torch.Tensor,
+    k: torch.Tensor,
+    bounds: list[int],
+    start: int,
+    stop: int,
+    pos: torch.Tensor,
+    num_keys: int | None = None,
+) -> torch.Tensor:
+    """Causal softmax probabilities of rows ``start .. stop - 1`` of ``q_rows``, whose rows
+    are ordered by the kv head they read: one matrix product per kv head the span holds.
+
+    Args:
+        q_rows: ``(R, D)`` queries, already multiplied by the softmax scale, in the dtype of
+            the result.
+        k: ``(B, Hkv, S, D)`` keys.
+        bounds: for each kv head ``b * Hkv + kv`` in turn, the end of its rows in ``q_rows``
+            (cumulative counts).
+        start, stop: the span of rows.
+        pos: ``(R,)`` the rows' query positions.
+        num_keys: keys ``0 .. num_keys - 1`` (``S`` if None; more than the span's last row).
+
+    Returns:
+        ``(stop - start, num_keys)``: each row's causal softmax (zero after the row).
+    """
+    Hkv, S = k.shape[1], k.shape[2]
+    width = S if num_keys is None else num_keys
+    logits = torch.empty(stop - start, width, dtype=q_rows.dtype, device=q_rows.device)
+    lo = start
+    for slot, end in enumerate(bounds):  # the kv heads this span holds rows of
+        hi = min(end, stop)
+        if hi > lo:
+            b, kv = divmod(slot, Hkv)
+            keys = k[b, kv, :width].to(q_rows.dtype)
+            torch.mm(q_rows[lo:hi], keys.T, out=logits[lo - start : hi - start])
+            lo = hi
+    return causal_softmax_(logits, pos[start:stop])
+
+
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=True)
